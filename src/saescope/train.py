@@ -1,0 +1,389 @@
+"""Train many SAEs from one activation stream: the model runs once per token.
+
+`MultiTrainer` owns one `SAETrainer` per SAE (layer × site × width × target L0)
+and feeds each batch of harvested activations to every SAE on that site.
+
+The recipe (Gemma Scope, adapted so that it also works for a 100k-token CPU run):
+- inputs divided by one scalar per SAE so that E‖x‖² = 1 (measured on the first
+  batch); b_dec starts at the first batch's mean and is subtracted before the
+  encoder; both are folded into the saved weights;
+- JumpReLU thresholds start at each feature's (1 − L0*/width) quantile on the first
+  batch, so L0 starts on target instead of drifting there over thousands of steps;
+- sparsity: λ·L0/L0* (STE through the thresholds) with λ adapted every step by an
+  integral controller on log λ, so L0 settles on its target for any token budget
+  (the Gemma Scope 2 quadratic target-L0 penalty has zero pull at the target and
+  settles above it when the run is short);
+- Adam with β = (0, 0.999); lr warm-up from 0.1·lr over the first 5% of steps
+  (≤ 1,000) then cosine decay to 0.1·lr; decoder rows unit-norm with the gradient
+  component parallel to each row removed before the step;
+- dead features (no firing in `dead_tokens`) get an auxiliary-k loss: the top
+  pre-activations among dead features are asked to reconstruct the residual error.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import SaescopeError
+from .kernels import gather_pre_acts, ragged_to_padded, sparse_decode
+from .sae import SAE, JumpReLUFn, SAEConfig, StepFn
+
+
+@dataclass
+class TrainConfig:
+    """How the SAEs learn. Field docstrings are the CLI help."""
+
+    tokens: int = 100_000
+    """Training tokens per SAE (all SAEs see the same tokens)."""
+    batch_size: int = 1024
+    """Tokens per optimisation step."""
+    lr: float = 0.0
+    """Adam learning rate; 0 = auto (4e-3/sqrt(width/1024) capped to [1e-4, 2e-3] for short runs, 7e-5 beyond 1B tokens)."""
+    eps: float = 0.01
+    """JumpReLU STE bandwidth, in units where E‖x‖² = 1."""
+    lambda_init: float = 0.1
+    """Initial sparsity coefficient (then adapted towards the target L0)."""
+    lambda_rate: float = 0.05
+    """Integral gain of the L0 controller (log λ per step per unit relative L0 error)."""
+    aux_coef: float = 1 / 32
+    """Weight of the auxiliary-k loss on dead features (0 disables it)."""
+    dead_tokens: int = 0
+    """A feature is dead after this many tokens without firing; 0 = auto (tokens/5, at most 10M)."""
+    seed: int = 0
+    checkpoint_every: int = 200
+    """Steps between checkpoints."""
+
+    def __post_init__(self):
+        if self.tokens < 1:
+            raise SaescopeError("--tokens must be positive")
+        if self.batch_size < 2:
+            raise SaescopeError("--batch-size must be at least 2")
+
+    def lr_for(self, width: int) -> float:
+        if self.lr > 0:
+            return self.lr
+        if self.tokens >= 1_000_000_000:
+            return 7e-5
+        return float(min(2e-3, max(1e-4, 4e-3 / math.sqrt(width / 1024))))
+
+    @property
+    def total_steps(self) -> int:
+        return max(1, math.ceil(self.tokens / self.batch_size))
+
+    @property
+    def dead_after(self) -> int:
+        return self.dead_tokens or min(10_000_000, max(self.batch_size, self.tokens // 5))
+
+
+class StepStats(NamedTuple):
+    loss: float
+    fvu: float
+    l0: float
+    dead_fraction: float
+
+
+@dataclass
+class SAETrainer:
+    """One SAE in training: the module (training form), its optimiser and controller state."""
+
+    cfg: SAEConfig
+    train: TrainConfig
+    sae: SAE = None
+    opt: torch.optim.Optimizer = None
+    scale: float = 0.0
+    log_lambda: float = 0.0
+    step: int = 0
+    since_fired: torch.Tensor = None  # (width,) tokens since each feature last fired
+    batch_threshold: float = 0.0  # batchtopk: running min selected activation
+    ema: dict = field(default_factory=lambda: {"fvu": float("nan"), "l0": float("nan")})
+    failed: str = ""
+
+    def __post_init__(self):
+        gen = torch.Generator().manual_seed(self.train.seed + self.cfg.layer * 1009 + self.cfg.width)
+        cfg = SAEConfig.from_json({**self.cfg.to_json(), "pre_bias": True})
+        self.sae = SAE.init(cfg, generator=gen)
+        self.log_lambda = math.log(self.train.lambda_init)
+        self.since_fired = torch.zeros(self.cfg.width)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.train.lr_for(self.cfg.width),
+                                    betas=(0.0, 0.999), eps=1e-8, fused=True)
+
+    @property
+    def key(self) -> str:
+        return f"{self.cfg.site}/{self.cfg.folder_name}"
+
+    # ------------------------------------------------------------------ one step
+
+    def _first_batch(self, x: torch.Tensor) -> None:
+        self.scale = float(x.pow(2).sum(1).mean().sqrt())
+        xn = x / self.scale
+        sae = self.sae
+        with torch.no_grad():
+            sae.b_dec.copy_(xn.mean(0))
+            if sae.uses_threshold:
+                z = (xn - sae.b_dec) @ sae.w_enc + sae.b_enc
+                q = 1.0 - self.cfg.l0 / self.cfg.width
+                theta = torch.quantile(z, q, dim=0) if z.shape[0] > 1 else z[0]
+                sae.threshold.copy_(theta.clamp_min(1e-4))
+
+    def lr_now(self) -> float:
+        total = self.train.total_steps
+        warm = max(1, min(1000, total // 20))
+        base = self.train.lr_for(self.cfg.width)
+        if self.step < warm:
+            return base * (0.1 + 0.9 * self.step / warm)
+        t = (self.step - warm) / max(1, total - warm)
+        return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+    def step_on(self, x: torch.Tensor) -> StepStats:
+        """One optimisation step on raw activations x (batch, d_in)."""
+        if self.failed:
+            raise RuntimeError(self.failed)
+        if self.step == 0:
+            self._first_batch(x)
+        sae, arch, eps = self.sae, self.cfg.architecture, self.train.eps
+        xn = x / self.scale  # (batch, d_in), E‖xn‖² ≈ 1
+        x_in = xn - sae.b_dec.detach()
+        with torch.no_grad():
+            z = x_in @ sae.w_enc + sae.b_enc  # (batch, width): the one dense product
+        lam = math.exp(self.log_lambda)
+        if arch == "topk":
+            idx = z.topk(self.cfg.k, dim=1, sorted=False).indices
+            valid = None
+        elif arch == "batchtopk":
+            flat = z.relu().flatten()
+            kb = min(flat.numel(), self.cfg.k * z.shape[0])
+            top = flat.topk(kb, sorted=False)
+            mask = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, top.indices, True).view_as(z)
+            mask &= z > 0
+            idx, valid = ragged_to_padded(mask)
+            kmin = float(top.values[top.values > 0].min()) if (top.values > 0).any() else 0.0
+            self.batch_threshold = kmin if self.step == 0 else 0.99 * self.batch_threshold + 0.01 * kmin
+        elif arch == "jump_relu":
+            idx, valid = ragged_to_padded(z > sae.threshold.detach() - eps / 2)
+        else:  # relu
+            idx, valid = ragged_to_padded(z > 0)
+        z_sel = gather_pre_acts(z, x_in, sae.w_enc, sae.b_enc, sae.b_dec, idx)  # (batch, k)
+        if arch == "jump_relu":
+            theta_sel = sae.threshold[idx]
+            f = JumpReLUFn.apply(z_sel, theta_sel, eps) * valid
+            l0_soft = (StepFn.apply(z_sel, theta_sel, eps) * valid).sum(1).mean()
+            sparsity = lam * l0_soft / self.cfg.l0
+        else:
+            f = z_sel.relu() if valid is None else z_sel.relu() * valid
+            sparsity = lam * f.sum(1).mean() if arch == "relu" else z_sel.new_zeros(())
+        x_hat = sparse_decode(f, idx, sae.w_dec) + sae.b_dec
+        err = xn - x_hat
+        recon = err.pow(2).sum(1).mean()
+        total_var = (xn - xn.mean(0)).pow(2).sum(1).mean()
+        loss = recon + sparsity
+
+        fired = torch.zeros(self.cfg.width, dtype=torch.bool)
+        fired[idx[f.detach() > 0]] = True
+        self.since_fired += x.shape[0]
+        self.since_fired[fired] = 0
+        dead = self.since_fired >= self.train.dead_after
+        n_dead = int(dead.sum())
+        if self.train.aux_coef > 0 and n_dead > 0:
+            k_aux = min(self.cfg.d_in // 2, n_dead)
+            z_dead = z.masked_fill(~dead, float("-inf"))
+            aux_idx = z_dead.topk(k_aux, dim=1, sorted=False).indices
+            aux_z = gather_pre_acts(z, x_in, sae.w_enc, sae.b_enc, None, aux_idx).relu()
+            e_hat = sparse_decode(aux_z, aux_idx, sae.w_dec)
+            e = err.detach()
+            aux = (e - e_hat).pow(2).sum(1).mean() / (e - e.mean(0)).pow(2).sum(1).mean().clamp_min(1e-12)
+            loss = loss + self.train.aux_coef * aux
+
+        if not torch.isfinite(loss):
+            self.failed = f"{self.key}: loss became {float(loss)} at step {self.step}; this SAE stopped (the others go on)"
+            raise RuntimeError(self.failed)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            w, g = sae.w_dec, sae.w_dec.grad
+            g -= (g * w).sum(1, keepdim=True) * w  # no gradient along each (unit-norm) decoder row
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_now()
+        self.opt.step()
+        with torch.no_grad():
+            sae.w_dec /= sae.w_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+            sae.threshold.clamp_(min=1e-6)
+
+        l0 = float((f.detach() > 0).sum(1).float().mean())
+        if arch in ("jump_relu", "relu"):
+            self.log_lambda += self.train.lambda_rate * (l0 / self.cfg.l0 - 1.0)
+            self.log_lambda = min(max(self.log_lambda, math.log(1e-6)), math.log(1e3))
+        fvu = float(recon.detach() / total_var.clamp_min(1e-12))
+        a = 0.1 if self.step > 0 else 1.0
+        for name, v in (("fvu", fvu), ("l0", l0)):
+            old = self.ema[name]
+            self.ema[name] = v if math.isnan(old) else (1 - a) * old + a * v
+        self.step += 1
+        return StepStats(float(loss.detach()), fvu, l0, n_dead / self.cfg.width)
+
+    # ------------------------------------------------------------------ results and state
+
+    def export(self) -> SAE:
+        """The trained SAE in model units (normalisation and pre-encoder bias folded in)."""
+        out = self.sae.folded(self.scale)
+        if self.cfg.architecture == "batchtopk":
+            out.cfg.architecture = "jump_relu"
+            out.cfg.extra["trained_as"] = "batchtopk"
+            with torch.no_grad():
+                out.threshold.fill_(self.batch_threshold * self.scale)
+        out.cfg.extra.update({"tokens_trained": self.step * self.train.batch_size, "train": asdict(self.train)})
+        return out
+
+    def state_dict(self) -> dict:
+        return {"sae": self.sae.state_dict(), "opt": self.opt.state_dict(), "scale": self.scale,
+                "log_lambda": self.log_lambda, "step": self.step, "since_fired": self.since_fired,
+                "batch_threshold": self.batch_threshold, "ema": dict(self.ema), "failed": self.failed}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.sae.load_state_dict(d["sae"])
+        self.opt.load_state_dict(d["opt"])
+        self.scale, self.log_lambda, self.step = d["scale"], d["log_lambda"], d["step"]
+        self.since_fired = d["since_fired"]
+        self.batch_threshold, self.ema, self.failed = d["batch_threshold"], dict(d["ema"]), d["failed"]
+
+
+class Chunk(NamedTuple):
+    """A piece of the activation stream: site key -> (n, d_in), and how far along the source it ends."""
+
+    acts: dict[str, torch.Tensor]
+    n_contexts: int
+
+
+class MultiTrainer:
+    """Every SAE of a run, trained together from one stream of activation chunks."""
+
+    def __init__(self, sae_cfgs: list[SAEConfig], train: TrainConfig, checkpoint_dir: Path | None = None):
+        if not sae_cfgs:
+            raise SaescopeError("no SAEs to train: give at least one layer, site, width and L0")
+        self.train = train
+        self.trainers = [SAETrainer(c, train) for c in sae_cfgs]
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.tokens_done = 0
+        self.contexts_done = 0
+        self.steps_done = 0
+        self.failures: list[str] = []
+
+    @property
+    def sites(self) -> list[str]:
+        return sorted({f"{t.cfg.site}/{t.cfg.layer}" for t in self.trainers})
+
+    def _site_key(self, t: SAETrainer) -> str:
+        return f"{t.cfg.site}/{t.cfg.layer}"
+
+    def resume(self) -> bool:
+        """Load the last checkpoint, if any. Returns whether one was loaded."""
+        path = self.checkpoint_dir / "state.pt" if self.checkpoint_dir else None
+        if path is None or not path.is_file():
+            return False
+        try:
+            state = torch.load(path, weights_only=True)
+        except Exception as err:
+            raise SaescopeError(f"checkpoint {path} is unreadable ({err}); delete it to start over") from err
+        keys = [t.key for t in self.trainers]
+        if state.get("keys") != keys:
+            raise SaescopeError(f"checkpoint {path} is for other SAEs ({state.get('keys')}); delete it to start over")
+        for t, s in zip(self.trainers, state["trainers"]):
+            t.load_state_dict(s)
+        self.tokens_done, self.contexts_done = state["tokens_done"], state["contexts_done"]
+        self.steps_done = state["steps_done"]
+        return True
+
+    def checkpoint(self) -> None:
+        if self.checkpoint_dir is None:
+            return
+        from .fsio import atomic_path
+
+        state = {"keys": [t.key for t in self.trainers], "trainers": [t.state_dict() for t in self.trainers],
+                 "tokens_done": self.tokens_done, "contexts_done": self.contexts_done, "steps_done": self.steps_done}
+        with atomic_path(self.checkpoint_dir / "state.pt") as tmp:
+            torch.save(state, tmp)
+
+    def fit(self, chunks: Iterable[Chunk], progress: bool = True) -> None:
+        """Train on chunks until `train.tokens` tokens; each chunk is split into steps of ~batch_size."""
+        cfg = self.train
+        bar = tqdm(total=cfg.tokens, initial=min(self.tokens_done, cfg.tokens), unit="tok", unit_scale=True,
+                   desc="train", disable=not progress, dynamic_ncols=True)
+        gen = torch.Generator()
+        try:
+            for chunk in chunks:
+                if self.tokens_done >= cfg.tokens:
+                    break
+                n = next(iter(chunk.acts.values())).shape[0]
+                gen.manual_seed(cfg.seed * 1_000_003 + self.contexts_done)
+                perm = torch.randperm(n, generator=gen)
+                n_steps = max(1, round(n / cfg.batch_size))
+                for rows in perm.tensor_split(n_steps):
+                    if self.tokens_done >= cfg.tokens:
+                        break
+                    self._step_all({k: v[rows] for k, v in chunk.acts.items()})
+                    self.tokens_done += len(rows)
+                    bar.update(len(rows))
+                    self.steps_done += 1
+                self.contexts_done += chunk.n_contexts
+                bar.set_postfix_str(self._postfix(), refresh=False)
+                if self.steps_done // cfg.checkpoint_every != (self.steps_done - n_steps) // cfg.checkpoint_every:
+                    self.checkpoint()
+        finally:
+            bar.close()
+        if self.tokens_done < cfg.tokens:
+            raise SaescopeError(
+                f"the corpus ran out after {self.tokens_done:,} training tokens (asked for {cfg.tokens:,}): "
+                "use a larger corpus or a smaller --tokens"
+            )
+
+    def _step_all(self, acts: dict[str, torch.Tensor]) -> None:
+        for t in self.trainers:
+            if t.failed:
+                continue
+            x = acts[self._site_key(t)]
+            if not torch.isfinite(x).all():
+                t.failed = f"{t.key}: NaN/Inf in the input activations; this SAE stopped (the others go on)"
+                self.failures.append(t.failed)
+                continue
+            try:
+                t.step_on(x)
+            except RuntimeError as err:
+                if not t.failed:
+                    raise
+                self.failures.append(str(err))
+
+    def _postfix(self) -> str:
+        ok = [t for t in self.trainers if not t.failed and not math.isnan(t.ema["l0"])]
+        if not ok:
+            return ""
+        l0 = [t.ema["l0"] for t in ok]
+        fvu = [t.ema["fvu"] for t in ok]
+        return f"L0 {min(l0):.0f}–{max(l0):.0f} FVU {min(fvu):.3f}–{max(fvu):.3f}" + (
+            f" failed {len(self.failures)}" if self.failures else "")
+
+    def save(self, saes_dir: Path) -> list[Path]:
+        """Save every SAE that trained without failing, in the Gemma Scope 2 layout."""
+        out = []
+        for t in self.trainers:
+            if t.failed or t.step == 0:
+                continue
+            out.append(t.export().save(Path(saes_dir) / t.cfg.site / t.cfg.folder_name))
+        return out
+
+
+def chunks_from_harvest(batches: Iterable) -> Iterator[Chunk]:
+    for b in batches:
+        yield Chunk(b.acts, b.n_contexts)
+
+
+def timed(fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0
