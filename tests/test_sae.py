@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from saescope.errors import SaescopeError
-from saescope.kernels import gather_pre_acts, ragged_to_padded, sparse_decode
+from saescope.kernels import Active, gather_pre_acts, sparse_decode
 from saescope.sae import SAE, JumpReLUFn, SAEConfig, StepFn, load_sae
 
 
@@ -145,7 +145,8 @@ def test_bad_configs(bad):
         SAEConfig(**{**dict(d_in=16, width=64, l0=4), **bad})
 
 
-def test_sparse_kernels_match_dense_reference():
+@pytest.mark.parametrize("layout", ["topk", "mask"])
+def test_sparse_kernels_match_dense_reference(layout):
     torch.manual_seed(0)
     b, d, w, k = 32, 16, 64, 5
     x = torch.randn(b, d)
@@ -153,21 +154,26 @@ def test_sparse_kernels_match_dense_reference():
     b_enc = torch.randn(w, requires_grad=True)
     b_dec = torch.randn(d, requires_grad=True)
     w_dec = torch.randn(w, d, requires_grad=True)
-    idx = torch.stack([torch.randperm(w)[:k] for _ in range(b)])
-    coef = torch.randn(b, k)
+    if layout == "topk":
+        mask = torch.zeros(b, w, dtype=torch.bool).scatter(1, torch.stack([torch.randperm(w)[:k] for _ in range(b)]), True)
+        act = Active.from_topk(mask.nonzero()[:, 1].view(b, k))
+    else:  # ragged rows, including an empty one
+        mask = torch.rand(b, w) < 0.1
+        mask[3] = False
+        act = Active.from_mask(mask)
+    coef = torch.randn(b, w)
 
     def run(sparse: bool):
         for p in (w_enc, b_enc, b_dec, w_dec):
             p.grad = None
-        x_in = x - b_dec.detach()
         if sparse:
+            x_in = x - b_dec.detach()
             z = (x_in @ w_enc + b_enc).detach()
-            z_sel = gather_pre_acts(z, x_in, w_enc, b_enc, b_dec, idx)
-            out = sparse_decode(z_sel * coef, idx, w_dec)
+            z_sel = gather_pre_acts(z, x_in, w_enc, b_enc, b_dec, act)
+            out = sparse_decode(z_sel * coef[act.rows, act.cols], act, w_dec)
         else:
-            z_sel = ((x - b_dec) @ w_enc + b_enc).gather(1, idx)
-            dense = torch.zeros(b, w).scatter(1, idx, z_sel * coef)
-            out = dense @ w_dec
+            z = (x - b_dec) @ w_enc + b_enc
+            out = (z * coef * mask) @ w_dec
         out.pow(2).sum().backward()
         return out.detach(), [p.grad.clone() for p in (w_enc, b_enc, b_dec, w_dec)]
 
@@ -178,9 +184,9 @@ def test_sparse_kernels_match_dense_reference():
         torch.testing.assert_close(gs, gd, rtol=1e-4, atol=1e-4)
 
 
-def test_ragged_to_padded():
+def test_active_offsets():
     mask = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
-    idx, valid = ragged_to_padded(mask)
-    assert idx.shape == (3, 4)
-    for row in range(3):
-        assert sorted(idx[row][valid[row]].tolist()) == mask[row].nonzero().flatten().tolist()
+    act = Active.from_mask(mask)
+    assert act.offsets.tolist() == [0, 2, 2]
+    assert act.rows.tolist() == [0, 0, 2, 2, 2, 2]
+    assert act.cols.tolist() == [0, 2, 0, 1, 2, 3]

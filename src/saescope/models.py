@@ -226,6 +226,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = _dtype(dtype, dev)
     folder = _resolve(spec)

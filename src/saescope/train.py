@@ -23,7 +23,6 @@ The recipe (Gemma Scope, adapted so that it also works for a 100k-token CPU run)
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import SaescopeError
-from .kernels import gather_pre_acts, ragged_to_padded, sparse_decode
+from .kernels import Active, gather_pre_acts, sparse_decode
 from .sae import SAE, JumpReLUFn, SAEConfig, StepFn
 
 
@@ -49,9 +48,9 @@ class TrainConfig:
     """Adam learning rate; 0 = auto (4e-3/sqrt(width/1024) capped to [1e-4, 2e-3] for short runs, 7e-5 beyond 1B tokens)."""
     eps: float = 0.01
     """JumpReLU STE bandwidth, in units where E‖x‖² = 1."""
-    lambda_init: float = 0.1
+    lambda_init: float = 0.001
     """Initial sparsity coefficient (then adapted towards the target L0)."""
-    lambda_rate: float = 0.05
+    lambda_rate: float = 0.1
     """Integral gain of the L0 controller (log λ per step per unit relative L0 error)."""
     aux_coef: float = 1 / 32
     """Weight of the auxiliary-k loss on dead features (0 disables it)."""
@@ -81,6 +80,10 @@ class TrainConfig:
     @property
     def dead_after(self) -> int:
         return self.dead_tokens or min(10_000_000, max(self.batch_size, self.tokens // 5))
+
+
+AUX_ROWS = 256  # tokens per step that feed the auxiliary loss
+AUX_K = 128  # dead features per token asked to explain the error
 
 
 class StepStats(NamedTuple):
@@ -155,51 +158,50 @@ class SAETrainer:
             z = x_in @ sae.w_enc + sae.b_enc  # (batch, width): the one dense product
         lam = math.exp(self.log_lambda)
         if arch == "topk":
-            idx = z.topk(self.cfg.k, dim=1, sorted=False).indices
-            valid = None
+            act = Active.from_topk(z.topk(self.cfg.k, dim=1, sorted=False).indices)
         elif arch == "batchtopk":
             flat = z.relu().flatten()
-            kb = min(flat.numel(), self.cfg.k * z.shape[0])
-            top = flat.topk(kb, sorted=False)
-            mask = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, top.indices, True).view_as(z)
-            mask &= z > 0
-            idx, valid = ragged_to_padded(mask)
-            kmin = float(top.values[top.values > 0].min()) if (top.values > 0).any() else 0.0
+            top = flat.topk(min(flat.numel(), self.cfg.k * z.shape[0]), sorted=False)
+            mask = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, top.indices, True).view_as(z) & (z > 0)
+            act = Active.from_mask(mask)
+            pos = top.values[top.values > 0]
+            kmin = float(pos.min()) if pos.numel() else 0.0
             self.batch_threshold = kmin if self.step == 0 else 0.99 * self.batch_threshold + 0.01 * kmin
-        elif arch == "jump_relu":
-            idx, valid = ragged_to_padded(z > sae.threshold.detach() - eps / 2)
+        elif arch == "jump_relu":  # active features and those within the STE window below θ
+            act = Active.from_mask(z > sae.threshold.detach() - eps / 2)
         else:  # relu
-            idx, valid = ragged_to_padded(z > 0)
-        z_sel = gather_pre_acts(z, x_in, sae.w_enc, sae.b_enc, sae.b_dec, idx)  # (batch, k)
+            act = Active.from_mask(z > 0)
+        z_sel = gather_pre_acts(z, x_in, sae.w_enc, sae.b_enc, sae.b_dec, act)  # (nnz,)
         if arch == "jump_relu":
-            theta_sel = sae.threshold[idx]
-            f = JumpReLUFn.apply(z_sel, theta_sel, eps) * valid
-            l0_soft = (StepFn.apply(z_sel, theta_sel, eps) * valid).sum(1).mean()
+            theta_sel = sae.threshold.gather(0, act.cols)
+            f = JumpReLUFn.apply(z_sel, theta_sel, eps)
+            l0_soft = StepFn.apply(z_sel, theta_sel, eps).sum() / x.shape[0]
             sparsity = lam * l0_soft / self.cfg.l0
         else:
-            f = z_sel.relu() if valid is None else z_sel.relu() * valid
-            sparsity = lam * f.sum(1).mean() if arch == "relu" else z_sel.new_zeros(())
-        x_hat = sparse_decode(f, idx, sae.w_dec) + sae.b_dec
+            f = z_sel.relu()
+            sparsity = lam * f.sum() / x.shape[0] if arch == "relu" else z_sel.new_zeros(())
+        x_hat = sparse_decode(f, act, sae.w_dec) + sae.b_dec
         err = xn - x_hat
         recon = err.pow(2).sum(1).mean()
         total_var = (xn - xn.mean(0)).pow(2).sum(1).mean()
         loss = recon + sparsity
 
         fired = torch.zeros(self.cfg.width, dtype=torch.bool)
-        fired[idx[f.detach() > 0]] = True
+        fired[act.cols[f.detach() > 0]] = True
         self.since_fired += x.shape[0]
         self.since_fired[fired] = 0
         dead = self.since_fired >= self.train.dead_after
         n_dead = int(dead.sum())
         if self.train.aux_coef > 0 and n_dead > 0:
-            k_aux = min(self.cfg.d_in // 2, n_dead)
-            z_dead = z.masked_fill(~dead, float("-inf"))
-            aux_idx = z_dead.topk(k_aux, dim=1, sorted=False).indices
-            aux_z = gather_pre_acts(z, x_in, sae.w_enc, sae.b_enc, None, aux_idx).relu()
-            e_hat = sparse_decode(aux_z, aux_idx, sae.w_dec)
-            e = err.detach()
-            aux = (e - e_hat).pow(2).sum(1).mean() / (e - e.mean(0)).pow(2).sum(1).mean().clamp_min(1e-12)
-            loss = loss + self.train.aux_coef * aux
+            # auxiliary-k on a slice of the batch: dead features learn to explain the residual error
+            rows = slice(0, min(x.shape[0], AUX_ROWS))
+            z_dead = z[rows].masked_fill(~dead, float("-inf"))
+            aux = Active.from_topk(z_dead.topk(min(AUX_K, n_dead), dim=1, sorted=False).indices)
+            aux_z = gather_pre_acts(z[rows], x_in[rows], sae.w_enc, sae.b_enc, None, aux).relu()
+            e_hat = sparse_decode(aux_z, aux, sae.w_dec)
+            e = err[rows].detach()
+            aux_loss = (e - e_hat).pow(2).sum(1).mean() / (e - e.mean(0)).pow(2).sum(1).mean().clamp_min(1e-12)
+            loss = loss + self.train.aux_coef * aux_loss
 
         if not torch.isfinite(loss):
             self.failed = f"{self.key}: loss became {float(loss)} at step {self.step}; this SAE stopped (the others go on)"
@@ -216,7 +218,7 @@ class SAETrainer:
             sae.w_dec /= sae.w_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
             sae.threshold.clamp_(min=1e-6)
 
-        l0 = float((f.detach() > 0).sum(1).float().mean())
+        l0 = float((f.detach() > 0).sum()) / x.shape[0]
         if arch in ("jump_relu", "relu"):
             self.log_lambda += self.train.lambda_rate * (l0 / self.cfg.l0 - 1.0)
             self.log_lambda = min(max(self.log_lambda, math.log(1e-6)), math.log(1e3))
@@ -382,8 +384,3 @@ def chunks_from_harvest(batches: Iterable) -> Iterator[Chunk]:
     for b in batches:
         yield Chunk(b.acts, b.n_contexts)
 
-
-def timed(fn, *args, **kwargs):
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import SaescopeError
 from ..sae import SAE, SAEConfig, read_config
+from .hooks import parse_hook_name
 from .safe import read_npz, read_safetensors
 
 _ARCH_ALIASES = {"jumprelu": "jump_relu", "jump_relu": "jump_relu", "topk": "topk", "batchtopk": "batchtopk",
@@ -15,6 +16,9 @@ _ARCH_ALIASES = {"jumprelu": "jump_relu", "jump_relu": "jump_relu", "topk": "top
 
 def read_gs2(folder: Path) -> SAE:
     params = read_safetensors(folder / "params.safetensors")
+    if "affine_skip_connection" in params:
+        raise SaescopeError(f"{folder}: skip transcoders (affine_skip_connection) are not supported yet: "
+                            "use a Gemma Scope 2 SAE or plain transcoder")
     cfg_json = read_config(folder / "config.json") if (folder / "config.json").is_file() else {}
     return SAE.from_params(_config(cfg_json, params, folder), params, where=str(folder))
 
@@ -28,6 +32,8 @@ def read_gs1(folder: Path) -> SAE:
         cfg_json["layer"] = int(m.group(1))
     if "l0" not in cfg_json and (m := re.search(r"average_l0_(\d+)", path)):
         cfg_json["l0"] = float(m.group(1))
+    if "site" not in cfg_json and (m := re.search(r"gemma-scope-[^/]*-(res|att|mlp)(?:-|/|$)", path)):
+        cfg_json["site"] = {"res": "resid_post", "att": "attn_out", "mlp": "mlp_out"}[m.group(1)]
     cfg_json.setdefault("architecture", "jump_relu")
     return SAE.from_params(_config(cfg_json, params, folder), params, where=str(folder))
 
@@ -45,4 +51,10 @@ def _config(d: dict, params: dict, folder: Path) -> SAEConfig:
         raise SaescopeError(f"{folder}: config says width {d.get('width')}, d_in {d.get('d_in')} but w_enc is {d_in}×{width}")
     l0 = d.get("l0") or min(32.0, width / 2)
     merged = {**d, "d_in": d_in, "width": width, "architecture": arch, "l0": float(min(float(l0), width - 0.5))}
+    ref = parse_hook_name(d.get("hf_hook_point_in", ""))
+    if ref is not None and ref.site:  # Gemma Scope 2 configs name the hook, not our site/layer
+        if not merged.get("site"):
+            merged["site"] = ref.site
+        if merged.get("layer", -1) in (-1, None):
+            merged["layer"] = ref.layer
     return SAEConfig.from_json(merged)

@@ -1,0 +1,19 @@
+"""Feature labels: manual, offline (rules, no LLM) or by any OpenAI-compatible LLM; each scored.
+
+    from saescope.label import set_label, label_offline, label_llm
+    set_label("runs/demo", "resid_post/3", 17, "French capital city")
+    label_offline("runs/demo")                     # every alive feature, scored by detection
+    label_llm("runs/demo", base_url="http://localhost:8000/v1", model="qwen3-8b")
+
+evidence.py splits each feature's examples into labelling and held-out halves;
+scoring.py judges a label on the held-out half only.
+"""
+
+from .evidence import Context, Evidence, LabelReport, gather
+from .llm import LLMClient, clean_label, label_llm
+from .manual import set_label
+from .offline import Rule, explain, label_offline
+from .scoring import DetectionScore, score_llm, score_offline
+
+__all__ = ["Context", "DetectionScore", "Evidence", "LLMClient", "LabelReport", "Rule", "clean_label", "explain",
+           "gather", "label_llm", "label_offline", "score_llm", "score_offline", "set_label"]

@@ -1,0 +1,164 @@
+"""The Python API behind the CLI verbs: each function runs one stage end to end.
+
+    harvest_to_cache(...)  model + corpus → activation cache on disk
+    train_run(...)         model + corpus (or a cache) → trained SAEs in a run folder
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+from .corpus import Corpus
+from .errors import SaescopeError
+from .harvest import harvest
+from .models import DEFAULT_MODEL, SITE_KINDS, LoadedModel, load_model
+from .runs import Run
+from .sae import SAEConfig
+from .train import Chunk, MultiTrainer, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def parse_layers(spec: str | list[int] | None, n_layers: int) -> list[int]:
+    """"all", "3", "0,6,12", "0-5" (inclusive) → sorted layer list, checked against the model."""
+    if spec is None or spec == "all":
+        return list(range(n_layers))
+    if isinstance(spec, list | tuple):
+        layers = [int(x) for x in spec]
+    else:
+        layers = []
+        for part in str(spec).split(","):
+            part = part.strip()
+            try:
+                if "-" in part:
+                    a, b = part.split("-")
+                    layers.extend(range(int(a), int(b) + 1))
+                elif part:
+                    layers.append(int(part))
+            except ValueError:
+                raise SaescopeError(f"cannot read layers '{spec}': use all, 3, 0,6,12 or 0-5") from None
+    bad = [x for x in layers if not 0 <= x < n_layers]
+    if bad:
+        raise SaescopeError(f"layer {bad[0]} does not exist: the model has layers 0..{n_layers - 1}")
+    return sorted(set(layers))
+
+
+def parse_sites(spec: str | list[str]) -> list[str]:
+    kinds = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    for k in kinds:
+        if k not in SITE_KINDS:
+            raise SaescopeError(f"unknown site '{k}': choose from {', '.join(SITE_KINDS)}")
+    if not kinds:
+        raise SaescopeError("no sites given: use e.g. --sites resid_post")
+    return kinds
+
+
+def harvest_to_cache(out: str | Path, *, model: str = DEFAULT_MODEL, corpus: str = "default", sites="resid_post",
+                     layers="all", tokens: int = 50_000, ctx_len: int = 256, batch_size: int = 8,
+                     dtype: str = "float16", part: str = "train", lm: LoadedModel | None = None,
+                     progress: bool = True) -> dict:
+    """Cache activations at every requested site; resumes an interrupted cache in `out`."""
+    from .store import ActivationCache, CacheWriter
+
+    if tokens < 1:
+        raise SaescopeError("--tokens must be positive")
+    lm = lm or load_model(model)
+    site_objs = lm.sites(kinds=parse_sites(sites), layers=parse_layers(layers, lm.n_layers))
+    corp = Corpus(corpus)
+    identity = {"model": model, "corpus": corp.describe()["source"], "part": part, "ctx_len": ctx_len,
+                "batch_size": batch_size, "tokens": tokens}
+    writer = CacheWriter(out, {s.key: s.width for s in site_objs}, dtype=dtype, meta={"identity": identity})
+    if writer.complete:
+        log.info("cache %s is already complete", out)
+    else:
+        with writer:
+            remaining = tokens - writer.tokens_done
+            if remaining > 0:
+                stream = corp.contexts(lm.tokenizer, part=part, ctx_len=ctx_len)
+                n = 0
+                for batch in harvest(lm, stream, site_objs, batch_size=batch_size, max_tokens=remaining,
+                                     skip_contexts=writer.contexts_done, progress=progress):
+                    writer.add(batch)
+                    n += len(batch.token_ids)
+                if n < remaining:
+                    raise SaescopeError(
+                        f"the corpus has only {writer.tokens_done + n:,} {part} tokens (asked for {tokens:,}): "
+                        "use --tokens with a smaller number or a larger corpus"
+                    )
+    cache = ActivationCache.open(out)
+    return {"folder": str(out), "tokens": cache.n_tokens, "sites": cache.sites, "dtype": cache.dtype}
+
+
+def sae_configs(lm: LoadedModel, model: str, sites: list[str], layers: list[int], widths: list[int],
+                l0s: list[float], architecture: str) -> list[SAEConfig]:
+    out = []
+    for layer in layers:
+        for kind in sites:
+            site = lm.site(kind, layer)
+            for w in widths:
+                for l0 in l0s:
+                    out.append(SAEConfig(d_in=site.width, width=int(w), architecture=architecture, l0=float(l0),
+                                         hf_hook_point_in=site.hook_name, hf_hook_point_out=site.hook_name,
+                                         model_name=model, site=kind, layer=layer))
+    return out
+
+
+def train_run(out: str | Path, *, model: str = DEFAULT_MODEL, corpus: str = "default", sites="resid_post",
+              layers="all", widths=(4096,), l0s=(32.0,), architecture: str = "jump_relu",
+              train: TrainConfig | None = None, ctx_len: int = 256, harvest_batch: int = 8,
+              cache: str | Path | None = None, heldout_fraction: float = 0.05, resume: bool = True,
+              lm: LoadedModel | None = None, progress: bool = True) -> Run:
+    """Train every SAE (layers × sites × widths × L0s) from one activation stream into run folder `out`."""
+    train = train or TrainConfig()
+    lm = lm or load_model(model)
+    kinds = parse_sites(sites)
+    layer_list = parse_layers(layers, lm.n_layers)
+    cfgs = sae_configs(lm, model, kinds, layer_list, list(widths), list(l0s), architecture)
+    corp = Corpus(corpus, heldout_fraction=heldout_fraction, seed=train.seed)
+    config = {"sites": kinds, "layers": layer_list, "widths": [int(w) for w in widths],
+              "l0s": [float(x) for x in l0s], "architecture": architecture, "ctx_len": ctx_len,
+              "train": asdict(train), "cache": str(cache) if cache else None}
+    corpus_desc = {"source": corp.source, "heldout_fraction": heldout_fraction, "seed": train.seed}
+    run = Run.create(out, model=model, corpus=corpus_desc, config=config)
+    run.__dict__["model"] = lm  # reuse the loaded model (cached_property slot)
+    if run.is_done("train"):
+        log.info("run %s: training already done", out)
+        return run
+    trainer = MultiTrainer(cfgs, train, checkpoint_dir=run.checkpoint_dir)
+    if resume and trainer.resume():
+        log.warning("resuming training from %s tokens", f"{trainer.tokens_done:,}")
+    with run.stage("train", n_saes=len(cfgs)):
+        if cache:
+            chunks = _cache_chunks(cache, trainer, train)
+        else:
+            site_objs = lm.sites(kinds=kinds, layers=layer_list)
+            stream = corp.contexts(lm.tokenizer, part="train", ctx_len=ctx_len)
+            batches = harvest(lm, stream, site_objs, batch_size=harvest_batch, skip_contexts=trainer.contexts_done,
+                              progress=False)
+            chunks = (Chunk(b.acts, b.n_contexts) for b in batches)
+        trainer.fit(chunks, progress=progress)
+        saved = trainer.save(run.saes_dir)
+        trainer.checkpoint()
+        run.update(failures=trainer.failures, tokens_trained=trainer.tokens_done)
+        if not saved:
+            raise SaescopeError("no SAE finished training: " + "; ".join(trainer.failures[:3]))
+    for msg in trainer.failures:
+        log.error(msg)
+    return run
+
+
+def _cache_chunks(cache_dir, trainer: MultiTrainer, train: TrainConfig):
+    """Chunks from an activation cache, in a seeded shuffled order; skips chunks already trained on."""
+    from .store import ActivationCache
+
+    cache = ActivationCache.open(cache_dir)
+    missing = [s for s in trainer.sites if s not in cache.sites]
+    if missing:
+        raise SaescopeError(f"cache {cache_dir} has no activations for {', '.join(missing)}: harvest those sites first")
+    per_chunk = train.batch_size * 4
+    for i, batch in enumerate(cache.batches(per_chunk, sites=trainer.sites, shuffle=True, seed=train.seed)):
+        if i < trainer.contexts_done:
+            continue
+        yield Chunk({k: v for k, v in batch.items() if k != "token_ids"}, 1)

@@ -1,0 +1,186 @@
+"""A run folder on disk and its manifest (DESIGN.md §3).
+
+    runs/NAME/manifest.json   model, corpus, config, versions, seed, stage status
+    runs/NAME/saes/<site>/layer_<L>_width_<W>_l0_<T>/{config.json, params.safetensors}
+    runs/NAME/eval.json, eval.png, features.sqlite, cache/, checkpoints/
+
+Stages are marked running → done (or failed) in the manifest, written atomically,
+so a stage that did not finish never looks finished and `saescope run` can skip
+what is done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import time
+from functools import cached_property
+from pathlib import Path
+
+from .errors import SaescopeError
+from .fsio import read_json, write_json
+
+MANIFEST = "manifest.json"
+STAGES = ("train", "eval", "analyze", "label")
+
+
+def _versions() -> dict:
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"saescope": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+class Run:
+    def __init__(self, root: Path, manifest: dict):
+        self.root = Path(root)
+        self.manifest = manifest
+
+    # ------------------------------------------------------------------ create / open
+
+    @classmethod
+    def create(cls, root: str | Path, *, model: str, corpus: dict, config: dict) -> Run:
+        """Create a run folder, or reopen it when it was made with the same model, corpus and config."""
+        root = Path(root)
+        if (root / MANIFEST).is_file():
+            run = cls.open(root)
+            mine = {"model": model, "corpus": corpus, "config": config}
+            theirs = {k: run.manifest.get(k) for k in mine}
+            if _jsonable(mine) != _jsonable(theirs):
+                diff = [k for k in mine if _jsonable(mine[k]) != _jsonable(theirs[k])]
+                raise SaescopeError(
+                    f"{root} holds another run (its {', '.join(diff)} differ): choose a new --out or delete the folder"
+                )
+            return run
+        if root.exists() and any(root.iterdir()):
+            raise SaescopeError(f"{root} is not empty and holds no saescope run: choose a new --out")
+        manifest = {"format": 1, "created": time.time(), "model": model, "corpus": corpus, "config": config,
+                    "versions": _versions(), "stages": {s: {"status": "pending"} for s in STAGES}}
+        root.mkdir(parents=True, exist_ok=True)
+        write_json(root / MANIFEST, manifest)
+        return cls(root, manifest)
+
+    @classmethod
+    def open(cls, root: str | Path) -> Run:
+        root = Path(root)
+        if not root.is_dir():
+            raise SaescopeError(f"run not found: {root} (create one with `saescope train` or `saescope run`)")
+        if not (root / MANIFEST).is_file():
+            raise SaescopeError(f"{root} is not a saescope run (no {MANIFEST})")
+        manifest = read_json(root / MANIFEST, what="run manifest")
+        for key in ("model", "stages"):
+            if key not in manifest:
+                raise SaescopeError(f"run manifest {root / MANIFEST} has no '{key}': the file is damaged")
+        return cls(root, manifest)
+
+    # ------------------------------------------------------------------ stages
+
+    def status(self, stage: str) -> str:
+        return self.manifest["stages"].get(stage, {}).get("status", "pending")
+
+    def is_done(self, stage: str) -> bool:
+        return self.status(stage) == "done"
+
+    @contextlib.contextmanager
+    def stage(self, name: str, **info):
+        """Mark a stage running; done on success, failed (with the message) on error."""
+        t0 = time.time()
+        self._set_stage(name, status="running", started=t0, **info)
+        try:
+            yield
+        except BaseException as err:
+            self._set_stage(name, status="failed", error=str(err)[:500] or type(err).__name__,
+                            seconds=round(time.time() - t0, 1))
+            raise
+        self._set_stage(name, status="done", seconds=round(time.time() - t0, 1), **info)
+
+    def reset_stage(self, name: str) -> None:
+        self._set_stage(name, status="pending")
+
+    def _set_stage(self, name: str, **fields) -> None:
+        self.manifest["stages"][name] = {**self.manifest["stages"].get(name, {}), **fields}
+        self.save()
+
+    def update(self, **fields) -> None:
+        self.manifest.update(fields)
+        self.save()
+
+    def save(self) -> None:
+        write_json(self.root / MANIFEST, self.manifest)
+
+    # ------------------------------------------------------------------ contents
+
+    @property
+    def saes_dir(self) -> Path:
+        return self.root / "saes"
+
+    @property
+    def db_path(self) -> Path:
+        return self.root / "features.sqlite"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    def sae_ids(self) -> list[str]:
+        """Ids like "resid_post/layer_3_width_4096_l0_32", sorted by site, layer, width, L0."""
+        if not self.saes_dir.is_dir():
+            return []
+        ids = [f"{p.parent.name}/{p.name}" for p in self.saes_dir.glob("*/*")
+               if p.is_dir() and not p.name.startswith(".") and (p / "config.json").is_file()]
+        return sorted(ids, key=_sae_sort_key)
+
+    def sae_path(self, sae_id: str) -> Path:
+        return self.saes_dir / self.resolve_sae(sae_id)
+
+    def resolve_sae(self, ref: str | int) -> str:
+        """Accept a full id, "site/LAYER", or just "LAYER" (when one SAE matches)."""
+        ids = self.sae_ids()
+        if not ids:
+            raise SaescopeError(f"run {self.root} has no SAEs yet: train some with `saescope train`")
+        ref = str(ref)
+        if ref in ids:
+            return ref
+        site, _, layer = ref.rpartition("/")
+        if layer.isdigit():
+            hits = [i for i in ids if _sae_sort_key(i)[1] == int(layer) and (not site or i.startswith(site + "/"))]
+            if len(hits) == 1:
+                return hits[0]
+            if len(hits) > 1:
+                raise SaescopeError(f"'{ref}' matches several SAEs ({', '.join(hits)}): give the full id")
+        raise SaescopeError(f"no SAE '{ref}' in run {self.root}: known SAEs are {', '.join(ids[:8])}"
+                            + (" ..." if len(ids) > 8 else ""))
+
+    def load_sae(self, sae_id: str):
+        from .sae import load_sae
+
+        return load_sae(self.sae_path(sae_id))
+
+    @cached_property
+    def model(self):
+        from .models import load_model
+
+        return load_model(self.manifest["model"], **self.manifest.get("model_options", {}))
+
+    def db(self, readonly: bool = False):
+        from .featuredb import FeatureDB
+
+        return FeatureDB.open(self.db_path, readonly=readonly)
+
+
+def _sae_sort_key(sae_id: str):
+    site, _, name = sae_id.partition("/")
+    parts = dict(zip(name.split("_")[::2], name.split("_")[1::2]))
+    try:
+        return (site, int(parts.get("layer", -1)), int(parts.get("width", 0)), float(parts.get("l0", 0)))
+    except ValueError:
+        return (site, -1, 0, 0.0)
+
+
+def _jsonable(obj):
+    import json
+
+    return json.loads(json.dumps(obj, default=str))

@@ -1,0 +1,629 @@
+"""Generation with SAE feature interventions, and a measurement of what they did.
+
+Three interventions, each on one feature of one SAE (``w_dec[idx]`` is the feature's
+direction in model activation units; ``f`` are the SAE's codes of the activation x):
+
+    add     x' = x + value · typical · w_dec[idx]            at every position
+    clamp   x' = x + (value − f_idx(x)) · w_dec[idx]         = decode(f') + (x − decode(f)), f'_idx = value
+    ablate  clamp with value 0 (an inactive feature leaves x bit-identical)
+
+``typical`` makes ``add`` strengths comparable between features: it is the feature's
+``max_act`` in features.sqlite (the largest activation seen by the analysis, so
+strength 1 adds the feature "as strongly as it ever fires"), or 1 when the run has
+no statistics for it (then the strength is in activation units). Clamp values are
+always in activation units.
+
+`steering(...)` is a context manager: one hook per site (adds first, then clamps,
+so a clamp holds on the final activation), removed in ``finally`` whatever happens.
+Positions holding the BOS token are never modified (the attention sink). Hooks act
+on every forward, including the one-token forwards of cached generation.
+
+`steer(...)` generates the same prompt with and without the interventions (same
+seed) and measures the effect (see `Effect`); `sweep(...)` does it for a list of
+strengths and plots effect against perplexity cost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from .errors import SaescopeError
+from .harvest import capture
+from .models import LoadedModel, Site
+from .sae import SAE
+
+Mode = Literal["add", "clamp", "ablate"]
+MODES = ("add", "clamp", "ablate")
+CONCEPT_STRENGTH = 2.0
+"""Default `add` strength (× max_act) for `steer(..., concept=...)`."""
+TOP_TOKENS = 10
+"""How many promoted tokens the probability metric sums over."""
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """Change feature `idx` of SAE `sae_id`: add `value`·typical·w_dec, clamp to `value`, or ablate."""
+
+    sae_id: str
+    idx: int
+    mode: Mode = "add"
+    value: float = 0.0
+    """add: strength (× typical activation); clamp: the feature's value in activation units; ablate: ignored."""
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise SaescopeError(f"unknown intervention mode '{self.mode}': choose from {', '.join(MODES)}")
+        if not math.isfinite(float(self.value)):
+            raise SaescopeError(f"feature {self.sae_id}:{self.idx} has strength {self.value}: give a finite number")
+        if self.mode == "ablate" and self.value != 0:
+            object.__setattr__(self, "value", 0.0)
+
+    def __str__(self) -> str:
+        tail = {"add": f"={self.value:g}", "clamp": f"@clamp={self.value:g}", "ablate": "@ablate"}[self.mode]
+        return f"{self.sae_id}:{self.idx}{tail}"
+
+
+# ---------------------------------------------------------------------------- hooks
+
+
+@dataclass
+class _Clamp:
+    sae: SAE
+    idx: int
+    value: float
+    direction: torch.Tensor  # (d_in,) w_dec[idx]
+
+
+@dataclass
+class _SitePlan:
+    site: Site
+    add: torch.Tensor | None = None  # (d_in,) sum of every add vector at this site
+    clamps: list[_Clamp] = field(default_factory=list)
+
+
+def _feature_code(sae: SAE, x: torch.Tensor, idx: int) -> torch.Tensor:
+    """f_idx(x) for (..., d_in) x without computing every code (except for topk, which needs them all)."""
+    if sae.cfg.architecture == "topk":
+        return sae.encode(x)[..., idx]
+    if sae.cfg.pre_bias:
+        x = x - sae.b_dec
+    z = x @ sae.w_enc[:, idx] + sae.b_enc[idx]  # (...,)
+    if sae.cfg.architecture == "relu":
+        return z.relu()
+    return z * (z > sae.threshold[idx])
+
+
+class _Steerer:
+    """The hooks of one `steering` context. `keep` masks the BOS positions of the current forward."""
+
+    def __init__(self, lm: LoadedModel, plans: list[_SitePlan]):
+        self.lm = lm
+        self.plans = plans
+        self.keep: torch.Tensor | None = None  # (batch, seq, 1) True where a position may change
+
+    def record_ids(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        bos = self.lm.bos_id
+        self.keep = None if ids is None or bos is None else (ids != bos).unsqueeze(-1)
+
+    def after_forward(self, module, args, kwargs, output):
+        self.keep = None  # also runs when the forward raised (always_call); output is then None
+        logits = getattr(output, "logits", None)
+        if isinstance(logits, torch.Tensor) and not torch.isfinite(logits).all():
+            raise SaescopeError("steering made the model's output NaN or Inf: lower the strengths")
+
+    def apply(self, plan: _SitePlan, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != plan.site.width:
+            return x  # not the activation we planned for (a direct call of a submodule)
+        new = x.float()
+        if plan.add is not None:
+            new = new + plan.add.to(new.device)
+        for c in plan.clamps:
+            sae_x = new.to(c.sae.w_enc.device)
+            delta = (c.value - _feature_code(c.sae, sae_x, c.idx)).unsqueeze(-1) * c.direction
+            new = new + delta.to(new.device)
+        if not torch.isfinite(new).all():
+            raise SaescopeError(f"steering made the activation at {plan.site.key} NaN or Inf: lower the strengths")
+        new = new.to(x.dtype)
+        keep = self.keep
+        if keep is not None and keep.shape[:2] == x.shape[:2]:
+            new = torch.where(keep.to(x.device), new, x)
+        return new
+
+    def output_hook(self, plan: _SitePlan):
+        def hook(module, args, output):
+            if isinstance(output, tuple):
+                return (self.apply(plan, output[0]), *output[1:])
+            return self.apply(plan, output)
+
+        return hook
+
+    def input_hook(self, plan: _SitePlan):
+        def hook(module, args):
+            if not args:
+                return None
+            return (self.apply(plan, args[0]), *args[1:])
+
+        return hook
+
+
+def _plans(lm: LoadedModel, saes: dict[str, SAE], interventions: Sequence[Intervention],
+           typical: dict | None) -> list[_SitePlan]:
+    """Check every intervention and group them by site (one hook per site)."""
+    by_site: dict[str, _SitePlan] = {}
+    typical = typical or {}
+    for iv in interventions:
+        if not isinstance(iv, Intervention):
+            raise SaescopeError(f"expected an Intervention, got {iv!r}: use parse_feature_spec for strings")
+        sae = saes.get(iv.sae_id)
+        if sae is None:
+            raise SaescopeError(f"no SAE '{iv.sae_id}' was given for feature {iv}: pass it in `saes`")
+        if not 0 <= int(iv.idx) < sae.cfg.width:
+            raise SaescopeError(f"feature index {iv.idx} is out of range: {iv.sae_id} has features "
+                                f"0..{sae.cfg.width - 1}")
+        site = lm.site(sae.cfg.site, sae.cfg.layer)
+        if site.width != sae.cfg.d_in:
+            raise SaescopeError(f"SAE {iv.sae_id} reads {sae.cfg.d_in}-wide activations but {site.key} of "
+                                f"{lm.name} is {site.width} wide: use SAEs trained on this model")
+        plan = by_site.setdefault(site.key, _SitePlan(site))
+        direction = sae.w_dec[int(iv.idx)].detach().float()
+        if iv.mode == "add":
+            vec = float(iv.value) * float(typical.get((iv.sae_id, int(iv.idx)), 1.0)) * direction
+            if not torch.isfinite(vec).all():
+                raise SaescopeError(f"feature {iv} gives a NaN/Inf steering vector: lower the strength")
+            vec = vec.to(lm.device)
+            plan.add = vec if plan.add is None else plan.add + vec
+        else:
+            plan.clamps.append(_Clamp(sae, int(iv.idx), float(iv.value), direction.to(sae.w_enc.device)))
+    return list(by_site.values())
+
+
+@contextlib.contextmanager
+def steering(lm: LoadedModel, saes: dict[str, SAE], interventions: Sequence[Intervention],
+             typical: dict[tuple[str, int], float] | None = None) -> Iterator[None]:
+    """Apply `interventions` to every forward of `lm.model` inside the block.
+
+    `saes` maps each intervention's `sae_id` to its SAE; `typical[(sae_id, idx)]` scales
+    `add` strengths (missing: 1). Hooks are removed on exit, also after an exception.
+    """
+    plans = _plans(lm, saes, interventions, typical)
+    steerer = _Steerer(lm, plans)
+    handles = []
+    try:
+        if plans:
+            handles.append(lm.model.register_forward_pre_hook(steerer.record_ids, with_kwargs=True))
+            handles.append(lm.model.register_forward_hook(steerer.after_forward, with_kwargs=True, always_call=True))
+        for plan in plans:
+            if plan.site.io == "output":
+                handles.append(plan.site.module.register_forward_hook(steerer.output_hook(plan)))
+            else:
+                handles.append(plan.site.module.register_forward_pre_hook(steerer.input_hook(plan)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ---------------------------------------------------------------------------- generation
+
+
+def _context_limit(lm: LoadedModel) -> int | None:
+    n = getattr(lm.model.config.get_text_config(), "max_position_embeddings", None)
+    return int(n) if n else None
+
+
+def _encode_prompt(lm: LoadedModel, prompt: str, max_new_tokens: int) -> torch.Tensor:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise SaescopeError("the prompt is empty: give some text to continue")
+    if int(max_new_tokens) < 1:
+        raise SaescopeError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    ids = lm.tokenizer(prompt, return_tensors="pt")["input_ids"]  # (1, P)
+    limit = _context_limit(lm)
+    if limit is not None and ids.shape[1] + max_new_tokens > limit:
+        raise SaescopeError(f"the prompt has {ids.shape[1]} tokens; with {max_new_tokens} new tokens that passes "
+                            f"the model's context of {limit}: shorten the prompt or ask for fewer tokens")
+    return ids
+
+
+def generate_ids(lm: LoadedModel, input_ids: torch.Tensor, max_new_tokens: int = 40, greedy: bool = True,
+                 temperature: float = 1.0, seed: int = 0) -> torch.Tensor:
+    """New token ids (n,) continuing `input_ids` (1, P). Sampling is seeded and leaves the global RNG alone."""
+    from transformers import GenerationConfig
+
+    if not greedy and not (math.isfinite(temperature) and temperature > 0):
+        raise SaescopeError(f"temperature must be a positive number, got {temperature}")
+    tok = lm.tokenizer
+    gen_cfg = GenerationConfig(max_new_tokens=int(max_new_tokens), do_sample=not greedy,
+                               temperature=None if greedy else float(temperature), top_k=None, top_p=None,
+                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    devices = [lm.device] if lm.device.type == "cuda" else []
+    ids = input_ids.to(lm.device)
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        torch.manual_seed(seed)
+        out = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen_cfg)
+    return out[0, ids.shape[1]:].cpu()
+
+
+def generate(lm: LoadedModel, prompt: str, max_new_tokens: int = 40, greedy: bool = True,
+             temperature: float = 1.0, seed: int = 0) -> str:
+    """The model's continuation of `prompt` (the new text only). Steer it by calling inside `steering`."""
+    ids = _encode_prompt(lm, prompt, max_new_tokens)
+    new = generate_ids(lm, ids, max_new_tokens, greedy, temperature, seed)
+    return lm.tokenizer.decode(new, skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------------------- measurement
+
+
+@dataclass
+class Effect:
+    """What one intervention did, measured on the generated continuations (new tokens only).
+
+    Activations are the feature's SAE code averaged over continuation positions:
+    `act_unsteered` / `act_steered_text` re-encode each continuation read by the
+    *unsteered* model (what the text contains); `act_during` is the code of the
+    steered activation while generating (what the model was made to carry).
+    `prob_*` is the probability mass the model puts on the feature's top promoted
+    tokens, averaged over generated positions (unsteered model on its own text,
+    steered model on its own text). NaN where a continuation is empty.
+    """
+
+    sae_id: str
+    idx: int
+    mode: str
+    value: float
+    typical: float
+    act_unsteered: float
+    act_steered_text: float
+    act_during: float
+    promoted_tokens: list[str]
+    prob_unsteered: float
+    prob_steered: float
+
+    @property
+    def act_change(self) -> float:
+        return self.act_steered_text - self.act_unsteered
+
+    @property
+    def prob_change(self) -> float:
+        return self.prob_steered - self.prob_unsteered
+
+
+@dataclass
+class SteerResult:
+    """Unsteered and steered continuations of one prompt (same seed), and what changed.
+
+    `ce_*` are mean cross-entropies (nats/token) of each continuation under the
+    unsteered model; `ppl_cost` = ce_steered − ce_unsteered.
+    """
+
+    prompt: str
+    unsteered: str
+    steered: str
+    interventions: list[Intervention]
+    effects: list[Effect]
+    ce_unsteered: float
+    ce_steered: float
+
+    @property
+    def ppl_cost(self) -> float:
+        return self.ce_steered - self.ce_unsteered
+
+    @property
+    def effect(self) -> Effect:
+        """The effect on the first (target) intervention's feature."""
+        return self.effects[0]
+
+
+@dataclass
+class _Pass:
+    """One forward over prompt + continuation: per-SAE codes and per-position measures on the continuation."""
+
+    acts: dict[tuple[str, int], float]
+    probs: dict[tuple[str, int], float]
+    ce: float
+
+
+def _forward_measure(lm: LoadedModel, prompt_ids: torch.Tensor, new_ids: torch.Tensor, saes: dict[str, SAE],
+                     targets: list[Intervention], promoted: dict[tuple[str, int], list[int]]) -> _Pass:
+    """Run the model (under whatever hooks are active) and measure the continuation."""
+    nan = float("nan")
+    keys = [(t.sae_id, t.idx) for t in targets]
+    if new_ids.numel() == 0:
+        return _Pass({k: nan for k in keys}, {k: nan for k in keys}, nan)
+    ids = torch.cat([prompt_ids[0], new_ids]).unsqueeze(0).to(lm.device)  # (1, P + n)
+    p, n = prompt_ids.shape[1], new_ids.numel()
+    sites = {t.sae_id: lm.site(saes[t.sae_id].cfg.site, saes[t.sae_id].cfg.layer) for t in targets}
+    with capture(lm, list({s.key: s for s in sites.values()}.values()), stop_early=False) as store, \
+            torch.no_grad():
+        logits = lm.model(input_ids=ids, use_cache=False).logits[0, p - 1:p + n - 1].float()  # (n, vocab)
+        acts = {}
+        for t in targets:
+            sae = saes[t.sae_id]
+            x = store[sites[t.sae_id].key][0, p:].float().to(sae.w_enc.device)  # (n, d_in)
+            acts[(t.sae_id, t.idx)] = float(_feature_code(sae, x, t.idx).mean())
+    logp = logits.log_softmax(-1)
+    ce = float(-logp.gather(1, new_ids.to(logp.device)[:, None]).mean())
+    probs = {}
+    for k in keys:
+        tokens = promoted.get(k) or []
+        probs[k] = float(logp[:, tokens].exp().sum(-1).mean()) if tokens else nan
+    return _Pass(acts, probs, ce)
+
+
+def promoted_token_ids(lm: LoadedModel, sae: SAE, idx: int, db_tokens: list | None = None,
+                       k: int = TOP_TOKENS) -> list[int]:
+    """The feature's top promoted tokens: `logits_pos` from the feature DB when its tokens map to ids,
+    else the top-k of the direct logit effect of w_dec[idx] through the final norm and unembedding."""
+    if db_tokens:
+        tok = lm.tokenizer
+        ids = [tok.convert_tokens_to_ids(str(t[0])) for t in db_tokens[:k] if t]
+        ids = [i for i in ids if isinstance(i, int) and i != tok.unk_token_id]
+        if len(ids) * 2 >= min(k, len(db_tokens)):
+            return ids
+    d = sae.w_dec[idx].detach().float().to(lm.device)
+    site = lm.site(sae.cfg.site, sae.cfg.layer)
+    with torch.no_grad():
+        if d.numel() != lm.d_model:
+            if site.io != "input":
+                return []
+            d = site.module(d[None].to(lm.dtype)) - site.module(torch.zeros_like(d[None], dtype=lm.dtype))
+            d = d[0].float()
+            if d.numel() != lm.d_model:
+                return []
+        both = torch.stack([d, torch.zeros_like(d)]).to(lm.dtype)  # subtract what a zero vector gets (biases)
+        logits = lm.logits_from_resid(both).float()
+        effect = logits[0] - logits[1]
+    return effect.topk(min(k, effect.numel())).indices.tolist()
+
+
+def _promoted_strings(lm: LoadedModel, ids: list[int]) -> list[str]:
+    return [str(t) for t in lm.tokenizer.convert_ids_to_tokens(ids)]
+
+
+# ---------------------------------------------------------------------------- parsing specs
+
+_SPEC = re.compile(r"^(?P<sae>[^:]+):(?P<idx>-?\d+)(?:@(?P<mode>[a-z]+))?(?:=(?P<value>[^=]+))?$")
+
+
+def parse_feature_spec(spec: str) -> tuple[str, int, str, float]:
+    """'LAYER:INDEX=STRENGTH', 'site/LAYER:INDEX=S', '...:INDEX@clamp=V', '...:INDEX@ablate' →
+    (sae_ref, idx, mode, value). `sae_ref` is what `Run.resolve_sae` accepts."""
+    hint = "write LAYER:INDEX=STRENGTH, site/LAYER:INDEX=STRENGTH, ...:INDEX@clamp=VALUE or ...:INDEX@ablate"
+    m = _SPEC.match(str(spec).strip().replace(" ", ""))
+    if not m:
+        raise SaescopeError(f"cannot read feature '{spec}': {hint}")
+    sae_ref, idx, mode, raw = m["sae"], int(m["idx"]), m["mode"] or "add", m["value"]
+    if mode not in MODES:
+        raise SaescopeError(f"unknown mode '@{mode}' in '{spec}': use @clamp or @ablate (no @ means add)")
+    if idx < 0:
+        raise SaescopeError(f"feature index {idx} in '{spec}' is negative: indices start at 0")
+    if mode == "ablate":
+        if raw is not None:
+            raise SaescopeError(f"'{spec}': @ablate takes no value ({hint})")
+        return sae_ref, idx, mode, 0.0
+    if raw is None:
+        raise SaescopeError(f"'{spec}' has no {'value' if mode == 'clamp' else 'strength'}: {hint}")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SaescopeError(f"'{raw}' in '{spec}' is not a number: {hint}") from None
+    if not math.isfinite(value):
+        raise SaescopeError(f"'{spec}' has a NaN/Inf strength: give a finite number")
+    return sae_ref, idx, mode, value
+
+
+# ---------------------------------------------------------------------------- steer / sweep
+
+
+@dataclass
+class _Setup:
+    lm: LoadedModel
+    saes: dict[str, SAE]
+    interventions: list[Intervention]
+    typical: dict[tuple[str, int], float]
+    promoted: dict[tuple[str, int], list[int]]
+
+
+def _open_run(source):
+    from .runs import Run
+
+    if isinstance(source, Run):
+        return source
+    if isinstance(source, str | Path):
+        return Run.open(source)
+    return None
+
+
+def _concept_feature(run, concept: str, strength: float) -> Intervention:
+    from .search import search  # lazily: search may pull in the optional embedding model
+
+    hits = search(run, concept, limit=5)
+    if not hits:
+        raise SaescopeError(f"no labelled feature matches '{concept}': label features first "
+                            "(`saescope label`) or try another word")
+    hit = hits[0]  # search ranks best first
+    return Intervention(run.resolve_sae(hit.sae_id), int(hit.idx), "add", float(strength))
+
+
+def _setup(source, interventions, saes, typical, concept, concept_strength, typical_stat) -> _Setup:
+    if typical_stat not in ("max_act", "mean_act"):
+        raise SaescopeError(f"typical_stat must be 'max_act' or 'mean_act', got '{typical_stat}'")
+    run = _open_run(source)
+    if run is None and not isinstance(source, LoadedModel):
+        raise SaescopeError(f"cannot steer {type(source).__name__}: give a run folder, a Run or a LoadedModel")
+    lm = run.model if run is not None else source
+    saes = dict(saes or {})
+    ivs: list[Intervention] = []
+    for iv in interventions or ():
+        if isinstance(iv, str):
+            if run is None:
+                raise SaescopeError(f"feature '{iv}' names an SAE by layer: steer a run, or pass Intervention "
+                                    "objects and `saes`")
+            ref, idx, mode, value = parse_feature_spec(iv)
+            iv = Intervention(run.resolve_sae(ref), idx, mode, value)
+        elif run is not None and iv.sae_id not in saes:
+            iv = replace(iv, sae_id=run.resolve_sae(iv.sae_id))
+        ivs.append(iv)
+    if concept:
+        if run is None:
+            raise SaescopeError("steering by concept searches a run's labels: give a run, not a bare model")
+        ivs.insert(0, _concept_feature(run, concept, concept_strength))
+    if not ivs:
+        raise SaescopeError("nothing to steer: give at least one feature (e.g. 5:123=4) or a concept")
+    for iv in ivs:
+        if iv.sae_id not in saes:
+            if run is None:
+                raise SaescopeError(f"no SAE '{iv.sae_id}' was given: pass it in `saes`")
+            saes[iv.sae_id] = run.load_sae(iv.sae_id)
+    typical = dict(typical or {})
+    db_feats = _db_features(run, ivs) if run is not None else {}
+    promoted = {}
+    for iv in ivs:
+        key = (iv.sae_id, iv.idx)
+        row = db_feats.get(key) or {}
+        stat = row.get(typical_stat)
+        if key not in typical:
+            typical[key] = float(stat) if stat and math.isfinite(stat) and stat > 0 else 1.0
+        if 0 <= iv.idx < saes[iv.sae_id].cfg.width:
+            promoted[key] = promoted_token_ids(lm, saes[iv.sae_id], iv.idx, row.get("logits_pos"))
+    return _Setup(lm, saes, ivs, typical, promoted)
+
+
+def _db_features(run, ivs: list[Intervention]) -> dict:
+    if not run.db_path.is_file():
+        return {}
+    out = {}
+    with run.db(readonly=True) as db:
+        for iv in ivs:
+            row = db.feature(iv.sae_id, iv.idx)
+            if row is not None:
+                out[(iv.sae_id, iv.idx)] = row
+    return out
+
+
+@dataclass
+class _Baseline:
+    text: str
+    ids: torch.Tensor
+    measured: _Pass
+
+
+def _baseline(s: _Setup, prompt_ids, max_new_tokens, greedy, temperature, seed) -> _Baseline:
+    new = generate_ids(s.lm, prompt_ids, max_new_tokens, greedy, temperature, seed)
+    measured = _forward_measure(s.lm, prompt_ids, new, s.saes, s.interventions, s.promoted)
+    return _Baseline(s.lm.tokenizer.decode(new, skip_special_tokens=True), new, measured)
+
+
+def _steered(s: _Setup, prompt: str, prompt_ids, base: _Baseline, max_new_tokens, greedy, temperature,
+             seed) -> SteerResult:
+    with steering(s.lm, s.saes, s.interventions, s.typical):
+        new = generate_ids(s.lm, prompt_ids, max_new_tokens, greedy, temperature, seed)
+        during = _forward_measure(s.lm, prompt_ids, new, s.saes, s.interventions, s.promoted)
+    as_text = _forward_measure(s.lm, prompt_ids, new, s.saes, s.interventions, s.promoted)
+    effects = []
+    for iv in s.interventions:
+        key = (iv.sae_id, iv.idx)
+        effects.append(Effect(iv.sae_id, iv.idx, iv.mode, iv.value, s.typical[key],
+                              act_unsteered=base.measured.acts[key], act_steered_text=as_text.acts[key],
+                              act_during=during.acts[key],
+                              promoted_tokens=_promoted_strings(s.lm, s.promoted.get(key, [])),
+                              prob_unsteered=base.measured.probs[key], prob_steered=during.probs[key]))
+    return SteerResult(prompt, base.text, s.lm.tokenizer.decode(new, skip_special_tokens=True),
+                       list(s.interventions), effects, ce_unsteered=base.measured.ce, ce_steered=as_text.ce)
+
+
+def steer(source, prompt: str, interventions: Sequence[Intervention | str] = (), *,
+          saes: dict[str, SAE] | None = None, typical: dict[tuple[str, int], float] | None = None,
+          max_new_tokens: int = 40, greedy: bool = True, temperature: float = 1.0, seed: int = 0,
+          concept: str | None = None, concept_strength: float = CONCEPT_STRENGTH,
+          typical_stat: str = "max_act") -> SteerResult:
+    """Continue `prompt` without and with `interventions` (same seed) and measure the difference.
+
+    `source` is a run (folder or `Run`: SAEs, typical activations and promoted tokens come
+    from it, and features may be spec strings like "5:123=4") or a `LoadedModel` (then give
+    `saes`). `concept` steers the best-matching labelled feature (added first, strength
+    `concept_strength` × its max activation).
+    """
+    s = _setup(source, interventions, saes, typical, concept, concept_strength, typical_stat)
+    prompt_ids = _encode_prompt(s.lm, prompt, max_new_tokens)
+    _plans(s.lm, s.saes, s.interventions, s.typical)  # fail on bad input before generating anything
+    base = _baseline(s, prompt_ids, max_new_tokens, greedy, temperature, seed)
+    return _steered(s, prompt, prompt_ids, base, max_new_tokens, greedy, temperature, seed)
+
+
+def sweep(source, prompt: str, feature: Intervention | str, strengths: Sequence[float], *,
+          png: str | Path | None = None, saes: dict[str, SAE] | None = None,
+          typical: dict[tuple[str, int], float] | None = None, max_new_tokens: int = 40, greedy: bool = True,
+          temperature: float = 1.0, seed: int = 0, typical_stat: str = "max_act") -> list[SteerResult]:
+    """Steer one feature at each of `strengths` (add strength or clamp value); the unsteered
+    continuation is generated once. With `png`, plot effect and cost against strength."""
+    strengths = [float(v) for v in strengths]
+    if not strengths:
+        raise SaescopeError("give at least one strength to sweep")
+    bad = [v for v in strengths if not math.isfinite(v)]
+    if bad:
+        raise SaescopeError(f"strength {bad[0]} is not a finite number: give finite strengths")
+    s = _setup(source, [feature], saes, typical, None, 0.0, typical_stat)
+    target = s.interventions[0]
+    if target.mode == "ablate":
+        raise SaescopeError(f"'{target}' is an ablation, which has no strength to sweep: use add or @clamp")
+    prompt_ids = _encode_prompt(s.lm, prompt, max_new_tokens)
+    _plans(s.lm, s.saes, s.interventions, s.typical)  # fail on bad input before generating anything
+    base = _baseline(s, prompt_ids, max_new_tokens, greedy, temperature, seed)
+    results = []
+    for v in strengths:
+        s.interventions = [replace(target, value=v)]
+        results.append(_steered(s, prompt, prompt_ids, base, max_new_tokens, greedy, temperature, seed))
+    if png is not None:
+        plot_sweep(results, png)
+    return results
+
+
+def plot_sweep(results: list[SteerResult], png: str | Path) -> Path:
+    """Two panels: effect and cost against strength; effect against cost. Written atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not results:
+        raise SaescopeError("no sweep results to plot")
+    png = Path(png)
+    xs = [r.effect.value for r in results]
+    act = [r.effect.act_steered_text for r in results]
+    during = [r.effect.act_during for r in results]
+    cost = [r.ppl_cost for r in results]
+    dprob = [r.effect.prob_change for r in results]
+    fig = Figure(figsize=(10, 4))
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
+    label = "strength (× typical act)" if results[0].effect.mode == "add" else "clamp value"
+    ax1.plot(xs, act, "o-", label="feature act. in steered text")
+    ax1.plot(xs, during, "s--", label="feature act. while steering")
+    ax1.axhline(results[0].effect.act_unsteered, color="grey", lw=0.8, label="unsteered text")
+    ax1.set_xlabel(label)
+    ax1.set_ylabel("mean SAE code")
+    twin = ax1.twinx()
+    twin.plot(xs, cost, "^:", color="tab:red", label="CE cost (nats/token)")
+    twin.set_ylabel("CE cost (nats/token)", color="tab:red")
+    lines = ax1.get_lines() + twin.get_lines()
+    ax1.legend(lines, [ln.get_label() for ln in lines], loc="upper left", fontsize=8)
+    ax2.plot(cost, dprob, "o-")
+    for x, c, p in zip(xs, cost, dprob):
+        ax2.annotate(f"{x:g}", (c, p), fontsize=8, xytext=(3, 3), textcoords="offset points")
+    ax2.set_xlabel("CE cost of steered text (nats/token)")
+    ax2.set_ylabel("Δ prob. of promoted tokens")
+    fig.suptitle(f"steering {results[0].interventions[0].sae_id}:{results[0].effect.idx}", fontsize=10)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = png.with_name(f".{png.name}.tmp")
+    fig.savefig(tmp, dpi=100, format="png")
+    tmp.replace(png)
+    return png
