@@ -132,6 +132,276 @@ def eval_cmd(run_dir, tokens, ce_contexts, as_json):
     click.echo(f"held-out tokens: {result['eval_tokens']:,}; plot: {Path(run_dir) / 'eval.png'}")
 
 
+@cli.group()
+def label():
+    """Label features: by hand (set) or automatically (auto: offline, or with any OpenAI-compatible LLM)."""
+
+
+@label.command("set")
+@click.argument("run_dir", type=click.Path())
+@click.argument("sae")
+@click.argument("index", type=int)
+@click.argument("text")
+@click.option("--author", default=None, help="Who wrote the label (kept in the history).")
+def label_set(run_dir, sae, index, text, author):
+    """Give feature INDEX of SAE (id, site/LAYER or LAYER) the label TEXT; earlier labels stay in the history."""
+    from .label.manual import set_label
+
+    label_id = set_label(run_dir, sae, index, text, author=author)
+    click.echo(f"label {label_id} set on {sae}:{index}")
+
+
+@label.command("auto")
+@click.argument("run_dir", default=DEFAULT_RUN, type=click.Path())
+@click.option("--llm", "base_url", default=None, help="Base URL of an OpenAI-compatible server (omit for the offline labeller).")
+@click.option("--model", "llm_model", default=None, help="Model name on that server.")
+@click.option("--api-key-env", default="OPENAI_API_KEY", help="Environment variable holding the API key (never stored).")
+@click.option("--sae", "saes", multiple=True, help="Only these SAEs (repeatable).")
+@click.option("--limit", type=int, default=None, help="At most this many features per SAE (most frequent first).")
+@click.option("--concurrency", default=4, help="Parallel LLM requests.")
+@click.option("--timeout", default=30.0, help="Seconds per LLM request.")
+def label_auto(run_dir, base_url, llm_model, api_key_env, saes, limit, concurrency, timeout):
+    """Label and score every alive feature: offline by default, or with an LLM (--llm URL --model NAME)."""
+    from .runs import Run
+
+    run = Run.open(run_dir)
+    if base_url:
+        from .label.llm import label_llm
+
+        if not llm_model:
+            raise SaescopeError("--llm needs --model NAME (the model's name on that server)")
+        report = label_llm(run, base_url, llm_model, api_key_env=api_key_env, sae_ids=list(saes) or None,
+                           concurrency=concurrency, timeout=timeout, limit=limit)
+    else:
+        from .label.offline import label_offline
+
+        with run.stage("label"):
+            report = label_offline(run, sae_ids=list(saes) or None, limit=limit)
+    _index_labels(run)
+    click.echo(str(report))
+
+
+def _index_labels(run) -> None:
+    """Embed new labels for semantic search now, so the first search is fast (skipped without the model)."""
+    try:
+        from .search import index_labels
+
+        index_labels(run)
+    except SaescopeError as err:
+        logging.getLogger(__name__).warning("semantic index not built: %s", err)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.argument("query")
+@click.option("--limit", default=10)
+@click.option("--mode", type=click.Choice(["hybrid", "fts", "semantic"]), default="hybrid")
+@click.option("--json", "as_json", is_flag=True)
+def search(run_dir, query, limit, mode, as_json):
+    """Find features across all layers whose labels match QUERY (full-text + local embeddings)."""
+    from .search import search as do_search
+
+    hits = do_search(run_dir, query, limit=limit, mode=mode)
+    if as_json:
+        click.echo(json.dumps([h.__dict__ if hasattr(h, "__dict__") else h._asdict() for h in hits], indent=1, default=str))
+        return
+    if not hits:
+        click.echo("no matching labels")
+    for h in hits:
+        score = "  -  " if h.score is None else f"{h.score:.2f}"
+        click.echo(f"{h.site:<10} layer {h.layer:>2}  #{h.idx:<6} score {score}  {h.label}  [{h.sae_id}]")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.argument("prompt")
+@click.option("--feature", "features", multiple=True,
+              help="LAYER:INDEX=STRENGTH (add), LAYER:INDEX@clamp=VALUE, LAYER:INDEX@ablate; repeatable.")
+@click.option("--concept", default=None, help="Steer the best-scoring feature whose label matches this query.")
+@click.option("--strength", default=None, type=float, help="Strength for --concept.")
+@click.option("--max-new-tokens", default=40)
+@click.option("--sample", is_flag=True, help="Sample instead of greedy decoding (same seed for both texts).")
+@click.option("--seed", default=0)
+@click.option("--sweep", "sweep_values", default=None, help="Comma-separated strengths to scan for the first --feature.")
+@click.option("--png", default=None, type=click.Path(), help="Where --sweep writes its effect-vs-cost plot.")
+@click.option("--json", "as_json", is_flag=True)
+def steer(run_dir, prompt, features, concept, strength, max_new_tokens, sample, seed, sweep_values, png, as_json):
+    """Generate from PROMPT with features turned up, down or clamped, side by side with the unsteered text."""
+    from . import steer as st
+
+    if sweep_values:
+        if not features:
+            raise SaescopeError("--sweep needs a --feature to scan")
+        out = Path(png or Path(run_dir) / "steer_sweep.png")
+        results = st.sweep(run_dir, prompt, features[0], _csv_numbers(sweep_values), png=out,
+                           max_new_tokens=max_new_tokens, greedy=not sample, seed=seed)
+        for r in results:
+            e = r.effect
+            click.echo(f"value {e.value:>8g}  act +{e.act_change:.3f}  prob +{e.prob_change:.4f}  "
+                       f"CE cost {r.ppl_cost:.3f}  | {r.steered!r}")
+        click.echo(f"plot: {out}")
+        return
+    kw = {"concept": concept} if concept else {}
+    if concept and strength is not None:
+        kw["concept_strength"] = strength
+    r = st.steer(run_dir, prompt, list(features), max_new_tokens=max_new_tokens, greedy=not sample, seed=seed, **kw)
+    if as_json:
+        click.echo(json.dumps({"prompt": r.prompt, "unsteered": r.unsteered, "steered": r.steered,
+                               "ce_unsteered": r.ce_unsteered, "ce_steered": r.ce_steered,
+                               "effects": [e.__dict__ for e in r.effects]}, indent=1, default=str))
+        return
+    click.echo(click.style("prompt     ", bold=True) + r.prompt)
+    click.echo(click.style("unsteered  ", bold=True) + r.unsteered)
+    click.echo(click.style("steered    ", bold=True) + r.steered)
+    for e in r.effects:
+        click.echo(f"{e.sae_id}:{e.idx} {e.mode} {e.value:g}: feature activation {e.act_unsteered:.3f} → "
+                   f"{e.act_steered_text:.3f} (during generation {e.act_during:.3f}); promoted-token probability "
+                   f"{e.prob_unsteered:.4f} → {e.prob_steered:.4f}")
+    click.echo(f"cost: CE of steered text under the unsteered model {r.ce_steered:.3f} vs {r.ce_unsteered:.3f} "
+               f"(+{r.ppl_cost:.3f} nats/token)")
+
+
+@cli.command("import")
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--run", "run_dir", required=True, type=click.Path(), help="Run to add the SAE to.")
+@click.option("--overwrite", is_flag=True)
+def import_cmd(path, run_dir, overwrite):
+    """Add an SAE from Gemma Scope 1/2, SAELens or sparsify files to a run (checked against its model)."""
+    from .interop import import_sae
+
+    res = import_sae(path, run_dir, overwrite=overwrite)
+    click.echo(f"imported {res[0]} into {run_dir}")
+    for note in res[2] if len(res) > 2 else []:
+        click.echo(f"note: {note}")
+
+
+@cli.command("export")
+@click.argument("run_dir", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["saelens", "neuronpedia"]), required=True)
+@click.argument("out", type=click.Path())
+def export_cmd(run_dir, fmt, out):
+    """Write a run's SAEs for SAELens, or its SAEs + feature dashboards for Neuronpedia."""
+    from .interop import export_run
+
+    report = export_run(run_dir, fmt, out)
+    click.echo(f"exported {len(report.get('saes', report))} SAEs as {fmt} to {out}")
+
+
+@cli.command("run")
+@model_opt
+@corpus_opt
+@sites_opt
+@layers_opt
+@click.option("--widths", default="4096")
+@click.option("--l0", "l0s", default="32")
+@click.option("--arch", type=click.Choice(["jump_relu", "topk", "batchtopk", "relu"]), default="jump_relu")
+@click.option("--tokens", default=100_000, help="Training tokens.")
+@click.option("--analyze-tokens", default=16_384, help="Held-out tokens for the feature atlas.")
+@click.option("--out", default=DEFAULT_RUN, type=click.Path())
+@click.option("--llm", "base_url", default=None, help="Label with an OpenAI-compatible LLM at this URL (default: offline).")
+@click.option("--llm-model", default=None)
+@click.option("--serve/--no-serve", default=True, help="Serve the web app at the end.")
+@click.option("--host", default="127.0.0.1")
+@click.option("--port", default=8000)
+def run_cmd(model, corpus, sites, layers, widths, l0s, arch, tokens, analyze_tokens, out, base_url, llm_model,
+            serve, host, port):
+    """The whole pipeline: train SAEs on every layer → evaluate → analyze → label → serve. Done stages are skipped."""
+    from .pipeline import run_all
+
+    run_all(out, model=model, corpus=corpus, sites=sites, layers=layers, widths=_csv_numbers(widths, int),
+            l0s=_csv_numbers(l0s), architecture=arch, tokens=tokens, analyze_tokens=analyze_tokens,
+            llm_url=base_url, llm_model=llm_model, echo=click.echo)
+    if serve:
+        from .server.app import local_url
+        from .server.app import serve as serve_app
+
+        click.echo(f"saescope atlas of {out}: {local_url(host, port, None)}  (Ctrl+C stops it)")
+        serve_app(out, host=host, port=port)
+
+
+
+@cli.command()
+@click.argument("run_dir", default=DEFAULT_RUN, type=click.Path())
+@click.option("--host", default="127.0.0.1", help="Address to listen on; anything but localhost needs --token.")
+@click.option("--port", default=8000, type=click.IntRange(1, 65535))
+@click.option("--token", envvar="SAESCOPE_TOKEN", default=None,
+              help="Access token every request must carry (env SAESCOPE_TOKEN); required off localhost.")
+def serve(run_dir, host, port, token):
+    """Browse a run in the web app: overview, prompt inspector, features, labels, search, steering."""
+    try:
+        from .server.app import is_local, local_url
+        from .server.app import serve as serve_app
+    except ImportError as err:
+        raise SaescopeError(f"the web app needs FastAPI and uvicorn ({err.name} is missing): "
+                            "pip install 'saescope[web]'") from err
+    if not is_local(host) and not token:
+        raise SaescopeError(f"serving on {host} exposes the run and the model to the network: give --token SECRET "
+                            "(or set SAESCOPE_TOKEN), or use --host 127.0.0.1")
+    click.echo(f"saescope atlas of {run_dir}: {local_url(host, port, token)}  (Ctrl+C stops it)")
+    serve_app(run_dir, host=host, port=port, token=token)
+
+
+@cli.command()
+@click.argument("run_dir", default=DEFAULT_RUN, type=click.Path())
+@click.option("--tokens", default=16_384, help="Held-out tokens to analyse (one model pass serves every SAE).")
+@click.option("--top-k", default=20, help="Top-activating contexts kept per feature.")
+@click.option("--sae", "saes", multiple=True, help="Only this SAE (full id, site/LAYER or LAYER); repeatable.")
+@click.option("--force", is_flag=True, help="Re-analyse SAEs that are already done.")
+def analyze(run_dir, tokens, top_k, saes, force):
+    """Find what makes every feature fire: top contexts, quantile examples, density, logit effects.
+
+    Writes features.sqlite in the run; an interrupted analysis resumes (SAEs already done are skipped).
+    """
+    from .analyze import analyze as analyze_run
+    from .runs import Run
+
+    run = Run.open(run_dir)
+    with run.stage("analyze"):
+        report = analyze_run(run, n_tokens=tokens, top_k=top_k, saes=list(saes) or None, force=force)
+    click.echo(str(report))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.argument("text")
+@click.option("--top", default=3, type=click.IntRange(1, 100), help="Features shown per token and SAE.")
+@click.option("--sae", "saes", multiple=True, help="Only this SAE (full id, site/LAYER or LAYER); repeatable.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def inspect(run_dir, text, top, saes, as_json):
+    """Show, for every token of TEXT, the most active features of each SAE with their labels."""
+    from .scope import Scope, inspect_table
+
+    with Scope.open(run_dir) as scope:
+        result = scope.inspect(text, top=top, saes=list(saes) or None)
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+        return
+    click.echo(inspect_table(result, style=click.style))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.argument("sae")
+@click.argument("index", type=int)
+@click.option("--examples", "n_examples", default=8, help="Contexts shown per kind.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def feature(run_dir, sae, index, n_examples, as_json):
+    """Show a feature card: where feature INDEX of SAE fires, how often, what it promotes, its labels.
+
+    SAE is a full id, site/LAYER or LAYER.
+    """
+    from .scope import Scope, feature_card
+
+    with Scope.open(run_dir) as scope:
+        card = scope.feature(sae, index)
+    if card is None:
+        raise SaescopeError(f"feature {index} of SAE {sae} has not been analysed: run `saescope analyze {run_dir}`")
+    if as_json:
+        click.echo(json.dumps(card, indent=1))
+        return
+    click.echo(feature_card(card, n_examples=n_examples, style=click.style))
+
+
 def main(argv=None):
     """Entry point: user errors become one line on stderr and exit code 1 (tracebacks with --debug)."""
     argv = sys.argv[1:] if argv is None else argv

@@ -162,3 +162,61 @@ def _cache_chunks(cache_dir, trainer: MultiTrainer, train: TrainConfig):
         if i < trainer.contexts_done:
             continue
         yield Chunk({k: v for k, v in batch.items() if k != "token_ids"}, 1)
+
+
+def run_all(out: str | Path, *, model: str = DEFAULT_MODEL, corpus: str = "default", sites="resid_post",
+            layers="all", widths=(4096,), l0s=(32.0,), architecture: str = "jump_relu", tokens: int = 100_000,
+            eval_tokens: int = 8192, ce_contexts: int = 4, analyze_tokens: int = 16_384,
+            llm_url: str | None = None, llm_model: str | None = None, echo=log.warning) -> Run:
+    """train → eval → analyze → label: every stage that the manifest marks done is skipped."""
+    import time
+
+    from .evaluate import evaluate
+
+    t0 = time.time()
+    lm = load_model(model)
+    echo(f"[load] {model}: {lm.n_layers} layers, d_model {lm.d_model} ({time.time() - t0:.0f} s)")
+
+    def stage(name, fn):
+        if run.is_done(name):
+            echo(f"[{name}] already done")
+            return
+        t = time.time()
+        with run.stage(name):
+            fn()
+        echo(f"[{name}] done in {time.time() - t:.0f} s")
+
+    t = time.time()
+    run = train_run(out, model=model, corpus=corpus, sites=sites, layers=layers, widths=widths, l0s=l0s,
+                    architecture=architecture, train=TrainConfig(tokens=tokens), lm=lm)
+    echo(f"[train] {len(run.sae_ids())} SAEs ({time.time() - t:.0f} s)")
+    stage("eval", lambda: evaluate(run, eval_tokens=eval_tokens, delta_contexts=ce_contexts))
+
+    def do_analyze():
+        from .analyze import analyze
+
+        analyze(run, n_tokens=analyze_tokens, lm=lm)
+
+    stage("analyze", do_analyze)
+
+    def do_label():
+        if llm_url:
+            from .label.llm import label_llm
+
+            if not llm_model:
+                raise SaescopeError("--llm needs --llm-model NAME")
+            echo(str(label_llm(run, llm_url, llm_model)))
+        else:
+            from .label.offline import label_offline
+
+            echo(str(label_offline(run)))
+        try:
+            from .search import index_labels
+
+            index_labels(run)
+        except SaescopeError as err:
+            log.warning("semantic index not built: %s", err)
+
+    stage("label", do_label)
+    echo(f"[run] {run.root} ready ({time.time() - t0:.0f} s in this call)")
+    return run

@@ -1,0 +1,18 @@
+# The two commands of the README. Both do all the set-up first (idempotent).
+.PHONY: setup setup-test run test lint bench
+
+setup:
+	bash scripts/setup.sh
+
+setup-test:
+	bash scripts/setup.sh --test
+
+run: setup
+	.venv/bin/saescope run
+
+test: setup-test
+	.venv/bin/ruff check src tests bench
+	.venv/bin/pytest -q
+
+bench: setup
+	.venv/bin/python bench/bench_harvest.py

@@ -1,0 +1,312 @@
+"""The Python API over a run: look at features, and at what fires on your own text.
+
+    scope = Scope.open("runs/gemma-3-270m")
+    scope.feature("resid_post/6", 123)      # stats, examples, logit effects, labels
+    scope.inspect("The Eiffel Tower", top=5)  # per token, per SAE: the top features and their labels
+
+The web app calls these same functions, so both return plain JSON-able data.
+The model and the SAEs load on first use; features.sqlite opens on first use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from .errors import SaescopeError
+from .featuredb import FeatureDB
+from .runs import Run
+from .sae import SAE, read_config
+
+LABEL_PREFERENCE = ("human", "llm", "offline")
+"""Which current label `inspect` shows when a feature has several."""
+
+
+class _LazySAEs(Mapping):
+    """id → SAE, each loaded from the run folder on first access."""
+
+    def __init__(self, run: Run):
+        self._run = run
+        self._loaded: dict[str, SAE] = {}
+
+    def __getitem__(self, sae_id: str) -> SAE:
+        if sae_id not in self._loaded:
+            if sae_id not in self._run.sae_ids():
+                raise KeyError(sae_id)
+            sae = self._run.load_sae(sae_id)
+            sae.requires_grad_(False)
+            self._loaded[sae_id] = sae
+        return self._loaded[sae_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._run.sae_ids())
+
+    def __len__(self) -> int:
+        return len(self._run.sae_ids())
+
+
+class Scope:
+    """One run, opened for looking: `.run`, `.model` (lazy), `.saes` (lazy id → SAE), `.db`."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.saes = _LazySAEs(run)
+        self._db: FeatureDB | None = None
+
+    @classmethod
+    def open(cls, run_dir: str | Path | Run) -> Scope:
+        return cls(run_dir if isinstance(run_dir, Run) else Run.open(run_dir))
+
+    @cached_property
+    def model(self):
+        return self.run.model
+
+    @property
+    def db(self) -> FeatureDB:
+        """features.sqlite of the run (created empty if the run has none yet)."""
+        if self._db is None:
+            self._db = self.run.db()
+        return self._db
+
+    def _db_if_any(self) -> FeatureDB | None:
+        return self.db if self._db is not None or self.run.db_path.is_file() else None
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def __enter__(self) -> Scope:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Scope({str(self.run.root)!r})"
+
+    # ---------------------------------------------------------------- features
+
+    def sae_info(self, ref: str | int) -> dict:
+        """{id, site, layer, width} for a full id, "site/LAYER" or "LAYER"."""
+        sae_id = self.run.resolve_sae(ref)
+        cfg = read_config(self.run.sae_path(sae_id) / "config.json")
+        return {"id": sae_id, "site": cfg.get("site") or sae_id.split("/")[0], "layer": cfg.get("layer"),
+                "width": int(cfg.get("width") or 0)}
+
+    def feature(self, sae: str | int, index: int) -> dict | None:
+        """Everything known about one feature, or None when it has not been analysed.
+
+        Keys: sae_id, idx, site, layer, width, frequency, n_fired, max_act, mean_act,
+        hist ({edges, counts, scale}), examples (kind, rank, quantile, max_act, pos, ctx,
+        tokens (display strings), token_ids, acts), logits_pos / logits_neg
+        ([{token, value}], most promoted / suppressed first), labels (current, newest
+        first, each with its scores).
+        """
+        info = self.sae_info(sae)
+        idx = _index(index, info)
+        db = self._db_if_any()
+        row = db.feature(info["id"], idx) if db is not None else None
+        if row is None:
+            return None
+        from .label.evidence import TokenTable, display_token
+
+        table = TokenTable(db)
+        examples = []
+        for e in row.pop("examples"):
+            ids = [int(t) for t in e["tokens"]]
+            examples.append({"kind": e["kind"], "rank": e["rank"], "quantile": e["quantile"],
+                             "max_act": e["max_act"], "pos": e["pos"], "ctx": e["ctx"],
+                             "tokens": table.display(ids), "token_ids": ids,
+                             "acts": [round(float(a), 4) for a in e["acts"]]})
+        out = {"sae_id": info["id"], "idx": idx, "site": info["site"], "layer": info["layer"],
+               "width": info["width"]}
+        out.update({k: row[k] for k in ("frequency", "n_fired", "max_act", "mean_act", "hist")})
+        for key in ("logits_pos", "logits_neg"):
+            out[key] = [{"token": display_token(t), "value": v} for t, v in (row.get(key) or [])]
+        out["examples"] = examples
+        out["labels"] = row["labels"]
+        return out
+
+    # ---------------------------------------------------------------- inspect
+
+    def inspect(self, text: str, top: int = 5, saes: list[str] | None = None) -> dict:
+        """Run `text` through the model and every SAE (or those in `saes`): per token, per SAE,
+        the `top` most active features with their activation and current label.
+
+        Returns {"text", "tokens": [{"id", "text", "bos"}], "layers": [{"sae_id", "layer",
+        "site", "features": [[{"idx", "act", "label"}, ...] per token]}]}. The BOS position
+        is included in tokens (bos=True) and gets no features.
+        """
+        from .harvest import activations, keep_mask
+        from .label.evidence import display_token
+
+        if int(top) < 1:
+            raise SaescopeError(f"top must be at least 1, got {top}")
+        lm = self.model
+        tok = lm.tokenizer
+        if not isinstance(text, str):
+            raise SaescopeError(f"text must be a string, not {type(text).__name__}")
+        body = tok(text, add_special_tokens=False)["input_ids"]
+        special = lm.special_ids
+        if not any(i not in special for i in body):
+            raise SaescopeError("the text tokenises to nothing: type some words to inspect")
+        bos = lm.bos_id
+        ids = torch.tensor([([bos] if bos is not None else []) + list(body)], dtype=torch.long)
+        keep = keep_mask(lm, ids)[0]
+        sae_ids = [self.run.resolve_sae(s) for s in saes] if saes is not None else self.run.sae_ids()
+        if not sae_ids:
+            raise SaescopeError(f"run {self.run.root} has no SAEs: train some first (`saescope train`)")
+        models = {i: self.saes[i] for i in sae_ids}
+        sites = {i: lm.site(s.cfg.site, s.cfg.layer) for i, s in models.items()}
+        acts = activations(lm, ids, list({s.key: s for s in sites.values()}.values()))
+        strings = tok.convert_ids_to_tokens(ids[0].tolist())
+        tokens = [{"id": int(i), "text": display_token(str(s), int(i)), "bos": p == 0 and bos is not None}
+                  for p, (i, s) in enumerate(zip(ids[0].tolist(), strings))]
+        labels = _LabelCache(self._db_if_any())
+        layers = []
+        order = sorted(sae_ids, key=lambda i: (models[i].cfg.layer, models[i].cfg.site, i))
+        for sae_id in order:
+            sae = models[sae_id]
+            with torch.no_grad():
+                f = sae.encode(acts[sites[sae_id].key][0].float().to(sae.w_enc.device))  # (T, width)
+                vals, idx = f.topk(min(int(top), sae.cfg.width), dim=1)
+            per_token = []
+            for p in range(ids.shape[1]):
+                if not keep[p]:
+                    per_token.append([])
+                    continue
+                per_token.append([{"idx": int(i), "act": float(v), "label": labels.get(sae_id, int(i))}
+                                  for v, i in zip(vals[p].tolist(), idx[p].tolist()) if v > 0])
+            layers.append({"sae_id": sae_id, "layer": sae.cfg.layer, "site": sae.cfg.site, "features": per_token})
+        return {"text": text, "tokens": tokens, "layers": layers}
+
+
+def _index(index, info: dict) -> int:
+    if isinstance(index, bool):
+        raise SaescopeError(f"feature index must be a whole number, not {index!r}")
+    try:
+        idx = int(index)
+    except (TypeError, ValueError):
+        raise SaescopeError(f"feature index must be a whole number, not {index!r}") from None
+    if not 0 <= idx < info["width"]:
+        raise SaescopeError(f"feature {idx} is out of range for SAE {info['id']} (width {info['width']}): "
+                            f"use 0..{info['width'] - 1}")
+    return idx
+
+
+class _LabelCache:
+    """Current label text of (sae_id, idx), preferring human > llm > offline; None without a DB."""
+
+    def __init__(self, db: FeatureDB | None):
+        self.db = db
+        self.cache: dict[tuple[str, int], str | None] = {}
+
+    def get(self, sae_id: str, idx: int) -> str | None:
+        if self.db is None:
+            return None
+        key = (sae_id, idx)
+        if key not in self.cache:
+            labels = self.db.labels(sae_id, idx)
+            labels.sort(key=lambda lab: LABEL_PREFERENCE.index(lab["source"])
+                        if lab["source"] in LABEL_PREFERENCE else len(LABEL_PREFERENCE))
+            self.cache[key] = labels[0]["text"] if labels else None
+        return self.cache[key]
+
+
+# --------------------------------------------------------------------------- text rendering (CLI)
+
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(counts: list[int]) -> str:
+    """Counts as a row of block characters (empty bins as spaces)."""
+    top = max(counts, default=0)
+    if top <= 0:
+        return ""
+    return "".join(" " if c == 0 else SPARK[min(len(SPARK) - 1, int(len(SPARK) * c / (top + 1e-9)))] for c in counts)
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\r\n", "↵").replace("\n", "↵").replace("\r", "↵")
+
+
+def _highlight(tokens: list[str], acts: list[float], scale: float, style) -> str:
+    """Tokens joined, firing ones styled: bold red above half of `scale`, yellow below."""
+    out = []
+    for t, a in zip(tokens, acts):
+        t = _one_line(t)
+        if a > 0:
+            core = t.lstrip()
+            out.append(t[: len(t) - len(core)] + style(core, fg="red" if a >= 0.5 * scale else "yellow", bold=True))
+        else:
+            out.append(t)
+    return "".join(out)
+
+
+def _plain(text: str, **_) -> str:
+    return text
+
+
+def feature_card(card: dict, n_examples: int = 8, style=None) -> str:
+    """A feature as text: labels, density, histogram, logit effects, top / quantile / random contexts.
+
+    `style(text, fg=..., bold=...)` marks firing tokens (e.g. click.style); plain by default,
+    where firing tokens are wrapped [[like this]].
+    """
+    mark = style or (lambda text, **_: f"[[{text}]]")
+    lines = [f"{card['sae_id']}  feature {card['idx']}  (layer {card['layer']}, {card['site']})"]
+    for lab in card.get("labels") or []:
+        lines.append(f"label ({lab['source']}{', ' + lab['model'] if lab.get('model') else ''}): {lab['text']}")
+    if not card.get("labels"):
+        lines.append("label: (none yet)")
+    lines.append(f"frequency {100 * card['frequency']:.3g}% ({card['n_fired']:,} tokens)   "
+                 f"max {card['max_act']:.4g}   mean {card['mean_act']:.4g}")
+    hist = card.get("hist")
+    if hist:
+        lines.append(f"activations {sparkline(hist['counts'])}  ({hist['edges'][0]:.3g} … {hist['edges'][-1]:.3g}, "
+                     f"log scale)")
+    if card.get("logits_pos"):
+        lines.append("promotes:   " + ", ".join(f"{_one_line(d['token'])!r} {d['value']:+.3g}"
+                                                for d in card["logits_pos"]))
+    if card.get("logits_neg"):
+        lines.append("suppresses: " + ", ".join(f"{_one_line(d['token'])!r} {d['value']:+.3g}"
+                                                for d in card["logits_neg"]))
+    examples = card.get("examples") or []
+    scale = max((e["max_act"] for e in examples), default=0.0)
+    for kind, title in (("top", "top contexts"), ("quantile", "quantile examples (weakest bin first)"),
+                        ("random", "random contexts where it does not fire")):
+        group = [e for e in examples if e["kind"] == kind]
+        if kind == "quantile":
+            group = [e for e in group if e["rank"] == 0]
+        if not group:
+            continue
+        lines.append(f"{title}:")
+        for e in group[:n_examples]:
+            tag = f"q{e['quantile']} " if kind == "quantile" else ""
+            lines.append(f"  {tag}{e['max_act']:>8.3g}  {_highlight(e['tokens'], e['acts'], scale, mark)}")
+    if not examples:
+        lines.append("no examples: the feature never fired on the analysed tokens")
+    return "\n".join(lines)
+
+
+def inspect_table(result: dict, style=None) -> str:
+    """`Scope.inspect` output as text: one block per token, one line per SAE."""
+    style = style or _plain
+    lines = []
+    for p, tok in enumerate(result["tokens"]):
+        text = _one_line(tok["text"])
+        lines.append(f"{p:>3} {text!r}" + ("  (BOS: no features)" if tok["bos"] else ""))
+        if tok["bos"]:
+            continue
+        for lay in result["layers"]:
+            feats = lay["features"][p]
+            cells = []
+            for d in feats:
+                label = f" {d['label']!r}" if d["label"] else ""
+                cells.append(style(f"#{d['idx']}", bold=True) + f" {d['act']:.3g}{label}")
+            lines.append(f"      L{lay['layer']:<2} {lay['site']:<10} " + ("   ".join(cells) if cells else "-"))
+    return "\n".join(lines)

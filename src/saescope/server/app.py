@@ -1,0 +1,487 @@
+"""FastAPI app over one run: JSON API + a static single-page app (vanilla JS, no build step).
+
+    create_app("runs/gemma-3-270m")            # ASGI app (tests: fastapi.testclient.TestClient)
+    serve("runs/gemma-3-270m", port=8000)      # uvicorn; a token is required off localhost
+
+API (every response is JSON; errors are {"detail": "..."} with a 4xx status):
+
+    GET  /api/run                               manifest facts, SAE count, what the run has
+    GET  /api/saes                              every SAE with its analysis status and eval metrics
+    GET  /api/eval                              eval.json (404 before `saescope eval`)
+    POST /api/inspect   {text, top}             per-token top features of every SAE
+    GET  /api/feature/{sae_id}/{idx}            stats, examples, logit effects, labels + history
+    POST /api/feature/{sae_id}/{idx}/label      {text, author} → new human label
+    GET  /api/search?q=&limit=&mode=            labels → features
+    POST /api/steer     {prompt, features, concept, strength, max_new_tokens, greedy, seed}
+
+Security: all data reaches the page through textContent (see static/app.js) and every
+response carries a strict Content-Security-Policy. Model calls run in a worker thread,
+one at a time (one lock), so the event loop keeps serving pages meanwhile. Without a
+token the app answers only requests addressed to localhost (DNS-rebinding guard); with
+one, every request needs `Authorization: Bearer TOKEN`, the cookie set by `?token=TOKEN`.
+POSTs must be JSON and same-origin, so another web page cannot post to the app.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import math
+import threading
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlencode
+
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from ..errors import SaescopeError
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+MAX_PROMPT_CHARS = 2000
+MAX_TOP = 20
+MAX_NEW_TOKENS = 200
+MAX_FEATURES = 16
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+COOKIE = "saescope_token"
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
+SECURITY_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
+                    "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY",
+                    "Cross-Origin-Opener-Policy": "same-origin"}
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+def _finite(obj: Any) -> Any:
+    """JSON-safe copy: NaN/Inf → None (JSON has no NaN), tuples → lists, numpy → Python."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    if hasattr(obj, "tolist"):  # numpy / torch scalars and arrays
+        return _finite(obj.tolist())
+    return obj
+
+
+class SafeJSON(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return json.dumps(_finite(content), ensure_ascii=False, allow_nan=False,
+                          separators=(",", ":")).encode("utf-8")
+
+
+# --------------------------------------------------------------------------- request bodies
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InspectIn(_Body):
+    text: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    top: int = Field(5, ge=1, le=MAX_TOP)
+
+
+class LabelIn(_Body):
+    text: str = Field(min_length=1, max_length=500)
+    author: str | None = Field(None, max_length=100)
+
+
+class SteerIn(_Body):
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    features: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(default_factory=list,
+                                                                                 max_length=MAX_FEATURES)
+    concept: str | None = Field(None, max_length=200)
+    strength: float = Field(2.0, ge=-1000, le=1000, allow_inf_nan=False)
+    max_new_tokens: int = Field(24, ge=1, le=MAX_NEW_TOKENS)
+    greedy: bool = True
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
+# --------------------------------------------------------------------------- state
+
+
+class Atlas:
+    """What the app serves: one opened Scope, and the lock that serialises model use."""
+
+    def __init__(self, run_dir: str | Path):
+        from ..scope import Scope
+
+        self.scope = Scope.open(run_dir)
+        self.run = self.scope.run
+        self.compute = threading.Lock()
+
+    # ---------------------------------------------------------------- lookups
+
+    def sae_info(self, ref: str) -> dict:
+        """{id, site, layer, width} of an SAE given by full id, "site/LAYER" or "LAYER"; 404 if unknown."""
+        try:
+            sae_id = self.run.resolve_sae(ref)
+        except SaescopeError as err:
+            raise HTTPException(404, str(err)) from err
+        cfg = _read_json(self.run.sae_path(sae_id) / "config.json")
+        return {"id": sae_id, "site": cfg.get("site") or sae_id.split("/")[0], "layer": cfg.get("layer"),
+                "width": int(cfg.get("width") or 0), "l0_target": cfg.get("l0"),
+                "architecture": cfg.get("architecture")}
+
+    def check_idx(self, sae: dict, idx: int) -> None:
+        if not 0 <= idx < sae["width"]:
+            raise HTTPException(404, f"feature {idx} is out of range for SAE {sae['id']} "
+                                     f"(width {sae['width']}): use 0..{sae['width'] - 1}")
+
+    def warm_up(self) -> None:
+        """Load the model and every SAE and run them once: the first calls after loading are
+        several times slower (weights are paged in on first touch)."""
+        with self.compute:
+            for _ in range(2):
+                self.scope.inspect("Hello world", top=1)
+
+    def context_limit(self) -> int | None:
+        lm = self.scope.model
+        cfg = lm.model.config
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        n = getattr(cfg, "max_position_embeddings", None)
+        return int(n) if n else None
+
+    def check_prompt(self, text: str, extra: int = 0) -> None:
+        """400 when the prompt has no text or its tokens (+ `extra` new ones) pass the model's context."""
+        if not text.strip():
+            raise HTTPException(400, "the text is empty: type something to run through the model")
+        limit = self.context_limit()
+        if limit is None:
+            return
+        n = len(self.scope.model.tokenizer(text)["input_ids"])
+        if n + extra > limit:
+            raise HTTPException(400, f"the text has {n} tokens{f' (+{extra} to generate)' if extra else ''}; "
+                                     f"the model's context is {limit}: shorten it")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _eval(run) -> dict | None:
+    path = run.root / "eval.json"
+    return _read_json(path) if path.is_file() else None
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def create_app(run_dir: str | Path, token: str | None = None, *,
+               allowed_hosts: tuple[str, ...] | None = None) -> FastAPI:
+    """The web app over the run in `run_dir` (opened now: a missing run fails here).
+
+    token: when set, every request must carry it (bearer header, or `?token=` once, which
+    sets a cookie). allowed_hosts: Host header values answered when there is no token
+    (default: localhost names only).
+    """
+    if token is not None and (not isinstance(token, str) or len(token) < 8):
+        raise SaescopeError("the access token must be at least 8 characters: use e.g. "
+                            "`python -c 'import secrets; print(secrets.token_urlsafe())'`")
+    atlas = Atlas(run_dir)
+    hosts = set(allowed_hosts or LOCAL_HOSTS)
+    app = FastAPI(title="saescope", default_response_class=SafeJSON, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.atlas = atlas
+    _install_guards(app, token, hosts)
+    _install_errors(app)
+    _install_routes(app, atlas)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def _install_guards(app: FastAPI, token: str | None, hosts: set[str]) -> None:
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        response = _refuse(request, token, hosts)
+        if response is None:
+            query_token = request.query_params.get("token")
+            if token and query_token is not None and request.method == "GET" \
+                    and not request.url.path.startswith("/api/"):
+                # A page opened with ?token=: remember it in a cookie and drop it from the address bar.
+                rest = urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
+                response = RedirectResponse(request.url.path + (f"?{rest}" if rest else ""), status_code=303)
+            else:
+                response = await call_next(request)
+            if token and query_token is not None:
+                response.set_cookie(COOKIE, token, httponly=True, samesite="strict",
+                                    secure=request.url.scheme == "https")
+        for k, v in SECURITY_HEADERS.items():
+            response.headers.setdefault(k, v)
+        if request.url.path.startswith("/api/"):
+            response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+
+def _refuse(request: Request, token: str | None, hosts: set[str]) -> Response | None:
+    """A 4xx response when the request may not be served, else None."""
+    if token:
+        supplied = [request.cookies.get(COOKIE), request.query_params.get("token")]
+        auth = request.headers.get("authorization", "")
+        if auth[:7].lower() == "bearer ":
+            supplied.append(auth[7:].strip())
+        if not any(s and hmac.compare_digest(s.encode(), token.encode()) for s in supplied):
+            return SafeJSON({"detail": "this saescope server needs its access token: open the URL printed "
+                                       "by `saescope serve` (…?token=…) or send 'Authorization: Bearer TOKEN'"},
+                            status_code=401, headers={"WWW-Authenticate": "Bearer"})
+    else:
+        host = request.headers.get("host", "")
+        name = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1:].split("]")[0]
+        if name not in hosts:
+            return SafeJSON({"detail": f"host '{host[:100]}' is not served: open http://127.0.0.1:PORT/ "
+                                       "(or start the server with --token to serve other hosts)"},
+                            status_code=400)
+    if request.method not in ("GET", "HEAD", "OPTIONS"):
+        origin = request.headers.get("origin")
+        if origin and origin != "null" and origin.split("://", 1)[-1] != request.headers.get("host"):
+            return SafeJSON({"detail": "cross-origin requests are refused"}, status_code=403)
+        if origin == "null":
+            return SafeJSON({"detail": "cross-origin requests are refused"}, status_code=403)
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            return SafeJSON({"detail": "send the request body as JSON (Content-Type: application/json)"},
+                            status_code=415)
+    return None
+
+
+def _install_errors(app: FastAPI) -> None:
+    @app.exception_handler(SaescopeError)
+    async def saescope_error(request: Request, err: SaescopeError):
+        return SafeJSON({"detail": str(err)}, status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, err: RequestValidationError):
+        problems = []
+        for e in err.errors():
+            where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+            problems.append(f"{where}: {e.get('msg', 'invalid')}")
+        return SafeJSON({"detail": "; ".join(problems) or "invalid request", "errors": problems}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, err: Exception):
+        log.exception("unexpected error serving %s", request.url.path)
+        return SafeJSON({"detail": f"internal error ({type(err).__name__}); see the server log"}, status_code=500)
+
+
+def _install_routes(app: FastAPI, atlas: Atlas) -> None:
+    run = atlas.run
+
+    # ---------------------------------------------------------------- pages
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():
+        return Response(status_code=204)
+
+    @app.get("/eval.png", include_in_schema=False)
+    async def eval_png():
+        path = run.root / "eval.png"
+        if not path.is_file():
+            raise HTTPException(404, "this run has no eval.png yet: run `saescope eval`")
+        return FileResponse(path, media_type="image/png")
+
+    # ---------------------------------------------------------------- run
+
+    @app.get("/api/run")
+    def run_info():
+        m = run.manifest
+        ev = _eval(run)
+        return {"name": run.root.name, "path": str(run.root), "model": m.get("model"), "corpus": m.get("corpus"),
+                "config": m.get("config"), "stages": m.get("stages"), "versions": m.get("versions"),
+                "created": m.get("created"), "n_saes": len(run.sae_ids()), "has_eval": ev is not None,
+                "has_eval_png": (run.root / "eval.png").is_file(), "has_features": run.db_path.is_file(),
+                "eval_tokens": ev.get("eval_tokens") if ev else None,
+                "limits": {"prompt_chars": MAX_PROMPT_CHARS, "top": MAX_TOP, "max_new_tokens": MAX_NEW_TOKENS,
+                           "features": MAX_FEATURES}}
+
+    @app.get("/api/saes")
+    def saes():
+        ev = (_eval(run) or {}).get("saes", {})
+        analysed = {}
+        if run.db_path.is_file():
+            analysed = {s["id"]: s for s in atlas.scope.db.saes()}
+        out = []
+        for sae_id in run.sae_ids():
+            info = atlas.sae_info(sae_id)
+            a = analysed.get(sae_id, {})
+            out.append({**info, "status": a.get("status", "not analysed"), "n_tokens": a.get("n_tokens"),
+                        "eval": ev.get(sae_id)})
+        return {"saes": out}
+
+    @app.get("/api/eval")
+    def eval_json():
+        ev = _eval(run)
+        if ev is None:
+            raise HTTPException(404, "this run has no eval.json yet: run `saescope eval`")
+        return ev
+
+    # ---------------------------------------------------------------- inspect
+
+    @app.post("/api/inspect")
+    async def inspect(body: InspectIn):
+        def work():
+            with atlas.compute:
+                atlas.check_prompt(body.text)
+                return atlas.scope.inspect(body.text, top=body.top)
+
+        return await run_in_threadpool(work)
+
+    # ---------------------------------------------------------------- features
+
+    @app.get("/api/feature/{sae_id:path}/{idx}")
+    def feature(sae_id: str, idx: int):
+        sae = atlas.sae_info(sae_id)
+        atlas.check_idx(sae, idx)
+        data = None
+        if run.db_path.is_file():
+            data = atlas.scope.feature(sae["id"], idx)
+        out = {**(data or {}), "sae": sae, "sae_id": sae["id"], "idx": idx, "analysed": data is not None}
+        out["labels"] = _labels(atlas, sae["id"], idx, history=False)
+        out["label_history"] = _labels(atlas, sae["id"], idx, history=True)
+        return out
+
+    @app.get("/api/top/{sae_id:path}")
+    def top_features(sae_id: str, order_by: Annotated[str, Query(pattern="^(frequency|max_act|mean_act|n_fired|idx)$")]
+                     = "frequency", limit: Annotated[int, Query(ge=1, le=1000)] = 100):
+        sae = atlas.sae_info(sae_id)
+        if not run.db_path.is_file():
+            return {"sae": sae, "features": []}
+        db = atlas.scope.db
+        rows = db.top_features(sae["id"], order_by=order_by, limit=limit)
+        for r in rows:
+            r.pop("hist", None)
+            r["label"] = _best_label(atlas, sae["id"], r["idx"])
+        return {"sae": sae, "features": rows}
+
+    @app.post("/api/feature/{sae_id:path}/{idx}/label")
+    def label(sae_id: str, idx: int, body: LabelIn):
+        from ..label.manual import set_label
+
+        sae = atlas.sae_info(sae_id)
+        atlas.check_idx(sae, idx)
+        if not body.text.strip():
+            raise HTTPException(400, "empty label: write a few words describing what the feature responds to")
+        label_id = set_label(run, sae["id"], idx, body.text, author=(body.author or "").strip() or None)
+        return {"id": label_id, "sae_id": sae["id"], "idx": idx,
+                "labels": _labels(atlas, sae["id"], idx, history=False),
+                "label_history": _labels(atlas, sae["id"], idx, history=True)}
+
+    # ---------------------------------------------------------------- search
+
+    @app.get("/api/search")
+    async def search_labels(q: Annotated[str, Query(max_length=200)] = "",
+                            limit: Annotated[int, Query(ge=1, le=200)] = 30,
+                            mode: Annotated[str, Query(pattern="^(hybrid|fts|semantic)$")] = "hybrid"):
+        from ..search import search
+
+        if not q.strip():
+            raise HTTPException(400, "empty search query: type a word to search the labels for")
+        if not run.db_path.is_file():
+            raise HTTPException(404, "this run has no feature database yet: run the analysis and label features")
+
+        def work():
+            with atlas.compute:  # semantic search runs the embedding model
+                return search(run, q, limit=limit, mode=mode)
+
+        hits = await run_in_threadpool(work)
+        return {"query": q, "mode": mode, "hits": [asdict(h) for h in hits]}
+
+    # ---------------------------------------------------------------- steer
+
+    @app.post("/api/steer")
+    async def steer_api(body: SteerIn):
+        from ..steer import steer
+
+        features = [_with_strength(f.strip(), body.strength) for f in body.features if f.strip()]
+        concept = (body.concept or "").strip() or None
+        if not features and not concept:
+            raise HTTPException(400, "nothing to steer: give a feature (e.g. 6:123=4) or a concept")
+
+        def work():
+            with atlas.compute:
+                atlas.check_prompt(body.prompt, extra=body.max_new_tokens)
+                return steer(run, body.prompt, features, concept=concept, concept_strength=body.strength,
+                             max_new_tokens=body.max_new_tokens, greedy=body.greedy, seed=body.seed)
+
+        result = await run_in_threadpool(work)
+        return _steer_json(atlas, result)
+
+
+def _with_strength(spec: str, strength: float) -> str:
+    """A feature given without a value ("6:123") gets the form's strength ("6:123=2")."""
+    return spec if ("=" in spec or "@ablate" in spec) else f"{spec}={strength:g}"
+
+
+def _labels(atlas: Atlas, sae_id: str, idx: int, history: bool) -> list[dict]:
+    if not atlas.run.db_path.is_file():
+        return []
+    db = atlas.scope.db
+    labels = db.labels(sae_id, idx, history=history)
+    for lab in labels:
+        lab["scores"] = db.scores(lab["id"])
+    return labels
+
+
+def _steer_json(atlas: Atlas, r) -> dict:
+    effects = []
+    for e in r.effects:
+        effects.append({**asdict(e), "act_change": e.act_change, "prob_change": e.prob_change,
+                        "label": _best_label(atlas, e.sae_id, e.idx)})
+    return {"prompt": r.prompt, "unsteered": r.unsteered, "steered": r.steered,
+            "interventions": [{**asdict(iv), "spec": str(iv)} for iv in r.interventions], "effects": effects,
+            "ce_unsteered": r.ce_unsteered, "ce_steered": r.ce_steered, "ppl_cost": r.ppl_cost}
+
+
+def _best_label(atlas: Atlas, sae_id: str, idx: int) -> str | None:
+    labels = _labels(atlas, sae_id, idx, history=False)
+    order = {"human": 0, "llm": 1, "offline": 2}
+    labels.sort(key=lambda lab: order.get(lab["source"], 9))
+    return labels[0]["text"] if labels else None
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def is_local(host: str) -> bool:
+    return host.strip("[]") in LOCAL_HOSTS
+
+
+def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
+          log_level: str = "warning") -> None:
+    """Serve the app with uvicorn until interrupted. Off localhost a token is required."""
+    import uvicorn
+
+    if not is_local(host) and not token:
+        raise SaescopeError(f"serving on {host} exposes the run and the model to the network: "
+                            "give --token SECRET (every request must then carry it), or use --host 127.0.0.1")
+    if not 0 < int(port) < 65536:
+        raise SaescopeError(f"port {port} is not a valid TCP port: use 1..65535")
+    app = create_app(run_dir, token=token, allowed_hosts=None if token else LOCAL_HOSTS)
+    log.warning("loading the model and SAEs of %s ...", run_dir)
+    app.state.atlas.warm_up()
+    uvicorn.run(app, host=host, port=int(port), log_level=log_level)
+
+
+def local_url(host: str, port: int, token: str | None = None) -> str:
+    """The URL to open in a browser (with the token, which the page turns into a cookie)."""
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    shown = f"[{shown}]" if ":" in shown else shown
+    return f"http://{shown}:{port}/" + (f"?token={token}" if token else "")

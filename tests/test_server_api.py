@@ -1,0 +1,442 @@
+"""The web app's JSON API over a tiny real run (FastAPI TestClient): every endpoint, bad input, auth."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+
+from atlas_run import build_run  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+
+from saescope.errors import SaescopeError  # noqa: E402
+from saescope.server.app import CSP, create_app  # noqa: E402
+
+BASE = "http://127.0.0.1"
+TOKEN = "test-token-123456"
+
+
+@pytest.fixture(scope="session")
+def atlas_dir(tmp_path_factory, tiny_gemma_dir):
+    return build_run(tmp_path_factory.mktemp("atlas"), tiny_gemma_dir)
+
+
+@pytest.fixture(scope="module")
+def app(atlas_dir):
+    return create_app(atlas_dir)
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    with TestClient(app, base_url=BASE) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def sae_ids(client):
+    return [s["id"] for s in client.get("/api/saes").json()["saes"]]
+
+
+@pytest.fixture(scope="module")
+def fired(client, sae_ids):
+    """(sae_id, idx) of the most frequent analysed feature of layer 1."""
+    top = client.get(f"/api/top/{sae_ids[1]}", params={"order_by": "frequency", "limit": 5}).json()
+    assert top["features"], "the tiny run has no analysed features"
+    return sae_ids[1], top["features"][0]["idx"]
+
+
+def post(client, path, body, **kw):
+    return client.post(path, json=body, **kw)
+
+
+def detail(resp) -> str:
+    body = resp.json()
+    assert isinstance(body["detail"], str) and body["detail"]
+    return body["detail"]
+
+
+# --------------------------------------------------------------------------- pages and run facts
+
+
+def test_index_static_and_security_headers(client):
+    r = client.get("/")
+    assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+    assert '<script src="/static/app.js"' in r.text
+    assert r.headers["content-security-policy"] == CSP
+    assert "default-src 'self'" in CSP and "unsafe-inline" not in CSP
+    assert r.headers["x-content-type-options"] == "nosniff"
+    js = client.get("/static/app.js")
+    assert js.status_code == 200 and "textContent" in js.text
+    code = re.sub(r"//.*", "", js.text)  # comments may name what the code must never do
+    assert not re.search(r"innerHTML|outerHTML|insertAdjacentHTML|document\.write|\beval\(|new Function", code)
+    assert client.get("/static/style.css").status_code == 200
+    assert client.get("/static/nope.js").status_code == 404
+
+
+def test_run_saes_eval(client, sae_ids):
+    info = client.get("/api/run").json()
+    assert info["n_saes"] == 3 and info["has_eval"] and info["has_features"]
+    assert info["stages"]["eval"]["status"] == "done"
+    saes = client.get("/api/saes").json()["saes"]
+    assert [s["layer"] for s in saes] == [0, 1, 2]
+    assert all(s["width"] == 32 and s["status"] == "done" for s in saes)
+    assert all(s["eval"]["fvu"] == pytest.approx(s["eval"]["fvu"]) and s["eval"]["l0"] > 0 for s in saes)
+    ev = client.get("/api/eval").json()
+    assert set(ev["saes"]) == set(sae_ids) and ev["eval_tokens"] > 0
+    png = client.get("/eval.png")
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert png.content[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_missing_is_404(atlas_dir, tmp_path):
+    bare = tmp_path / "bare"
+    shutil.copytree(atlas_dir, bare)
+    (bare / "eval.json").unlink()
+    (bare / "eval.png").unlink()
+    with TestClient(create_app(bare), base_url=BASE) as c:
+        assert c.get("/api/run").json()["has_eval"] is False
+        r = c.get("/api/eval")
+        assert r.status_code == 404 and "saescope eval" in detail(r)
+        assert c.get("/eval.png").status_code == 404
+        assert all(s["eval"] is None for s in c.get("/api/saes").json()["saes"])
+
+
+def test_unknown_run_refused(tmp_path):
+    with pytest.raises(SaescopeError, match="run not found"):
+        create_app(tmp_path / "nope")
+
+
+def test_nan_metrics_are_json_null(atlas_dir, tmp_path):
+    run = tmp_path / "nan"
+    shutil.copytree(atlas_dir, run)
+    ev = json.loads((run / "eval.json").read_text())
+    first = next(iter(ev["saes"]))
+    ev["saes"][first]["ce_recovered"] = float("nan")
+    (run / "eval.json").write_text(json.dumps(ev))  # Python writes NaN, which JSON does not allow
+    with TestClient(create_app(run), base_url=BASE) as c:
+        r = c.get("/api/eval")
+        assert r.status_code == 200 and "NaN" not in r.text
+        assert r.json()["saes"][first]["ce_recovered"] is None
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def test_inspect(client, sae_ids):
+    r = post(client, "/api/inspect", {"text": "the king is in paris .", "top": 3})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert len(out["tokens"]) >= 6
+    assert [layer["sae_id"] for layer in out["layers"]] == sae_ids
+    for layer in out["layers"]:
+        assert len(layer["features"]) == len(out["tokens"])
+        for feats in layer["features"]:
+            assert len(feats) <= 3
+            acts = [f["act"] for f in feats]
+            assert acts == sorted(acts, reverse=True) and all(a > 0 for a in acts)
+            assert all(0 <= f["idx"] < 32 for f in feats)
+    assert any(feats for layer in out["layers"] for feats in layer["features"])
+    assert "paris" in [t["text"].strip() for t in out["tokens"]]
+    assert out["tokens"][0]["bos"] and all(layer["features"][0] == [] for layer in out["layers"])
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"text": "", "top": 3}, 422, "text"),
+    ({"text": "   ", "top": 3}, 400, "empty"),
+    ({"text": "the " * 600, "top": 3}, 422, "text"),
+    ({"text": "the king", "top": 0}, 422, "top"),
+    ({"text": "the king", "top": 999}, 422, "top"),
+    ({"text": "the king", "top": "many"}, 422, "top"),
+    ({"text": 5}, 422, "text"),
+    ({"top": 3}, 422, "text"),
+    ({"text": "the king", "evil": 1}, 422, "evil"),
+])
+def test_inspect_bad_input(client, body, status, words):
+    r = post(client, "/api/inspect", body)
+    assert r.status_code == status, r.text
+    assert words in detail(r).lower()
+
+
+def test_malformed_json_and_content_type(client):
+    r = client.post("/api/inspect", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and "json" in detail(r).lower()
+    r = client.post("/api/inspect", content=b"[1, 2]", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422
+    r = client.post("/api/inspect", content=b"text=the+king", headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 415 and "json" in detail(r).lower()
+
+
+def test_prompt_longer_than_model_context(app, client):
+    cfg = app.state.atlas.scope.model.model.config
+    old = cfg.max_position_embeddings
+    cfg.max_position_embeddings = 8
+    try:
+        r = post(client, "/api/inspect", {"text": "the king is in paris and the queen is in france"})
+        assert r.status_code == 400 and "context is 8" in detail(r)
+        r = post(client, "/api/steer", {"prompt": "the king is", "features": ["1:0=1"], "max_new_tokens": 10})
+        assert r.status_code == 400 and "context is 8" in detail(r)
+    finally:
+        cfg.max_position_embeddings = old
+
+
+def test_model_calls_are_serialised_off_the_event_loop(app, client):
+    """While the model lock is held, an inspect waits for it, and other requests are still served."""
+    lock = app.state.atlas.compute
+    done = []
+    lock.acquire()
+    try:
+        worker = threading.Thread(target=lambda: done.append(post(client, "/api/inspect", {"text": "the king"})))
+        worker.start()
+        time.sleep(0.5)
+        assert not done  # waiting for the model
+        t0 = time.perf_counter()
+        assert client.get("/api/run").status_code == 200  # the event loop is free
+        assert time.perf_counter() - t0 < 5
+        assert not done
+    finally:
+        lock.release()
+    worker.join(30)
+    assert done and done[0].status_code == 200
+
+
+# --------------------------------------------------------------------------- features and labels
+
+
+def test_feature_page_data(client, fired):
+    sae_id, idx = fired
+    r = client.get(f"/api/feature/{sae_id}/{idx}")
+    assert r.status_code == 200, r.text
+    f = r.json()
+    assert f["sae_id"] == sae_id and f["idx"] == idx and f["analysed"] is True
+    assert f["sae"]["layer"] == 1 and f["sae"]["width"] == 32
+    assert any(lab["source"] == "offline" for lab in f["labels"])  # label_offline labelled it
+    assert f["label_history"]
+    # by "LAYER" reference too
+    short = client.get(f"/api/feature/1/{idx}").json()
+    assert short["sae_id"] == sae_id
+
+
+def test_feature_bad_refs(client, sae_ids):
+    assert client.get("/api/feature/resid_post/layer_9_width_32_l0_4/0").status_code == 404
+    r = client.get(f"/api/feature/{sae_ids[0]}/32")
+    assert r.status_code == 404 and "out of range" in detail(r)
+    assert client.get(f"/api/feature/{sae_ids[0]}/-1").status_code == 404
+    assert client.get(f"/api/feature/{sae_ids[0]}/abc").status_code == 422
+    assert client.get("/api/feature/7/0").status_code == 404
+    assert client.get("/api/top/resid_post/layer_9_width_32_l0_4").status_code == 404
+    assert client.get(f"/api/top/{sae_ids[0]}", params={"order_by": "drop table"}).status_code == 422
+
+
+def test_label_edit_history_and_search(client, fired):
+    sae_id, idx = fired
+    r = post(client, f"/api/feature/{sae_id}/{idx}/label", {"text": "royal zebracorn", "author": "ann"})
+    assert r.status_code == 200, r.text
+    first = r.json()["id"]
+    r = post(client, f"/api/feature/{sae_id}/{idx}/label", {"text": "royal unicorn words", "author": "bob"})
+    assert r.status_code == 200
+    f = client.get(f"/api/feature/{sae_id}/{idx}").json()
+    human = [lab for lab in f["labels"] if lab["source"] == "human"]
+    assert [lab["text"] for lab in human] == ["royal unicorn words"] and human[0]["author"] == "bob"
+    old = [lab for lab in f["label_history"] if lab["id"] == first]
+    assert old and old[0]["is_current"] is False and old[0]["text"] == "royal zebracorn"
+    hits = client.get("/api/search", params={"q": "unicorn", "mode": "fts"}).json()["hits"]
+    assert (hits[0]["sae_id"], hits[0]["idx"], hits[0]["layer"]) == (sae_id, idx, 1)
+    assert hits[0]["label"] == "royal unicorn words"
+    assert client.get("/api/search", params={"q": "zebracorn", "mode": "fts"}).json()["hits"] == []
+
+
+def test_label_with_markup_is_stored_as_text(client, fired):
+    sae_id, idx = fired
+    evil = '<script>alert("x")</script><img src=x onerror=alert(1)> & "quotes"'
+    r = post(client, f"/api/feature/{sae_id}/{idx}/label", {"text": evil})
+    assert r.status_code == 200
+    f = client.get(f"/api/feature/{sae_id}/{idx}").json()
+    assert [lab["text"] for lab in f["labels"] if lab["source"] == "human"] == [evil]
+    hits = client.get("/api/search", params={"q": "script alert", "mode": "fts"}).json()["hits"]
+    assert hits and hits[0]["label"] == evil
+
+
+@pytest.mark.parametrize("body, status", [
+    ({"text": ""}, 422),
+    ({"text": "   "}, 400),
+    ({"text": "x" * 501}, 422),
+    ({"text": "ok", "author": "a" * 101}, 422),
+    ({"text": ["a"]}, 422),
+    ({}, 422),
+])
+def test_label_bad_input(client, fired, body, status):
+    sae_id, idx = fired
+    r = post(client, f"/api/feature/{sae_id}/{idx}/label", body)
+    assert r.status_code == status, r.text
+    detail(r)
+
+
+def test_label_bad_feature(client, sae_ids):
+    assert post(client, "/api/feature/resid_post/layer_9_width_32_l0_4/0/label", {"text": "x"}).status_code == 404
+    assert post(client, f"/api/feature/{sae_ids[0]}/32/label", {"text": "x"}).status_code == 404
+    r = client.post(f"/api/feature/{sae_ids[0]}/0/label", content=b"{", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422
+
+
+# --------------------------------------------------------------------------- search
+
+
+def test_search_bad_input(client):
+    for params in ({"q": ""}, {"q": "   "}, {}):
+        r = client.get("/api/search", params=params)
+        assert r.status_code == 400 and "empty" in detail(r)
+    assert client.get("/api/search", params={"q": "x", "mode": "magic"}).status_code == 422
+    assert client.get("/api/search", params={"q": "x" * 201}).status_code == 422
+    assert client.get("/api/search", params={"q": "x", "limit": 0}).status_code == 422
+    # FTS syntax is taken literally, never an error
+    r = client.get("/api/search", params={"q": 'NEAR( "unclosed * OR', "mode": "fts"})
+    assert r.status_code == 200
+
+
+def test_search_hybrid(client, fired):
+    sae_id, idx = fired
+    post(client, f"/api/feature/{sae_id}/{idx}/label", {"text": "capital city of france"})
+    r = client.get("/api/search", params={"q": "capital city"})
+    assert r.status_code == 200 and r.json()["mode"] == "hybrid"
+    assert (r.json()["hits"][0]["sae_id"], r.json()["hits"][0]["idx"]) == (sae_id, idx)
+
+
+# --------------------------------------------------------------------------- steer
+
+
+def test_steer(client, fired):
+    sae_id, idx = fired
+    r = post(client, "/api/steer", {"prompt": "the king is", "features": [f"{sae_id}:{idx}=8"],
+                                    "max_new_tokens": 6, "greedy": True, "seed": 0})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert isinstance(out["unsteered"], str) and isinstance(out["steered"], str)
+    assert out["interventions"][0]["spec"] == f"{sae_id}:{idx}=8"
+    e = out["effects"][0]
+    assert (e["sae_id"], e["idx"], e["mode"], e["value"]) == (sae_id, idx, "add", 8)
+    assert e["act_during"] is not None and e["typical"] > 0
+    # a feature without a value takes the form's strength; layer refs resolve
+    r = post(client, "/api/steer", {"prompt": "the king is", "features": [f"1:{idx}"], "strength": 3,
+                                    "max_new_tokens": 3})
+    assert r.status_code == 200 and r.json()["interventions"][0]["value"] == 3
+
+
+def test_steer_by_concept(client, fired):
+    sae_id, idx = fired
+    post(client, f"/api/feature/{sae_id}/{idx}/label", {"text": "quasar lighthouse"})
+    r = post(client, "/api/steer", {"prompt": "the queen", "concept": "quasar", "strength": 2, "max_new_tokens": 3})
+    assert r.status_code == 200, r.text
+    assert (r.json()["effects"][0]["sae_id"], r.json()["effects"][0]["idx"]) == (sae_id, idx)
+    r = post(client, "/api/steer", {"prompt": "the queen", "concept": "xylophonist", "max_new_tokens": 3})
+    assert r.status_code == 400 and "no labelled feature" in detail(r)
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"prompt": "the king"}, 400, "nothing to steer"),
+    ({"prompt": "the king", "features": ["nonsense"]}, 400, "cannot read feature"),
+    ({"prompt": "the king", "features": ["9:1=2"]}, 400, "no sae"),
+    ({"prompt": "the king", "features": ["1:999=2"]}, 400, "out of range"),
+    ({"prompt": "the king", "features": ["1:1@explode=2"]}, 400, "unknown mode"),
+    ({"prompt": "", "features": ["1:1=2"]}, 422, "prompt"),
+    ({"prompt": "   ", "features": ["1:1=2"]}, 400, "empty"),
+    ({"prompt": "a" * 2001, "features": ["1:1=2"]}, 422, "prompt"),
+    ({"prompt": "the", "features": ["1:1=2"], "max_new_tokens": 0}, 422, "max_new_tokens"),
+    ({"prompt": "the", "features": ["1:1=2"], "max_new_tokens": 10_000}, 422, "max_new_tokens"),
+    ({"prompt": "the", "features": ["1:1=2"] * 17}, 422, "features"),
+    ({"prompt": "the", "features": ["1:1=2"], "strength": 1e9}, 422, "strength"),
+    ({"prompt": "the", "features": ["1:1=2"], "seed": -1}, 422, "seed"),
+    ({"prompt": "the", "features": "1:1=2"}, 422, "features"),
+])
+def test_steer_bad_input(client, body, status, words):
+    r = post(client, "/api/steer", body)
+    assert r.status_code == status, r.text
+    assert words in detail(r).lower()
+
+
+def test_steer_nan_strength_rejected(client):
+    r = client.post("/api/steer", content=b'{"prompt": "the", "features": ["1:1"], "strength": NaN}',
+                    headers={"Content-Type": "application/json"})
+    assert r.status_code == 422
+
+
+# --------------------------------------------------------------------------- access control
+
+
+def test_token_required_everywhere(atlas_dir):
+    app = create_app(atlas_dir, token=TOKEN)
+    with TestClient(app, base_url="http://atlas.example:8000") as c:  # any host once a token is set
+        for path in ("/", "/static/app.js", "/api/run", "/api/saes", "/eval.png", "/api/search?q=x"):
+            r = c.get(path)
+            assert r.status_code == 401, path
+            assert r.headers["www-authenticate"] == "Bearer"
+        assert post(c, "/api/inspect", {"text": "the king"}).status_code == 401
+        assert c.get("/api/run", headers={"Authorization": "Bearer wrong-token-xyz"}).status_code == 401
+        assert c.get("/api/run", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+        assert c.get("/api/run", headers={"Authorization": f"Bearer {TOKEN}x"}).status_code == 401
+        assert c.get("/", cookies={"saescope_token": "nope-nope-nope"}).status_code == 401
+
+
+def test_query_token_sets_cookie(atlas_dir):
+    app = create_app(atlas_dir, token=TOKEN)
+    with TestClient(app, base_url=BASE, follow_redirects=False) as c:
+        r = c.get(f"/?token={TOKEN}")
+        assert r.status_code == 303 and r.headers["location"] == "/"  # the token leaves the address bar
+        cookie = r.headers["set-cookie"]
+        assert "saescope_token=" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie
+        assert c.get("/").status_code == 200  # the cookie now authorises pages ...
+        assert c.get("/api/run").status_code == 200  # ... and the API
+        assert post(c, "/api/inspect", {"text": "the king", "top": 1}).status_code == 200
+        c.cookies.clear()
+        assert c.get("/api/run").status_code == 401
+        assert c.get("/api/run?token=wrong-token-xyz").status_code == 401
+        assert c.get(f"/api/run?token={TOKEN}").status_code == 200
+
+
+def test_short_token_and_public_bind_refused(atlas_dir):
+    from saescope.server.app import serve
+
+    with pytest.raises(SaescopeError, match="at least 8"):
+        create_app(atlas_dir, token="abc")
+    for host in ("0.0.0.0", "192.168.1.5", "::"):
+        with pytest.raises(SaescopeError, match="--token"):
+            serve(atlas_dir, host=host, port=8123)
+
+
+def test_foreign_host_and_cross_origin_refused(app):
+    with TestClient(app, base_url="http://evil.example:8000") as c:  # DNS rebinding
+        r = c.get("/api/run")
+        assert r.status_code == 400 and "not served" in detail(r)
+    with TestClient(app, base_url="http://localhost:8000") as c:
+        assert c.get("/api/run").status_code == 200
+        r = post(c, "/api/inspect", {"text": "the king"}, headers={"Origin": "http://evil.example"})
+        assert r.status_code == 403
+        r = post(c, "/api/inspect", {"text": "the king"}, headers={"Origin": "null"})
+        assert r.status_code == 403
+        r = post(c, "/api/inspect", {"text": "the king", "top": 1}, headers={"Origin": "http://localhost:8000"})
+        assert r.status_code == 200
+
+
+def test_cli_serve(atlas_dir, monkeypatch):
+    from click.testing import CliRunner
+
+    import saescope.server.app as server_app
+    from saescope.cli import cli
+
+    calls = []
+    monkeypatch.setattr(server_app, "serve", lambda *a, **kw: calls.append((a, kw)))
+    res = CliRunner().invoke(cli, ["serve", str(atlas_dir), "--port", "8765"])
+    assert res.exit_code == 0, res.output
+    assert "http://127.0.0.1:8765/" in res.output
+    assert calls == [((str(atlas_dir),), {"host": "127.0.0.1", "port": 8765, "token": None})]
+    res = CliRunner().invoke(cli, ["serve", str(atlas_dir), "--host", "0.0.0.0"])
+    assert res.exit_code != 0 and isinstance(res.exception, SaescopeError)
+    res = CliRunner().invoke(cli, ["serve", str(atlas_dir), "--host", "0.0.0.0", "--token", TOKEN])
+    assert res.exit_code == 0 and f"?token={TOKEN}" in res.output
+    assert calls[-1][1]["host"] == "0.0.0.0"
