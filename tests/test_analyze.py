@@ -154,8 +154,9 @@ def test_frequency_and_histogram_match_a_direct_count(analysed, tiny_lm):
                 assert r["max_act"] == pytest.approx(float(fired.max()) if fired.numel() else 0.0, rel=1e-5)
                 assert r["mean_act"] == pytest.approx(float(fired.mean()) if fired.numel() else 0.0, rel=1e-4)
                 if not fired.numel():
-                    assert r["hist"] is None
+                    assert r["hist"] is None and r["logits_pos"] is None  # dead: no logit effects computed
                     continue
+                assert len(r["logits_pos"]) == len(r["logits_neg"]) == 4
                 edges, counts = np.array(r["hist"]["edges"]), r["hist"]["counts"]
                 assert sum(counts) == fired.numel()
                 bins = np.floor((np.log10(fired.numpy()) - HIST_LOG10_MIN) * HIST_PER_DECADE)

@@ -190,7 +190,8 @@ def analyze(run, n_tokens: int = 16_384, *, top_k: int = 20, n_quantiles: int = 
         t1 = time.perf_counter()
         bar = tqdm(total=len(models), desc="logits + write", unit="SAE", disable=not progress, dynamic_ncols=True)
         for sae_id, sae in models.items():
-            logits = logit_effects(lm, sae, n_logits) if n_logits else None
+            alive = atlas[sae_id].n_fired.nonzero().squeeze(1)  # dead features get no logit effects
+            logits = logit_effects(lm, sae, n_logits, features=alive) if n_logits and alive.numel() else None
             report.examples += _write(db, sae_id, atlas[sae_id], report.n_tokens, contexts, logits,
                                       n_quantiles, per_quantile)
             db.finish_sae(sae_id, report.n_tokens)
@@ -475,13 +476,18 @@ def decoder_directions(lm: LoadedModel, sae: SAE) -> torch.Tensor:
     return d.float()
 
 
-def logit_effects(lm: LoadedModel, sae: SAE, n: int = 10, chunk: int = LOGIT_CHUNK) -> dict[str, torch.Tensor]:
-    """Top-`n` promoted / suppressed token ids and values per feature: {"pos_ids", "pos", "neg_ids", "neg"},
-    each (width, n). Computed in vocabulary chunks (memory: width × chunk floats)."""
+def logit_effects(lm: LoadedModel, sae: SAE, n: int = 10, features: torch.Tensor | None = None,
+                  chunk: int = LOGIT_CHUNK) -> dict[str, torch.Tensor]:
+    """Top-`n` promoted / suppressed token ids and values of each feature (or of `features`):
+    {"features", "pos_ids", "pos", "neg_ids", "neg"}, each (n_features, n). Computed in
+    vocabulary chunks (memory: n_features × chunk floats)."""
     w_u = lm.lm_head().weight  # (vocab, d_model)
     vocab = min(w_u.shape[0], len(lm.tokenizer))
     n = min(n, vocab)
     dirs = decoder_directions(lm, sae) * norm_gain(lm)  # (width, d_model)
+    if features is None:
+        features = torch.arange(dirs.shape[0], device=dirs.device)
+    dirs = dirs[features.to(dirs.device)]
     width = dirs.shape[0]
     best = {s: (torch.full((width, 0), 0.0, device=lm.device), torch.zeros((width, 0), dtype=torch.long,
                                                                             device=lm.device)) for s in (1, -1)}
@@ -491,12 +497,13 @@ def logit_effects(lm: LoadedModel, sae: SAE, n: int = 10, chunk: int = LOGIT_CHU
             logits = dirs @ block.T  # (width, c)
             for sign in (1, -1):
                 vals, idx = best[sign]
-                top = (sign * logits).topk(min(n, logits.shape[1]), dim=1)
-                vals = torch.cat([vals, top.values], 1)
+                top = logits.topk(min(n, logits.shape[1]), dim=1, largest=sign > 0)
+                vals = torch.cat([vals, sign * top.values], 1)
                 idx = torch.cat([idx, top.indices + start], 1)
                 keep = vals.topk(min(n, vals.shape[1]), dim=1).indices
                 best[sign] = (vals.gather(1, keep), idx.gather(1, keep))
-    return {"pos": best[1][0], "pos_ids": best[1][1], "neg": -best[-1][0], "neg_ids": best[-1][1]}
+    return {"features": features, "pos": best[1][0], "pos_ids": best[1][1], "neg": -best[-1][0],
+            "neg_ids": best[-1][1]}
 
 
 # --------------------------------------------------------------------------- writing
@@ -533,9 +540,10 @@ def _write(db: FeatureDB, sae_id: str, atlas: _FeatureAtlas, n_tokens: int, cont
     hist = atlas.hist.view(w, HIST_BINS).cpu().numpy()
     top, sample, rand = _slots_np(atlas.top), _slots_np(atlas.sample), _slots_np(atlas.random)
     max_act = np.where(n_fired > 0, top["val"][0], 0.0)
-    tok_strings = {}
+    tok_strings, logit_row = {}, {}
     if logits is not None:
         logits = {k: v.cpu().numpy() for k, v in logits.items()}
+        logit_row = {int(f): j for j, f in enumerate(logits["features"])}
         all_ids = np.unique(np.concatenate([logits["pos_ids"].ravel(), logits["neg_ids"].ravel()]))
         tok_strings = dict(zip(all_ids.tolist(), db.vocab(all_ids.tolist())))
     n_examples = 0
@@ -544,9 +552,10 @@ def _write(db: FeatureDB, sae_id: str, atlas: _FeatureAtlas, n_tokens: int, cont
         for i in range(start, min(start + WRITE_CHUNK, w)):
             fired = int(n_fired[i])
             lp = ln = None
-            if logits is not None:
-                lp = [[tok_strings[int(t)], round(float(v), 4)] for t, v in zip(logits["pos_ids"][i], logits["pos"][i])]
-                ln = [[tok_strings[int(t)], round(float(v), 4)] for t, v in zip(logits["neg_ids"][i], logits["neg"][i])]
+            if i in logit_row:
+                j = logit_row[i]
+                lp = [[tok_strings[int(t)], round(float(v), 4)] for t, v in zip(logits["pos_ids"][j], logits["pos"][j])]
+                ln = [[tok_strings[int(t)], round(float(v), 4)] for t, v in zip(logits["neg_ids"][j], logits["neg"][j])]
             stats.append(FeatureStats(sae_id, i, frequency=fired / max(n_tokens, 1), n_fired=fired,
                                       max_act=float(max_act[i]), mean_act=float(act_sum[i] / fired) if fired else 0.0,
                                       hist=_hist(hist[i]), logits_pos=lp, logits_neg=ln))
