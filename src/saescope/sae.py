@@ -21,7 +21,6 @@ into `b_enc` on save (`folded`), together with the input scale.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -268,15 +267,11 @@ def load_sae(folder: str | Path) -> SAE:
 
 
 def read_config(path: Path) -> dict:
-    try:
-        text = path.read_text(encoding="utf-8")
-        if len(text) > 1_000_000:
-            raise SaescopeError(f"{path} is too large to be an SAE config")
-        d = json.loads(text)
-    except FileNotFoundError as err:
-        raise SaescopeError(f"no config.json in {path.parent}") from err
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SaescopeError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(d, dict):
-        raise SaescopeError(f"{path} must hold a JSON object")
-    return d
+    """An SAE's config.json: a JSON object of bounded size, with clear errors."""
+    from .fsio import read_json
+
+    if not path.is_file():
+        raise SaescopeError(f"no config.json in {path.parent}")
+    if path.stat().st_size > 1_000_000:
+        raise SaescopeError(f"{path} is too large to be an SAE config")
+    return read_json(path, what="SAE config")
