@@ -119,13 +119,13 @@ def test_streaming_top_k_equals_brute_force(analysed, tiny_lm):
     run, report = analysed
     codes, _ = _brute(run, tiny_lm, report)
     with run.db() as db:
-        for sae_id, (f, b, t) in codes.items():
+        for sae_id, (f, b, _) in codes.items():
             n_ctx = int(b.max()) + 1
             # per (context, feature) maximum, then the 5 best contexts per feature
             ctx_max = torch.stack([f[b == c].amax(0) for c in range(n_ctx)])
             for i in range(WIDTH):
                 want = ctx_max[:, i]
-                top = [e for e in db.examples(sae_id, i, kind="top")]
+                top = db.examples(sae_id, i, kind="top")
                 n_pos = int((want > 0).sum())
                 assert len(top) == min(5, n_pos)
                 vals, _ = want.sort(descending=True)

@@ -124,7 +124,6 @@ def analyze(run, n_tokens: int = 16_384, *, top_k: int = 20, n_quantiles: int = 
     if not ids:
         raise SaescopeError(f"run {run.root} has no SAEs to analyse: train some first (`saescope train`)")
     report = AnalyzeReport()
-    t0 = time.perf_counter()
     with run.db() as db:
         todo = []
         for sae_id in ids:
@@ -165,6 +164,7 @@ def analyze(run, n_tokens: int = 16_384, *, top_k: int = 20, n_quantiles: int = 
         stream = remember(corpus.contexts(lm.tokenizer, part="heldout", ctx_len=ctx_len))
         sites = list({s.key: s for s in site_objs.values()}.values())
         ctx0 = 0
+        t0 = time.perf_counter()
         with torch.no_grad():
             for hb in harvest(lm, stream, sites, batch_size=batch_size, max_tokens=n_tokens, progress=progress,
                               desc="analyze"):
