@@ -408,3 +408,35 @@ def test_llm_unreachable_server(run):
         label_llm(run, url, "mock-1", limit=1, progress=False, max_retries=1, backoff_s=0.01)
     with pytest.raises(SaescopeError, match="must start with http"):
         label_llm(run, "localhost:8000", "mock-1", progress=False)
+
+
+def _add_copy_of_sae(run, new_id):
+    """A second analysed SAE with the same features and examples as the first."""
+    with run.db() as db:
+        db.upsert_sae(new_id, site="resid_post", layer=4, width=16, d_in=8, hook_name="model.layers.4.output",
+                      path=f"saes/{new_id}", config={})
+        db.begin_sae(new_id)
+        stats, examples = [], []
+        for idx in (PARIS, DIGITS, AFTER_OF, NOISE):
+            f = db.feature(SAE, idx)
+            stats.append(FeatureStats(new_id, idx, f["frequency"], f["n_fired"], f["max_act"], f["mean_act"]))
+            examples += [Example(new_id, e.idx, e.kind, e.rank, e.quantile, e.max_act, e.tokens, e.acts, e.ctx, e.pos)
+                         for e in db.examples(SAE, idx)]
+        db.write_features(new_id, stats)
+        db.write_examples(new_id, examples)
+        db.finish_sae(new_id, n_tokens=10_000)
+
+
+def test_offline_labelling_in_two_processes_equals_one(tmp_path):
+    """The process pool splits SAEs between workers; the labels and scores are the same as in one process."""
+    results = []
+    for workers in (1, 2):
+        run = build_run(tmp_path / f"run{workers}")
+        _add_copy_of_sae(run, "resid_post/layer_4_width_16_l0_4")
+        report = label_offline(run, progress=False, workers=workers)
+        assert report.features == 8 and report.labelled == 8
+        with run.db() as db:
+            labels = sorted((lab["sae_id"], lab["idx"], lab["text"]) for lab in db.current_labels("offline"))
+            scores = sorted(round(s["value"], 6) for lab in db.current_labels("offline") for s in db.scores(lab["id"]))
+        results.append((labels, scores, report.scored))
+    assert results[0] == results[1]

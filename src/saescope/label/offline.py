@@ -21,6 +21,7 @@ predicate on (tokens, position), so scoring.py can test it on held-out contexts.
 from __future__ import annotations
 
 import functools
+import os
 import time
 import unicodedata
 from collections import defaultdict
@@ -292,7 +293,7 @@ def _describe(kind: str, values: tuple[str, ...], table: dict[str, _Stat]) -> st
 
 
 def label_offline(run: Run | str | Path, sae_ids=None, progress: bool = True,
-                  limit: int | None = None) -> LabelReport:
+                  limit: int | None = None, workers: int | None = None) -> LabelReport:
     """Label every alive feature (n_fired > 0) with source "offline", and score each label.
 
     sae_ids: SAE refs (full id, "site/LAYER" or "LAYER"); None = every analysed SAE.
@@ -303,6 +304,12 @@ def label_offline(run: Run | str | Path, sae_ids=None, progress: bool = True,
     from .scoring import METHOD_OFFLINE, score_offline
 
     run = as_run(run)
+    workers = workers or min(os.cpu_count() or 1, 4)
+    if workers > 1:
+        with run.db() as db:
+            ids = [sae["id"] for sae in resolve_saes(db, sae_ids)]
+        if len(ids) > 1:
+            return _label_in_processes(run, ids, workers, progress, limit)
     report = LabelReport(source="offline", model=MODEL_NAME)
     t0 = time.time()
     with run.db() as db:
@@ -326,3 +333,26 @@ def label_offline(run: Run | str | Path, sae_ids=None, progress: bool = True,
                 report.score_sum += score.value
     report.seconds = time.time() - t0
     return report
+
+
+def _label_in_processes(run: Run, ids: list[str], workers: int, progress: bool, limit: int | None) -> LabelReport:
+    """Label SAEs in parallel processes (the labeller is pure Python); SQLite's WAL serialises the writes.
+
+    Processes are spawned, not forked: the parent may hold a model with live torch thread pools.
+    """
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    shards = [ids[i::workers] for i in range(workers)]
+    total = LabelReport(source="offline", model=MODEL_NAME)
+    t0 = time.time()
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(label_offline, str(run.root), shard, progress and i == 0, limit, 1)
+                   for i, shard in enumerate(shards) if shard]
+        for fut in futures:
+            part = fut.result()
+            for name in ("features", "labelled", "skipped", "failed", "scored", "unscored", "unclear", "score_sum"):
+                setattr(total, name, getattr(total, name) + getattr(part, name))
+            total.errors.extend(part.errors[: 10 - len(total.errors)])
+    total.seconds = time.time() - t0
+    return total
