@@ -292,11 +292,11 @@ def export_cmd(run_dir, fmt, out):
 @corpus_opt
 @sites_opt
 @layers_opt
-@click.option("--widths", default="4096")
+@click.option("--widths", default="2048", help="SAE widths (2048 keeps the default run within ~15 minutes on a 2-core CPU).")
 @click.option("--l0", "l0s", default="32")
 @click.option("--arch", type=click.Choice(["jump_relu", "topk", "batchtopk", "relu"]), default="jump_relu")
 @click.option("--tokens", default=100_000, help="Training tokens.")
-@click.option("--analyze-tokens", default=16_384, help="Held-out tokens for the feature atlas.")
+@click.option("--analyze-tokens", default=8192, help="Held-out tokens for the feature atlas.")
 @click.option("--out", default=DEFAULT_RUN, type=click.Path())
 @click.option("--llm", "base_url", default=None, help="Label with an OpenAI-compatible LLM at this URL (default: offline).")
 @click.option("--llm-model", default=None)

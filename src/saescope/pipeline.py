@@ -165,8 +165,8 @@ def _cache_chunks(cache_dir, trainer: MultiTrainer, train: TrainConfig):
 
 
 def run_all(out: str | Path, *, model: str = DEFAULT_MODEL, corpus: str = "default", sites="resid_post",
-            layers="all", widths=(4096,), l0s=(32.0,), architecture: str = "jump_relu", tokens: int = 100_000,
-            eval_tokens: int = 8192, ce_contexts: int = 4, analyze_tokens: int = 16_384,
+            layers="all", widths=(2048,), l0s=(32.0,), architecture: str = "jump_relu", tokens: int = 100_000,
+            eval_tokens: int = 8192, ce_contexts: int = 2, analyze_tokens: int = 8192,
             llm_url: str | None = None, llm_model: str | None = None, echo=log.warning) -> Run:
     """train → eval → analyze → label: every stage that the manifest marks done is skipped."""
     import time

@@ -331,7 +331,7 @@ class MultiTrainer:
                         break
                     self._step_all({k: v[rows] for k, v in chunk.acts.items()})
                     self.tokens_done += len(rows)
-                    bar.update(len(rows))
+                    bar.update(max(0, min(len(rows), cfg.tokens - bar.n)))
                     self.steps_done += 1
                 self.contexts_done += chunk.n_contexts
                 bar.set_postfix_str(self._postfix(), refresh=False)
