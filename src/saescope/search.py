@@ -174,16 +174,22 @@ def encode(texts: list[str], batch_size: int = 64) -> np.ndarray:
     import torch
 
     tokenizer, model = _embedding_model()
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: little padding
+    ordered = [texts[i] for i in order]
     out = []
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=128,
+    for start in range(0, len(ordered), batch_size):
+        batch = tokenizer(ordered[start:start + batch_size], padding=True, truncation=True, max_length=128,
                           return_tensors="pt")
         with torch.inference_mode():
             hidden = model(**batch).last_hidden_state  # (batch, seq, 384)
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
-    return np.concatenate(out) if out else np.zeros((0, 384), np.float32)
+    if not out:
+        return np.zeros((0, 384), np.float32)
+    result = np.empty((len(texts), out[0].shape[1]), np.float32)
+    result[order] = np.concatenate(out)
+    return result
 
 
 @functools.cache
