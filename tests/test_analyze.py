@@ -235,6 +235,23 @@ def test_logit_effects_match_the_model(analysed, tiny_lm):
             assert pos == sorted(pos, reverse=True) and neg == sorted(neg) and neg[-1] < pos[-1]
 
 
+@pytest.mark.parametrize("fast", [torch.float32, torch.bfloat16])
+def test_logit_effects_fast_pass_gives_exact_top_tokens(analysed, tiny_lm, monkeypatch, fast):
+    """The bf16 candidate pass (used where this CPU multiplies bf16 faster) ends in the exact fp32 top-n."""
+    import saescope.analyze as an
+
+    run, _ = analysed
+    sae = run.load_sae(run.sae_ids()[0])
+    d = an.decoder_directions(tiny_lm, sae) * an.norm_gain(tiny_lm)
+    exact = d @ tiny_lm.lm_head().weight[: len(tiny_lm.tokenizer)].T
+    monkeypatch.setattr(an, "fast_matmul_dtype", lambda device: fast)
+    eff = an.logit_effects(tiny_lm, sae, n=4, chunk=16)
+    top = exact.topk(4, dim=1)
+    assert eff["pos_ids"].tolist() == top.indices.tolist()
+    torch.testing.assert_close(eff["pos"], top.values, rtol=1e-5, atol=1e-5)
+    assert eff["neg_ids"].tolist() == (-exact).topk(4, dim=1).indices.tolist()
+
+
 def test_attn_out_directions_go_through_o_proj(analysed, tiny_lm):
     from saescope.analyze import decoder_directions
 

@@ -56,6 +56,7 @@ Resumable: SAEs whose status is 'done' in features.sqlite are skipped (unless
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -476,6 +477,32 @@ def decoder_directions(lm: LoadedModel, sae: SAE) -> torch.Tensor:
     return d.float()
 
 
+@functools.cache
+def fast_matmul_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 where it multiplies ≥ 1.5× faster than float32 on this device (many recent CPUs), else float32.
+
+    Some CPUs run bf16 matmuls hundreds of times slower than fp32, so this is measured, not assumed.
+    """
+    a, b = torch.randn(2048, 640, device=device), torch.randn(640, 2048, device=device)
+
+    def best_time(dt):
+        x, y = a.to(dt), b.to(dt)
+        x @ y
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            x @ y
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    try:
+        return torch.bfloat16 if best_time(torch.bfloat16) * 1.5 < best_time(torch.float32) else torch.float32
+    except RuntimeError:
+        return torch.float32
+
+
 def logit_effects(lm: LoadedModel, sae: SAE, n: int = 10, features: torch.Tensor | None = None,
                   chunk: int = LOGIT_CHUNK) -> dict[str, torch.Tensor]:
     """Top-`n` promoted / suppressed token ids and values of each feature (or of `features`):
@@ -489,19 +516,29 @@ def logit_effects(lm: LoadedModel, sae: SAE, n: int = 10, features: torch.Tensor
         features = torch.arange(dirs.shape[0], device=dirs.device)
     dirs = dirs[features.to(dirs.device)]
     width = dirs.shape[0]
+    # candidates from a fast pass (bf16 where this CPU/GPU multiplies it faster), exact fp32 values after
+    dt = fast_matmul_dtype(dirs.device)
+    n_cand = min(4 * n, vocab) if dt != torch.float32 else n
+    dirs_fast = dirs.to(dt)
     best = {s: (torch.full((width, 0), 0.0, device=lm.device), torch.zeros((width, 0), dtype=torch.long,
                                                                             device=lm.device)) for s in (1, -1)}
     with torch.no_grad():
         for start in range(0, vocab, chunk):
-            block = w_u[start : min(start + chunk, vocab)].float()  # (c, d_model)
-            logits = dirs @ block.T  # (width, c)
+            block = w_u[start : min(start + chunk, vocab)].to(dt)  # (c, d_model)
+            logits = (dirs_fast @ block.T).float()  # (width, c)
             for sign in (1, -1):
                 vals, idx = best[sign]
-                top = logits.topk(min(n, logits.shape[1]), dim=1, largest=sign > 0)
+                top = logits.topk(min(n_cand, logits.shape[1]), dim=1, largest=sign > 0)
                 vals = torch.cat([vals, sign * top.values], 1)
                 idx = torch.cat([idx, top.indices + start], 1)
-                keep = vals.topk(min(n, vals.shape[1]), dim=1).indices
+                keep = vals.topk(min(n_cand, vals.shape[1]), dim=1).indices
                 best[sign] = (vals.gather(1, keep), idx.gather(1, keep))
+        if dt != torch.float32:  # exact values of the candidates, then the final top-n
+            for sign in (1, -1):
+                idx = best[sign][1]  # (width, n_cand)
+                exact = torch.einsum("wd,wkd->wk", dirs.float(), w_u[idx].float()) * sign
+                keep = exact.topk(min(n, exact.shape[1]), dim=1).indices
+                best[sign] = (exact.gather(1, keep), idx.gather(1, keep))
     return {"features": features, "pos": best[1][0], "pos_ids": best[1][1], "neg": -best[-1][0],
             "neg_ids": best[-1][1]}
 
