@@ -45,8 +45,8 @@ def pick_features(run: Run, n: int = 10) -> list[tuple[str, int, str, float]]:
             if cur is None or key > cur[0]:
                 best[lab["sae_id"]] = (key, lab["idx"], lab["text"])
     ids = [i for i in run.sae_ids() if i in best]
-    step = max(1, len(ids) // n)
-    chosen = ids[::step][:n]
+    spread = sorted({round(k * (len(ids) - 1) / max(1, n - 1)) for k in range(n)}) if ids else []
+    chosen = [ids[k] for k in spread]  # layers spread over the whole model
     return [(i, best[i][1], best[i][2], best[i][0][0]) for i in chosen]
 
 
@@ -67,21 +67,23 @@ def main():
         print(f"{sae_id}:{idx} {label!r} score {score:.2f}: act {e.act_unsteered:.2f} → {e.act_steered_text:.2f}, "
               f"p(promoted) {e.prob_unsteered:.4f} → {e.prob_steered:.4f}, CE +{r.ppl_cost:.2f}\n"
               f"   unsteered: {r.unsteered!r}\n   steered:   {r.steered!r}", flush=True)
-    rose_act = sum(e.act_steered_text > e.act_unsteered for *_, e, _ in rows)
-    rose_prob = sum(e.prob_steered > e.prob_unsteered for *_, e, _ in rows)
+    rose_act = sum(e.act_steered_text > e.act_unsteered + 1e-3 for *_, e, _ in rows)
+    rose_during = sum(e.act_during > e.act_unsteered + 1e-3 for *_, e, _ in rows)
+    rose_prob = sum(e.prob_steered > e.prob_unsteered + 1e-4 for *_, e, _ in rows)
     lines = [f"\n## Steering 10 labelled features ({time.strftime('%Y-%m-%d')})\n",
              f"`.venv/bin/python bench/steer_examples.py {args.run} --strength {args.strength} --tokens {args.tokens}` — "
              f"prompt {args.prompt!r}, greedy, add strength × the feature's max activation; {time.time() - t0:.0f} s. "
              f"Activation = the feature's mean code on the generated tokens, re-encoded by the unsteered model; "
              f"p = mean probability of its 10 most promoted tokens; cost = CE of the steered text under the unsteered "
              f"model minus that of the unsteered text (nats/token).\n",
-             "| SAE:feature | label (score) | activation before → after | p(promoted) before → after | cost | unsteered | steered |",
+             "| SAE:feature | label (score) | activation before → after (during) | p(promoted) before → after | cost | unsteered | steered |",
              "|---|---|---|---|---:|---|---|"]
     for sae_id, idx, label, score, e, r in rows:
         cell = lambda t: t.replace("|", "\\|").replace("\n", "↵")  # noqa: E731
-        lines.append(f"| {sae_id}:{idx} | {cell(label)} ({score:.2f}) | {e.act_unsteered:.2f} → {e.act_steered_text:.2f} | "
+        lines.append(f"| {sae_id}:{idx} | {cell(label)} ({score:.2f}) | {e.act_unsteered:.2f} → {e.act_steered_text:.2f} ({e.act_during:.1f}) | "
                      f"{e.prob_unsteered:.4f} → {e.prob_steered:.4f} | {r.ppl_cost:+.2f} | {cell(r.unsteered)} | {cell(r.steered)} |")
-    lines.append(f"\nActivation rose for {rose_act}/{len(rows)}, promoted-token probability rose for {rose_prob}/{len(rows)}; "
+    lines.append(f"\nActivation on the generated text rose (by > 0.001) for {rose_act}/{len(rows)}; during steered generation "
+                 f"for {rose_during}/{len(rows)}; promoted-token probability rose (by > 1e-4) for {rose_prob}/{len(rows)}; "
                  f"median cost {statistics.median([r.ppl_cost for *_, r in rows]):+.2f} nats/token.")
     with open(RESULTS, "a") as f:
         f.write("\n".join(lines) + "\n")
