@@ -70,7 +70,8 @@ def sites(model, as_json):
 @layers_opt
 @click.option("--tokens", default=50_000, help="Tokens to cache (BOS/EOS/pad positions excluded).")
 @click.option("--out", default="runs/cache", type=click.Path(), help="Cache folder (an interrupted one resumes).")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32",
+              help="Storage type; float16 halves the disk but Gemma's residual stream can exceed its range.")
 @click.option("--ctx-len", default=256, help="Tokens per packed context (including BOS).")
 @click.option("--batch-size", default=8, help="Contexts per forward pass.")
 @click.option("--part", type=click.Choice(["train", "heldout"]), default="train", help="Corpus split to read.")

@@ -57,7 +57,7 @@ def parse_sites(spec: str | list[str]) -> list[str]:
 
 def harvest_to_cache(out: str | Path, *, model: str = DEFAULT_MODEL, corpus: str = "default", sites="resid_post",
                      layers="all", tokens: int = 50_000, ctx_len: int = 256, batch_size: int = 8,
-                     dtype: str = "float16", part: str = "train", lm: LoadedModel | None = None,
+                     dtype: str = "float32", part: str = "train", lm: LoadedModel | None = None,
                      progress: bool = True) -> dict:
     """Cache activations at every requested site; resumes an interrupted cache in `out`."""
     from .store import ActivationCache, CacheWriter
