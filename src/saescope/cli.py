@@ -93,7 +93,7 @@ def harvest(model, corpus, sites, layers, tokens, out, dtype, ctx_len, batch_siz
 @click.option("--l0", "l0s", default="32", help="Comma-separated target L0s (k for topk).")
 @click.option("--arch", type=click.Choice(["jump_relu", "topk", "batchtopk", "relu"]), default="jump_relu")
 @click.option("--tokens", default=100_000, help="Training tokens (every SAE sees the same tokens).")
-@click.option("--batch-size", default=1024, help="Tokens per optimisation step.")
+@click.option("--batch-size", default=256, help="Tokens per optimisation step.")
 @click.option("--lr", default=0.0, help="Learning rate (0 = automatic for the width and budget).")
 @click.option("--seed", default=0)
 @click.option("--cache", type=click.Path(exists=True), default=None, help="Train from a harvest cache instead of the live model.")

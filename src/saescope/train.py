@@ -42,8 +42,8 @@ class TrainConfig:
 
     tokens: int = 100_000
     """Training tokens per SAE (all SAEs see the same tokens)."""
-    batch_size: int = 1024
-    """Tokens per optimisation step."""
+    batch_size: int = 256
+    """Tokens per optimisation step (small batches = more steps: what a short budget needs most)."""
     lr: float = 0.0
     """Adam learning rate; 0 = auto (4e-3/sqrt(width/1024) capped to [1e-4, 2e-3] for short runs, 7e-5 beyond 1B tokens)."""
     eps: float = 0.01

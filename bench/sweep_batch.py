@@ -1,0 +1,62 @@
+"""Batch size and learning rate for short runs: held-out FVU/L0 on a few layers.
+
+    .venv/bin/python bench/sweep_batch.py [--tokens 100000] [--layers 0,6,12]
+
+Harvests train and held-out activations once (in RAM), then trains JumpReLU (L0 32) and TopK
+(k 50) SAEs of width 4096 with each setting and prints held-out L0 / FVU / dead fraction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from saescope.corpus import Corpus  # noqa: E402
+from saescope.evaluate import fidelity  # noqa: E402
+from saescope.harvest import harvest  # noqa: E402
+from saescope.models import load_model  # noqa: E402
+from saescope.sae import SAEConfig  # noqa: E402
+from saescope.train import Chunk, MultiTrainer, TrainConfig  # noqa: E402
+
+SETTINGS = [("jump_relu", 32, dict(batch_size=1024)), ("jump_relu", 32, dict(batch_size=256)),
+            ("topk", 50, dict(batch_size=1024)), ("topk", 50, dict(batch_size=1024, lr=5e-3)),
+            ("topk", 50, dict(batch_size=512)), ("topk", 50, dict(batch_size=256))]
+
+
+def collect(lm, sites, part, n):
+    out = {s.key: [] for s in sites}
+    for b in harvest(lm, Corpus().contexts(lm.tokenizer, part=part), sites, max_tokens=n, progress=False):
+        for k, v in b.acts.items():
+            out[k].append(v)
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=100_000)
+    ap.add_argument("--layers", default="0,6,12")
+    args = ap.parse_args()
+    lm = load_model()
+    sites = [lm.site("resid_post", int(x)) for x in args.layers.split(",")]
+    train, held = collect(lm, sites, "train", args.tokens), collect(lm, sites, "heldout", 8192)
+    n = min(v.shape[0] for v in train.values())
+    for arch, l0, kw in SETTINGS:
+        cfgs = [SAEConfig(d_in=640, width=4096, architecture=arch, l0=l0, site="resid_post", layer=s.layer) for s in sites]
+        mt = MultiTrainer(cfgs, TrainConfig(tokens=n, **kw))
+        t0 = time.time()
+        mt.fit((Chunk({k: v[i : i + 2048] for k, v in train.items()}, 8) for i in range(0, n, 2048)), progress=False)
+        cells = []
+        for t, s in zip(mt.trainers, sites):
+            m = fidelity(t.export(), held[s.key])
+            cells.append(f"L{s.layer}: L0 {m['l0']:.1f} FVU {m['fvu']:.4f} dead {m['dead_fraction']:.2f}")
+        print(f"{arch} {kw} {time.time() - t0:.0f}s | " + " | ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
