@@ -412,7 +412,7 @@ def main(argv=None):
     debug = "--debug" in argv
     try:
         cli.main(args=argv, prog_name="saescope", standalone_mode=False)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("interrupted; re-run the same command to resume", err=True)
         sys.exit(130)
     except click.ClickException as err:
@@ -420,9 +420,6 @@ def main(argv=None):
         sys.exit(err.exit_code)
     except click.exceptions.Exit as err:
         sys.exit(err.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted; re-run the same command to resume", err=True)
-        sys.exit(130)
     except SaescopeError as err:
         if debug:
             traceback.print_exc()
