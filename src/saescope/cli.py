@@ -178,18 +178,10 @@ def label_auto(run_dir, base_url, llm_model, api_key_env, saes, limit, concurren
 
         with run.stage("label"):
             report = label_offline(run, sae_ids=list(saes) or None, limit=limit)
-    _index_labels(run)
+    from .pipeline import index_labels_quietly
+
+    index_labels_quietly(run)
     click.echo(str(report))
-
-
-def _index_labels(run) -> None:
-    """Embed new labels for semantic search now, so the first search is fast (skipped without the model)."""
-    try:
-        from .search import index_labels
-
-        index_labels(run)
-    except SaescopeError as err:
-        logging.getLogger(__name__).warning("semantic index not built: %s", err)
 
 
 @cli.command()

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .errors import SaescopeError
 from .fsio import atomic_path, write_json
-from .harvest import _Stop, keep_mask
+from .harvest import keep_mask
 from .models import LoadedModel, Site
 from .sae import SAE
 
@@ -232,4 +232,4 @@ def plot_eval(result: dict, path) -> None:
     plt.close(fig)
 
 
-__all__ = ["evaluate", "fidelity", "delta_lm_loss", "plot_eval", "_Stop"]
+__all__ = ["evaluate", "fidelity", "delta_lm_loss", "plot_eval"]

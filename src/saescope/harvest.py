@@ -1,7 +1,8 @@
 """One forward pass captures every requested site of every requested layer.
 
 The forward stops right after the last layer that is needed (no LM head), and
-positions holding BOS/EOS/pad tokens are dropped from what is emitted. Consumers:
+positions holding BOS/EOS/pad tokens are dropped from what is emitted. Values are not
+judged here: the cache refuses NaN/Inf, the trainer stops only the SAEs they reach. Consumers:
 - `harvest(...)`: a streaming iterator of `HarvestBatch` for the trainer (no disk);
 - `store.CacheWriter`: the same batches written to an on-disk cache.
 """
@@ -130,9 +131,6 @@ def harvest(
             b_idx, p_idx = keep.nonzero(as_tuple=True)
             n = int(b_idx.numel())
             out = {k: v[b_idx.to(v.device), p_idx.to(v.device)].float().cpu() for k, v in acts.items()}
-            for k, v in out.items():
-                if not torch.isfinite(v).all():
-                    raise SaescopeError(f"the model produced NaN/Inf activations at {k}: check the model weights and dtype")
             batch = HarvestBatch(out, ids[b_idx, p_idx], b_idx + ctx_index, p_idx, len(chunk))
             ctx_index += len(chunk)
             emitted += n

@@ -210,13 +210,18 @@ def run_all(out: str | Path, *, model: str = DEFAULT_MODEL, corpus: str = "defau
             from .label.offline import label_offline
 
             echo(str(label_offline(run)))
-        try:
-            from .search import index_labels
-
-            index_labels(run)
-        except SaescopeError as err:
-            log.warning("semantic index not built: %s", err)
+        index_labels_quietly(run)
 
     stage("label", do_label)
     echo(f"[run] {run.root} ready ({time.time() - t0:.0f} s in this call)")
     return run
+
+
+def index_labels_quietly(run: Run) -> None:
+    """Embed new labels for semantic search now, so the first search is fast (skipped without the model)."""
+    try:
+        from .search import index_labels
+
+        index_labels(run)
+    except SaescopeError as err:
+        log.warning("semantic index not built: %s", err)

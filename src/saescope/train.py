@@ -23,7 +23,7 @@ The recipe (Gemma Scope, adapted so that it also works for a 100k-token CPU run)
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -350,7 +350,7 @@ class MultiTrainer:
             if t.failed:
                 continue
             x = acts[self._site_key(t)]
-            if not torch.isfinite(x).all():
+            if not torch.isfinite(x.sum()):  # NaN/Inf anywhere makes the sum non-finite
                 t.failed = f"{t.key}: NaN/Inf in the input activations; this SAE stopped (the others go on)"
                 self.failures.append(t.failed)
                 continue
@@ -378,9 +378,4 @@ class MultiTrainer:
                 continue
             out.append(t.export().save(Path(saes_dir) / t.cfg.site / t.cfg.folder_name))
         return out
-
-
-def chunks_from_harvest(batches: Iterable) -> Iterator[Chunk]:
-    for b in batches:
-        yield Chunk(b.acts, b.n_contexts)
 
