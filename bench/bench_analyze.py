@@ -177,8 +177,7 @@ def main() -> None:
     total = time.time() - t_start
     lines = [
         "", "## Feature atlas (analyze)", "",
-        f"`.venv/bin/python bench/bench_analyze.py --tokens {args.tokens} --layers {args.layers} --width {args.width} "
-        f"--l0 {args.l0:g}`, {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
+        f"`.venv/bin/python bench/bench_analyze.py {' '.join(sys.argv[1:])}`, {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, torch {torch.__version__} CPU fp32, {torch.get_num_threads()} threads. "
         f"Gemma 3 270M, {rows[0]['n_saes']} SAEs × width {rows[0]['width']}: {src}; "
         f"held-out tokens of the default corpus, ctx 256, batch 8 contexts. The machine is shared with other "
@@ -186,15 +185,17 @@ def main() -> None:
         "Wall-clock tokens/s, and in brackets tokens per CPU-second of this process (less sensitive to other "
         "load; the analysis' CPU figure covers the whole call, setup and writes included, so it is a lower bound).", "",
         "| N tokens | harvest tok/s | harvest+encode tok/s (floor) | analysis pass tok/s | analysis / harvest | "
-        "analysis / floor | write s (no logits) | examples | DB MB | RSS after load MB | peak RSS MB |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "analysis / floor | write s (no logits) | pass + write / harvest | examples | DB MB | RSS after load MB | "
+        "peak RSS MB |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         a_cpu = r["n_tokens"] / r["analyze_cpu_s"]
         lines.append(f"| {r['n_tokens']:,} | {r['harvest_tok_s']:.0f} ({r['harvest_tok_cpu_s']:.0f}) | "
                      f"{r['encode_tok_s']:.0f} ({r['encode_tok_cpu_s']:.0f}) | {r['analyze_tok_s']:.0f} ({a_cpu:.0f}) | "
                      f"{r['analyze_tok_s'] / r['harvest_tok_s']:.2f} ({a_cpu / r['harvest_tok_cpu_s']:.2f}) | "
-                     f"{r['analyze_tok_s'] / r['encode_tok_s']:.2f} | {r['write_s']:.1f} | {r['examples']:,} | "
+                     f"{r['analyze_tok_s'] / r['encode_tok_s']:.2f} | {r['write_s']:.1f} | "
+                     f"{r['n_tokens'] / (r['pass_s'] + r['write_s']) / r['harvest_tok_s']:.2f} | {r['examples']:,} | "
                      f"{r['db_mb']:.0f} | {r['rss_loaded_mb']:.0f} | {r['peak_rss_mb']:.0f} |")
     lines += ["", f"Measured L0 of the last SAE: {rows[-1]['l0_last_sae']:.0f}. Logit effects (full "
               f"{lg['vocab']:,}-token unembedding, chunked): {lg['logits_s_per_sae']:.1f} s per SAE, "

@@ -78,6 +78,7 @@ HIST_BINS = int((HIST_LOG10_MAX - HIST_LOG10_MIN) * HIST_PER_DECADE)
 RANDOM_CENTRES = 8  # random centre tokens tried per batch for non-activating windows
 LOGIT_CHUNK = 16_384  # vocabulary rows per unembedding matmul
 WRITE_CHUNK = 512  # features per write transaction
+_FP16_MAX = float(np.finfo(np.float16).max)  # examples store activations as float16
 
 
 @dataclass
@@ -562,8 +563,9 @@ def _slots_np(slots: _Slots | None, descending: bool = True) -> dict | None:
     order = slots.key.argsort(dim=0, descending=descending)
     out = {name: getattr(slots, name).gather(0, order).cpu().numpy()
            for name in ("key", "val", "ctx", "pos", "lo")}
-    if slots.acts is not None:
-        out["acts"] = slots.acts.gather(0, order[..., None].expand_as(slots.acts)).float().cpu().numpy()
+    if slots.acts is not None:  # float16 as stored (clipped to its range once here, not per example)
+        acts = slots.acts.gather(0, order[..., None].expand_as(slots.acts)).float()
+        out["acts"] = acts.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16).cpu().numpy()
     out["window"] = slots.window
     return out
 
@@ -611,7 +613,7 @@ def _write(db: FeatureDB, sae_id: str, atlas: _FeatureAtlas, n_tokens: int, cont
 def _example(sae_id, i, kind, s, j, rank, quantile, contexts) -> Example:
     ctx, lo = int(s["ctx"][j, i]), int(s["lo"][j, i])
     tokens = contexts.window(ctx, lo, s["window"])
-    acts = s["acts"][j, i, : len(tokens)] if "acts" in s else np.zeros(len(tokens), dtype=np.float32)
+    acts = s["acts"][j, i, : len(tokens)] if "acts" in s else np.zeros(len(tokens), dtype=np.float16)
     return Example(sae_id, i, kind, rank, quantile, float(s["val"][j, i]), tokens, acts, ctx=ctx,
                    pos=int(s["pos"][j, i]) - lo)
 

@@ -652,15 +652,20 @@ def _encode_tokens(tokens) -> bytes:
     arr = np.asarray(tokens)
     if arr.ndim != 1:
         raise ValueError(f"example tokens must be 1-D, got shape {arr.shape}")
+    if arr.dtype == np.int32:  # already the stored type (what analyze passes): no range check needed
+        return arr.astype("<i4", copy=False).tobytes()
     if arr.size and (arr.min() < np.iinfo(np.int32).min or arr.max() > np.iinfo(np.int32).max):
         raise ValueError("example token ids do not fit in int32")
     return arr.astype("<i4").tobytes()
 
 
 def _encode_acts(acts) -> bytes:
-    arr = np.asarray(acts, dtype=np.float32)
+    arr = np.asarray(acts)
     if arr.ndim != 1:
         raise ValueError(f"example activations must be 1-D, got shape {arr.shape}")
+    if arr.dtype == np.float16:  # already the stored type (what analyze passes): nothing to clip
+        return arr.astype("<f2", copy=False).tobytes()
+    arr = arr.astype(np.float32, copy=False)
     return np.clip(arr, -_FP16_MAX, _FP16_MAX).astype("<f2").tobytes()
 
 
