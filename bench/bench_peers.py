@@ -26,8 +26,9 @@ held-out split, BOS/EOS/pad dropped), after loading the peer's saved folder with
   end to end, model forward included. Ours: `saescope.pipeline.train_run(..., architecture="topk",
   l0s=(k,), train=TrainConfig(tokens=--sp-tokens))` with the model already loaded. sparsify: its
   Python `Trainer` (the CLI insists on CUDA) on CPU, `SaeConfig(k=k, num_latents=4096)`, its defaults
-  otherwise (signum optimizer, lr auto, no aux-k), except: `batch_size=4` contexts (1,024 tokens
-  per step, as ours; its default 32 would give it only ~6 steps in 50k tokens), `exclude_tokens` =
+  otherwise (signum optimizer, lr auto, no aux-k), except: `batch_size` = each of --sp-batch contexts
+  (default 1 and 4: 256 tokens per step as ours, and 1,024; its default 32 would give it only ~6 steps
+  in 50k tokens; ours is compared with the better of the two on each layer and the faster in speed), `exclude_tokens` =
   BOS/EOS/pad (ours drops them too), `log_to_wandb=False`. It gets exactly the train contexts our
   run consumes (the same `Corpus().contexts(tokenizer, "train", 256)` stream; the model is loaded
   from saescope's converted safetensors folder). Tokens/s = ordinary (trained-on) tokens / wall time
@@ -318,13 +319,17 @@ def part_sparsify(args, lm, work: Path) -> list[str]:
     results["ours"] = {"wall": wall, "tokens": run.manifest.get("tokens_trained", args.sp_tokens)}
     print(f"ours end to end: {results['ours']['tokens']:,} tokens in {wall:.0f} s", flush=True)
 
-    sp_out = work / "sparsify-out"
-    shutil.rmtree(sp_out, ignore_errors=True)
-    info = run_worker(py, SPARSIFY_WORKER, {"model": _resolve("gemma-3-270m"), "contexts": str(ctx_file), "k": k,
-                                            "width": width, "batch_size": 4, "exclude": sorted(lm.special_ids),
-                                            "out": str(sp_out)}, work, "sparsify")
-    results["sparsify"] = info
-    print(f"sparsify end to end: {info['tokens']:,} tokens in {info['wall']:.0f} s", flush=True)
+    sp_batches = [int(b) for b in str(args.sp_batch).split(",")]
+    sp_runs = {}
+    for bs in sp_batches:
+        sp_out = work / f"sparsify-out-b{bs}"
+        shutil.rmtree(sp_out, ignore_errors=True)
+        info = run_worker(py, SPARSIFY_WORKER, {"model": _resolve("gemma-3-270m"), "contexts": str(ctx_file), "k": k,
+                                                "width": width, "batch_size": bs, "exclude": sorted(lm.special_ids),
+                                                "out": str(sp_out)}, work, "sparsify")
+        name = f"sparsify, {bs} context{'s' if bs > 1 else ''}/step"
+        results[name], sp_runs[name] = info, (sp_out, info)
+        print(f"{name} end to end: {info['tokens']:,} tokens in {info['wall']:.0f} s", flush=True)
     for r in results.values():
         r["tok_s"] = r["tokens"] / r["wall"]
 
@@ -332,35 +337,45 @@ def part_sparsify(args, lm, work: Path) -> list[str]:
     for layer in layers:
         xh = ho[f"resid_post/{layer}"]
         ours = run.load_sae(f"resid_post/layer_{layer}_width_{width}_l0_{k}")
-        sp = read_sae_folder(sp_out / "run" / info["hookpoints"][layer])
-        rows.append((layer, fidelity(ours, xh), fidelity(sp, xh)))
+        theirs = {n: fidelity(read_sae_folder(out / "run" / inf["hookpoints"][layer]), xh)
+                  for n, (out, inf) in sp_runs.items()}
+        rows.append((layer, fidelity(ours, xh), theirs))
 
+    info = next(iter(sp_runs.values()))[1]
     versions = {"eai-sparsify": info["sparsify"], "torch (both venvs)": info["torch"]}
     lines = header(f"sparsify TopK vs saescope, all 18 layers end to end (k {k}, width {width})",
                    f".venv/bin/python bench/bench_peers.py --part sparsify --sp-tokens {args.sp_tokens} --heldout "
-                   f"{args.heldout}", versions)
+                   f"{args.heldout} --sp-batch {args.sp_batch}", versions)
+    ours_batch = TrainConfig().batch_size
     lines += [f"Both train 18 TopK SAEs (resid_post = decoder-layer outputs, hookpoints {info['hookpoints'][0]}…"
               f"{info['hookpoints'][-1]}) in one pass over the same {len(ctxs)} train contexts, model forward included; "
               f"model already loaded for both; wall = SAE init + forward + training + saving. Ours: `train_run(..., "
-              f"architecture='topk', l0s=({k},), train=TrainConfig(tokens={args.sp_tokens}))` (harvest stops after the "
-              f"last hooked layer, no LM head). sparsify: Python `Trainer`, `SaeConfig(k={k}, num_latents={width})`, "
-              f"optimizer {info['optimizer']} (its default), batch_size 4 contexts = 1,024 tokens/step (its default of 32 "
-              f"would give ~6 steps), exclude_tokens = BOS/EOS/pad, no wandb; its forward runs the full model incl. the "
+              f"architecture='topk', l0s=({k},), train=TrainConfig(tokens={args.sp_tokens}))` (defaults: "
+              f"{ours_batch} tokens/step; harvest stops after the last hooked layer, no LM head). sparsify: Python "
+              f"`Trainer`, `SaeConfig(k={k}, num_latents={width})`, optimizer {info['optimizer']} (its default), "
+              f"batch_size {args.sp_batch} contexts of {CTX} tokens per step, one run each (its default of 32 would give "
+              f"~6 steps), exclude_tokens = BOS/EOS/pad, no wandb; its forward runs the full model incl. the "
               f"262k-vocab LM head (`model(x)`). Run order: ours, then sparsify (back to back). Tokens = ordinary "
               f"trained-on tokens. Held-out FVU on {next(iter(ho.values())).shape[0]:,} held-out tokens per layer.", "",
               "| | tokens | wall s | tokens/s |", "|---|---:|---:|---:|"]
     for name, r in results.items():
         lines.append(f"| {name} | {r['tokens']:,} | {r['wall']:.0f} | {r['tok_s']:,.1f} |")
-    ratio = results["ours"]["tok_s"] / results["sparsify"]["tok_s"]
-    lines += ["", "| layer | ours FVU | sparsify FVU | ours/sparsify | ours L0 | sparsify L0 | ours dead | sparsify dead |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    names = list(sp_runs)
+    lines += ["", "| layer | ours FVU | " + " | ".join(f"{n} FVU" for n in names) + " | ours / best of sparsify | "
+              "ours L0 | sparsify L0 | ours dead | " + " | ".join(f"{n} dead" for n in names) + " |",
+              "|---:|---:|" + "---:|" * len(names) + "---:|---:|---:|---:|" + "---:|" * len(names)]
     wins = 0
-    for layer, fo, fs in rows:
-        wins += fo["fvu"] < fs["fvu"]
-        lines.append(f"| {layer} | {fo['fvu']:.4f} | {fs['fvu']:.4f} | {fo['fvu'] / fs['fvu']:.2f} | {fo['l0']:.1f} | "
-                     f"{fs['l0']:.1f} | {fo['dead_fraction']:.3f} | {fs['dead_fraction']:.3f} |")
-    lines += ["", f"Speed: ours {results['ours']['tok_s']:,.1f} vs sparsify {results['sparsify']['tok_s']:,.1f} tokens/s "
-              f"end to end → **{ratio:.2f}×**. Held-out FVU lower than sparsify's on {wins}/{len(rows)} layers.",
+    for layer, fo, th in rows:
+        best = min(t["fvu"] for t in th.values())
+        wins += fo["fvu"] < best
+        lines.append(f"| {layer} | {fo['fvu']:.4f} | " + " | ".join(f"{th[n]['fvu']:.4f}" for n in names)
+                     + f" | {fo['fvu'] / best:.2f} | {fo['l0']:.1f} | {th[names[0]]['l0']:.1f} | "
+                     f"{fo['dead_fraction']:.3f} | " + " | ".join(f"{th[n]['dead_fraction']:.3f}" for n in names) + " |")
+    fastest = max(results[n]["tok_s"] for n in names)
+    ratio = results["ours"]["tok_s"] / fastest
+    lines += ["", f"Speed: ours {results['ours']['tok_s']:,.1f} tokens/s end to end vs the fastest sparsify run "
+              f"{fastest:,.1f} → **{ratio:.2f}×**. Held-out FVU lower than the best sparsify run's on {wins}/{len(rows)} "
+              "layers.",
               f"Targets: ≥ 1.5× end-to-end tokens/s: **{'met' if ratio >= 1.5 else 'NOT met'}**; lower held-out FVU on every "
               f"layer: **{'met' if wins == len(rows) else 'NOT met'}**."]
     return lines
@@ -376,6 +391,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=4096)
     ap.add_argument("--l0", type=float, default=32.0, help="SAELens part: target L0 / TopK k")
     ap.add_argument("--k", type=int, default=50, help="sparsify part: TopK k")
+    ap.add_argument("--sp-batch", default="1,4", help="sparsify part: its batch sizes in contexts (one run each)")
     ap.add_argument("--work", default="/tmp/peer-bench")
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()

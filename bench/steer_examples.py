@@ -1,9 +1,10 @@
 """Steer 10 labelled features from different layers of a run and record what happened.
 
-    .venv/bin/python bench/steer_examples.py RUN [--strength 1.0] [--tokens 24] [--prompt "..."]
+    .venv/bin/python bench/steer_examples.py RUN [--strength 0.5,1] [--tokens 24] [--prompt "..."]
+                                             [--pick coherence|score]
 
-For each of 10 layers spread over the model, picks the labelled feature with the best
-detection score whose label is not "unclear", adds its decoder direction at
+For each of 10 layers spread over the model, picks a labelled feature (by default the one
+whose promoted tokens are the tokens it fires on: see `pick_features`), adds its decoder direction at
 `strength` × its max activation, and generates greedily with and without the
 intervention from the same prompt. Reports the feature's activation on the generated
 text (re-encoded by the unsteered model), the probability of its promoted tokens, and
@@ -17,6 +18,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -26,65 +28,137 @@ from saescope.steer import Intervention, steer  # noqa: E402
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 MIN_FIRED = 20
+MIN_SCORE = 0.7  # detection score of the label
+MIN_COHERENCE = 0.3
+TOP_PROMOTED = 10
 
 
-def pick_features(run: Run, n: int = 10) -> list[tuple[str, int, str, float]]:
-    with run.db() as db:
-        best: dict[str, tuple[float, int, str]] = {}
+def _norm(token: str | None) -> str:
+    return (token or "").replace("\u2581", " ").strip().lower()
+
+
+def coherence(db, sae_id: str, idx: int, logits_pos: list) -> tuple[float, str]:
+    """(coherence, main token) of a feature from its stored examples.
+
+    coherence = P(firing token is promoted) × P(fires | promoted token): the share of its top and
+    quantile examples whose firing token is one of its 10 most promoted tokens (what it writes through
+    the unembedding is what makes it fire), times the share of occurrences of those tokens, at any
+    position of any stored window (top, quantile and random examples), where it fires (it fires on
+    them whatever the context). Near 1, adding its direction makes the model emit text on which the
+    feature then fires. `main` is its most common firing token (digit strings read as "0")."""
+    promoted = {_norm(t) for t, _ in logits_pos[:TOP_PROMOTED]} - {""}
+    examples = db.examples(sae_id, idx)
+    firing = [_norm(t) for t in db.vocab([e.tokens[e.pos] for e in examples if e.kind != "random"])]
+    if not firing or not promoted:
+        return 0.0, ""
+    main = Counter("0" if t.isdigit() else t for t in firing).most_common(1)[0][0]
+    strings = dict(zip(ids := sorted({t for e in examples for t in e.tokens}), db.vocab(ids)))
+    hits = [a > 0 for e in examples for t, a in zip(e.tokens, e.acts) if _norm(strings[t]) in promoted]
+    if not hits:
+        return 0.0, main
+    return sum(t in promoted for t in firing) / len(firing) * sum(hits) / len(hits), main
+
+
+def pick_features(run: Run, n: int = 10, by: str = "coherence") -> list[tuple[str, int, str, float, float]]:
+    """(sae_id, idx, label, score, coherence) for `n` layers spread over the model.
+
+    by="score": per SAE the best-scored non-"unclear" label with >= MIN_FIRED firings (the first
+    session's rule). by="coherence": among labels scoring >= MIN_SCORE, the one with the highest
+    coherence (ties: score), preferring one whose main firing token differs from those chosen for earlier layers; layers with no
+    label of coherence >= MIN_COHERENCE are skipped."""
+    cands: dict[str, list[tuple]] = {}
+    with run.db(readonly=True) as db:
         for lab in db.current_labels():
             if lab["text"].startswith("unclear"):
                 continue
             scores = [s["value"] for s in db.scores(lab["id"])]
-            if not scores:
+            if not scores or scores[-1] is None:
                 continue
-            stats = db.feature(lab["sae_id"], lab["idx"]) or {}
+            stats = db.feature_stats(lab["sae_id"], lab["idx"]) or {}
             if (stats.get("n_fired") or 0) < MIN_FIRED:  # enough evidence that the label means something
                 continue
-            key = (round(scores[-1], 2), stats["n_fired"])
-            cur = best.get(lab["sae_id"])
-            if cur is None or key > cur[0]:
-                best[lab["sae_id"]] = (key, lab["idx"], lab["text"])
-    ids = [i for i in run.sae_ids() if i in best]
+            score = round(scores[-1], 2)
+            coh, main = 0.0, ""
+            if by == "coherence":
+                if score < MIN_SCORE or not stats.get("logits_pos"):
+                    continue
+                coh, main = coherence(db, lab["sae_id"], lab["idx"], stats["logits_pos"])
+                if coh < MIN_COHERENCE:
+                    continue
+            cands.setdefault(lab["sae_id"], []).append((lab["idx"], lab["text"], score, coh, stats["n_fired"], main))
+    ids = [i for i in run.sae_ids() if i in cands]
     spread = sorted({round(k * (len(ids) - 1) / max(1, n - 1)) for k in range(n)}) if ids else []
-    chosen = [ids[k] for k in spread]  # layers spread over the whole model
-    return [(i, best[i][1], best[i][2], best[i][0][0]) for i in chosen]
+    chosen, used = [], []
+
+    def novel(c) -> bool:  # it mainly fires on another token than the features already chosen
+        return c[5] not in used
+
+    for k in spread:  # layers spread over the whole model
+        sae_id = ids[k]
+        if by == "score":
+            best = max(cands[sae_id], key=lambda c: (c[2], c[4]))
+        else:
+            best = max(cands[sae_id], key=lambda c: (novel(c), c[3], c[2], c[4]))
+        idx, text, score, coh, _, main = best
+        used.append(main)
+        chosen.append((sae_id, idx, text, score, coh))
+    return chosen
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("run")
-    ap.add_argument("--strength", type=float, default=1.0)
+    ap.add_argument("--strength", default="1.0", help="one or more, comma-separated: one table each")
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--prompt", default="I went for a walk and")
+    ap.add_argument("--pick", choices=("coherence", "score"), default="coherence")
     args = ap.parse_args()
     run = Run.open(args.run)
+    picks = pick_features(run, by=args.pick)
+    for strength in [float(x) for x in args.strength.split(",")]:
+        run_one(run, picks, strength, args)
+
+
+def run_one(run: Run, picks, strength: float, args) -> None:
     rows = []
     t0 = time.time()
-    for sae_id, idx, label, score in pick_features(run):
-        r = steer(run, args.prompt, [Intervention(sae_id, idx, "add", args.strength)], max_new_tokens=args.tokens)
+    for sae_id, idx, label, score, coh in picks:
+        r = steer(run, args.prompt, [Intervention(sae_id, idx, "add", strength)], max_new_tokens=args.tokens)
         e = r.effect
-        rows.append((sae_id, idx, label, score, e, r))
-        print(f"{sae_id}:{idx} {label!r} score {score:.2f}: act {e.act_unsteered:.2f} → {e.act_steered_text:.2f}, "
-              f"p(promoted) {e.prob_unsteered:.4f} → {e.prob_steered:.4f}, CE +{r.ppl_cost:.2f}\n"
-              f"   unsteered: {r.unsteered!r}\n   steered:   {r.steered!r}", flush=True)
+        rows.append((sae_id, idx, label, score, coh, e, r))
+        print(f"{sae_id}:{idx} {label!r} score {score:.2f} coherence {coh:.2f}: act {e.act_unsteered:.2f} → "
+              f"{e.act_steered_text:.2f}, p(promoted) {e.prob_unsteered:.4f} → {e.prob_steered:.4f}, "
+              f"CE +{r.ppl_cost:.2f}\n   unsteered: {r.unsteered!r}\n   steered:   {r.steered!r}", flush=True)
     rose_act = sum(e.act_steered_text > e.act_unsteered + 1e-3 for *_, e, _ in rows)
     rose_during = sum(e.act_during > e.act_unsteered + 1e-3 for *_, e, _ in rows)
     rose_prob = sum(e.prob_steered > e.prob_unsteered + 1e-4 for *_, e, _ in rows)
-    lines = [f"\n## Steering 10 labelled features ({time.strftime('%Y-%m-%d')})\n",
-             f"`.venv/bin/python bench/steer_examples.py {args.run} --strength {args.strength} --tokens {args.tokens}` — "
+    rule = {"coherence": "per layer, among labels scoring >= 0.7 with >= 20 firings, the one with the highest "
+                         "coherence (share of its top and quantile examples whose firing token is among its 10 most promoted "
+                         "tokens × share of those tokens' occurrences in all its stored windows where it fires; >= 0.3), "
+                         "preferring one whose most common firing token (all digits counting as one) differs from "
+                         "those of the features chosen for earlier layers",
+            "score": "per layer, the best-scored non-\"unclear\" label with >= 20 firings"}[args.pick]
+    lines = [f"\n## Steering 10 labelled features, picked by {args.pick} ({time.strftime('%Y-%m-%d')})\n",
+             f"`.venv/bin/python bench/steer_examples.py {' '.join(sys.argv[1:])}` — strength {strength:g}, "
              f"prompt {args.prompt!r}, greedy, add strength × the feature's max activation; {time.time() - t0:.0f} s. "
+             f"Features: {rule}. "
              f"Activation = the feature's mean code on the generated tokens, re-encoded by the unsteered model; "
-             f"p = mean probability of its 10 most promoted tokens; cost = CE of the steered text under the unsteered "
+             f"p = mean probability of its 10 most promoted tokens (steered model on the steered text vs unsteered "
+             f"model on the unsteered text); cost = CE of the steered text under the unsteered "
              f"model minus that of the unsteered text (nats/token).\n",
-             "| SAE:feature | label (score) | activation before → after (during) | p(promoted) before → after | cost | unsteered | steered |",
+             "| SAE:feature | label (score, coherence) | activation before → after (during) | p(promoted) before → after "
+             "| cost | unsteered | steered |",
              "|---|---|---|---|---:|---|---|"]
-    for sae_id, idx, label, score, e, r in rows:
+    for sae_id, idx, label, score, coh, e, r in rows:
         cell = lambda t: t.replace("|", "\\|").replace("\n", "↵")  # noqa: E731
-        lines.append(f"| {sae_id}:{idx} | {cell(label)} ({score:.2f}) | {e.act_unsteered:.2f} → {e.act_steered_text:.2f} ({e.act_during:.1f}) | "
-                     f"{e.prob_unsteered:.4f} → {e.prob_steered:.4f} | {r.ppl_cost:+.2f} | {cell(r.unsteered)} | {cell(r.steered)} |")
-    lines.append(f"\nActivation on the generated text rose (by > 0.001) for {rose_act}/{len(rows)}; during steered generation "
-                 f"for {rose_during}/{len(rows)}; promoted-token probability rose (by > 1e-4) for {rose_prob}/{len(rows)}; "
-                 f"median cost {statistics.median([r.ppl_cost for *_, r in rows]):+.2f} nats/token.")
+        lines.append(f"| {sae_id}:{idx} | {cell(label)} ({score:.2f}, {coh:.2f}) | {e.act_unsteered:.2f} → "
+                     f"{e.act_steered_text:.2f} ({e.act_during:.1f}) | "
+                     f"{e.prob_unsteered:.4f} → {e.prob_steered:.4f} | {r.ppl_cost:+.2f} | {cell(r.unsteered)} | "
+                     f"{cell(r.steered)} |")
+    lines.append(f"\nActivation on the generated text rose (by > 0.001) for {rose_act}/{len(rows)}; during steered "
+                 f"generation for {rose_during}/{len(rows)}; promoted-token probability rose (by > 1e-4) for "
+                 f"{rose_prob}/{len(rows)}; median cost {statistics.median([r.ppl_cost for *_, r in rows]):+.2f} "
+                 f"nats/token.")
     with open(RESULTS, "a") as f:
         f.write("\n".join(lines) + "\n")
 

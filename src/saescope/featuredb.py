@@ -422,14 +422,19 @@ class FeatureDB:
             rows = conn.execute("SELECT * FROM saes ORDER BY site, layer, width, id").fetchall()
         return [_sae_dict(r) for r in rows]
 
-    def feature(self, sae_id: str, idx: int) -> dict | None:
-        """Stats, examples, current labels (each with its scores) of one feature; None if absent."""
+    def feature_stats(self, sae_id: str, idx: int) -> dict | None:
+        """One feature's statistics row (frequency, activations, histogram, logit effects); None if absent."""
         with self._read() as conn:
             row = conn.execute("SELECT * FROM features WHERE sae_id = ? AND idx = ?",
                                (sae_id, int(idx))).fetchone()
-            if row is None:
+        return None if row is None else _feature_dict(row)
+
+    def feature(self, sae_id: str, idx: int) -> dict | None:
+        """Stats, examples, current labels (each with its scores) of one feature; None if absent."""
+        with self._read():  # one snapshot for stats, examples and labels
+            out = self.feature_stats(sae_id, idx)
+            if out is None:
                 return None
-            out = _feature_dict(row)
             out["examples"] = [asdict(e) for e in self.examples(sae_id, idx)]
             out["labels"] = self.labels(sae_id, idx)
             for label in out["labels"]:

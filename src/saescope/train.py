@@ -82,6 +82,7 @@ class TrainConfig:
         return self.dead_tokens or min(10_000_000, max(self.batch_size, self.tokens // 5))
 
 
+LAYOUT = 2  # checkpoint layout: 2 = Adam state of w_enc kept feature-major (width, d_in)
 AUX_ROWS = 256  # tokens per step that feed the auxiliary loss
 AUX_K = 128  # dead features per token asked to explain the error
 
@@ -113,10 +114,15 @@ class SAETrainer:
         gen = torch.Generator().manual_seed(self.train.seed + self.cfg.layer * 1009 + self.cfg.width)
         cfg = SAEConfig.from_json({**self.cfg.to_json(), "pre_bias": True})
         self.sae = SAE.init(cfg, generator=gen)
+        # w_enc (d_in, width) is held feature-major: the sparse encoder gradient comes out in that layout,
+        # and Adam steps its contiguous (width, d_in) view — no transposing copy of a 2.6M-entry matrix per step
+        self.sae.w_enc = torch.nn.Parameter(self.sae.w_enc.detach().T.contiguous().T)
+        self._w_enc_t = self.sae.w_enc.detach().T  # shares storage with w_enc
         self.log_lambda = math.log(self.train.lambda_init)
         self.since_fired = torch.zeros(self.cfg.width)
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.train.lr_for(self.cfg.width),
-                                    betas=(0.0, 0.999), eps=1e-8, fused=True)
+        params = [self._w_enc_t if p is self.sae.w_enc else p for p in self.sae.parameters()]
+        self.opt = torch.optim.Adam(params, lr=self.train.lr_for(self.cfg.width), betas=(0.0, 0.999), eps=1e-8,
+                                    fused=True)
 
     @property
     def key(self) -> str:
@@ -155,7 +161,7 @@ class SAETrainer:
         xn = x / self.scale  # (batch, d_in), E‖xn‖² ≈ 1
         x_in = xn - sae.b_dec.detach()
         with torch.no_grad():
-            z = x_in @ sae.w_enc + sae.b_enc  # (batch, width): the one dense product
+            z = torch.addmm(sae.b_enc, x_in, sae.w_enc)  # (batch, width): the one dense product
         lam = math.exp(self.log_lambda)
         if arch == "topk":
             act = Active.from_topk(z.topk(self.cfg.k, dim=1, sorted=False).indices)
@@ -210,7 +216,8 @@ class SAETrainer:
         loss.backward()
         with torch.no_grad():
             w, g = sae.w_dec, sae.w_dec.grad
-            g -= (g * w).sum(1, keepdim=True) * w  # no gradient along each (unit-norm) decoder row
+            g.addcmul_(torch.linalg.vecdot(g, w)[:, None], w, value=-1.0)  # no gradient along each unit-norm row
+        self._w_enc_t.grad, sae.w_enc.grad = sae.w_enc.grad.T, None  # hand it to Adam (which zeroes only its own)
         for group in self.opt.param_groups:
             group["lr"] = self.lr_now()
         self.opt.step()
@@ -244,11 +251,14 @@ class SAETrainer:
         return out
 
     def state_dict(self) -> dict:
-        return {"sae": self.sae.state_dict(), "opt": self.opt.state_dict(), "scale": self.scale,
+        return {"layout": LAYOUT, "sae": self.sae.state_dict(), "opt": self.opt.state_dict(), "scale": self.scale,
                 "log_lambda": self.log_lambda, "step": self.step, "since_fired": self.since_fired,
                 "batch_threshold": self.batch_threshold, "ema": dict(self.ema), "failed": self.failed}
 
     def load_state_dict(self, d: dict) -> None:
+        if d.get("layout") != LAYOUT:
+            raise SaescopeError("this checkpoint was written by an older saescope (different optimiser layout); "
+                                "delete the run's checkpoints folder to start training over")
         self.sae.load_state_dict(d["sae"])
         self.opt.load_state_dict(d["opt"])
         self.scale, self.log_lambda, self.step = d["scale"], d["log_lambda"], d["step"]
