@@ -440,3 +440,12 @@ def test_offline_labelling_in_two_processes_equals_one(tmp_path):
             scores = sorted(round(s["value"], 6) for lab in db.current_labels("offline") for s in db.scores(lab["id"]))
         results.append((labels, scores, report.scored))
     assert results[0] == results[1]
+
+
+def test_display_token_keeps_bytes_visible():
+    from saescope.label.evidence import display_token
+
+    assert display_token("▁Paris") == " Paris"
+    assert display_token("<0x0A>") == "\n"
+    assert display_token("<0xc2>") == "<0xC2>"  # half of a UTF-8 character: shown, not "\ufffd"
+    assert display_token(None, 7) == "<unk:7>"

@@ -47,7 +47,9 @@ def display_token(tok: str | None, token_id: int | None = None) -> str:
 
 
 def _byte_char(b: int) -> str:
-    return chr(b) if b < 128 else "\N{REPLACEMENT CHARACTER}"
+    """An ASCII byte as its character; any other byte (one piece of a multi-byte UTF-8 character,
+    e.g. <0xC2><0xA0> = no-break space) stays visible as <0xNN> rather than an anonymous "�"."""
+    return chr(b) if b < 128 else f"<0x{b:02X}>"
 
 
 class TokenTable:
