@@ -195,8 +195,8 @@ def train_ours(x: torch.Tensor, arch: str, width: int, l0: float, layer: int, ba
 def header(title: str, cmd: str, versions: dict) -> list[str]:
     return ["", f"## Peers: {title} (bench_peers.py)", "",
             f"{time.strftime('%Y-%m-%d %H:%M')}, `{cmd}` — {platform.machine()}, {os.cpu_count()} CPU cores, "
-            f"{torch.get_num_threads()} torch threads, fp32 CPU, shared machine (other jobs were running: ratios "
-            f"from back-to-back runs matter, absolute numbers drift). Versions: "
+            f"{torch.get_num_threads()} torch threads, fp32 CPU, load average {os.getloadavg()[0]:.2f} when the part "
+            f"ended (this machine drifts ±30%: ratios from back-to-back runs matter, absolute numbers less). Versions: "
             + ", ".join(f"{k} {v}" for k, v in versions.items()) + ". Model Gemma 3 270M (GGUF Q4_K_M dequantised "
             "to fp32), corpus `Corpus()` default, contexts of 256 tokens, BOS/EOS/pad positions excluded everywhere.", ""]
 

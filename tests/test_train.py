@@ -7,7 +7,7 @@ import torch
 
 from saescope.errors import SaescopeError
 from saescope.sae import SAEConfig
-from saescope.train import Chunk, MultiTrainer, TrainConfig
+from saescope.train import Chunk, MultiTrainer, SAETrainer, TrainConfig
 
 
 def _synthetic(n_tokens, d=32, n_true=64, active=3, seed=0):
@@ -95,3 +95,18 @@ def test_corpus_too_small_is_a_clear_error():
     mt = MultiTrainer([_cfg("topk")], TrainConfig(tokens=5_000, batch_size=250))
     with pytest.raises(SaescopeError, match="ran out after 1,000"):
         mt.fit(_chunks(x, 500), progress=False)
+
+
+def test_lr_schedule_warms_up_then_decays_to_lr_end():
+    cfg = SAEConfig(d_in=8, width=16, l0=2, site="resid_post", layer=0)
+    for end in (0.1, 0.5):
+        t = SAETrainer(cfg, TrainConfig(tokens=100 * 256, batch_size=256, lr=1e-3, lr_end=end))
+        lrs = []
+        for step in range(t.train.total_steps + 1):
+            t.step = step
+            lrs.append(t.lr_now())
+        assert lrs[0] == pytest.approx(1e-4)  # warm-up starts at a tenth of the peak
+        assert max(lrs) == pytest.approx(1e-3)
+        assert lrs[-1] == pytest.approx(end * 1e-3)
+        peak = lrs.index(max(lrs))
+        assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))  # never rises after the peak

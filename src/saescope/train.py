@@ -46,6 +46,8 @@ class TrainConfig:
     """Tokens per optimisation step (small batches = more steps: what a short budget needs most)."""
     lr: float = 0.0
     """Adam learning rate; 0 = auto (4e-3/sqrt(width/1024) capped to [1e-4, 2e-3] for short runs, 7e-5 beyond 1B tokens)."""
+    lr_end: float = 0.1
+    """Final learning rate as a fraction of the peak (cosine decay after the warm-up)."""
     eps: float = 0.01
     """JumpReLU STE bandwidth, in units where E‖x‖² = 1."""
     lambda_init: float = 0.001
@@ -149,7 +151,8 @@ class SAETrainer:
         if self.step < warm:
             return base * (0.1 + 0.9 * self.step / warm)
         t = (self.step - warm) / max(1, total - warm)
-        return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+        end = self.train.lr_end
+        return base * (end + (1 - end) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
     def step_on(self, x: torch.Tensor) -> StepStats:
         """One optimisation step on raw activations x (batch, d_in)."""
