@@ -110,3 +110,18 @@ def test_lr_schedule_warms_up_then_decays_to_lr_end():
         assert lrs[-1] == pytest.approx(end * 1e-3)
         peak = lrs.index(max(lrs))
         assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))  # never rises after the peak
+
+
+def test_signum_moves_every_parameter_by_lr():
+    from saescope.train import Signum
+
+    p = torch.nn.Parameter(torch.zeros(5))
+    opt = Signum([p], lr=0.01)
+    p.grad = torch.tensor([3.0, -0.001, 0.5, -7.0, 0.0])
+    opt.step()
+    assert p.detach().tolist() == pytest.approx([-0.01, 0.01, -0.01, 0.01, 0.0])
+
+
+def test_unknown_optimizer_is_refused():
+    with pytest.raises(SaescopeError, match="unknown optimizer"):
+        TrainConfig(optimizer="sgd")

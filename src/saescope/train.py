@@ -14,7 +14,7 @@ The recipe (Gemma Scope, adapted so that it also works for a 100k-token CPU run)
   (the Gemma Scope 2 quadratic target-L0 penalty has zero pull at the target and
   settles above it when the run is short);
 - Adam with β = (0, 0.999); lr warm-up from 0.1·lr over the first 5% of steps
-  (≤ 1,000) then cosine decay to 0.1·lr; decoder rows unit-norm with the gradient
+  (≤ 1,000) then cosine decay to `lr_end`·lr (0.1); decoder rows unit-norm with the gradient
   component parallel to each row removed before the step;
 - dead features (no firing in `dead_tokens`) get an auxiliary-k loss: the top
   pre-activations among dead features are asked to reconstruct the residual error.
@@ -48,6 +48,8 @@ class TrainConfig:
     """Adam learning rate; 0 = auto (4e-3/sqrt(width/1024) capped to [1e-4, 2e-3] for short runs, 7e-5 beyond 1B tokens)."""
     lr_end: float = 0.1
     """Final learning rate as a fraction of the peak (cosine decay after the warm-up)."""
+    optimizer: str = "adam"
+    """adam (β = 0, 0.999) or signum (sign of the momentum, β 0.9: what sparsify uses; give --lr)."""
     eps: float = 0.01
     """JumpReLU STE bandwidth, in units where E‖x‖² = 1."""
     lambda_init: float = 0.001
@@ -67,6 +69,8 @@ class TrainConfig:
             raise SaescopeError("--tokens must be positive")
         if self.batch_size < 2:
             raise SaescopeError("--batch-size must be at least 2")
+        if self.optimizer not in ("adam", "signum"):
+            raise SaescopeError(f"unknown optimizer '{self.optimizer}': choose adam or signum")
 
     def lr_for(self, width: int) -> float:
         if self.lr > 0:
@@ -87,6 +91,29 @@ class TrainConfig:
 LAYOUT = 2  # checkpoint layout: 2 = Adam state of w_enc kept feature-major (width, d_in)
 AUX_ROWS = 256  # tokens per step that feed the auxiliary loss
 AUX_K = 128  # dead features per token asked to explain the error
+
+
+class Signum(torch.optim.Optimizer):
+    """Sign of the momentum: every parameter moves by exactly lr per step (Bernstein et al. 2018)."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.9):
+        super().__init__(params, {"lr": lr, "momentum": momentum})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            ps = [p for p in group["params"] if p.grad is not None]
+            if not ps:
+                continue
+            bufs = []
+            for p in ps:
+                st = self.state[p]
+                if "momentum" not in st:
+                    st["momentum"] = torch.zeros_like(p)
+                bufs.append(st["momentum"])
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, [p.grad for p in ps], alpha=1 - group["momentum"])
+            torch._foreach_add_(ps, torch._foreach_sign(bufs), alpha=-group["lr"])
 
 
 class StepStats(NamedTuple):
@@ -123,8 +150,11 @@ class SAETrainer:
         self.log_lambda = math.log(self.train.lambda_init)
         self.since_fired = torch.zeros(self.cfg.width)
         params = [self._w_enc_t if p is self.sae.w_enc else p for p in self.sae.parameters()]
-        self.opt = torch.optim.Adam(params, lr=self.train.lr_for(self.cfg.width), betas=(0.0, 0.999), eps=1e-8,
-                                    fused=True)
+        lr = self.train.lr_for(self.cfg.width)
+        if self.train.optimizer == "signum":
+            self.opt = Signum(params, lr=lr)
+        else:
+            self.opt = torch.optim.Adam(params, lr=lr, betas=(0.0, 0.999), eps=1e-8, fused=True)
 
     @property
     def key(self) -> str:
