@@ -20,6 +20,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -105,6 +106,19 @@ def pick_features(run: Run, n: int = 10, by: str = "coherence") -> list[tuple[st
     return chosen
 
 
+def averaged(results):
+    """(result, effect) whose numbers are the means over several SteerResults; texts from the first."""
+    first = results[0]
+
+    def mean(get):
+        return statistics.fmean(get(r) for r in results)
+
+    effect = SimpleNamespace(**{k: mean(lambda r, k=k: getattr(r.effect, k)) for k in
+                                ("act_unsteered", "act_steered_text", "act_during", "prob_unsteered", "prob_steered")})
+    result = SimpleNamespace(unsteered=first.unsteered, steered=first.steered, ppl_cost=mean(lambda r: r.ppl_cost))
+    return result, effect
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("run")
@@ -112,6 +126,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--prompt", default="I went for a walk and")
     ap.add_argument("--pick", choices=("coherence", "score"), default="coherence")
+    ap.add_argument("--samples", type=int, default=0,
+                    help="0 = greedy; N = sample N continuations (temperature 1, seeds 0..N-1) and average the numbers")
     args = ap.parse_args()
     run = Run.open(args.run)
     picks = pick_features(run, by=args.pick)
@@ -123,8 +139,13 @@ def run_one(run: Run, picks, strength: float, args) -> None:
     rows = []
     t0 = time.time()
     for sae_id, idx, label, score, coh in picks:
-        r = steer(run, args.prompt, [Intervention(sae_id, idx, "add", strength)], max_new_tokens=args.tokens)
-        e = r.effect
+        iv = [Intervention(sae_id, idx, "add", strength)]
+        if args.samples:
+            r, e = averaged([steer(run, args.prompt, iv, max_new_tokens=args.tokens, greedy=False, seed=seed)
+                             for seed in range(args.samples)])
+        else:
+            r = steer(run, args.prompt, iv, max_new_tokens=args.tokens)
+            e = r.effect
         rows.append((sae_id, idx, label, score, coh, e, r))
         print(f"{sae_id}:{idx} {label!r} score {score:.2f} coherence {coh:.2f}: act {e.act_unsteered:.2f} → "
               f"{e.act_steered_text:.2f}, p(promoted) {e.prob_unsteered:.4f} → {e.prob_steered:.4f}, "
@@ -138,9 +159,11 @@ def run_one(run: Run, picks, strength: float, args) -> None:
                          "preferring one whose most common firing token (all digits counting as one) differs from "
                          "those of the features chosen for earlier layers",
             "score": "per layer, the best-scored non-\"unclear\" label with >= 20 firings"}[args.pick]
+    decoding = (f"sampled (temperature 1, seeds 0–{args.samples - 1}; numbers are means over the samples, "
+                f"texts are seed 0's)" if args.samples else "greedy")
     lines = [f"\n## Steering 10 labelled features, picked by {args.pick} ({time.strftime('%Y-%m-%d')})\n",
              f"`.venv/bin/python bench/steer_examples.py {' '.join(sys.argv[1:])}` — strength {strength:g}, "
-             f"prompt {args.prompt!r}, greedy, add strength × the feature's max activation; {time.time() - t0:.0f} s. "
+             f"prompt {args.prompt!r}, {decoding}, add strength × the feature's max activation; {time.time() - t0:.0f} s. "
              f"Features: {rule}. "
              f"Activation = the feature's mean code on the generated tokens, re-encoded by the unsteered model; "
              f"p = mean probability of its 10 most promoted tokens (steered model on the steered text vs unsteered "
