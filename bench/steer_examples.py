@@ -21,6 +21,7 @@ import time
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -49,15 +50,25 @@ def coherence(db, sae_id: str, idx: int, logits_pos: list) -> tuple[float, str]:
     feature then fires. `main` is its most common firing token (digit strings read as "0")."""
     promoted = {_norm(t) for t, _ in logits_pos[:TOP_PROMOTED]} - {""}
     examples = db.examples(sae_id, idx)
-    firing = [_norm(t) for t in db.vocab([e.tokens[e.pos] for e in examples if e.kind != "random"])]
+    ids = sorted({t for e in examples for t in e.tokens})
+    text = dict(zip(ids, (_norm(t) for t in db.vocab(ids))))
+    firing = [text[e.tokens[e.pos]] for e in examples if e.kind != "random"]
     if not firing or not promoted:
         return 0.0, ""
     main = Counter("0" if t.isdigit() else t for t in firing).most_common(1)[0][0]
-    strings = dict(zip(ids := sorted({t for e in examples for t in e.tokens}), db.vocab(ids)))
-    hits = [a > 0 for e in examples for t, a in zip(e.tokens, e.acts) if _norm(strings[t]) in promoted]
+    hits = [a > 0 for e in examples for t, a in zip(e.tokens, e.acts) if text[t] in promoted]
     if not hits:
         return 0.0, main
     return sum(t in promoted for t in firing) / len(firing) * sum(hits) / len(hits), main
+
+
+class _Candidate(NamedTuple):
+    idx: int
+    label: str
+    score: float
+    coherence: float
+    n_fired: int
+    main: str  # most common firing token
 
 
 def pick_features(run: Run, n: int = 10, by: str = "coherence") -> list[tuple[str, int, str, float, float]]:
@@ -65,9 +76,9 @@ def pick_features(run: Run, n: int = 10, by: str = "coherence") -> list[tuple[st
 
     by="score": per SAE the best-scored non-"unclear" label with >= MIN_FIRED firings (the first
     session's rule). by="coherence": among labels scoring >= MIN_SCORE, the one with the highest
-    coherence (ties: score), preferring one whose main firing token differs from those chosen for earlier layers; layers with no
-    label of coherence >= MIN_COHERENCE are skipped."""
-    cands: dict[str, list[tuple]] = {}
+    coherence (ties: score), preferring one whose main firing token differs from those chosen for
+    earlier layers; layers with no label of coherence >= MIN_COHERENCE are skipped."""
+    cands: dict[str, list[_Candidate]] = {}
     with run.db(readonly=True) as db:
         for lab in db.current_labels():
             if lab["text"].startswith("unclear"):
@@ -86,23 +97,19 @@ def pick_features(run: Run, n: int = 10, by: str = "coherence") -> list[tuple[st
                 coh, main = coherence(db, lab["sae_id"], lab["idx"], stats["logits_pos"])
                 if coh < MIN_COHERENCE:
                     continue
-            cands.setdefault(lab["sae_id"], []).append((lab["idx"], lab["text"], score, coh, stats["n_fired"], main))
+            cands.setdefault(lab["sae_id"], []).append(
+                _Candidate(lab["idx"], lab["text"], score, coh, stats["n_fired"], main))
     ids = [i for i in run.sae_ids() if i in cands]
     spread = sorted({round(k * (len(ids) - 1) / max(1, n - 1)) for k in range(n)}) if ids else []
-    chosen, used = [], []
-
-    def novel(c) -> bool:  # it mainly fires on another token than the features already chosen
-        return c[5] not in used
-
+    chosen, used = [], set()
     for k in spread:  # layers spread over the whole model
         sae_id = ids[k]
         if by == "score":
-            best = max(cands[sae_id], key=lambda c: (c[2], c[4]))
-        else:
-            best = max(cands[sae_id], key=lambda c: (novel(c), c[3], c[2], c[4]))
-        idx, text, score, coh, _, main = best
-        used.append(main)
-        chosen.append((sae_id, idx, text, score, coh))
+            c = max(cands[sae_id], key=lambda c: (c.score, c.n_fired))
+        else:  # prefer a feature that mainly fires on another token than those already chosen
+            c = max(cands[sae_id], key=lambda c: (c.main not in used, c.coherence, c.score, c.n_fired))
+        used.add(c.main)
+        chosen.append((sae_id, c.idx, c.label, c.score, c.coherence))
     return chosen
 
 

@@ -67,7 +67,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import SaescopeError
-from .featuredb import Example, FeatureDB, FeatureStats
+from .featuredb import Example, FeatureDB, FeatureStats, stored_acts
 from .models import LoadedModel
 from .sae import SAE
 
@@ -78,7 +78,6 @@ HIST_BINS = int((HIST_LOG10_MAX - HIST_LOG10_MIN) * HIST_PER_DECADE)
 RANDOM_CENTRES = 8  # random centre tokens tried per batch for non-activating windows
 LOGIT_CHUNK = 16_384  # vocabulary rows per unembedding matmul
 WRITE_CHUNK = 512  # features per write transaction
-_FP16_MAX = float(np.finfo(np.float16).max)  # examples store activations as float16
 
 
 @dataclass
@@ -563,9 +562,8 @@ def _slots_np(slots: _Slots | None, descending: bool = True) -> dict | None:
     order = slots.key.argsort(dim=0, descending=descending)
     out = {name: getattr(slots, name).gather(0, order).cpu().numpy()
            for name in ("key", "val", "ctx", "pos", "lo")}
-    if slots.acts is not None:  # float16 as stored (clipped to its range once here, not per example)
-        acts = slots.acts.gather(0, order[..., None].expand_as(slots.acts)).float()
-        out["acts"] = acts.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16).cpu().numpy()
+    if slots.acts is not None:  # converted to the stored float16 once here, not per example
+        out["acts"] = stored_acts(slots.acts.gather(0, order[..., None].expand_as(slots.acts)).float().cpu().numpy())
     out["window"] = slots.window
     return out
 

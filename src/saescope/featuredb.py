@@ -664,14 +664,17 @@ def _encode_tokens(tokens) -> bytes:
     return arr.astype("<i4").tobytes()
 
 
+def stored_acts(acts) -> np.ndarray:
+    """Example activations as the database stores them: float16, clipped to its finite range.
+    Writers with many examples convert once with this and pass float16 arrays (no per-row work)."""
+    return np.clip(np.asarray(acts, dtype=np.float32), -_FP16_MAX, _FP16_MAX).astype("<f2")
+
+
 def _encode_acts(acts) -> bytes:
     arr = np.asarray(acts)
     if arr.ndim != 1:
         raise ValueError(f"example activations must be 1-D, got shape {arr.shape}")
-    if arr.dtype == np.float16:  # already the stored type (what analyze passes): nothing to clip
-        return arr.astype("<f2", copy=False).tobytes()
-    arr = arr.astype(np.float32, copy=False)
-    return np.clip(arr, -_FP16_MAX, _FP16_MAX).astype("<f2").tobytes()
+    return (arr if arr.dtype == np.float16 else stored_acts(arr)).astype("<f2", copy=False).tobytes()
 
 
 def _json_default(obj):

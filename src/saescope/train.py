@@ -105,12 +105,10 @@ class Signum(torch.optim.Optimizer):
             ps = [p for p in group["params"] if p.grad is not None]
             if not ps:
                 continue
-            bufs = []
             for p in ps:
-                st = self.state[p]
-                if "momentum" not in st:
-                    st["momentum"] = torch.zeros_like(p)
-                bufs.append(st["momentum"])
+                if not self.state[p]:
+                    self.state[p]["momentum"] = torch.zeros_like(p)
+            bufs = [self.state[p]["momentum"] for p in ps]
             torch._foreach_mul_(bufs, group["momentum"])
             torch._foreach_add_(bufs, [p.grad for p in ps], alpha=1 - group["momentum"])
             torch._foreach_add_(ps, torch._foreach_sign(bufs), alpha=-group["lr"])
