@@ -346,12 +346,14 @@ def part_sparsify(args, lm, work: Path) -> list[str]:
     lines = header(f"sparsify TopK vs saescope, all 18 layers end to end (k {k}, width {width})",
                    f".venv/bin/python bench/bench_peers.py --part sparsify --sp-tokens {args.sp_tokens} --heldout "
                    f"{args.heldout} --sp-batch {args.sp_batch}", versions)
-    ours_batch = TrainConfig().batch_size
+    tc = TrainConfig(tokens=args.sp_tokens)
+    ours_batch, ours_opt = tc.batch_size, tc.optimizer_for("topk")
+    ours_lr = tc.lr_for(width, ours_opt)
     lines += [f"Both train 18 TopK SAEs (resid_post = decoder-layer outputs, hookpoints {info['hookpoints'][0]}…"
               f"{info['hookpoints'][-1]}) in one pass over the same {len(ctxs)} train contexts, model forward included; "
               f"model already loaded for both; wall = SAE init + forward + training + saving. Ours: `train_run(..., "
               f"architecture='topk', l0s=({k},), train=TrainConfig(tokens={args.sp_tokens}))` (defaults: "
-              f"{ours_batch} tokens/step; harvest stops after the last hooked layer, no LM head). sparsify: Python "
+              f"{ours_batch} tokens/step, optimizer {ours_opt} at lr {ours_lr:g}; harvest stops after the last hooked layer, no LM head). sparsify: Python "
               f"`Trainer`, `SaeConfig(k={k}, num_latents={width})`, optimizer {info['optimizer']} (its default), "
               f"batch_size {args.sp_batch} contexts of {CTX} tokens per step, one run each (its default of 32 would give "
               f"~6 steps), exclude_tokens = BOS/EOS/pad, no wandb; its forward runs the full model incl. the "

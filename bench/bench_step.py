@@ -1,6 +1,6 @@
 """Time of one training step of one SAE (no model, synthetic sparse data) and where it goes.
 
-    .venv/bin/python bench/bench_step.py [--batch 256] [--arch jump_relu] [--width 4096] [--profile]
+    .venv/bin/python bench/bench_step.py [--batch 256] [--arch jump_relu] [--width 4096] [--optimizer auto] [--profile]
 
 Builds one `SAETrainer` (d_in 640, like Gemma 3 270M), feeds it batches that are sparse sums of
 8,000 random unit directions plus noise, runs 30 warm-up steps, then 4 × 30 timed steps (the best
@@ -42,11 +42,12 @@ def main() -> None:
     ap.add_argument("--arch", default="jump_relu")
     ap.add_argument("--width", type=int, default=4096)
     ap.add_argument("--l0", type=float, default=32)
+    ap.add_argument("--optimizer", default="auto", help="TrainConfig.optimizer (auto: sf-adam for topk, adam otherwise)")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
     cfg = SAEConfig(d_in=D_IN, width=args.width, l0=args.l0, site="resid_post", layer=0, architecture=args.arch)
-    trainer = SAETrainer(cfg, TrainConfig(tokens=10**6, batch_size=args.batch))
+    trainer = SAETrainer(cfg, TrainConfig(tokens=10**6, batch_size=args.batch, optimizer=args.optimizer))
     dirs = torch.randn(8000, D_IN)
     dirs /= dirs.norm(dim=1, keepdim=True)
     xs = []
@@ -63,7 +64,7 @@ def main() -> None:
     t_step = best_time(step, 30, 4)
     a, w = torch.randn(args.batch, D_IN), torch.randn(D_IN, args.width)
     t_mm = best_time(lambda: a @ w, 10, 5)
-    print(f"batch {args.batch} {args.arch} width {args.width}: step {t_step * 1e3:.1f} ms; the encoder product alone "
+    print(f"batch {args.batch} {args.arch} width {args.width} {trainer.train.optimizer_for(args.arch)}: step {t_step * 1e3:.1f} ms; the encoder product alone "
           f"{t_mm * 1e3:.1f} ms ({t_mm / t_step:.0%} of the step, {2 * args.batch * D_IN * args.width / t_mm / 1e9:.0f} "
           f"GFLOP/s); train-batch L0 {trainer.ema['l0']:.1f}")
     if args.profile:

@@ -33,6 +33,8 @@ MIN_FIRED = 20
 MIN_SCORE = 0.7  # detection score of the label
 MIN_COHERENCE = 0.3
 TOP_PROMOTED = 10
+CHECK_TRIES = 5  # --calibrate: candidates tried per layer
+CALIBRATION_SEEDS = (100, 101)  # not the evaluation's seeds
 
 
 def _norm(token: str | None) -> str:
@@ -71,13 +73,15 @@ class _Candidate(NamedTuple):
     main: str  # most common firing token
 
 
-def pick_features(run: Run, n: int = 10, by: str = "coherence") -> list[tuple[str, int, str, float, float]]:
+def pick_features(run: Run, n: int = 10, by: str = "coherence", check=None) -> list[tuple[str, int, str, float, float]]:
     """(sae_id, idx, label, score, coherence) for `n` layers spread over the model.
 
     by="score": per SAE the best-scored non-"unclear" label with >= MIN_FIRED firings (the first
     session's rule). by="coherence": among labels scoring >= MIN_SCORE, the one with the highest
     coherence (ties: score), preferring one whose main firing token differs from those chosen for
-    earlier layers; layers with no label of coherence >= MIN_COHERENCE are skipped."""
+    earlier layers; layers with no label of coherence >= MIN_COHERENCE are skipped. `check(sae_id, idx)`,
+    if given, is tried on the candidates of each layer in that order (at most CHECK_TRIES) and the first that
+    passes is taken (else the first candidate)."""
     cands: dict[str, list[_Candidate]] = {}
     with run.db(readonly=True) as db:
         for lab in db.current_labels():
@@ -107,7 +111,9 @@ def pick_features(run: Run, n: int = 10, by: str = "coherence") -> list[tuple[st
         if by == "score":
             c = max(cands[sae_id], key=lambda c: (c.score, c.n_fired))
         else:  # prefer a feature that mainly fires on another token than those already chosen
-            c = max(cands[sae_id], key=lambda c: (c.main not in used, c.coherence, c.score, c.n_fired))
+            ranked = sorted(cands[sae_id], key=lambda c: (c.main not in used, c.coherence, c.score, c.n_fired),
+                            reverse=True)
+            c = next((c for c in ranked[:CHECK_TRIES] if check(sae_id, c.idx)), ranked[0]) if check else ranked[0]
         used.add(c.main)
         chosen.append((sae_id, c.idx, c.label, c.score, c.coherence))
     return chosen
@@ -135,9 +141,25 @@ def main():
     ap.add_argument("--pick", choices=("coherence", "score"), default="coherence")
     ap.add_argument("--samples", type=int, default=0,
                     help="0 = greedy; N = sample N continuations (temperature 1, seeds 0..N-1) and average the numbers")
+    ap.add_argument("--calibrate", default="", metavar="PROMPT",
+                    help="per layer, take the first of the top candidates whose steering (first --strength, sampled, "
+                         "2 seeds) raises both its activation and its promoted tokens' probability on PROMPT "
+                         "(another prompt than --prompt: the evaluation stays held out)")
     args = ap.parse_args()
     run = Run.open(args.run)
-    picks = pick_features(run, by=args.pick)
+    check = None
+    if args.calibrate:
+        strength0 = float(args.strength.split(",")[0])
+
+        def check(sae_id, idx):
+            iv = [Intervention(sae_id, idx, "add", strength0)]
+            _, e = averaged([steer(run, args.calibrate, iv, max_new_tokens=args.tokens, greedy=False, seed=s)
+                             for s in CALIBRATION_SEEDS])
+            ok = e.act_steered_text > e.act_unsteered + 1e-3 and e.prob_steered > e.prob_unsteered + 1e-4
+            print(f"calibration {sae_id}:{idx}: act {e.act_unsteered:.2f} → {e.act_steered_text:.2f}, "
+                  f"p {e.prob_unsteered:.4f} → {e.prob_steered:.4f}: {'take' if ok else 'skip'}", flush=True)
+            return ok
+    picks = pick_features(run, by=args.pick, check=check)
     for strength in [float(x) for x in args.strength.split(",")]:
         run_one(run, picks, strength, args)
 
@@ -166,6 +188,10 @@ def run_one(run: Run, picks, strength: float, args) -> None:
                          "preferring one whose most common firing token (all digits counting as one) differs from "
                          "those of the features chosen for earlier layers",
             "score": "per layer, the best-scored non-\"unclear\" label with >= 20 firings"}[args.pick]
+    if args.calibrate:
+        rule += (f"; of each layer's top {CHECK_TRIES} by that order, the first whose steering on the calibration prompt "
+                 f"{args.calibrate!r} (same strength, sampled, seeds {CALIBRATION_SEEDS}) raised both its activation "
+                 f"and its promoted tokens' probability")
     decoding = (f"sampled (temperature 1, seeds 0–{args.samples - 1}; numbers are means over the samples, "
                 f"texts are seed 0's)" if args.samples else "greedy")
     lines = [f"\n## Steering 10 labelled features, picked by {args.pick} ({time.strftime('%Y-%m-%d')})\n",

@@ -37,7 +37,9 @@ def test_recovers_known_sparse_directions(arch):
     mt = MultiTrainer([_cfg(arch)], tc)
     mt.fit(_chunks(x), progress=False)
     sae = mt.trainers[0].export()
-    cos = (dirs @ sae.w_dec.detach().T).max(dim=1).values  # best-matching decoder row per true direction
+    w = sae.w_dec.detach()
+    w = w / w.norm(dim=1, keepdim=True)  # (sf-adam exports the average of unit rows: norms a little below 1)
+    cos = (dirs @ w.T).max(dim=1).values  # best-matching decoder row per true direction
     assert (cos > 0.9).float().mean() > 0.7, cos  # most true directions found (measured: 0.77–0.97)
     out = sae(xt)
     l0 = (out.f > 0).sum(1).float().mean().item()
@@ -46,10 +48,11 @@ def test_recovers_known_sparse_directions(arch):
     assert fvu < 0.2
 
 
-def test_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("optimizer", ["auto", "sf-adam"])
+def test_resume_equals_uninterrupted(tmp_path, optimizer):  # auto: adam for JumpReLU, sf-adam for TopK
     x, _ = _synthetic(6_000)
     cfgs = [_cfg("jump_relu", l0=4.0), _cfg("topk", width=64, l0=3.0)]
-    tc = TrainConfig(tokens=6_000, batch_size=250, seed=3, checkpoint_every=4)
+    tc = TrainConfig(tokens=6_000, batch_size=250, seed=3, checkpoint_every=4, optimizer=optimizer)
 
     ref = MultiTrainer(cfgs, tc)
     ref.fit(_chunks(x, 500), progress=False)
@@ -74,6 +77,8 @@ def test_resume_equals_uninterrupted(tmp_path):
     for a, b in zip(ref.trainers, second.trainers):
         for name, p in a.sae.state_dict().items():
             assert torch.equal(p, b.sae.state_dict()[name]), name
+        for name, p in a.export().state_dict().items():  # with sf-adam: the averages too
+            assert torch.equal(p, b.export().state_dict()[name]), name
 
 
 def test_nan_input_stops_only_that_sae():
@@ -120,6 +125,29 @@ def test_signum_moves_every_parameter_by_lr():
     p.grad = torch.tensor([3.0, -0.001, 0.5, -7.0, 0.0])
     opt.step()
     assert p.detach().tolist() == pytest.approx([-0.01, 0.01, -0.01, 0.01, 0.0])
+
+
+def test_schedule_free_follows_its_definition():
+    """z: the base optimiser's iterates; x: their lr²-weighted average; the parameter holds y = (1 − β)z + βx."""
+    from saescope.train import ScheduleFree
+
+    target, beta = torch.tensor([1.0, -2.0, 3.0]), 0.9
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = ScheduleFree([{"params": [p]}], lambda gs: torch.optim.SGD(gs, lr=0.1), beta)
+    z, x, wsum = torch.zeros(3), torch.zeros(3), 0.0
+    for lr in [0.02, 0.05, 0.1, 0.1, 0.1, 0.1]:  # a warm-up, then constant
+        y = (1 - beta) * z + beta * x
+        assert torch.allclose(p.detach(), y)
+        opt.zero_grad()
+        (0.5 * (p - target).pow(2).sum()).backward()
+        opt.param_groups[0]["lr"] = lr
+        opt.step()
+        z = z - lr * (y - target)
+        wsum += lr * lr
+        x = x + (lr * lr / wsum) * (z - x)
+    assert torch.allclose(opt.averaged(p), x)
+    assert torch.allclose(p.detach(), (1 - beta) * z + beta * x)
+    assert not torch.allclose(x, z)
 
 
 def test_unknown_optimizer_is_refused():

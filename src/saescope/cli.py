@@ -12,6 +12,7 @@ import click
 
 from .errors import SaescopeError
 from .models import DEFAULT_MODEL, SITE_KINDS
+from .train import OPTIMIZERS
 
 DEFAULT_RUN = "runs/gemma-3-270m"
 
@@ -95,16 +96,18 @@ def harvest(model, corpus, sites, layers, tokens, out, dtype, ctx_len, batch_siz
 @click.option("--tokens", default=100_000, help="Training tokens (every SAE sees the same tokens).")
 @click.option("--batch-size", default=256, help="Tokens per optimisation step.")
 @click.option("--lr", default=0.0, help="Learning rate (0 = automatic for the width and budget).")
+@click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default="auto",
+              help="auto = schedule-free Adam for TopK short runs, Adam otherwise (see README: the training recipe).")
 @click.option("--seed", default=0)
 @click.option("--cache", type=click.Path(exists=True), default=None, help="Train from a harvest cache instead of the live model.")
 @click.option("--out", default=DEFAULT_RUN, type=click.Path(), help="Run folder.")
 @click.option("--resume/--no-resume", default=True, help="Continue from the last checkpoint when there is one.")
-def train(model, corpus, sites, layers, widths, l0s, arch, tokens, batch_size, lr, seed, cache, out, resume):
+def train(model, corpus, sites, layers, widths, l0s, arch, tokens, batch_size, lr, optimizer, seed, cache, out, resume):
     """Train an SAE for every layer × site × width × L0, all from one pass over the corpus."""
     from .pipeline import train_run
     from .train import TrainConfig
 
-    tc = TrainConfig(tokens=tokens, batch_size=batch_size, lr=lr, seed=seed)
+    tc = TrainConfig(tokens=tokens, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed)
     run = train_run(out, model=model, corpus=corpus, sites=sites, layers=layers, widths=_csv_numbers(widths, int),
                     l0s=_csv_numbers(l0s), architecture=arch, train=tc, cache=cache, resume=resume)
     click.echo(f"trained {len(run.sae_ids())} SAEs in {run.root}/saes")

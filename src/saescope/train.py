@@ -13,9 +13,13 @@ The recipe (Gemma Scope, adapted so that it also works for a 100k-token CPU run)
   integral controller on log λ, so L0 settles on its target for any token budget
   (the Gemma Scope 2 quadratic target-L0 penalty has zero pull at the target and
   settles above it when the run is short);
-- Adam with β = (0, 0.999); lr warm-up from 0.1·lr over the first 5% of steps
-  (≤ 1,000) then cosine decay to `lr_end`·lr (0.1); decoder rows unit-norm with the gradient
-  component parallel to each row removed before the step;
+- short runs (< 1B tokens): schedule-free Adam (β1 = 0, β2 = 0.999, interpolation 0.9; the
+  running average of the iterates is what gets saved), lr 8e-3 at width ≤ 4096, b_enc/b_dec at
+  3% of it (biases in units of E‖x‖² = 1 that move at the weights' rate wreck the early layers'
+  reconstructions; measured in bench/RESULTS.md), lr warm-up from 0.1·lr over the first 5% of steps;
+- billions of tokens: the Gemma Scope recipe, Adam β = (0, 0.999) at 7e-5 for every parameter,
+  the same warm-up then cosine decay to `lr_end`·lr;
+- decoder rows unit-norm with the gradient component parallel to each row removed before the step;
 - dead features (no firing in `dead_tokens`) get an auxiliary-k loss: the top
   pre-activations among dead features are asked to reconstruct the residual error.
 """
@@ -45,11 +49,22 @@ class TrainConfig:
     batch_size: int = 256
     """Tokens per optimisation step (small batches = more steps: what a short budget needs most)."""
     lr: float = 0.0
-    """Adam learning rate; 0 = auto (4e-3/sqrt(width/1024) capped to [1e-4, 2e-3] for short runs, 7e-5 beyond 1B tokens)."""
+    """Peak learning rate; 0 = auto: adam 4e-3/sqrt(width/1024) capped to [1e-4, 2e-3], sf-adam 8e-3·sqrt(4096/width)
+    capped at 8e-3; 7e-5 from 1B tokens on."""
     lr_end: float = 0.1
-    """Final learning rate as a fraction of the peak (cosine decay after the warm-up)."""
-    optimizer: str = "adam"
-    """adam (β = 0, 0.999) or signum (sign of the momentum, β 0.9: what sparsify uses; give --lr)."""
+    """adam/signum: final learning rate as a fraction of the peak (cosine decay after the warm-up)."""
+    optimizer: str = "auto"
+    """auto (sf-adam for TopK below 1B tokens, adam otherwise), adam (β1 = 0, cosine decay), sf-adam
+    (schedule-free around Adam β1 = 0: constant lr, the running average is exported), signum
+    (sign of the momentum) or sf-signum (schedule-free sign descent: sparsify's optimiser)."""
+    betas: tuple[float, float] = (0.0, 0.999)
+    """adam: (β1, β2); sf-adam uses β2 only."""
+    bias_lr: float = 0.0
+    """Learning rate of b_enc and b_dec as a fraction of lr; 0 = auto (0.03 with sf-*, 1 otherwise)."""
+    threshold_lr: float = 1.0
+    """Learning rate of the JumpReLU thresholds as a fraction of lr."""
+    momentum: float = 0.9
+    """signum: momentum; sf-*: weight of the running average in the point where gradients are taken."""
     eps: float = 0.01
     """JumpReLU STE bandwidth, in units where E‖x‖² = 1."""
     lambda_init: float = 0.001
@@ -69,14 +84,32 @@ class TrainConfig:
             raise SaescopeError("--tokens must be positive")
         if self.batch_size < 2:
             raise SaescopeError("--batch-size must be at least 2")
-        if self.optimizer not in ("adam", "signum"):
-            raise SaescopeError(f"unknown optimizer '{self.optimizer}': choose adam or signum")
+        if self.optimizer not in OPTIMIZERS:
+            raise SaescopeError(f"unknown optimizer '{self.optimizer}': choose one of {', '.join(OPTIMIZERS)}")
 
-    def lr_for(self, width: int) -> float:
+    @property
+    def long_run(self) -> bool:
+        """Billions of tokens: the Gemma Scope recipe (Adam, cosine decay, every parameter at lr)."""
+        return self.tokens >= 1_000_000_000
+
+    def optimizer_for(self, architecture: str) -> str:
+        """auto: schedule-free Adam for short TopK runs. Not for the L0-controlled architectures: with it
+        the L0 controller lost its target on the synthetic test data (JumpReLU, target 3: training L0 0.7–1.0),
+        though it held on Gemma 3 270M (bench/RESULTS.md)."""
+        if self.optimizer != "auto":
+            return self.optimizer
+        return "sf-adam" if architecture == "topk" and not self.long_run else "adam"
+
+    def bias_lr_for(self, optimizer: str) -> float:
+        return self.bias_lr or (0.03 if optimizer.startswith("sf-") else 1.0)
+
+    def lr_for(self, width: int, optimizer: str = "adam") -> float:
         if self.lr > 0:
             return self.lr
-        if self.tokens >= 1_000_000_000:
+        if self.long_run:
             return 7e-5
+        if optimizer.startswith("sf-"):
+            return float(min(8e-3, 8e-3 * math.sqrt(4096 / width)))
         return float(min(2e-3, max(1e-4, 4e-3 / math.sqrt(width / 1024))))
 
     @property
@@ -88,7 +121,8 @@ class TrainConfig:
         return self.dead_tokens or min(10_000_000, max(self.batch_size, self.tokens // 5))
 
 
-LAYOUT = 2  # checkpoint layout: 2 = Adam state of w_enc kept feature-major (width, d_in)
+OPTIMIZERS = ("auto", "adam", "sf-adam", "signum", "sf-signum")
+LAYOUT = 3  # checkpoint layout: 2 = Adam state of w_enc kept feature-major (width, d_in); 3 = parameter groups
 AUX_ROWS = 256  # tokens per step that feed the auxiliary loss
 AUX_K = 128  # dead features per token asked to explain the error
 
@@ -114,6 +148,72 @@ class Signum(torch.optim.Optimizer):
             torch._foreach_add_(ps, torch._foreach_sign(bufs), alpha=-group["lr"])
 
 
+class ScheduleFree:
+    """Schedule-free learning (Defazio et al. 2024) around a base optimiser.
+
+    The base optimiser steps z, its own copy of the parameters; x is the lr²-weighted running
+    average of z; the model's parameters hold y = (1 − β)·z + β·x, where the gradients are taken.
+    Only y and z are stored: x = (y − (1 − β)·z)/β, so what the trainer does to y between steps
+    (unit-norm decoder rows, clamped thresholds) carries into the average. No decay schedule:
+    export x (`averaged`)."""
+
+    def __init__(self, groups: list[dict], make_base, momentum: float):
+        self.params = [list(g["params"]) for g in groups]
+        self.z = [[p.detach().clone() for p in ps] for ps in self.params]
+        self.base = make_base([{**g, "params": zs} for g, zs in zip(groups, self.z)])
+        self.momentum = momentum
+        self.weight_sum = 0.0
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.base.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for ps in self.params:
+            for p in ps:
+                p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        lr, beta = self.base.param_groups[0]["lr"], self.momentum
+        self.weight_sum += lr * lr
+        c = lr * lr / self.weight_sum if self.weight_sum > 0 else 1.0
+        # y' = (1 − β)z' + βx' with x' = (1 − c)x + cz' and x = (y − (1 − β)z)/β, as two lerps on y:
+        # (1 − c)·y − (1 − c)(1 − β)·z + (1 − β + βc)·z'
+        for ps, zs in zip(self.params, self.z):
+            torch._foreach_lerp_(ps, zs, 1 - 1 / beta)
+            for p, z in zip(ps, zs):
+                z.grad = p.grad
+        self.base.step()
+        for ps, zs in zip(self.params, self.z):
+            torch._foreach_lerp_(ps, zs, 1 - beta + beta * c)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """z = x = y (after the parameters were set from the data)."""
+        for ps, zs in zip(self.params, self.z):
+            torch._foreach_copy_(zs, ps)
+
+    @torch.no_grad()
+    def averaged(self, p: torch.Tensor) -> torch.Tensor:
+        """x (the running average) of parameter p."""
+        for ps, zs in zip(self.params, self.z):
+            for q, z in zip(ps, zs):
+                if q is p:
+                    return torch.lerp(z, p, 1 / self.momentum)
+        raise KeyError("not a parameter of this optimiser")
+
+    def state_dict(self) -> dict:
+        return {"base": self.base.state_dict(), "z": self.z, "weight_sum": self.weight_sum}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.base.load_state_dict(d["base"])
+        with torch.no_grad():
+            for a, b in zip(self.z, d["z"]):
+                torch._foreach_copy_(a, b)
+        self.weight_sum = d["weight_sum"]
+
+
 class StepStats(NamedTuple):
     loss: float
     fvu: float
@@ -130,6 +230,7 @@ class SAETrainer:
     sae: SAE = None
     opt: torch.optim.Optimizer = None
     scale: float = 0.0
+    base_lr: float = 0.0  # peak learning rate
     log_lambda: float = 0.0
     step: int = 0
     since_fired: torch.Tensor = None  # (width,) tokens since each feature last fired
@@ -148,11 +249,19 @@ class SAETrainer:
         self.log_lambda = math.log(self.train.lambda_init)
         self.since_fired = torch.zeros(self.cfg.width)
         params = [self._w_enc_t if p is self.sae.w_enc else p for p in self.sae.parameters()]
-        lr = self.train.lr_for(self.cfg.width)
-        if self.train.optimizer == "signum":
-            self.opt = Signum(params, lr=lr)
+        opt = self.train.optimizer_for(self.cfg.architecture)
+        lr = self.base_lr = self.train.lr_for(self.cfg.width, opt)
+        groups = [{"params": [p for p in params if p.dim() == 2]},
+                  {"params": [self.sae.b_enc, self.sae.b_dec], "lr_scale": self.train.bias_lr_for(opt)},
+                  {"params": [self.sae.threshold], "lr_scale": self.train.threshold_lr}]
+        if opt.endswith("signum"):
+            def make(gs):
+                return Signum(gs, lr=lr, momentum=0.0 if opt.startswith("sf-") else self.train.momentum)
         else:
-            self.opt = torch.optim.Adam(params, lr=lr, betas=(0.0, 0.999), eps=1e-8, fused=True)
+            def make(gs):
+                betas = (0.0, self.train.betas[1]) if opt.startswith("sf-") else tuple(self.train.betas)
+                return torch.optim.Adam(gs, lr=lr, betas=betas, eps=1e-8, fused=True)
+        self.opt = ScheduleFree(groups, make, self.train.momentum) if opt.startswith("sf-") else make(groups)
 
     @property
     def key(self) -> str:
@@ -171,13 +280,17 @@ class SAETrainer:
                 q = 1.0 - self.cfg.l0 / self.cfg.width
                 theta = torch.quantile(z, q, dim=0) if z.shape[0] > 1 else z[0]
                 sae.threshold.copy_(theta.clamp_min(1e-4))
+        if isinstance(self.opt, ScheduleFree):
+            self.opt.reset()
 
     def lr_now(self) -> float:
         total = self.train.total_steps
         warm = max(1, min(1000, total // 20))
-        base = self.train.lr_for(self.cfg.width)
+        base = self.base_lr
         if self.step < warm:
             return base * (0.1 + 0.9 * self.step / warm)
+        if isinstance(self.opt, ScheduleFree):
+            return base  # schedule-free: constant after the warm-up
         t = (self.step - warm) / max(1, total - warm)
         end = self.train.lr_end
         return base * (end + (1 - end) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
@@ -250,7 +363,7 @@ class SAETrainer:
             g.addcmul_(torch.linalg.vecdot(g, w)[:, None], w, value=-1.0)  # no gradient along each unit-norm row
         self._w_enc_t.grad, sae.w_enc.grad = sae.w_enc.grad.T, None  # hand it to Adam (which zeroes only its own)
         for group in self.opt.param_groups:
-            group["lr"] = self.lr_now()
+            group["lr"] = self.lr_now() * group.get("lr_scale", 1.0)
         self.opt.step()
         with torch.no_grad():
             sae.w_dec /= sae.w_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
@@ -272,7 +385,14 @@ class SAETrainer:
 
     def export(self) -> SAE:
         """The trained SAE in model units (normalisation and pre-encoder bias folded in)."""
-        out = self.sae.folded(self.scale)
+        sae = self.sae
+        if isinstance(self.opt, ScheduleFree):  # export the average x, not the interpolation y
+            sae = SAE(self.sae.cfg)
+            with torch.no_grad():
+                for name, p in self.sae.named_parameters():
+                    x = self.opt.averaged(self._w_enc_t if p is self.sae.w_enc else p)
+                    getattr(sae, name).copy_(x.T if p is self.sae.w_enc else x)
+        out = sae.folded(self.scale)
         if self.cfg.architecture == "batchtopk":
             out.cfg.architecture = "jump_relu"
             out.cfg.extra["trained_as"] = "batchtopk"
