@@ -126,6 +126,12 @@ def test_signum_moves_every_parameter_by_lr():
     opt.step()
     assert p.detach().tolist() == pytest.approx([-0.01, 0.01, -0.01, 0.01, 0.0])
 
+    q = torch.nn.Parameter(torch.zeros(3))  # momentum 0 (what sf-signum uses): the sign of the gradient itself
+    opt = Signum([q], lr=0.01, momentum=0.0)
+    q.grad = torch.tensor([2.0, -3.0, 0.0])
+    opt.step()
+    assert q.detach().tolist() == pytest.approx([-0.01, 0.01, 0.0]) and not opt.state[q]
+
 
 def test_schedule_free_follows_its_definition():
     """z: the base optimiser's iterates; x: their lr²-weighted average; the parameter holds y = (1 − β)z + βx."""

@@ -139,6 +139,9 @@ class Signum(torch.optim.Optimizer):
             ps = [p for p in group["params"] if p.grad is not None]
             if not ps:
                 continue
+            if group["momentum"] == 0:  # plain sign descent (sf-signum): no buffer to keep
+                torch._foreach_add_(ps, torch._foreach_sign([p.grad for p in ps]), alpha=-group["lr"])
+                continue
             for p in ps:
                 if not self.state[p]:
                     self.state[p]["momentum"] = torch.zeros_like(p)
@@ -187,6 +190,8 @@ class ScheduleFree:
         self.base.step()
         for ps, zs in zip(self.params, self.z):
             torch._foreach_lerp_(ps, zs, 1 - beta + beta * c)
+            for z in zs:
+                z.grad = None  # else the previous step's gradients stay alive beside the next backward's
 
     @torch.no_grad()
     def reset(self) -> None:
