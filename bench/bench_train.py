@@ -1,13 +1,14 @@
 """SAE-training throughput from in-memory activations, and achieved FLOP/s vs the measured matmul peak.
 
-    .venv/bin/python bench/bench_train.py [--tokens 51200] [--rounds 1] [--batch 256,1024] [--width 4096] [--l0 32]
-                                          [--no-append]
+    .venv/bin/python bench/bench_train.py [--tokens 51200] [--epochs 1] [--rounds 1] [--batch 256,1024] [--width 4096]
+                                          [--l0 32] [--no-append]
 
 1. Harvests `--tokens` train tokens of resid_post on all 18 layers of Gemma 3 270M once, into RAM
    (fp32, BOS/EOS/pad dropped).
 2. Alternates, `--rounds` times: fp32 matmul peak probe → train 18 JumpReLU SAEs (L0* = --l0) →
    peak probe → train 18 TopK SAEs (k = --l0) → … → peak probe. Every training run is a fresh
-   `MultiTrainer(cfgs, TrainConfig(tokens=N, batch_size=B)).fit(chunks)` over the same tokens, for
+   `MultiTrainer(cfgs, TrainConfig(tokens=E·N, batch_size=B)).fit(chunks)` over the same tokens, --epochs E
+   times (so that large batches get enough steps for the first-batch initialisation not to dominate), for
    every B in --batch (default 256, the default for short runs, and 1024);
    its wall time covers everything fit does (first-batch init, all steps of all 18 SAEs).
 3. Peak: `torch.matmul(A, B, out=C)` with A (1024×640), B (640×4096) — the shape of our dense encoder
@@ -21,8 +22,10 @@ Adam and the decoder renormalisation are work too but are NOT counted):
                      + 2·d·W                   b_dec gradient through the encoder (W_enc · g_b_enc)
                      + 2·nnz_g·d               sparse W_enc gradient (sparse.mm over active pairs)
                      + 6·nnz_d·d               sparse decode forward + W_dec gradient + gradient w.r.t. codes
+                     + 4·nnz_w·d               JumpReLU pairs in the STE window below θ: decoded (as zeros) with
+                                               W_dec detached, for the code gradient that θ's STE needs
 
-nnz_g / nnz_d are the exact numbers of (token, feature) pairs passed to `gather_pre_acts` /
+nnz_g / nnz_d / nnz_w are the exact numbers of (token, feature) pairs passed to `gather_pre_acts` /
 `sparse_decode` in the run (counted by wrapping them), so the JumpReLU STE window and the aux-k loss
 on dead features are included. d = 640, W = --width.
 Results are appended to bench/RESULTS.md under "## SAE training throughput".
@@ -74,7 +77,7 @@ class Counter:
     """Counts the active pairs handed to the sparse kernels (wraps the names train.py calls)."""
 
     def __init__(self):
-        self.nnz_g = self.nnz_d = 0
+        self.nnz_g = self.nnz_d = self.nnz_w = 0
         self._g, self._d = train_mod.gather_pre_acts, train_mod.sparse_decode
 
     def __enter__(self):
@@ -83,7 +86,10 @@ class Counter:
             return self._g(z, x_in, w_enc, b_enc, b_dec, act)
 
         def d(vals, act, w_dec):
-            self.nnz_d += act.cols.numel()
+            if w_dec.requires_grad:
+                self.nnz_d += act.cols.numel()
+            else:
+                self.nnz_w += act.cols.numel()
             return self._d(vals, act, w_dec)
 
         train_mod.gather_pre_acts, train_mod.sparse_decode = g, d
@@ -93,17 +99,19 @@ class Counter:
         train_mod.gather_pre_acts, train_mod.sparse_decode = self._g, self._d
 
 
-def train_once(acts: dict[str, torch.Tensor], arch: str, width: int, l0: float, tokens: int, B: int) -> dict:
+def train_once(acts: dict[str, torch.Tensor], arch: str, width: int, l0: float, tokens: int, B: int,
+               epochs: int = 1) -> dict:
     d = next(iter(acts.values())).shape[1]
     cfgs = [SAEConfig(d_in=d, width=width, architecture=arch, l0=l0, site="resid_post", layer=int(k.split("/")[1]))
             for k in sorted(acts, key=lambda k: int(k.split("/")[1]))]
-    cfg = TrainConfig(tokens=tokens, batch_size=B)
+    cfg = TrainConfig(tokens=tokens * epochs, batch_size=B)
     mt = MultiTrainer(cfgs, cfg)
     per_chunk = 8 * B
 
     def chunks():
-        for i in range(0, tokens, per_chunk):
-            yield Chunk({k: v[i : i + per_chunk] for k, v in acts.items()}, 1)
+        for _ in range(epochs):
+            for i in range(0, tokens, per_chunk):
+                yield Chunk({k: v[i : i + per_chunk] for k, v in acts.items()}, 1)
 
     with Counter() as cnt:
         t0 = time.perf_counter()
@@ -111,13 +119,14 @@ def train_once(acts: dict[str, torch.Tensor], arch: str, width: int, l0: float, 
         wall = time.perf_counter() - t0
     n_saes, steps = len(cfgs), mt.steps_done
     dense = n_saes * steps * (2 * B * d * width + 2 * d * width)
-    sparse = 2 * cnt.nnz_g * d + 6 * cnt.nnz_d * d
+    sparse = 2 * cnt.nnz_g * d + 6 * cnt.nnz_d * d + 4 * cnt.nnz_w * d
     l0s = [t.ema["l0"] for t in mt.trainers]
     fvus = [t.ema["fvu"] for t in mt.trainers]
     return {"arch": arch, "batch": B, "tokens": mt.tokens_done, "steps": steps, "n_saes": n_saes, "wall": wall,
             "tok_s": mt.tokens_done / wall, "sae_tok_s": n_saes * mt.tokens_done / wall,
             "flop": dense + sparse, "dense_flop": dense, "sparse_flop": sparse, "flop_s": (dense + sparse) / wall,
-            "nnz_per_tok": cnt.nnz_d / (n_saes * mt.tokens_done), "l0_min": min(l0s), "l0_max": max(l0s),
+            "nnz_per_tok": cnt.nnz_d / (n_saes * mt.tokens_done), "win_per_tok": cnt.nnz_w / (n_saes * mt.tokens_done),
+            "l0_min": min(l0s), "l0_max": max(l0s),
             "fvu_min": min(fvus), "fvu_max": max(fvus), "failures": len(mt.failures)}
 
 
@@ -125,6 +134,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=50 * 1024)
     ap.add_argument("--batch", default="256,1024", help="batch sizes (comma-separated); each is trained every round")
+    ap.add_argument("--epochs", type=int, default=1, help="passes over the harvested tokens per training run")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--width", type=int, default=4096)
     ap.add_argument("--l0", type=float, default=32.0)
@@ -153,7 +163,7 @@ def main() -> None:
     runs = []
     for r in range(args.rounds):
         for batch, arch in [(b, a) for b in batches for a in ("jump_relu", "topk")]:
-            res = train_once(acts, arch, args.width, args.l0, args.tokens, batch)
+            res = train_once(acts, arch, args.width, args.l0, args.tokens, batch, args.epochs)
             peaks.append(peak_probe())
             res["round"] = r
             res["peak"] = (peaks[-2] + peaks[-1]) / 2
@@ -166,23 +176,24 @@ def main() -> None:
     total = time.perf_counter() - t_start
 
     lines = ["", "## SAE training throughput (bench_train.py)", "",
-             f"{time.strftime('%Y-%m-%d %H:%M')}, `.venv/bin/python bench/bench_train.py --tokens {args.tokens} "
+             f"{time.strftime('%Y-%m-%d %H:%M')}, `.venv/bin/python bench/bench_train.py --tokens {args.tokens} --epochs {args.epochs} "
              f"--rounds {args.rounds} --batch {args.batch}` — {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
              f"fp32 CPU, load average {load:.2f} at the start. 18 SAEs (resid_post, layers 0–17 of Gemma 3 270M), width "
-             f"{args.width}, L0*/k {args.l0:g}, batch B as in the table, trained from {args.tokens:,} harvested train tokens held in RAM "
+             f"{args.width}, L0*/k {args.l0:g}, batch B as in the table, trained from {args.tokens:,} harvested train tokens held in RAM, {args.epochs} pass(es) "
              f"(harvest {t_harvest:.0f} s, not timed below). Runs alternate with fp32 matmul peak probes "
              f"((1024×640)@(640×4096), best of 3×1 s); each run is compared with the mean of the probes around it.",
              "",
              "FLOPs counted per SAE per step: 2·B·d·W (dense encoder) + 2·d·W (b_dec grad) + 2·nnz_g·d (sparse W_enc grad) "
-             "+ 6·nnz_d·d (sparse decode fwd, W_dec grad, code grad); nnz = active (token, feature) pairs actually "
-             "passed to the sparse kernels (JumpReLU STE window and aux-k pairs included). Elementwise work, top-k, "
+             "+ 6·nnz_d·d (sparse decode fwd, W_dec grad, code grad) + 4·nnz_w·d (JumpReLU STE-window pairs below θ: "
+             "decode fwd and code grad, no W_dec grad); nnz = active (token, feature) pairs actually "
+             "passed to the sparse kernels (aux-k pairs included). Elementwise work, top-k, "
              "Adam and decoder renormalisation are not counted.",
              "",
-             "| round | batch | arch | tokens/s (all 18 SAEs) | SAE-tokens/s | wall s | nnz/token | GFLOP/s | peak GFLOP/s | % of peak | train-batch L0 (min–max) | train-batch FVU (min–max) |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+             "| round | batch | arch | tokens/s (all 18 SAEs) | SAE-tokens/s | wall s | nnz/token | window/token | GFLOP/s | peak GFLOP/s | % of peak | train-batch L0 (min–max) | train-batch FVU (min–max) |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in runs:
         lines.append(f"| {r['round']} | {r['batch']} | {r['arch']} | {r['tok_s']:,.0f} | {r['sae_tok_s']:,.0f} | {r['wall']:.1f} | "
-                     f"{r['nnz_per_tok']:.1f} | {r['flop_s'] / 1e9:.1f} | {r['peak'] / 1e9:.1f} | {100 * r['frac']:.0f}% | "
+                     f"{r['nnz_per_tok']:.1f} | {r['win_per_tok']:.1f} | {r['flop_s'] / 1e9:.1f} | {r['peak'] / 1e9:.1f} | {100 * r['frac']:.0f}% | "
                      f"{r['l0_min']:.1f}–{r['l0_max']:.1f} | {r['fvu_min']:.3f}–{r['fvu_max']:.3f} |")
     by = {(b, a): [r for r in runs if r["arch"] == a and r["batch"] == b] for b in batches for a in ("jump_relu", "topk")}
     summ = []

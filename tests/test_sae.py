@@ -169,7 +169,7 @@ def test_sparse_kernels_match_dense_reference(layout):
         if sparse:
             x_in = x - b_dec.detach()
             z = (x_in @ w_enc + b_enc).detach()
-            z_sel = gather_pre_acts(z, x_in, w_enc, b_enc, b_dec, act)
+            z_sel = gather_pre_acts(z[act.rows, act.cols], x_in, w_enc, b_enc, b_dec, act)
             out = sparse_decode(z_sel * coef[act.rows, act.cols], act, w_dec)
         else:
             z = (x - b_dec) @ w_enc + b_enc
@@ -190,3 +190,5 @@ def test_active_offsets():
     assert act.offsets.tolist() == [0, 2, 2]
     assert act.rows.tolist() == [0, 0, 2, 2, 2, 2]
     assert act.cols.tolist() == [0, 2, 0, 1, 2, 3]
+    sub = act.subset(torch.tensor([True, False, False, True, False, True]))
+    assert sub.rows.tolist() == [0, 2, 2] and sub.cols.tolist() == [0, 1, 3] and sub.offsets.tolist() == [0, 1, 1]

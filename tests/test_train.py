@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -79,6 +81,45 @@ def test_resume_equals_uninterrupted(tmp_path, optimizer):  # auto: adam for Jum
             assert torch.equal(p, b.sae.state_dict()[name]), name
         for name, p in a.export().state_dict().items():  # with sf-adam: the averages too
             assert torch.equal(p, b.export().state_dict()[name]), name
+
+
+@pytest.mark.parametrize("arch", ["jump_relu", "relu", "topk"])
+def test_step_gradients_equal_the_dense_loss(arch):
+    """The sparse step (active pairs, STE window below θ apart, no b_enc in the dense product) has the
+    gradients of the plain dense loss: ‖x − f(z)·W_dec − b_dec‖² + λ·penalty, with z = (x − b_dec)·W_enc + b_enc."""
+    from saescope.sae import JumpReLUFn, StepFn
+
+    x, _ = _synthetic(512)
+    tc = TrainConfig(tokens=10_000, batch_size=256, aux_coef=0.0, eps=0.05)  # a wide window: many pairs in it
+    t = SAETrainer(_cfg(arch, width=64, l0=4.0), tc)
+    t.step_on(x[:256])  # initialises θ, b_dec and the scale, takes one step
+    sae, xb = t.sae, x[256:]
+    params = {n: p.detach().clone().requires_grad_() for n, p in sae.named_parameters()}
+    lam = math.exp(t.log_lambda)
+    grads = {}
+    t.opt.step = lambda: grads.update({n: (t._w_enc_t.grad.T if n == "w_enc" else p.grad).clone()
+                                       for n, p in sae.named_parameters() if n == "w_enc" or p.grad is not None})
+    t.step_on(xb)
+
+    xn = xb / t.scale
+    z = (xn - params["b_dec"]) @ params["w_enc"] + params["b_enc"]
+    if arch == "jump_relu":
+        f = JumpReLUFn.apply(z, params["threshold"], tc.eps)
+        penalty = lam * StepFn.apply(z, params["threshold"], tc.eps).sum() / len(xb) / 4.0
+        assert ((z - params["threshold"]).abs() < tc.eps / 2).sum() > 100  # the window is exercised
+    elif arch == "relu":
+        f, penalty = z.relu(), lam * z.relu().sum() / len(xb)
+    else:
+        top = z.topk(4, dim=1)
+        f, penalty = torch.zeros_like(z).scatter(1, top.indices, top.values.relu()), 0.0
+    loss = (xn - f @ params["w_dec"] - params["b_dec"]).pow(2).sum(1).mean() + penalty
+    loss.backward()
+    w, g = params["w_dec"].detach(), params["w_dec"].grad
+    g -= (g * w).sum(1, keepdim=True) * w  # the trainer removes each decoder row's parallel component
+    for n, p in params.items():
+        if arch != "jump_relu" and n == "threshold":
+            continue
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
 
 
 def test_nan_input_stops_only_that_sae():

@@ -5,8 +5,8 @@ under JumpReLU/TopK, passes gradient to ~1% of its encoder columns. These kernel
 do only that work, on the active (token, feature) pairs in flat COO form
 `rows, cols` (rows sorted ascending, as `nonzero` returns them):
 
-- `gather_pre_acts`: z[rows, cols] as a function of (w_enc, b_enc, b_dec), computed
-  from a dense no-grad z; its backward is a sparse (width × batch) @ (batch × d_in)
+- `gather_pre_acts`: z[rows, cols] as a function of (w_enc, b_enc, b_dec), given its
+  values read from a dense no-grad z; its backward is a sparse (width × batch) @ (batch × d_in)
   product instead of a dense one.
 - `sparse_decode`: Σ vals · w_dec[cols] per row, with `embedding_bag`.
 
@@ -39,6 +39,11 @@ class Active(NamedTuple):
         rows = torch.arange(batch, device=idx.device).repeat_interleave(k)
         return cls(rows, idx.reshape(-1), torch.arange(0, batch * k, k, device=idx.device))
 
+    def subset(self, keep: torch.Tensor) -> Active:
+        """The pairs where `keep` (nnz,) is true, still row-major."""
+        rows = self.rows[keep]
+        return Active(rows, self.cols[keep], _offsets(rows, self.offsets.shape[0]))
+
 
 def _offsets(rows: torch.Tensor, batch: int) -> torch.Tensor:
     counts = torch.bincount(rows, minlength=batch)
@@ -64,12 +69,12 @@ class _GatherPreActs(torch.autograd.Function):
         return None, None, g_w_enc, g_b_enc, g_b_dec, None, None
 
 
-def gather_pre_acts(z: torch.Tensor, x_in: torch.Tensor, w_enc, b_enc, b_dec, act: Active) -> torch.Tensor:
+def gather_pre_acts(z_sel: torch.Tensor, x_in: torch.Tensor, w_enc, b_enc, b_dec, act: Active) -> torch.Tensor:
     """z[rows, cols] (nnz,) with gradients to w_enc, b_enc and (when given) the pre-encoder bias b_dec.
 
-    `z` = (x − b_dec) @ w_enc + b_enc computed without grad; `x_in` = x − b_dec (or x).
+    `z_sel` holds the values, read without grad from z = (x − b_dec) @ w_enc + b_enc; `x_in` = x − b_dec (or x).
     """
-    return _GatherPreActs.apply(z[act.rows, act.cols], x_in, w_enc, b_enc, b_dec, act.rows, act.cols)
+    return _GatherPreActs.apply(z_sel, x_in, w_enc, b_enc, b_dec, act.rows, act.cols)
 
 
 def sparse_decode(vals: torch.Tensor, act: Active, w_dec: torch.Tensor) -> torch.Tensor:

@@ -13,12 +13,15 @@ The recipe (Gemma Scope, adapted so that it also works for a 100k-token CPU run)
   integral controller on log λ, so L0 settles on its target for any token budget
   (the Gemma Scope 2 quadratic target-L0 penalty has zero pull at the target and
   settles above it when the run is short);
-- short runs (< 1B tokens): schedule-free Adam (β1 = 0, β2 = 0.999, interpolation 0.9; the
+- batches of 256 tokens below 1B tokens (more steps), 4,096 from 1B on;
+- TopK short runs (< 1B tokens): schedule-free Adam (β1 = 0, β2 = 0.999, interpolation 0.9; the
   running average of the iterates is what gets saved), lr 8e-3 at width ≤ 4096, b_enc/b_dec at
   3% of it (biases in units of E‖x‖² = 1 that move at the weights' rate wreck the early layers'
   reconstructions; measured in bench/RESULTS.md), lr warm-up from 0.1·lr over the first 5% of steps;
+- JumpReLU/BatchTopK/ReLU short runs: Adam β = (0, 0.999), lr scaled to the width, the same warm-up,
+  then cosine decay to `lr_end`·lr;
 - billions of tokens: the Gemma Scope recipe, Adam β = (0, 0.999) at 7e-5 for every parameter,
-  the same warm-up then cosine decay to `lr_end`·lr;
+  the same warm-up then cosine decay;
 - decoder rows unit-norm with the gradient component parallel to each row removed before the step;
 - dead features (no firing in `dead_tokens`) get an auxiliary-k loss: the top
   pre-activations among dead features are asked to reconstruct the residual error.
@@ -26,6 +29,7 @@ The recipe (Gemma Scope, adapted so that it also works for a 100k-token CPU run)
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -46,8 +50,9 @@ class TrainConfig:
 
     tokens: int = 100_000
     """Training tokens per SAE (all SAEs see the same tokens)."""
-    batch_size: int = 256
-    """Tokens per optimisation step (small batches = more steps: what a short budget needs most)."""
+    batch_size: int = 0
+    """Tokens per optimisation step; 0 = auto: 256 below 1B tokens (more steps: what a short budget needs most),
+    4,096 (Gemma Scope's) from 1B on."""
     lr: float = 0.0
     """Peak learning rate; 0 = auto: adam 4e-3/sqrt(width/1024) capped to [1e-4, 2e-3], sf-adam 8e-3·sqrt(4096/width)
     capped at 8e-3; 7e-5 from 1B tokens on."""
@@ -82,6 +87,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.tokens < 1:
             raise SaescopeError("--tokens must be positive")
+        if self.batch_size == 0:
+            self.batch_size = 4096 if self.long_run else 256
         if self.batch_size < 2:
             raise SaescopeError("--batch-size must be at least 2")
         if self.optimizer not in OPTIMIZERS:
@@ -226,6 +233,23 @@ class StepStats(NamedTuple):
     dead_fraction: float
 
 
+def _keep_freed_memory() -> None:
+    """Ask glibc to keep freed memory for reuse instead of handing it back to the OS.
+
+    A training step allocates and frees the same large tensors every time (gradients of W×d, codes,
+    the B×d reconstructions). By default glibc serves blocks it last saw freed above its adaptive
+    threshold with fresh mmaps and trims the heap top beyond twice that, so many steps pay page faults
+    and kernel zero-fills on tens of MB: 8–11% of a width-4096 step at batch 1,024 (bench/RESULTS.md).
+    Process-wide and idempotent; a no-op where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's upper limit for it on 64-bit
+    libc.mallopt(m_trim_threshold, 1 << 30)
+
+
 @dataclass
 class SAETrainer:
     """One SAE in training: the module (training form), its optimiser and controller state."""
@@ -242,8 +266,10 @@ class SAETrainer:
     batch_threshold: float = 0.0  # batchtopk: running min selected activation
     ema: dict = field(default_factory=lambda: {"fvu": float("nan"), "l0": float("nan")})
     failed: str = ""
+    scratch: dict = field(default_factory=dict)  # reusable buffers, see _scratch_z
 
     def __post_init__(self):
+        _keep_freed_memory()
         gen = torch.Generator().manual_seed(self.train.seed + self.cfg.layer * 1009 + self.cfg.width)
         cfg = SAEConfig.from_json({**self.cfg.to_json(), "pre_bias": True})
         self.sae = SAE.init(cfg, generator=gen)
@@ -282,8 +308,10 @@ class SAETrainer:
             sae.b_dec.copy_(xn.mean(0))
             if sae.uses_threshold:
                 z = (xn - sae.b_dec) @ sae.w_enc + sae.b_enc
-                q = 1.0 - self.cfg.l0 / self.cfg.width
-                theta = torch.quantile(z, q, dim=0) if z.shape[0] > 1 else z[0]
+                # θ = each feature's (1 − L0/width) quantile over the batch: the m-th largest value
+                # (topk: 20× faster than torch.quantile's full sort at batch 4,096)
+                m = max(1, round(z.shape[0] * self.cfg.l0 / self.cfg.width))
+                theta = z.topk(m, dim=0).values[-1]
                 sae.threshold.copy_(theta.clamp_min(1e-4))
         if isinstance(self.opt, ScheduleFree):
             self.opt.reset()
@@ -300,6 +328,15 @@ class SAETrainer:
         end = self.train.lr_end
         return base * (end + (1 - end) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
+    def _scratch_z(self, x: torch.Tensor) -> torch.Tensor:
+        """The (batch, width) buffer for the pre-activations, reused from step to step (and shared by the SAEs of
+        one MultiTrainer, which step one after another): a fresh one of 64 MB at batch 4,096 is fresh pages
+        from the OS every step, which cost 5–8% of the step on CPU."""
+        key = (x.shape[0], self.cfg.width, x.dtype, x.device)
+        if key not in self.scratch:
+            self.scratch[key] = torch.empty(key[:2], dtype=x.dtype, device=x.device)
+        return self.scratch[key]
+
     def step_on(self, x: torch.Tensor) -> StepStats:
         """One optimisation step on raw activations x (batch, d_in)."""
         if self.failed:
@@ -309,9 +346,13 @@ class SAETrainer:
         sae, arch, eps = self.sae, self.cfg.architecture, self.train.eps
         xn = x / self.scale  # (batch, d_in), E‖xn‖² ≈ 1
         x_in = xn - sae.b_dec.detach()
-        with torch.no_grad():
-            z = torch.addmm(sae.b_enc, x_in, sae.w_enc)  # (batch, width): the one dense product
+        b_enc = sae.b_enc.detach()
+        biased = arch in ("topk", "batchtopk")  # the others compare x_in·W_enc with b_enc-shifted cut-offs
+        z = self._scratch_z(x)
+        with torch.no_grad():  # (batch, width): the one dense product (without b_enc, it is a pass cheaper)
+            torch.addmm(b_enc, x_in, sae.w_enc, out=z) if biased else torch.mm(x_in, sae.w_enc, out=z)
         lam = math.exp(self.log_lambda)
+        below = None  # jump_relu: pairs in the STE window just below θ
         if arch == "topk":
             act = Active.from_topk(z.topk(self.cfg.k, dim=1, sorted=False).indices)
         elif arch == "batchtopk":
@@ -322,20 +363,30 @@ class SAETrainer:
             pos = top.values[top.values > 0]
             kmin = float(pos.min()) if pos.numel() else 0.0
             self.batch_threshold = kmin if self.step == 0 else 0.99 * self.batch_threshold + 0.01 * kmin
-        elif arch == "jump_relu":  # active features and those within the STE window below θ
-            act = Active.from_mask(z > sae.threshold.detach() - eps / 2)
+        elif arch == "jump_relu":  # active features, and those within the STE window below θ apart
+            theta = sae.threshold.detach()
+            near = Active.from_mask(z > theta - b_enc - eps / 2)
+            z_near = z[near.rows, near.cols] + b_enc[near.cols]
+            on = z_near > theta[near.cols]
+            act, below, z_sel, z_below = near.subset(on), near.subset(~on), z_near[on], z_near[~on]
         else:  # relu
-            act = Active.from_mask(z > 0)
-        z_sel = gather_pre_acts(z, x_in, sae.w_enc, sae.b_enc, sae.b_dec, act)  # (nnz,)
+            act = Active.from_mask(z > -b_enc)
+        if arch != "jump_relu":
+            z_sel = z[act.rows, act.cols] if biased else z[act.rows, act.cols] + b_enc[act.cols]
+        z_sel = gather_pre_acts(z_sel, x_in, sae.w_enc, sae.b_enc, sae.b_dec, act)  # (nnz,)
         if arch == "jump_relu":
-            theta_sel = sae.threshold.gather(0, act.cols)
+            theta_sel, theta_below = sae.threshold.gather(0, act.cols), sae.threshold.gather(0, below.cols)
             f = JumpReLUFn.apply(z_sel, theta_sel, eps)
-            l0_soft = StepFn.apply(z_sel, theta_sel, eps).sum() / x.shape[0]
-            sparsity = lam * l0_soft / self.cfg.l0
+            # below θ the code is 0 and z gets no gradient, but θ gets the STE gradients of both functions
+            f_below = JumpReLUFn.apply(z_below, theta_below, eps)
+            n_soft = StepFn.apply(z_sel, theta_sel, eps).sum() + StepFn.apply(z_below, theta_below, eps).sum()
+            sparsity = lam * n_soft / x.shape[0] / self.cfg.l0
         else:
             f = z_sel.relu()
             sparsity = lam * f.sum() / x.shape[0] if arch == "relu" else z_sel.new_zeros(())
         x_hat = sparse_decode(f, act, sae.w_dec) + sae.b_dec
+        if below is not None:  # zeros, decoded only so that θ learns from ∂loss/∂code there (no W_dec gradient)
+            x_hat = x_hat + sparse_decode(f_below, below, sae.w_dec.detach())
         err = xn - x_hat
         recon = err.pow(2).sum(1).mean()
         total_var = (xn - xn.mean(0)).pow(2).sum(1).mean()
@@ -350,9 +401,11 @@ class SAETrainer:
         if self.train.aux_coef > 0 and n_dead > 0:
             # auxiliary-k on a slice of the batch: dead features learn to explain the residual error
             rows = slice(0, min(x.shape[0], AUX_ROWS))
-            z_dead = z[rows].masked_fill(~dead, float("-inf"))
+            z_rows = z[rows] if biased else z[rows] + b_enc
+            z_dead = z_rows.masked_fill(~dead, float("-inf"))
             aux = Active.from_topk(z_dead.topk(min(AUX_K, n_dead), dim=1, sorted=False).indices)
-            aux_z = gather_pre_acts(z[rows], x_in[rows], sae.w_enc, sae.b_enc, None, aux).relu()
+            aux_z = z_rows[aux.rows, aux.cols]
+            aux_z = gather_pre_acts(aux_z, x_in[rows], sae.w_enc, sae.b_enc, None, aux).relu()
             e_hat = sparse_decode(aux_z, aux, sae.w_dec)
             e = err[rows].detach()
             aux_loss = (e - e_hat).pow(2).sum(1).mean() / (e - e.mean(0)).pow(2).sum(1).mean().clamp_min(1e-12)
@@ -436,7 +489,8 @@ class MultiTrainer:
         if not sae_cfgs:
             raise SaescopeError("no SAEs to train: give at least one layer, site, width and L0")
         self.train = train
-        self.trainers = [SAETrainer(c, train) for c in sae_cfgs]
+        scratch: dict = {}  # one pre-activation buffer per shape for all SAEs: they step one after another
+        self.trainers = [SAETrainer(c, train, scratch=scratch) for c in sae_cfgs]
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.tokens_done = 0
         self.contexts_done = 0
