@@ -94,7 +94,7 @@ def harvest(model, corpus, sites, layers, tokens, out, dtype, ctx_len, batch_siz
 @click.option("--l0", "l0s", default="32", help="Comma-separated target L0s (k for topk).")
 @click.option("--arch", type=click.Choice(["jump_relu", "topk", "batchtopk", "relu"]), default="jump_relu")
 @click.option("--tokens", default=100_000, help="Training tokens (every SAE sees the same tokens).")
-@click.option("--batch-size", default=256, help="Tokens per optimisation step.")
+@click.option("--batch-size", default=0, help="Tokens per optimisation step; 0 = auto (256 below 1B tokens, 4,096 from 1B on).")
 @click.option("--lr", default=0.0, help="Learning rate (0 = automatic for the width and budget).")
 @click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default="auto",
               help="auto = schedule-free Adam for TopK short runs, Adam otherwise (see README: the training recipe).")
