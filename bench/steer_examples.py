@@ -1,7 +1,7 @@
 """Steer 10 labelled features from different layers of a run and record what happened.
 
     .venv/bin/python bench/steer_examples.py RUN [--strength 0.5,1] [--tokens 24] [--prompt "..."]
-                                             [--pick coherence|score]
+                                             [--pick coherence|score] [--samples N] [--calibrate PROMPT ...]
 
 For each of 10 layers spread over the model, picks a labelled feature (by default the one
 whose promoted tokens are the tokens it fires on: see `pick_features`), adds its decoder direction at
@@ -15,6 +15,7 @@ bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import sys
 import time
@@ -141,10 +142,11 @@ def main():
     ap.add_argument("--pick", choices=("coherence", "score"), default="coherence")
     ap.add_argument("--samples", type=int, default=0,
                     help="0 = greedy; N = sample N continuations (temperature 1, seeds 0..N-1) and average the numbers")
-    ap.add_argument("--calibrate", default="", metavar="PROMPT",
+    ap.add_argument("--calibrate", action="append", default=[], metavar="PROMPT",
                     help="per layer, take the first of the top candidates whose steering (first --strength, sampled, "
                          "2 seeds) raises both its activation and its promoted tokens' probability on PROMPT "
-                         "(another prompt than --prompt: the evaluation stays held out)")
+                         "(another prompt than --prompt: the evaluation stays held out); repeat it to require that "
+                         "on every PROMPT given")
     args = ap.parse_args()
     run = Run.open(args.run)
     check = None
@@ -153,12 +155,15 @@ def main():
 
         def check(sae_id, idx):
             iv = [Intervention(sae_id, idx, "add", strength0)]
-            _, e = averaged([steer(run, args.calibrate, iv, max_new_tokens=args.tokens, greedy=False, seed=s)
-                             for s in CALIBRATION_SEEDS])
-            ok = e.act_steered_text > e.act_unsteered + 1e-3 and e.prob_steered > e.prob_unsteered + 1e-4
-            print(f"calibration {sae_id}:{idx}: act {e.act_unsteered:.2f} → {e.act_steered_text:.2f}, "
-                  f"p {e.prob_unsteered:.4f} → {e.prob_steered:.4f}: {'take' if ok else 'skip'}", flush=True)
-            return ok
+            for prompt in args.calibrate:
+                _, e = averaged([steer(run, prompt, iv, max_new_tokens=args.tokens, greedy=False, seed=s)
+                                 for s in CALIBRATION_SEEDS])
+                ok = e.act_steered_text > e.act_unsteered + 1e-3 and e.prob_steered > e.prob_unsteered + 1e-4
+                print(f"calibration {sae_id}:{idx} on {prompt!r}: act {e.act_unsteered:.2f} → {e.act_steered_text:.2f}, "
+                      f"p {e.prob_unsteered:.4f} → {e.prob_steered:.4f}: {'pass' if ok else 'skip'}", flush=True)
+                if not ok:
+                    return False
+            return True
     picks = pick_features(run, by=args.pick, check=check)
     for strength in [float(x) for x in args.strength.split(",")]:
         run_one(run, picks, strength, args)
@@ -189,13 +194,13 @@ def run_one(run: Run, picks, strength: float, args) -> None:
                          "those of the features chosen for earlier layers",
             "score": "per layer, the best-scored non-\"unclear\" label with >= 20 firings"}[args.pick]
     if args.calibrate:
-        rule += (f"; of each layer's top {CHECK_TRIES} by that order, the first whose steering on the calibration prompt "
-                 f"{args.calibrate!r} (same strength, sampled, seeds {CALIBRATION_SEEDS}) raised both its activation "
-                 f"and its promoted tokens' probability")
+        rule += (f"; of each layer's top {CHECK_TRIES} by that order, the first whose steering on every calibration "
+                 f"prompt ({', '.join(map(repr, args.calibrate))}; same strength, sampled, seeds {CALIBRATION_SEEDS}, "
+                 f"means over the seeds) raised both its activation and its promoted tokens' probability")
     decoding = (f"sampled (temperature 1, seeds 0–{args.samples - 1}; numbers are means over the samples, "
                 f"texts are seed 0's)" if args.samples else "greedy")
     lines = [f"\n## Steering 10 labelled features, picked by {args.pick} ({time.strftime('%Y-%m-%d')})\n",
-             f"`.venv/bin/python bench/steer_examples.py {' '.join(sys.argv[1:])}` — strength {strength:g}, "
+             f"`.venv/bin/python bench/steer_examples.py {shlex.join(sys.argv[1:])}` — strength {strength:g}, "
              f"prompt {args.prompt!r}, {decoding}, add strength × the feature's max activation; {time.time() - t0:.0f} s. "
              f"Features: {rule}. "
              f"Activation = the feature's mean code on the generated tokens, re-encoded by the unsteered model; "
