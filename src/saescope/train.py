@@ -65,7 +65,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.0, 0.999)
     """adam: (β1, β2); sf-adam uses β2 only."""
     bias_lr: float = 0.0
-    """Learning rate of b_enc and b_dec as a fraction of lr; 0 = auto (0.03 with sf-*, 1 otherwise)."""
+    """Learning rate of b_enc and b_dec as a fraction of lr; 0 = auto (0.03 below 1B tokens or with sf-*, else 1)."""
     threshold_lr: float = 1.0
     """Learning rate of the JumpReLU thresholds as a fraction of lr."""
     momentum: float = 0.9
@@ -108,7 +108,11 @@ class TrainConfig:
         return "sf-adam" if architecture == "topk" and not self.long_run else "adam"
 
     def bias_lr_for(self, optimizer: str) -> float:
-        return self.bias_lr or (0.03 if optimizer.startswith("sf-") else 1.0)
+        """auto: 0.03 below 1B tokens (and with sf-*): in units where E‖x‖² = 1 biases that move at the weights'
+        lr (2e-3) shift the input by ~5% of its norm per step; on Gemma 3 270M layers 6, 7 and 9 that set off
+        a divergence (train FVU 0.7 → 224 in 3 steps) that killed 80% of the features (bench/RESULTS.md).
+        1 (Gemma Scope) for the long-run recipe, whose lr is 7e-5."""
+        return self.bias_lr or (0.03 if optimizer.startswith("sf-") or not self.long_run else 1.0)
 
     def lr_for(self, width: int, optimizer: str = "adam") -> float:
         if self.lr > 0:
@@ -308,10 +312,10 @@ class SAETrainer:
             sae.b_dec.copy_(xn.mean(0))
             if sae.uses_threshold:
                 z = (xn - sae.b_dec) @ sae.w_enc + sae.b_enc
-                # θ = each feature's (1 − L0/width) quantile over the batch: the m-th largest value
-                # (topk: 20× faster than torch.quantile's full sort at batch 4,096)
-                m = max(1, round(z.shape[0] * self.cfg.l0 / self.cfg.width))
-                theta = z.topk(m, dim=0).values[-1]
+                # θ = each feature's (1 − L0/width) quantile over the batch: the (m+1)-th largest value, so
+                # that m = L0/width of the batch lie above it (topk: 20× faster than torch.quantile at 4,096)
+                m = round(z.shape[0] * self.cfg.l0 / self.cfg.width)
+                theta = z.topk(min(m + 1, z.shape[0]), dim=0).values[-1]
                 sae.threshold.copy_(theta.clamp_min(1e-4))
         if isinstance(self.opt, ScheduleFree):
             self.opt.reset()
