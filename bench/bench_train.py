@@ -22,11 +22,11 @@ Adam and the decoder renormalisation are work too but are NOT counted):
                      + 2·d·W                   b_dec gradient through the encoder (W_enc · g_b_enc)
                      + 2·nnz_g·d               sparse W_enc gradient (sparse.mm over active pairs)
                      + 6·nnz_d·d               sparse decode forward + W_dec gradient + gradient w.r.t. codes
-                     + 4·nnz_w·d               JumpReLU pairs in the STE window below θ: decoded (as zeros) with
-                                               W_dec detached, for the code gradient that θ's STE needs
+                     + 2·nnz_w·d               JumpReLU pairs in the STE window below θ: the gradient w.r.t. their
+                                               codes (0), which θ's STE needs (`code_grad_probe`)
 
 nnz_g / nnz_d / nnz_w are the exact numbers of (token, feature) pairs passed to `gather_pre_acts` /
-`sparse_decode` in the run (counted by wrapping them), so the JumpReLU STE window and the aux-k loss
+`sparse_decode` / `code_grad_probe` in the run (counted by wrapping them), so the JumpReLU STE window and the aux-k loss
 on dead features are included. d = 640, W = --width.
 Results are appended to bench/RESULTS.md under "## SAE training throughput".
 """
@@ -78,7 +78,7 @@ class Counter:
 
     def __init__(self):
         self.nnz_g = self.nnz_d = self.nnz_w = 0
-        self._g, self._d = train_mod.gather_pre_acts, train_mod.sparse_decode
+        self._g, self._d, self._w = train_mod.gather_pre_acts, train_mod.sparse_decode, train_mod.code_grad_probe
 
     def __enter__(self):
         def g(z, x_in, w_enc, b_enc, b_dec, act):
@@ -86,17 +86,18 @@ class Counter:
             return self._g(z, x_in, w_enc, b_enc, b_dec, act)
 
         def d(vals, act, w_dec):
-            if w_dec.requires_grad:
-                self.nnz_d += act.cols.numel()
-            else:
-                self.nnz_w += act.cols.numel()
+            self.nnz_d += act.cols.numel()
             return self._d(vals, act, w_dec)
 
-        train_mod.gather_pre_acts, train_mod.sparse_decode = g, d
+        def w(vals, act, w_dec):
+            self.nnz_w += act.cols.numel()
+            return self._w(vals, act, w_dec)
+
+        train_mod.gather_pre_acts, train_mod.sparse_decode, train_mod.code_grad_probe = g, d, w
         return self
 
     def __exit__(self, *exc):
-        train_mod.gather_pre_acts, train_mod.sparse_decode = self._g, self._d
+        train_mod.gather_pre_acts, train_mod.sparse_decode, train_mod.code_grad_probe = self._g, self._d, self._w
 
 
 def train_once(acts: dict[str, torch.Tensor], arch: str, width: int, l0: float, tokens: int, B: int,
@@ -119,7 +120,7 @@ def train_once(acts: dict[str, torch.Tensor], arch: str, width: int, l0: float, 
         wall = time.perf_counter() - t0
     n_saes, steps = len(cfgs), mt.steps_done
     dense = n_saes * steps * (2 * B * d * width + 2 * d * width)
-    sparse = 2 * cnt.nnz_g * d + 6 * cnt.nnz_d * d + 4 * cnt.nnz_w * d
+    sparse = 2 * cnt.nnz_g * d + 6 * cnt.nnz_d * d + 2 * cnt.nnz_w * d
     l0s = [t.ema["l0"] for t in mt.trainers]
     fvus = [t.ema["fvu"] for t in mt.trainers]
     return {"arch": arch, "batch": B, "tokens": mt.tokens_done, "steps": steps, "n_saes": n_saes, "wall": wall,
@@ -184,8 +185,8 @@ def main() -> None:
              f"((1024×640)@(640×4096), best of 3×1 s); each run is compared with the mean of the probes around it.",
              "",
              "FLOPs counted per SAE per step: 2·B·d·W (dense encoder) + 2·d·W (b_dec grad) + 2·nnz_g·d (sparse W_enc grad) "
-             "+ 6·nnz_d·d (sparse decode fwd, W_dec grad, code grad) + 4·nnz_w·d (JumpReLU STE-window pairs below θ: "
-             "decode fwd and code grad, no W_dec grad); nnz = active (token, feature) pairs actually "
+             "+ 6·nnz_d·d (sparse decode fwd, W_dec grad, code grad) + 2·nnz_w·d (JumpReLU STE-window pairs below θ: "
+             "code grad only); nnz = active (token, feature) pairs actually "
              "passed to the sparse kernels (aux-k pairs included). Elementwise work, top-k, "
              "Adam and decoder renormalisation are not counted.",
              "",

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from saescope.errors import SaescopeError
-from saescope.kernels import Active, gather_pre_acts, sparse_decode
+from saescope.kernels import Active, code_grad_probe, gather_pre_acts, sparse_decode
 from saescope.sae import SAE, JumpReLUFn, SAEConfig, StepFn, load_sae
 
 
@@ -182,6 +182,24 @@ def test_sparse_kernels_match_dense_reference(layout):
     torch.testing.assert_close(out_s, out_d)
     for gs, gd in zip(grads_s, grads_d):
         torch.testing.assert_close(gs, gd, rtol=1e-4, atol=1e-4)
+
+
+def test_code_grad_probe_gives_the_decoders_code_gradient():
+    torch.manual_seed(0)
+    b, d, w = 16, 8, 32
+    mask = torch.rand(b, w) < 0.2
+    mask[5] = False
+    act = Active.from_mask(mask)
+    w_dec, r = torch.randn(w, d), torch.randn(b, d)
+    grads = []
+    for probe in (True, False):
+        vals = torch.zeros(act.cols.numel(), requires_grad=True)
+        out = code_grad_probe(vals, act, w_dec) if probe else sparse_decode(vals, act, w_dec)
+        assert torch.equal(out, torch.zeros(b, d))
+        (out * r).sum().backward()
+        grads.append(vals.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+    assert grads[0].abs().min() > 0
 
 
 def test_active_offsets():

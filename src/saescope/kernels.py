@@ -9,6 +9,7 @@ do only that work, on the active (token, feature) pairs in flat COO form
   values read from a dense no-grad z; its backward is a sparse (width × batch) @ (batch × d_in)
   product instead of a dense one.
 - `sparse_decode`: Σ vals · w_dec[cols] per row, with `embedding_bag`.
+- `code_grad_probe`: the gradient codes would get from the decoder, for codes that are zero.
 
 Naive references are in tests/test_sae.py.
 """
@@ -75,6 +76,28 @@ def gather_pre_acts(z_sel: torch.Tensor, x_in: torch.Tensor, w_enc, b_enc, b_dec
     `z_sel` holds the values, read without grad from z = (x − b_dec) @ w_enc + b_enc; `x_in` = x − b_dec (or x).
     """
     return _GatherPreActs.apply(z_sel, x_in, w_enc, b_enc, b_dec, act.rows, act.cols)
+
+
+class _CodeGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, vals, w_dec, rows, cols, offsets):
+        ctx.save_for_backward(w_dec, rows, cols, offsets)
+        return vals.new_zeros(()).expand(offsets.shape[0], w_dec.shape[1])
+
+    @staticmethod
+    def backward(ctx, g):  # g (batch, d_in)
+        w_dec, rows, cols, offsets = ctx.saved_tensors
+        # <g[row], w_dec[col]> per pair: the kernel embedding_bag's own backward uses for per_sample_weights
+        g_vals = torch.ops.aten._embedding_bag_per_sample_weights_backward(g.contiguous(), w_dec, cols, offsets,
+                                                                           rows, 0, -1)
+        return g_vals, None, None, None, None
+
+
+def code_grad_probe(vals: torch.Tensor, act: Active, w_dec: torch.Tensor) -> torch.Tensor:
+    """Zeros (batch, d_in) to add to a reconstruction, through which `vals` (nnz,) receive the gradient they
+    would get as codes decoded by w_dec — without decoding them. For codes that are 0 (JumpReLU pairs just
+    below θ) whose gradient only feeds the threshold's straight-through estimator."""
+    return _CodeGrad.apply(vals, w_dec.detach(), act.rows, act.cols, act.offsets)
 
 
 def sparse_decode(vals: torch.Tensor, act: Active, w_dec: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import SaescopeError
-from .kernels import Active, gather_pre_acts, sparse_decode
+from .kernels import Active, code_grad_probe, gather_pre_acts, sparse_decode
 from .sae import SAE, JumpReLUFn, SAEConfig, StepFn
 
 
@@ -389,8 +389,8 @@ class SAETrainer:
             f = z_sel.relu()
             sparsity = lam * f.sum() / x.shape[0] if arch == "relu" else z_sel.new_zeros(())
         x_hat = sparse_decode(f, act, sae.w_dec) + sae.b_dec
-        if below is not None:  # zeros, decoded only so that θ learns from ∂loss/∂code there (no W_dec gradient)
-            x_hat = x_hat + sparse_decode(f_below, below, sae.w_dec.detach())
+        if below is not None:  # zeros, through which θ learns from ∂loss/∂code there (no W_dec gradient)
+            x_hat = x_hat + code_grad_probe(f_below, below, sae.w_dec)
         err = xn - x_hat
         recon = err.pow(2).sum(1).mean()
         total_var = (xn - xn.mean(0)).pow(2).sum(1).mean()
