@@ -34,7 +34,7 @@ MIN_FIRED = 20
 MIN_SCORE = 0.7  # detection score of the label
 MIN_COHERENCE = 0.3
 TOP_PROMOTED = 10
-CHECK_TRIES = 5  # --calibrate: candidates tried per layer
+CHECK_TRIES = 5  # --calibrate: candidates tried per layer (and per neighbouring layer)
 CALIBRATION_SEEDS = (100, 101)  # not the evaluation's seeds
 
 
@@ -82,7 +82,8 @@ def pick_features(run: Run, n: int = 10, by: str = "coherence", check=None) -> l
     coherence (ties: score), preferring one whose main firing token differs from those chosen for
     earlier layers; layers with no label of coherence >= MIN_COHERENCE are skipped. `check(sae_id, idx)`,
     if given, is tried on the candidates of each layer in that order (at most CHECK_TRIES) and the first that
-    passes is taken (else the first candidate)."""
+    passes is taken; where none passes, the same on the neighbouring layers (±1, ±2) not in the spread, and
+    failing that the layer's first candidate."""
     cands: dict[str, list[_Candidate]] = {}
     with run.db(readonly=True) as db:
         for lab in db.current_labels():
@@ -107,14 +108,26 @@ def pick_features(run: Run, n: int = 10, by: str = "coherence", check=None) -> l
     ids = [i for i in run.sae_ids() if i in cands]
     spread = sorted({round(k * (len(ids) - 1) / max(1, n - 1)) for k in range(n)}) if ids else []
     chosen, used = [], set()
+
+    def ranked(sae_id):  # prefer a feature that mainly fires on another token than those already chosen
+        return sorted(cands[sae_id], key=lambda c: (c.main not in used, c.coherence, c.score, c.n_fired), reverse=True)
+
     for k in spread:  # layers spread over the whole model
         sae_id = ids[k]
         if by == "score":
             c = max(cands[sae_id], key=lambda c: (c.score, c.n_fired))
-        else:  # prefer a feature that mainly fires on another token than those already chosen
-            ranked = sorted(cands[sae_id], key=lambda c: (c.main not in used, c.coherence, c.score, c.n_fired),
-                            reverse=True)
-            c = next((c for c in ranked[:CHECK_TRIES] if check(sae_id, c.idx)), ranked[0]) if check else ranked[0]
+        elif check is None:
+            c = ranked(sae_id)[0]
+        else:  # the first candidate that passes; if none on this layer, a neighbouring layer not in the spread
+            c = None
+            for j in [k] + [k + d for d in (1, -1, 2, -2) if 0 <= k + d < len(ids) and k + d not in spread]:
+                c = next((c for c in ranked(ids[j])[:CHECK_TRIES] if check(ids[j], c.idx)), None)
+                if c is not None:
+                    sae_id = ids[j]
+                    break
+            if c is None:
+                print(f"calibration: no candidate passed on {ids[k]} or its neighbours; taking its first", flush=True)
+                c = ranked(sae_id)[0]
         used.add(c.main)
         chosen.append((sae_id, c.idx, c.label, c.score, c.coherence))
     return chosen
@@ -156,9 +169,13 @@ def main():
         def check(sae_id, idx):
             iv = [Intervention(sae_id, idx, "add", strength0)]
             for prompt in args.calibrate:
-                _, e = averaged([steer(run, prompt, iv, max_new_tokens=args.tokens, greedy=False, seed=s)
-                                 for s in CALIBRATION_SEEDS])
-                ok = e.act_steered_text > e.act_unsteered + 1e-3 and e.prob_steered > e.prob_unsteered + 1e-4
+                runs = [steer(run, prompt, iv, max_new_tokens=args.tokens, greedy=False, seed=s)
+                        for s in CALIBRATION_SEEDS]
+                _, e = averaged(runs)
+                # the activation must rise with every seed, not only on the mean: a feature that fires on one
+                # token the steering makes only slightly likelier rises on some samples and not on others
+                ok = (all(r.effect.act_steered_text > r.effect.act_unsteered + 1e-3 for r in runs)
+                      and e.prob_steered > e.prob_unsteered + 1e-4)
                 print(f"calibration {sae_id}:{idx} on {prompt!r}: act {e.act_unsteered:.2f} → {e.act_steered_text:.2f}, "
                       f"p {e.prob_unsteered:.4f} → {e.prob_steered:.4f}: {'pass' if ok else 'skip'}", flush=True)
                 if not ok:
@@ -194,9 +211,10 @@ def run_one(run: Run, picks, strength: float, args) -> None:
                          "those of the features chosen for earlier layers",
             "score": "per layer, the best-scored non-\"unclear\" label with >= 20 firings"}[args.pick]
     if args.calibrate:
-        rule += (f"; of each layer's top {CHECK_TRIES} by that order, the first whose steering on every calibration "
-                 f"prompt ({', '.join(map(repr, args.calibrate))}; same strength, sampled, seeds {CALIBRATION_SEEDS}, "
-                 f"means over the seeds) raised both its activation and its promoted tokens' probability")
+        rule += (f"; of each layer's top {CHECK_TRIES} by that order (where none passes, a neighbouring layer's), "
+                 f"the first whose steering on every calibration "
+                 f"prompt ({', '.join(map(repr, args.calibrate))}; same strength, sampled, seeds {CALIBRATION_SEEDS}) "
+                 f"raised its activation with each seed and its promoted tokens' probability on the mean")
     decoding = (f"sampled (temperature 1, seeds 0–{args.samples - 1}; numbers are means over the samples, "
                 f"texts are seed 0's)" if args.samples else "greedy")
     lines = [f"\n## Steering 10 labelled features, picked by {args.pick} ({time.strftime('%Y-%m-%d')})\n",

@@ -18,8 +18,9 @@ The recipe (Gemma Scope, adapted so that it also works for a 100k-token CPU run)
   running average of the iterates is what gets saved), lr 8e-3 at width ≤ 4096, b_enc/b_dec at
   3% of it (biases in units of E‖x‖² = 1 that move at the weights' rate wreck the early layers'
   reconstructions; measured in bench/RESULTS.md), lr warm-up from 0.1·lr over the first 5% of steps;
-- JumpReLU/BatchTopK/ReLU short runs: Adam β = (0, 0.999), lr scaled to the width, the same warm-up,
-  then cosine decay to `lr_end`·lr;
+- JumpReLU/BatchTopK/ReLU short runs: Adam β = (0, 0.999), lr scaled to the width, b_enc/b_dec at 3%
+  of it (at the full lr they set off divergences on Gemma layers 6/7/9), the same warm-up, then cosine
+  decay to `lr_end`·lr;
 - billions of tokens: the Gemma Scope recipe, Adam β = (0, 0.999) at 7e-5 for every parameter,
   the same warm-up then cosine decay;
 - decoder rows unit-norm with the gradient component parallel to each row removed before the step;
