@@ -31,6 +31,7 @@ The recipe (Gemma Scope, adapted so that it also works for a 100k-token CPU run)
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -238,6 +239,7 @@ class StepStats(NamedTuple):
     dead_fraction: float
 
 
+@functools.cache
 def _keep_freed_memory() -> None:
     """Ask glibc to keep freed memory for reuse instead of handing it back to the OS.
 
@@ -245,7 +247,7 @@ def _keep_freed_memory() -> None:
     the B×d reconstructions). By default glibc serves blocks it last saw freed above its adaptive
     threshold with fresh mmaps and trims the heap top beyond twice that, so many steps pay page faults
     and kernel zero-fills on tens of MB: 8–11% of a width-4096 step at batch 1,024 (bench/RESULTS.md).
-    Process-wide and idempotent; a no-op where the C library is not glibc."""
+    Process-wide, done once per process; a no-op where the C library is not glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
