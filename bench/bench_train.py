@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import saescope.train as train_mod  # noqa: E402
 from saescope.corpus import Corpus  # noqa: E402
 from saescope.harvest import harvest  # noqa: E402
+from saescope.kernels import Active  # noqa: E402
 from saescope.models import load_model  # noqa: E402
 from saescope.sae import SAEConfig  # noqa: E402
 from saescope.train import Chunk, MultiTrainer, TrainConfig  # noqa: E402
@@ -76,28 +77,27 @@ def peak_probe(windows: int = 3, seconds: float = 1.0) -> float:
 class Counter:
     """Counts the active pairs handed to the sparse kernels (wraps the names train.py calls)."""
 
+    KERNELS = {"gather_pre_acts": "nnz_g", "sparse_decode": "nnz_d", "code_grad_probe": "nnz_w"}
+
     def __init__(self):
         self.nnz_g = self.nnz_d = self.nnz_w = 0
-        self._g, self._d, self._w = train_mod.gather_pre_acts, train_mod.sparse_decode, train_mod.code_grad_probe
+        self._orig = {name: getattr(train_mod, name) for name in self.KERNELS}
 
     def __enter__(self):
-        def g(z, x_in, w_enc, b_enc, b_dec, act):
-            self.nnz_g += act.rows.numel()
-            return self._g(z, x_in, w_enc, b_enc, b_dec, act)
+        def counting(name, fn):
+            def wrapped(*args):
+                act = next(a for a in args if isinstance(a, Active))
+                setattr(self, self.KERNELS[name], getattr(self, self.KERNELS[name]) + act.cols.numel())
+                return fn(*args)
+            return wrapped
 
-        def d(vals, act, w_dec):
-            self.nnz_d += act.cols.numel()
-            return self._d(vals, act, w_dec)
-
-        def w(vals, act, w_dec):
-            self.nnz_w += act.cols.numel()
-            return self._w(vals, act, w_dec)
-
-        train_mod.gather_pre_acts, train_mod.sparse_decode, train_mod.code_grad_probe = g, d, w
+        for name, fn in self._orig.items():
+            setattr(train_mod, name, counting(name, fn))
         return self
 
     def __exit__(self, *exc):
-        train_mod.gather_pre_acts, train_mod.sparse_decode, train_mod.code_grad_probe = self._g, self._d, self._w
+        for name, fn in self._orig.items():
+            setattr(train_mod, name, fn)
 
 
 def train_once(acts: dict[str, torch.Tensor], arch: str, width: int, l0: float, tokens: int, B: int,

@@ -26,6 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from sweep_batch import collect  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 from saescope.corpus import Corpus  # noqa: E402
 from saescope.harvest import harvest  # noqa: E402
 from saescope.models import load_model  # noqa: E402
@@ -54,16 +56,7 @@ def main() -> None:
         n += len(b.token_ids)
         if n >= args.tokens:
             break
-    held = {s.key: [] for s in sites}
-    n_held = 0
-    for b in harvest(lm, corpus.contexts(lm.tokenizer, part="heldout", ctx_len=256), sites, batch_size=8,
-                     progress=False):
-        for k, v in b.acts.items():
-            held[k].append(v)
-        n_held += len(b.token_ids)
-        if n_held >= 8192:
-            break
-    held = {k: torch.cat(v)[:8192] for k, v in held.items()}
+    held = collect(lm, sites, "heldout", 8192)
 
     rows = []
     for text in args.setting or SETTINGS:

@@ -65,6 +65,14 @@ def coherence(db, sae_id: str, idx: int, logits_pos: list) -> tuple[float, str]:
     return sum(t in promoted for t in firing) / len(firing) * sum(hits) / len(hits), main
 
 
+def act_rose(e) -> bool:
+    return e.act_steered_text > e.act_unsteered + 1e-3
+
+
+def prob_rose(e) -> bool:
+    return e.prob_steered > e.prob_unsteered + 1e-4
+
+
 class _Candidate(NamedTuple):
     idx: int
     label: str
@@ -121,7 +129,7 @@ def pick_features(run: Run, n: int = 10, by: str = "coherence", check=None) -> l
         else:  # the first candidate that passes; if none on this layer, a neighbouring layer not in the spread
             c = None
             for j in [k] + [k + d for d in (1, -1, 2, -2) if 0 <= k + d < len(ids) and k + d not in spread]:
-                c = next((c for c in ranked(ids[j])[:CHECK_TRIES] if check(ids[j], c.idx)), None)
+                c = next((cand for cand in ranked(ids[j])[:CHECK_TRIES] if check(ids[j], cand.idx)), None)
                 if c is not None:
                     sae_id = ids[j]
                     break
@@ -174,7 +182,7 @@ def main():
                 _, e = averaged(runs)
                 # means over the seeds: requiring a rise with every seed (tried) also rejected features that work
                 # (layer 15 #324: 22 → 550 on the mean) when one unsteered sample happened to contain its tokens
-                ok = e.act_steered_text > e.act_unsteered + 1e-3 and e.prob_steered > e.prob_unsteered + 1e-4
+                ok = act_rose(e) and prob_rose(e)
                 print(f"calibration {sae_id}:{idx} on {prompt!r}: act {e.act_unsteered:.2f} → {e.act_steered_text:.2f}, "
                       f"p {e.prob_unsteered:.4f} → {e.prob_steered:.4f}: {'pass' if ok else 'skip'}", flush=True)
                 if not ok:
@@ -200,9 +208,9 @@ def run_one(run: Run, picks, strength: float, args) -> None:
         print(f"{sae_id}:{idx} {label!r} score {score:.2f} coherence {coh:.2f}: act {e.act_unsteered:.2f} → "
               f"{e.act_steered_text:.2f}, p(promoted) {e.prob_unsteered:.4f} → {e.prob_steered:.4f}, "
               f"CE +{r.ppl_cost:.2f}\n   unsteered: {r.unsteered!r}\n   steered:   {r.steered!r}", flush=True)
-    rose_act = sum(e.act_steered_text > e.act_unsteered + 1e-3 for *_, e, _ in rows)
+    rose_act = sum(act_rose(e) for *_, e, _ in rows)
     rose_during = sum(e.act_during > e.act_unsteered + 1e-3 for *_, e, _ in rows)
-    rose_prob = sum(e.prob_steered > e.prob_unsteered + 1e-4 for *_, e, _ in rows)
+    rose_prob = sum(prob_rose(e) for *_, e, _ in rows)
     rule = {"coherence": "per layer, among labels scoring >= 0.7 with >= 20 firings, the one with the highest "
                          "coherence (share of its top and quantile examples whose firing token is among its 10 most promoted "
                          "tokens × share of those tokens' occurrences in all its stored windows where it fires; >= 0.3), "
