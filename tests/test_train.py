@@ -83,17 +83,24 @@ def test_resume_equals_uninterrupted(tmp_path, optimizer):  # auto: adam for Jum
             assert torch.equal(p, b.export().state_dict()[name]), name
 
 
-@pytest.mark.parametrize("arch", ["jump_relu", "relu", "topk"])
-def test_step_gradients_equal_the_dense_loss(arch):
-    """The sparse step (active pairs, STE window below θ apart, no b_enc in the dense product) has the
-    gradients of the plain dense loss: ‖x − f(z)·W_dec − b_dec‖² + λ·penalty, with z = (x − b_dec)·W_enc + b_enc."""
+@pytest.mark.parametrize("arch,aux", [("jump_relu", False), ("relu", False), ("topk", False), ("jump_relu", True),
+                                      ("topk", True)])
+def test_step_gradients_equal_the_dense_loss(arch, aux):
+    """The sparse step (active pairs, STE window below θ apart, no b_enc in the dense product, aux-k pairs riding
+    in the same kernel calls) has the gradients of the plain dense loss: ‖x − f(z)·W_dec − b_dec‖² + λ·penalty
+    (+ the aux-k loss of dead features on the first rows), with z = (x − b_dec)·W_enc + b_enc."""
     from saescope.sae import JumpReLUFn, StepFn
+    from saescope.train import AUX_K, AUX_ROWS
 
     x, _ = _synthetic(512)
-    tc = TrainConfig(tokens=10_000, batch_size=256, aux_coef=0.0, eps=0.05)  # a wide window: many pairs in it
+    tc = TrainConfig(tokens=10_000, batch_size=256, aux_coef=0.5 if aux else 0.0, eps=0.05)  # a wide window
     t = SAETrainer(_cfg(arch, width=64, l0=4.0), tc)
     t.step_on(x[:256])  # initialises θ, b_dec and the scale, takes one step
     sae, xb = t.sae, x[256:]
+    if aux:  # features 0–39 have not fired for a long time; 0–19 get weak encoders, so that they stay dead
+        t.since_fired[:40] = tc.dead_after + 1
+        with torch.no_grad():
+            sae.w_enc[:, :20] *= 0.05
     params = {n: p.detach().clone().requires_grad_() for n, p in sae.named_parameters()}
     lam = math.exp(t.log_lambda)
     grads = {}
@@ -112,7 +119,16 @@ def test_step_gradients_equal_the_dense_loss(arch):
     else:
         top = z.topk(4, dim=1)
         f, penalty = torch.zeros_like(z).scatter(1, top.indices, top.values.relu()), 0.0
-    loss = (xn - f @ params["w_dec"] - params["b_dec"]).pow(2).sum(1).mean() + penalty
+    err = xn - f @ params["w_dec"] - params["b_dec"]
+    loss = err.pow(2).sum(1).mean() + penalty
+    if aux:
+        dead = (f.detach() > 0).any(0).logical_not() & (torch.arange(64) < 40)
+        assert 0 < dead.sum() < 40
+        z_a = ((xn - params["b_dec"].detach()) @ params["w_enc"] + params["b_enc"])[:AUX_ROWS]  # no b_dec gradient
+        top = z_a.detach().masked_fill(~dead, float("-inf")).topk(min(AUX_K, int(dead.sum())), dim=1).indices
+        e_hat = torch.zeros_like(z_a).scatter(1, top, z_a.gather(1, top).relu()) @ params["w_dec"]
+        e = err[:AUX_ROWS].detach()
+        loss = loss + tc.aux_coef * (e - e_hat).pow(2).sum(1).mean() / (e - e.mean(0)).pow(2).sum(1).mean()
     loss.backward()
     w, g = params["w_dec"].detach(), params["w_dec"].grad
     g -= (g * w).sum(1, keepdim=True) * w  # the trainer removes each decoder row's parallel component

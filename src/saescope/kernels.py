@@ -6,8 +6,9 @@ do only that work, on the active (token, feature) pairs in flat COO form
 `rows, cols` (rows sorted ascending, as `nonzero` returns them):
 
 - `gather_pre_acts`: z[rows, cols] as a function of (w_enc, b_enc, b_dec), given its
-  values read from a dense no-grad z; its backward is a sparse (width × batch) @ (batch × d_in)
-  product instead of a dense one.
+  values read from a dense no-grad z; its backward scatters g · x[row] into the W_enc rows of the
+  active features (embedding_bag's backward kernel: 2× faster here than `torch.sparse.mm` on COO)
+  instead of a dense (width × batch) @ (batch × d_in) product.
 - `sparse_decode`: Σ vals · w_dec[cols] per row, with `embedding_bag`.
 - `code_grad_probe`: the gradient codes would get from the decoder, for codes that are zero.
 
@@ -31,8 +32,11 @@ class Active(NamedTuple):
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor) -> Active:
-        rows, cols = mask.nonzero(as_tuple=True)
-        return cls(rows, cols, _offsets(rows, mask.shape[0]))
+        # one nonzero over the flat mask: ~1 ms cheaper than the (row, col) form at 1,024 × 4,096
+        width = mask.shape[1]
+        idx = mask.reshape(-1).nonzero().squeeze(1)
+        rows = idx.div(width, rounding_mode="floor")
+        return cls(rows, idx - rows * width, _offsets(rows, mask.shape[0]))
 
     @classmethod
     def from_topk(cls, idx: torch.Tensor) -> Active:
@@ -42,8 +46,19 @@ class Active(NamedTuple):
 
     def subset(self, keep: torch.Tensor) -> Active:
         """The pairs where `keep` (nnz,) is true, still row-major."""
-        rows = self.rows[keep]
-        return Active(rows, self.cols[keep], _offsets(rows, self.offsets.shape[0]))
+        return self.take(keep.nonzero().squeeze(1))
+
+    def take(self, idx: torch.Tensor) -> Active:
+        """The pairs at positions `idx` (ascending), still row-major."""
+        rows = self.rows.index_select(0, idx)
+        return Active(rows, self.cols.index_select(0, idx), _offsets(rows, self.offsets.shape[0]))
+
+    def cat(self, other: Active) -> Active:
+        """These pairs, then `other`'s as further rows (other's row r becomes row batch + r): one kernel call
+        for two sets of pairs, e.g. a batch's active features and the aux-k loss's dead ones."""
+        batch, nnz = self.offsets.shape[0], self.rows.shape[0]
+        return Active(torch.cat([self.rows, other.rows + batch]), torch.cat([self.cols, other.cols]),
+                      torch.cat([self.offsets, other.offsets + nnz]))
 
 
 def _offsets(rows: torch.Tensor, batch: int) -> torch.Tensor:
@@ -51,31 +66,41 @@ def _offsets(rows: torch.Tensor, batch: int) -> torch.Tensor:
     return torch.cumsum(counts, 0) - counts
 
 
+_NONE = torch.empty(0, dtype=torch.long)
+
+
 class _GatherPreActs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z_sel, x_in, w_enc, b_enc, b_dec, rows, cols):
+    def forward(ctx, z_sel, x_in, w_enc, b_enc, b_dec, rows, cols, b_dec_pairs):
         # z_sel (nnz,) was read from the dense no-grad z; this node only attaches gradients
         ctx.save_for_backward(x_in, w_enc, rows, cols)
-        ctx.has_b_dec = b_dec is not None
+        ctx.has_b_dec, ctx.b_dec_pairs = b_dec is not None, b_dec_pairs
         return z_sel.clone()
 
     @staticmethod
     def backward(ctx, g):  # g (nnz,)
         x_in, w_enc, rows, cols = ctx.saved_tensors
-        width, batch = w_enc.shape[1], x_in.shape[0]
+        width = w_enc.shape[1]
         g_b_enc = torch.zeros(width, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
-        s = torch.sparse_coo_tensor(torch.stack([cols, rows]), g, (width, batch), check_invariants=False)
-        g_w_enc = torch.sparse.mm(s, x_in).T  # (d_in, width)
-        g_b_dec = -(w_enc @ g_b_enc) if ctx.has_b_dec else None
-        return None, None, g_w_enc, g_b_enc, g_b_dec, None, None
+        # W_enc[:, col] += g · x_in[row] over the pairs: embedding_bag's weight gradient with the pairs as bags' members
+        g_w_enc = torch.ops.aten._embedding_bag_dense_backward(x_in.contiguous(), cols, rows, _NONE, _NONE, width,
+                                                                False, 0, g, -1).T  # (d_in, width)
+        g_b_dec = None
+        if ctx.has_b_dec:
+            n = ctx.b_dec_pairs
+            g_some = g_b_enc if n is None else torch.zeros_like(g_b_enc).index_add_(0, cols[:n], g[:n])
+            g_b_dec = -(w_enc @ g_some)
+        return None, None, g_w_enc, g_b_enc, g_b_dec, None, None, None
 
 
-def gather_pre_acts(z_sel: torch.Tensor, x_in: torch.Tensor, w_enc, b_enc, b_dec, act: Active) -> torch.Tensor:
+def gather_pre_acts(z_sel: torch.Tensor, x_in: torch.Tensor, w_enc, b_enc, b_dec, act: Active,
+                    b_dec_pairs: int | None = None) -> torch.Tensor:
     """z[rows, cols] (nnz,) with gradients to w_enc, b_enc and (when given) the pre-encoder bias b_dec.
 
     `z_sel` holds the values, read without grad from z = (x − b_dec) @ w_enc + b_enc; `x_in` = x − b_dec (or x).
+    With `b_dec_pairs` = n only the first n pairs pass gradient to b_dec.
     """
-    return _GatherPreActs.apply(z_sel, x_in, w_enc, b_enc, b_dec, act.rows, act.cols)
+    return _GatherPreActs.apply(z_sel, x_in, w_enc, b_enc, b_dec, act.rows, act.cols, b_dec_pairs)
 
 
 class _CodeGrad(torch.autograd.Function):

@@ -373,48 +373,57 @@ class SAETrainer:
         elif arch == "jump_relu":  # active features, and those within the STE window below θ apart
             theta = sae.threshold.detach()
             near = Active.from_mask(z > theta - b_enc - eps / 2)
-            z_near = z[near.rows, near.cols] + b_enc[near.cols]
-            on = z_near > theta[near.cols]
-            act, below, z_sel, z_below = near.subset(on), near.subset(~on), z_near[on], z_near[~on]
+            z_near = z.view(-1).index_select(0, near.rows * z.shape[1] + near.cols) + b_enc.index_select(0, near.cols)
+            on = z_near > theta.index_select(0, near.cols)
+            i_on, i_below = on.nonzero().squeeze(1), on.logical_not().nonzero().squeeze(1)
+            act, below = near.take(i_on), near.take(i_below)
+            z_sel, z_below = z_near.index_select(0, i_on), z_near.index_select(0, i_below)
         else:  # relu
             act = Active.from_mask(z > -b_enc)
         if arch != "jump_relu":
             z_sel = z[act.rows, act.cols] if biased else z[act.rows, act.cols] + b_enc[act.cols]
-        z_sel = gather_pre_acts(z_sel, x_in, sae.w_enc, sae.b_enc, sae.b_dec, act)  # (nnz,)
+        B, n_act = x.shape[0], act.cols.numel()
+        fired = torch.zeros(self.cfg.width, dtype=torch.bool)
+        fired[act.cols[z_sel > 0]] = True  # where the code f(z) > 0
+        self.since_fired += B
+        self.since_fired[fired] = 0
+        dead = self.since_fired >= self.train.dead_after
+        n_dead = int(dead.sum())
+        aux_rows = min(B, AUX_ROWS) if self.train.aux_coef > 0 and n_dead > 0 else 0
+        pairs, x_pairs = act, x_in
+        if aux_rows:
+            # auxiliary-k on a slice of the batch: dead features learn to explain the residual error. Their pairs
+            # ride in the same kernel calls as the batch's, as extra rows (one W×d gradient each, not two)
+            z_rows = z[:aux_rows] if biased else z[:aux_rows] + b_enc
+            aux = Active.from_topk(z_rows.masked_fill(~dead, float("-inf")).topk(min(AUX_K, n_dead), dim=1,
+                                                                                  sorted=False).indices)
+            pairs, x_pairs = act.cat(aux), torch.cat([x_in, x_in[:aux_rows]])
+            z_sel = torch.cat([z_sel, z_rows[aux.rows, aux.cols]])
+        z_all = gather_pre_acts(z_sel, x_pairs, sae.w_enc, sae.b_enc, sae.b_dec, pairs, b_dec_pairs=n_act)
+        z_sel, aux_z = z_all[:n_act], z_all[n_act:].relu()
         if arch == "jump_relu":
             theta_sel, theta_below = sae.threshold.gather(0, act.cols), sae.threshold.gather(0, below.cols)
             f = JumpReLUFn.apply(z_sel, theta_sel, eps)
             # below θ the code is 0 and z gets no gradient, but θ gets the STE gradients of both functions
             f_below = JumpReLUFn.apply(z_below, theta_below, eps)
             n_soft = StepFn.apply(z_sel, theta_sel, eps).sum() + StepFn.apply(z_below, theta_below, eps).sum()
-            sparsity = lam * n_soft / x.shape[0] / self.cfg.l0
+            sparsity = lam * n_soft / B / self.cfg.l0
         else:
             f = z_sel.relu()
-            sparsity = lam * f.sum() / x.shape[0] if arch == "relu" else z_sel.new_zeros(())
-        x_hat = sparse_decode(f, act, sae.w_dec) + sae.b_dec
+            sparsity = lam * f.sum() / B if arch == "relu" else z_sel.new_zeros(())
+        codes = torch.cat([f, aux_z]) if aux_rows else f.view(-1)  # a node of its own, used only by the decoder
+        g_codes = []  # ∂recon/∂code at each pair, which gives each decoder row's gradient along itself (below)
+        codes.register_hook(g_codes.append)
+        decoded = sparse_decode(codes, pairs, sae.w_dec)  # (B + aux_rows, d_in)
+        x_hat = decoded[:B] + sae.b_dec
         if below is not None:  # zeros, through which θ learns from ∂loss/∂code there (no W_dec gradient)
             x_hat = x_hat + code_grad_probe(f_below, below, sae.w_dec)
         err = xn - x_hat
         recon = err.pow(2).sum(1).mean()
         total_var = (xn - xn.mean(0)).pow(2).sum(1).mean()
         loss = recon + sparsity
-
-        fired = torch.zeros(self.cfg.width, dtype=torch.bool)
-        fired[act.cols[f.detach() > 0]] = True
-        self.since_fired += x.shape[0]
-        self.since_fired[fired] = 0
-        dead = self.since_fired >= self.train.dead_after
-        n_dead = int(dead.sum())
-        if self.train.aux_coef > 0 and n_dead > 0:
-            # auxiliary-k on a slice of the batch: dead features learn to explain the residual error
-            rows = slice(0, min(x.shape[0], AUX_ROWS))
-            z_rows = z[rows] if biased else z[rows] + b_enc
-            z_dead = z_rows.masked_fill(~dead, float("-inf"))
-            aux = Active.from_topk(z_dead.topk(min(AUX_K, n_dead), dim=1, sorted=False).indices)
-            aux_z = z_rows[aux.rows, aux.cols]
-            aux_z = gather_pre_acts(aux_z, x_in[rows], sae.w_enc, sae.b_enc, None, aux).relu()
-            e_hat = sparse_decode(aux_z, aux, sae.w_dec)
-            e = err[rows].detach()
+        if aux_rows:
+            e, e_hat = err[:aux_rows].detach(), decoded[B:]
             aux_loss = (e - e_hat).pow(2).sum(1).mean() / (e - e.mean(0)).pow(2).sum(1).mean().clamp_min(1e-12)
             loss = loss + self.train.aux_coef * aux_loss
 
@@ -423,9 +432,9 @@ class SAETrainer:
             raise RuntimeError(self.failed)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        with torch.no_grad():
-            w, g = sae.w_dec, sae.w_dec.grad
-            g.addcmul_(torch.linalg.vecdot(g, w)[:, None], w, value=-1.0)  # no gradient along each unit-norm row
+        with torch.no_grad():  # no gradient along each unit-norm decoder row: <∂/∂w_c, w_c> = Σ_(pairs of c) code·∂/∂code
+            along = torch.zeros(self.cfg.width).index_add_(0, pairs.cols, codes.detach() * g_codes[0])
+            sae.w_dec.grad.addcmul_(along[:, None], sae.w_dec, value=-1.0)
         self._w_enc_t.grad, sae.w_enc.grad = sae.w_enc.grad.T, None  # hand it to Adam (which zeroes only its own)
         for group in self.opt.param_groups:
             group["lr"] = self.lr_now() * group.get("lr_scale", 1.0)
