@@ -22,7 +22,7 @@ Adam and the decoder renormalisation are work too but are NOT counted):
 
     per SAE per step:  2·B·d·W                 dense encoder forward z = (x − b_dec) W_enc + b_enc
                      + 2·d·W                   b_dec gradient through the encoder (W_enc · g_b_enc)
-                     + 2·nnz_g·d               sparse W_enc gradient (sparse.mm over active pairs)
+                     + 2·nnz_g·d               sparse W_enc gradient (scatter over active pairs)
                      + 6·nnz_d·d               sparse decode forward + W_dec gradient + gradient w.r.t. codes
                      + 2·nnz_w·d               JumpReLU pairs in the STE window below θ: the gradient w.r.t. their
                                                codes (0), which θ's STE needs (`code_grad_probe`)

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/steer_examples.py RUN [--strength 0.5,1] [--tokens 24] [--prompt "..."]
                                              [--pick coherence|score] [--samples N] [--calibrate PROMPT ...]
+                                             [--min-prob P]
 
 For each of 10 layers spread over the model, picks a labelled feature (by default the one
 whose promoted tokens are the tokens it fires on: see `pick_features`), adds its decoder direction at
@@ -35,7 +36,7 @@ MIN_SCORE = 0.7  # detection score of the label
 MIN_COHERENCE = 0.3
 TOP_PROMOTED = 10
 CHECK_TRIES = 5  # --calibrate: candidates tried per layer (and per neighbouring layer)
-CALIBRATION_SEEDS = (100, 101)  # not the evaluation's seeds
+CALIBRATION_SEEDS = (100, 101, 102, 103)  # not the evaluation's seeds
 
 
 def _norm(token: str | None) -> str:
@@ -165,14 +166,18 @@ def main():
                     help="0 = greedy; N = sample N continuations (temperature 1, seeds 0..N-1) and average the numbers")
     ap.add_argument("--calibrate", action="append", default=[], metavar="PROMPT",
                     help="per layer, take the first of the top candidates whose steering (first --strength, sampled, "
-                         "2 seeds) raises both its activation and its promoted tokens' probability on PROMPT "
-                         "(another prompt than --prompt: the evaluation stays held out); repeat it to require that "
-                         "on every PROMPT given")
+                         f"{len(CALIBRATION_SEEDS)} seeds) raises both its activation and its promoted tokens' "
+                         "probability on PROMPT, to at least --min-prob (another prompt than --prompt: the evaluation "
+                         "stays held out); repeat it to require that on every PROMPT given")
+    ap.add_argument("--min-prob", type=float, default=None,
+                    help="--calibrate: the steered probability of the promoted tokens must reach this (default "
+                         "1/--tokens: one of them expected in the continuation, or re-encoding it cannot show the feature)")
     args = ap.parse_args()
     run = Run.open(args.run)
     check = None
     if args.calibrate:
         strength0 = float(args.strength.split(",")[0])
+        min_prob = 1 / args.tokens if args.min_prob is None else args.min_prob
 
         def check(sae_id, idx):
             iv = [Intervention(sae_id, idx, "add", strength0)]
@@ -182,7 +187,9 @@ def main():
                 _, e = averaged(runs)
                 # means over the seeds: requiring a rise with every seed (tried) also rejected features that work
                 # (layer 15 #324: 22 → 550 on the mean) when one unsteered sample happened to contain its tokens
-                ok = act_rose(e) and prob_rose(e)
+                # and a promoted token must be expected in the continuation: layer 4 #1545 ("9") passed with p 0.02 and
+                # 0.009, then on the evaluation prompt (p 0.004) no "9" was sampled and its activation fell
+                ok = act_rose(e) and prob_rose(e) and e.prob_steered >= min_prob
                 print(f"calibration {sae_id}:{idx} on {prompt!r}: act {e.act_unsteered:.2f} → {e.act_steered_text:.2f}, "
                       f"p {e.prob_unsteered:.4f} → {e.prob_steered:.4f}: {'pass' if ok else 'skip'}", flush=True)
                 if not ok:
@@ -221,7 +228,8 @@ def run_one(run: Run, picks, strength: float, args) -> None:
         rule += (f"; of each layer's top {CHECK_TRIES} by that order (where none passes, a neighbouring layer's), "
                  f"the first whose steering on every calibration "
                  f"prompt ({', '.join(map(repr, args.calibrate))}; same strength, sampled, seeds {CALIBRATION_SEEDS}, "
-                 f"means over the seeds) raised both its activation and its promoted tokens' probability")
+                 f"means over the seeds) raised both its activation and its promoted tokens' probability, the latter "
+                 f"to at least {1 / args.tokens if args.min_prob is None else args.min_prob:.3g}")
     decoding = (f"sampled (temperature 1, seeds 0–{args.samples - 1}; numbers are means over the samples, "
                 f"texts are seed 0's)" if args.samples else "greedy")
     lines = [f"\n## Steering 10 labelled features, picked by {args.pick} ({time.strftime('%Y-%m-%d')})\n",
