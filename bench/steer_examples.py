@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from saescope.corpus import Corpus  # noqa: E402
 from saescope.runs import Run  # noqa: E402
 from saescope.steer import Intervention, steer  # noqa: E402
 
@@ -142,6 +143,16 @@ def pick_features(run: Run, n: int = 10, by: str = "coherence", check=None) -> l
     return chosen
 
 
+def corpus_prompts(run: Run, n: int, words: int = 8) -> list[str]:
+    """The first `words` words of each of the first `n` held-out documents of the run's corpus."""
+    out = []
+    for doc in Corpus(**run.manifest["corpus"]).documents("heldout"):
+        out.append(" ".join(doc.text.split()[:words]))
+        if len(out) == n:
+            break
+    return out
+
+
 def averaged(results):
     """(result, effect) whose numbers are the means over several SteerResults; texts from the first."""
     first = results[0]
@@ -169,11 +180,16 @@ def main():
                          f"{len(CALIBRATION_SEEDS)} seeds) raises both its activation and its promoted tokens' "
                          "probability on PROMPT, to at least --min-prob (another prompt than --prompt: the evaluation "
                          "stays held out); repeat it to require that on every PROMPT given")
+    ap.add_argument("--calibrate-corpus", type=int, default=0, metavar="N",
+                    help="also calibrate on N prompts from the run's corpus: the first 8 words of each of its first N "
+                         "held-out documents (varied text no one picked; the evaluation prompt is not among them)")
     ap.add_argument("--min-prob", type=float, default=None,
                     help="--calibrate: the steered probability of the promoted tokens must reach this (default "
                          "1/--tokens: one of them expected in the continuation, or re-encoding it cannot show the feature)")
     args = ap.parse_args()
     run = Run.open(args.run)
+    if args.calibrate_corpus:
+        args.calibrate += corpus_prompts(run, args.calibrate_corpus)
     check = None
     if args.calibrate:
         strength0 = float(args.strength.split(",")[0])
