@@ -66,9 +66,6 @@ def _offsets(rows: torch.Tensor, batch: int) -> torch.Tensor:
     return torch.cumsum(counts, 0) - counts
 
 
-_NONE = torch.empty(0, dtype=torch.long)
-
-
 class _GatherPreActs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z_sel, x_in, w_enc, b_enc, b_dec, rows, cols, b_dec_pairs):
@@ -83,7 +80,8 @@ class _GatherPreActs(torch.autograd.Function):
         width = w_enc.shape[1]
         g_b_enc = torch.zeros(width, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
         # W_enc[:, col] += g · x_in[row] over the pairs: embedding_bag's weight gradient with the pairs as bags' members
-        g_w_enc = torch.ops.aten._embedding_bag_dense_backward(x_in.contiguous(), cols, rows, _NONE, _NONE, width,
+        none = cols.new_empty(0)  # bag sizes and max indices: unused in mode sum
+        g_w_enc = torch.ops.aten._embedding_bag_dense_backward(x_in.contiguous(), cols, rows, none, none, width,
                                                                 False, 0, g, -1).T  # (d_in, width)
         g_b_dec = None
         if ctx.has_b_dec:

@@ -433,7 +433,7 @@ class SAETrainer:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         with torch.no_grad():  # no gradient along each unit-norm decoder row: <∂/∂w_c, w_c> = Σ_(pairs of c) code·∂/∂code
-            along = torch.zeros(self.cfg.width).index_add_(0, pairs.cols, codes.detach() * g_codes[0])
+            along = g_codes[0].new_zeros(self.cfg.width).index_add_(0, pairs.cols, codes.detach() * g_codes[0])
             sae.w_dec.grad.addcmul_(along[:, None], sae.w_dec, value=-1.0)
         self._w_enc_t.grad, sae.w_enc.grad = sae.w_enc.grad.T, None  # hand it to Adam (which zeroes only its own)
         for group in self.opt.param_groups:
