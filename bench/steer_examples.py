@@ -1,8 +1,8 @@
 """Steer 10 labelled features from different layers of a run and record what happened.
 
-    .venv/bin/python bench/steer_examples.py RUN [--strength 0.5,1] [--tokens 24] [--prompt "..."]
+    .venv/bin/python bench/steer_examples.py RUN [--strength 0.5,1] [--tokens 24] [--prompt "..." ...]
                                              [--pick coherence|score] [--samples N] [--calibrate PROMPT ...]
-                                             [--min-prob P]
+                                             [--min-prob P] [--calibrate-corpus N] [--features SAE_ID:INDEX,...]
 
 For each of 10 layers spread over the model, picks a labelled feature (by default the one
 whose promoted tokens are the tokens it fires on: see `pick_features`), adds its decoder direction at
@@ -143,6 +143,21 @@ def pick_features(run: Run, n: int = 10, by: str = "coherence", check=None) -> l
     return chosen
 
 
+def named_features(run: Run, specs: list[str]) -> list[tuple[str, int, str, float, float]]:
+    """(sae_id, idx, label, score, coherence) for features given as SAE_ID:INDEX (e.g. a previous table's picks)."""
+    out = []
+    with run.db(readonly=True) as db:
+        labels = {(lab["sae_id"], lab["idx"]): lab for lab in db.current_labels()}
+        for spec in specs:
+            sae_id, idx = spec.rsplit(":", 1)
+            lab = labels.get((sae_id, int(idx)))
+            scores = [x["value"] for x in db.scores(lab["id"])] if lab else []
+            stats = db.feature_stats(sae_id, int(idx)) or {}
+            coh = coherence(db, sae_id, int(idx), stats["logits_pos"])[0] if stats.get("logits_pos") else 0.0
+            out.append((sae_id, int(idx), lab["text"] if lab else "", scores[-1] if scores else float("nan"), coh))
+    return out
+
+
 def corpus_prompts(run: Run, n: int, words: int = 8) -> list[str]:
     """The first `words` words of each of the first `n` held-out documents of the run's corpus."""
     out = []
@@ -171,7 +186,10 @@ def main():
     ap.add_argument("run")
     ap.add_argument("--strength", default="1.0", help="one or more, comma-separated: one table each")
     ap.add_argument("--tokens", type=int, default=24)
-    ap.add_argument("--prompt", default="I went for a walk and")
+    ap.add_argument("--prompt", action="append", default=[],
+                    help="evaluation prompt (default 'I went for a walk and'); repeat it for one table per prompt")
+    ap.add_argument("--features", default="", metavar="SAE_ID:INDEX,...",
+                    help="steer these features instead of picking them (e.g. a previous table's, on new prompts)")
     ap.add_argument("--pick", choices=("coherence", "score"), default="coherence")
     ap.add_argument("--samples", type=int, default=0,
                     help="0 = greedy; N = sample N continuations (temperature 1, seeds 0..N-1) and average the numbers")
@@ -211,21 +229,23 @@ def main():
                 if not ok:
                     return False
             return True
-    picks = pick_features(run, by=args.pick, check=check)
+    picks = named_features(run, args.features.split(",")) if args.features else pick_features(run, by=args.pick,
+                                                                                                 check=check)
     for strength in [float(x) for x in args.strength.split(",")]:
-        run_one(run, picks, strength, args)
+        for prompt in args.prompt or ["I went for a walk and"]:
+            run_one(run, picks, strength, args, prompt)
 
 
-def run_one(run: Run, picks, strength: float, args) -> None:
+def run_one(run: Run, picks, strength: float, args, prompt: str) -> None:
     rows = []
     t0 = time.time()
     for sae_id, idx, label, score, coh in picks:
         iv = [Intervention(sae_id, idx, "add", strength)]
         if args.samples:
-            r, e = averaged([steer(run, args.prompt, iv, max_new_tokens=args.tokens, greedy=False, seed=seed)
+            r, e = averaged([steer(run, prompt, iv, max_new_tokens=args.tokens, greedy=False, seed=seed)
                              for seed in range(args.samples)])
         else:
-            r = steer(run, args.prompt, iv, max_new_tokens=args.tokens)
+            r = steer(run, prompt, iv, max_new_tokens=args.tokens)
             e = r.effect
         rows.append((sae_id, idx, label, score, coh, e, r))
         print(f"{sae_id}:{idx} {label!r} score {score:.2f} coherence {coh:.2f}: act {e.act_unsteered:.2f} → "
@@ -246,11 +266,13 @@ def run_one(run: Run, picks, strength: float, args) -> None:
                  f"prompt ({', '.join(map(repr, args.calibrate))}; same strength, sampled, seeds {CALIBRATION_SEEDS}, "
                  f"means over the seeds) raised both its activation and its promoted tokens' probability, the latter "
                  f"to at least {1 / args.tokens if args.min_prob is None else args.min_prob:.3g}")
+    if args.features:
+        rule = "given with --features (an earlier table's picks)"
     decoding = (f"sampled (temperature 1, seeds 0–{args.samples - 1}; numbers are means over the samples, "
                 f"texts are seed 0's)" if args.samples else "greedy")
     lines = [f"\n## Steering 10 labelled features, picked by {args.pick} ({time.strftime('%Y-%m-%d')})\n",
              f"`.venv/bin/python bench/steer_examples.py {shlex.join(sys.argv[1:])}` — strength {strength:g}, "
-             f"prompt {args.prompt!r}, {decoding}, add strength × the feature's max activation; {time.time() - t0:.0f} s. "
+             f"prompt {prompt!r}, {decoding}, add strength × the feature's max activation; {time.time() - t0:.0f} s. "
              f"Features: {rule}. "
              f"Activation = the feature's mean code on the generated tokens, re-encoded by the unsteered model; "
              f"p = mean probability of its 10 most promoted tokens (steered model on the steered text vs unsteered "
