@@ -131,12 +131,12 @@ def train_once(acts: dict[str, torch.Tensor], arch: str, width: int, l0: float, 
     n_saes = len(cfgs)
 
     def rates(a: dict, b: dict) -> dict:  # between two snapshots
-        steps, toks, wall = b["steps"] - a["steps"], b["tokens"] - a["tokens"], b["t"] - a["t"]
-        dense = n_saes * steps * (2 * B * d * width + 2 * d * width)
-        sparse = 2 * (b["nnz_g"] - a["nnz_g"]) * d + 6 * (b["nnz_d"] - a["nnz_d"]) * d + 2 * (b["nnz_w"] - a["nnz_w"]) * d
-        return {"steps": steps, "tokens": toks, "wall": wall, "tok_s": toks / wall, "sae_tok_s": n_saes * toks / wall,
-                "flop_s": (dense + sparse) / wall, "nnz_per_tok": (b["nnz_d"] - a["nnz_d"]) / (n_saes * toks),
-                "win_per_tok": (b["nnz_w"] - a["nnz_w"]) / (n_saes * toks)}
+        n = {k: b[k] - a[k] for k in b}
+        dense = n_saes * n["steps"] * (2 * B * d * width + 2 * d * width)
+        sparse = (2 * n["nnz_g"] + 6 * n["nnz_d"] + 2 * n["nnz_w"]) * d
+        return {"steps": n["steps"], "tokens": n["tokens"], "wall": n["t"], "tok_s": n["tokens"] / n["t"],
+                "sae_tok_s": n_saes * n["tokens"] / n["t"], "flop_s": (dense + sparse) / n["t"],
+                "nnz_per_tok": n["nnz_d"] / (n_saes * n["tokens"]), "win_per_tok": n["nnz_w"] / (n_saes * n["tokens"])}
 
     l0s = [t.ema["l0"] for t in mt.trainers]
     fvus = [t.ema["fvu"] for t in mt.trainers]

@@ -38,6 +38,13 @@ MIN_COHERENCE = 0.3
 TOP_PROMOTED = 10
 CHECK_TRIES = 5  # --calibrate: candidates tried per layer (and per neighbouring layer)
 CALIBRATION_SEEDS = (100, 101, 102, 103)  # not the evaluation's seeds
+DEFAULT_PROMPT = "I went for a walk and"
+PICK_RULES = {"coherence": "per layer, among labels scoring >= 0.7 with >= 20 firings, the one with the highest "
+                           "coherence (share of its top and quantile examples whose firing token is among its 10 most "
+                           "promoted tokens × share of those tokens' occurrences in all its stored windows where it "
+                           "fires; >= 0.3), preferring one whose most common firing token (all digits counting as one) "
+                           "differs from those of the features chosen for earlier layers",
+              "score": "per layer, the best-scored non-\"unclear\" label with >= 20 firings"}
 
 
 def _norm(token: str | None) -> str:
@@ -187,7 +194,7 @@ def main():
     ap.add_argument("--strength", default="1.0", help="one or more, comma-separated: one table each")
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--prompt", action="append", default=[],
-                    help="evaluation prompt (default 'I went for a walk and'); repeat it for one table per prompt")
+                    help=f"evaluation prompt (default {DEFAULT_PROMPT!r}); repeat it for one table per prompt")
     ap.add_argument("--features", default="", metavar="SAE_ID:INDEX,...",
                     help="steer these features instead of picking them (e.g. a previous table's, on new prompts)")
     ap.add_argument("--pick", choices=("coherence", "score"), default="coherence")
@@ -205,13 +212,15 @@ def main():
                     help="--calibrate: the steered probability of the promoted tokens must reach this (default "
                          "1/--tokens: one of them expected in the continuation, or re-encoding it cannot show the feature)")
     args = ap.parse_args()
+    args.prompt = args.prompt or [DEFAULT_PROMPT]
+    if args.min_prob is None:
+        args.min_prob = 1 / args.tokens
     run = Run.open(args.run)
     if args.calibrate_corpus:
         args.calibrate += corpus_prompts(run, args.calibrate_corpus)
     check = None
     if args.calibrate:
         strength0 = float(args.strength.split(",")[0])
-        min_prob = 1 / args.tokens if args.min_prob is None else args.min_prob
 
         def check(sae_id, idx):
             iv = [Intervention(sae_id, idx, "add", strength0)]
@@ -223,7 +232,7 @@ def main():
                 # (layer 15 #324: 22 → 550 on the mean) when one unsteered sample happened to contain its tokens
                 # and a promoted token must be expected in the continuation: layer 4 #1545 ("9") passed with p 0.02 and
                 # 0.009, then on the evaluation prompt (p 0.004) no "9" was sampled and its activation fell
-                ok = act_rose(e) and prob_rose(e) and e.prob_steered >= min_prob
+                ok = act_rose(e) and prob_rose(e) and e.prob_steered >= args.min_prob
                 print(f"calibration {sae_id}:{idx} on {prompt!r}: act {e.act_unsteered:.2f} → {e.act_steered_text:.2f}, "
                       f"p {e.prob_unsteered:.4f} → {e.prob_steered:.4f}: {'pass' if ok else 'skip'}", flush=True)
                 if not ok:
@@ -232,7 +241,7 @@ def main():
     picks = named_features(run, args.features.split(",")) if args.features else pick_features(run, by=args.pick,
                                                                                                  check=check)
     for strength in [float(x) for x in args.strength.split(",")]:
-        for prompt in args.prompt or ["I went for a walk and"]:
+        for prompt in args.prompt:
             run_one(run, picks, strength, args, prompt)
 
 
@@ -254,20 +263,16 @@ def run_one(run: Run, picks, strength: float, args, prompt: str) -> None:
     rose_act = sum(act_rose(e) for *_, e, _ in rows)
     rose_during = sum(e.act_during > e.act_unsteered + 1e-3 for *_, e, _ in rows)
     rose_prob = sum(prob_rose(e) for *_, e, _ in rows)
-    rule = {"coherence": "per layer, among labels scoring >= 0.7 with >= 20 firings, the one with the highest "
-                         "coherence (share of its top and quantile examples whose firing token is among its 10 most promoted "
-                         "tokens × share of those tokens' occurrences in all its stored windows where it fires; >= 0.3), "
-                         "preferring one whose most common firing token (all digits counting as one) differs from "
-                         "those of the features chosen for earlier layers",
-            "score": "per layer, the best-scored non-\"unclear\" label with >= 20 firings"}[args.pick]
-    if args.calibrate:
-        rule += (f"; of each layer's top {CHECK_TRIES} by that order (where none passes, a neighbouring layer's), "
-                 f"the first whose steering on every calibration "
-                 f"prompt ({', '.join(map(repr, args.calibrate))}; same strength, sampled, seeds {CALIBRATION_SEEDS}, "
-                 f"means over the seeds) raised both its activation and its promoted tokens' probability, the latter "
-                 f"to at least {1 / args.tokens if args.min_prob is None else args.min_prob:.3g}")
     if args.features:
         rule = "given with --features (an earlier table's picks)"
+    else:
+        rule = PICK_RULES[args.pick]
+        if args.calibrate:
+            rule += (f"; of each layer's top {CHECK_TRIES} by that order (where none passes, a neighbouring layer's), "
+                     f"the first whose steering on every calibration "
+                     f"prompt ({', '.join(map(repr, args.calibrate))}; same strength, sampled, seeds {CALIBRATION_SEEDS}, "
+                     f"means over the seeds) raised both its activation and its promoted tokens' probability, the latter "
+                     f"to at least {args.min_prob:.3g}")
     decoding = (f"sampled (temperature 1, seeds 0–{args.samples - 1}; numbers are means over the samples, "
                 f"texts are seed 0's)" if args.samples else "greedy")
     lines = [f"\n## Steering 10 labelled features, picked by {args.pick} ({time.strftime('%Y-%m-%d')})\n",

@@ -210,6 +210,8 @@ def test_active_offsets():
     assert act.cols.tolist() == [0, 2, 0, 1, 2, 3]
     sub = act.subset(torch.tensor([True, False, False, True, False, True]))
     assert sub.rows.tolist() == [0, 2, 2] and sub.cols.tolist() == [0, 1, 3] and sub.offsets.tolist() == [0, 1, 1]
+    m = torch.arange(12.0).view(3, 4)
+    assert act.read(m).tolist() == [0.0, 2.0, 8.0, 9.0, 10.0, 11.0]
     both = act.cat(sub)  # sub's rows follow act's three
     assert both.rows.tolist() == [0, 0, 2, 2, 2, 2, 3, 5, 5] and both.cols.tolist() == [0, 2, 0, 1, 2, 3, 0, 1, 3]
     assert both.offsets.tolist() == [0, 2, 2, 6, 7, 7]

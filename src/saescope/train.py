@@ -373,7 +373,7 @@ class SAETrainer:
         elif arch == "jump_relu":  # active features, and those within the STE window below θ apart
             theta = sae.threshold.detach()
             near = Active.from_mask(z > theta - b_enc - eps / 2)
-            z_near = z.view(-1).index_select(0, near.rows * z.shape[1] + near.cols) + b_enc.index_select(0, near.cols)
+            z_near = near.read(z) + b_enc.index_select(0, near.cols)
             on = z_near > theta.index_select(0, near.cols)
             i_on, i_below = on.nonzero().squeeze(1), on.logical_not().nonzero().squeeze(1)
             act, below = near.take(i_on), near.take(i_below)
@@ -381,7 +381,7 @@ class SAETrainer:
         else:  # relu
             act = Active.from_mask(z > -b_enc)
         if arch != "jump_relu":
-            z_sel = z[act.rows, act.cols] if biased else z[act.rows, act.cols] + b_enc[act.cols]
+            z_sel = act.read(z) if biased else act.read(z) + b_enc.index_select(0, act.cols)
         B, n_act = x.shape[0], act.cols.numel()
         fired = torch.zeros(self.cfg.width, dtype=torch.bool)
         fired[act.cols[z_sel > 0]] = True  # where the code f(z) > 0
@@ -398,7 +398,7 @@ class SAETrainer:
             aux = Active.from_topk(z_rows.masked_fill(~dead, float("-inf")).topk(min(AUX_K, n_dead), dim=1,
                                                                                   sorted=False).indices)
             pairs, x_pairs = act.cat(aux), torch.cat([x_in, x_in[:aux_rows]])
-            z_sel = torch.cat([z_sel, z_rows[aux.rows, aux.cols]])
+            z_sel = torch.cat([z_sel, aux.read(z_rows)])
         z_all = gather_pre_acts(z_sel, x_pairs, sae.w_enc, sae.b_enc, sae.b_dec, pairs, b_dec_pairs=n_act)
         z_sel, aux_z = z_all[:n_act], z_all[n_act:].relu()
         if arch == "jump_relu":
