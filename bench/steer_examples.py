@@ -3,6 +3,7 @@
     .venv/bin/python bench/steer_examples.py RUN [--strength 0.5,1] [--tokens 24] [--prompt "..." ...]
                                              [--pick coherence|score] [--samples N] [--calibrate PROMPT ...]
                                              [--min-prob P] [--calibrate-corpus N] [--features SAE_ID:INDEX,...]
+                                             [--ladder] [--eval-corpus FIRST-LAST]
 
 For each of 10 layers spread over the model, picks a labelled feature (by default the one
 whose promoted tokens are the tokens it fires on: see `pick_features`), adds its decoder direction at
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from saescope.corpus import Corpus  # noqa: E402
 from saescope.runs import Run  # noqa: E402
-from saescope.steer import Intervention, steer  # noqa: E402
+from saescope.steer import Intervention, steer, sweep  # noqa: E402
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 MIN_FIRED = 20
@@ -91,16 +92,25 @@ class _Candidate(NamedTuple):
     main: str  # most common firing token
 
 
-def pick_features(run: Run, n: int = 10, by: str = "coherence", check=None) -> list[tuple[str, int, str, float, float]]:
-    """(sae_id, idx, label, score, coherence) for `n` layers spread over the model.
+class Pick(NamedTuple):
+    sae_id: str
+    idx: int
+    label: str
+    score: float
+    coherence: float
+    strength: float | None = None  # None: the table's strength; set by a calibration ladder
+
+
+def pick_features(run: Run, n: int = 10, by: str = "coherence", check=None) -> list[Pick]:
+    """The features to steer: one for each of `n` layers spread over the model.
 
     by="score": per SAE the best-scored non-"unclear" label with >= MIN_FIRED firings (the first
     session's rule). by="coherence": among labels scoring >= MIN_SCORE, the one with the highest
     coherence (ties: score), preferring one whose main firing token differs from those chosen for
     earlier layers; layers with no label of coherence >= MIN_COHERENCE are skipped. `check(sae_id, idx)`,
     if given, is tried on the candidates of each layer in that order (at most CHECK_TRIES) and the first that
-    passes is taken; where none passes, the same on the neighbouring layers (±1, ±2) not in the spread, and
-    failing that the layer's first candidate."""
+    passes (returns a strength, not None) is taken with that strength; where none passes, the same on the
+    neighbouring layers (±1, ±2) not in the spread, and failing that the layer's first candidate."""
     cands: dict[str, list[_Candidate]] = {}
     with run.db(readonly=True) as db:
         for lab in db.current_labels():
@@ -130,7 +140,7 @@ def pick_features(run: Run, n: int = 10, by: str = "coherence", check=None) -> l
         return sorted(cands[sae_id], key=lambda c: (c.main not in used, c.coherence, c.score, c.n_fired), reverse=True)
 
     for k in spread:  # layers spread over the whole model
-        sae_id = ids[k]
+        sae_id, strength = ids[k], None
         if by == "score":
             c = max(cands[sae_id], key=lambda c: (c.score, c.n_fired))
         elif check is None:
@@ -138,39 +148,45 @@ def pick_features(run: Run, n: int = 10, by: str = "coherence", check=None) -> l
         else:  # the first candidate that passes; if none on this layer, a neighbouring layer not in the spread
             c = None
             for j in [k] + [k + d for d in (1, -1, 2, -2) if 0 <= k + d < len(ids) and k + d not in spread]:
-                c = next((cand for cand in ranked(ids[j])[:CHECK_TRIES] if check(ids[j], cand.idx)), None)
+                for cand in ranked(ids[j])[:CHECK_TRIES]:
+                    strength = check(ids[j], cand.idx)
+                    if strength is not None:
+                        c, sae_id = cand, ids[j]
+                        break
                 if c is not None:
-                    sae_id = ids[j]
                     break
             if c is None:
                 print(f"calibration: no candidate passed on {ids[k]} or its neighbours; taking its first", flush=True)
                 c = ranked(sae_id)[0]
         used.add(c.main)
-        chosen.append((sae_id, c.idx, c.label, c.score, c.coherence))
+        chosen.append(Pick(sae_id, c.idx, c.label, c.score, c.coherence, strength))
     return chosen
 
 
-def named_features(run: Run, specs: list[str]) -> list[tuple[str, int, str, float, float]]:
-    """(sae_id, idx, label, score, coherence) for features given as SAE_ID:INDEX (e.g. a previous table's picks)."""
+def named_features(run: Run, specs: list[str]) -> list[Pick]:
+    """Features given as SAE_ID:INDEX[=STRENGTH] (e.g. a previous table's picks)."""
     out = []
     with run.db(readonly=True) as db:
         labels = {(lab["sae_id"], lab["idx"]): lab for lab in db.current_labels()}
         for spec in specs:
+            spec, _, strength = spec.partition("=")
             sae_id, idx = spec.rsplit(":", 1)
             lab = labels.get((sae_id, int(idx)))
             scores = [x["value"] for x in db.scores(lab["id"])] if lab else []
             stats = db.feature_stats(sae_id, int(idx)) or {}
             coh = coherence(db, sae_id, int(idx), stats["logits_pos"])[0] if stats.get("logits_pos") else 0.0
-            out.append((sae_id, int(idx), lab["text"] if lab else "", scores[-1] if scores else float("nan"), coh))
+            out.append(Pick(sae_id, int(idx), lab["text"] if lab else "", scores[-1] if scores else float("nan"), coh,
+                            float(strength) if strength else None))
     return out
 
 
-def corpus_prompts(run: Run, n: int, words: int = 8) -> list[str]:
-    """The first `words` words of each of the first `n` held-out documents of the run's corpus."""
+def corpus_prompts(run: Run, first: int, last: int, words: int = 8) -> list[str]:
+    """The first `words` words of the run's held-out documents number `first` to `last` (counting from 1)."""
     out = []
-    for doc in Corpus(**run.manifest["corpus"]).documents("heldout"):
-        out.append(" ".join(doc.text.split()[:words]))
-        if len(out) == n:
+    for k, doc in enumerate(Corpus(**run.manifest["corpus"]).documents("heldout"), 1):
+        if k >= first:
+            out.append(" ".join(doc.text.split()[:words]))
+        if k == last:
             break
     return out
 
@@ -211,85 +227,151 @@ def main():
     ap.add_argument("--min-prob", type=float, default=None,
                     help="--calibrate: the steered probability of the promoted tokens must reach this (default "
                          "1/--tokens: one of them expected in the continuation, or re-encoding it cannot show the feature)")
+    ap.add_argument("--ladder", action="store_true",
+                    help="--calibrate with several --strength values: each candidate takes the smallest that passes "
+                         "calibration on every prompt (one table, a strength per feature) instead of one table per "
+                         "strength")
+    ap.add_argument("--eval-corpus", default="", metavar="FIRST-LAST",
+                    help="also evaluate on the first 8 words of the run's held-out documents FIRST to LAST "
+                         "(counting from 1; keep them apart from --calibrate-corpus)")
     args = ap.parse_args()
+    run = Run.open(args.run)
+    if args.eval_corpus:
+        first, _, last = args.eval_corpus.partition("-")
+        args.prompt += corpus_prompts(run, int(first), int(last or first))
     args.prompt = args.prompt or [DEFAULT_PROMPT]
     if args.min_prob is None:
         args.min_prob = 1 / args.tokens
-    run = Run.open(args.run)
     if args.calibrate_corpus:
-        args.calibrate += corpus_prompts(run, args.calibrate_corpus)
+        args.calibrate += corpus_prompts(run, 1, args.calibrate_corpus)
+    strengths = [float(x) for x in args.strength.split(",")]
+    if args.ladder and not args.calibrate:
+        ap.error("--ladder picks each feature's strength by calibration: give --calibrate or --calibrate-corpus")
+    if set(args.prompt) & set(args.calibrate):
+        ap.error("an evaluation prompt is also a calibration prompt: keep the evaluation held out")
     check = None
     if args.calibrate:
-        strength0 = float(args.strength.split(",")[0])
+        ladder = strengths if args.ladder else strengths[:1]
 
-        def check(sae_id, idx):
-            iv = [Intervention(sae_id, idx, "add", strength0)]
+        def check(sae_id, idx) -> float | None:
+            """The smallest strength of the ladder that passes on every calibration prompt, or None."""
+            alive = list(ladder)
             for prompt in args.calibrate:
-                runs = [steer(run, prompt, iv, max_new_tokens=args.tokens, greedy=False, seed=s)
-                        for s in CALIBRATION_SEEDS]
-                _, e = averaged(runs)
-                # means over the seeds: requiring a rise with every seed (tried) also rejected features that work
-                # (layer 15 #324: 22 → 550 on the mean) when one unsteered sample happened to contain its tokens
-                # and a promoted token must be expected in the continuation: layer 4 #1545 ("9") passed with p 0.02 and
-                # 0.009, then on the evaluation prompt (p 0.004) no "9" was sampled and its activation fell
-                ok = act_rose(e) and prob_rose(e) and e.prob_steered >= args.min_prob
-                print(f"calibration {sae_id}:{idx} on {prompt!r}: act {e.act_unsteered:.2f} → {e.act_steered_text:.2f}, "
-                      f"p {e.prob_unsteered:.4f} → {e.prob_steered:.4f}: {'pass' if ok else 'skip'}", flush=True)
-                if not ok:
-                    return False
-            return True
+                # one unsteered continuation per seed, steered at every strength still in the running
+                by_seed = [sweep(run, prompt, Intervention(sae_id, idx, "add", alive[0]), alive,
+                                 max_new_tokens=args.tokens, greedy=False, seed=s) for s in CALIBRATION_SEEDS]
+                keep = []
+                for j, strength in enumerate(alive):
+                    _, e = averaged([results[j] for results in by_seed])
+                    # means over the seeds: requiring a rise with every seed (tried) also rejected features that
+                    # work (layer 15 #324: 22 → 550 on the mean) when one unsteered sample happened to contain its
+                    # tokens; and a promoted token must be expected in the continuation: layer 4 #1545 ("9") passed
+                    # with p 0.02 and 0.009, then on the evaluation prompt (p 0.004) no "9" was sampled
+                    ok = act_rose(e) and prob_rose(e) and e.prob_steered >= args.min_prob
+                    print(f"calibration {sae_id}:{idx} ×{strength:g} on {prompt!r}: act {e.act_unsteered:.2f} → "
+                          f"{e.act_steered_text:.2f}, p {e.prob_unsteered:.4f} → {e.prob_steered:.4f}: "
+                          f"{'pass' if ok else 'fail'}", flush=True)
+                    if ok:
+                        keep.append(strength)
+                alive = keep
+                if not alive:
+                    return None
+            return alive[0]
     picks = named_features(run, args.features.split(",")) if args.features else pick_features(run, by=args.pick,
                                                                                                  check=check)
-    for strength in [float(x) for x in args.strength.split(",")]:
-        for prompt in args.prompt:
-            run_one(run, picks, strength, args, prompt)
+    for strength in strengths[:1] if args.ladder else strengths:
+        tables = [run_one(run, picks, strength, args, prompt) for prompt in args.prompt]
+        if len(tables) > 1:
+            pooled(picks, tables, args)
 
 
-def run_one(run: Run, picks, strength: float, args, prompt: str) -> None:
+def describe(args) -> str:
+    """How the features were chosen, for the tables' header."""
+    if args.features:
+        return "given with --features (an earlier table's picks)"
+    rule = PICK_RULES[args.pick]
+    if args.calibrate:
+        which = (f"the smallest of the strengths {args.strength} with which" if args.ladder
+                 else "the same strength, with which")
+        rule += (f"; of each layer's top {CHECK_TRIES} by that order (where none passes, a neighbouring layer's), "
+                 f"the first for which there is a strength — {which} its steering on every calibration prompt "
+                 f"({', '.join(map(repr, args.calibrate))}; sampled, seeds {CALIBRATION_SEEDS}, means over the "
+                 f"seeds) raised both its activation and its promoted tokens' probability, the latter to at least "
+                 f"{args.min_prob:.3g}")
+    return rule
+
+
+def pooled(picks: list[Pick], tables: list[list], args) -> None:
+    """One line per feature: its numbers averaged over all evaluation prompts (and samples)."""
+    lines = [f"\nPooled over the {len(tables)} evaluation prompts above "
+             f"({', '.join(map(repr, args.prompt))}), means per feature:\n",
+             "| SAE:feature | label | strength | activation before → after | p(promoted) before → after | cost "
+             "| prompts where activation rose | prompts where p rose |",
+             "|---|---|---:|---|---|---:|---:|---:|"]
+    n_act = n_prob = 0
+    for k, pick in enumerate(picks):
+        rows = [table[k] for table in tables]  # (strength, effect, result)
+        effects = [e for _, e, _ in rows]
+        before = statistics.fmean(e.act_unsteered for e in effects)
+        after = statistics.fmean(e.act_steered_text for e in effects)
+        p0 = statistics.fmean(e.prob_unsteered for e in effects)
+        p1 = statistics.fmean(e.prob_steered for e in effects)
+        cost = statistics.fmean(r.ppl_cost for *_, r in rows)
+        n_act += after > before + 1e-3
+        n_prob += p1 > p0 + 1e-4
+        lines.append(f"| {pick.sae_id}:{pick.idx} | {pick.label.replace('|', '/')} | {rows[0][0]:g} | {before:.2f} → "
+                     f"{after:.2f} | {p0:.4f} → {p1:.4f} | {cost:+.2f} | "
+                     f"{sum(map(act_rose, effects))}/{len(rows)} | {sum(map(prob_rose, effects))}/{len(rows)} |")
+    pairs_act = sum(act_rose(e) for table in tables for _, e, _ in table)
+    pairs_prob = sum(prob_rose(e) for table in tables for _, e, _ in table)
+    n_pairs = sum(len(table) for table in tables)
+    lines.append(f"\nPooled: mean activation rose for {n_act}/{len(picks)} features, mean promoted-token probability "
+                 f"for {n_prob}/{len(picks)}; per feature and prompt, activation rose in {pairs_act}/{n_pairs}, "
+                 f"probability in {pairs_prob}/{n_pairs}.")
+    with open(RESULTS, "a") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def run_one(run: Run, picks: list[Pick], strength: float, args, prompt: str) -> list[tuple]:
+    """Steer each pick (at its own strength if it has one, else `strength`) on `prompt`; append a table.
+    Returns one (strength, effect, result) per pick."""
     rows = []
     t0 = time.time()
-    for sae_id, idx, label, score, coh in picks:
-        iv = [Intervention(sae_id, idx, "add", strength)]
+    for pick in picks:
+        v = strength if pick.strength is None else pick.strength
+        iv = [Intervention(pick.sae_id, pick.idx, "add", v)]
         if args.samples:
             r, e = averaged([steer(run, prompt, iv, max_new_tokens=args.tokens, greedy=False, seed=seed)
                              for seed in range(args.samples)])
         else:
             r = steer(run, prompt, iv, max_new_tokens=args.tokens)
             e = r.effect
-        rows.append((sae_id, idx, label, score, coh, e, r))
-        print(f"{sae_id}:{idx} {label!r} score {score:.2f} coherence {coh:.2f}: act {e.act_unsteered:.2f} → "
-              f"{e.act_steered_text:.2f}, p(promoted) {e.prob_unsteered:.4f} → {e.prob_steered:.4f}, "
-              f"CE +{r.ppl_cost:.2f}\n   unsteered: {r.unsteered!r}\n   steered:   {r.steered!r}", flush=True)
-    rose_act = sum(act_rose(e) for *_, e, _ in rows)
-    rose_during = sum(e.act_during > e.act_unsteered + 1e-3 for *_, e, _ in rows)
-    rose_prob = sum(prob_rose(e) for *_, e, _ in rows)
-    if args.features:
-        rule = "given with --features (an earlier table's picks)"
-    else:
-        rule = PICK_RULES[args.pick]
-        if args.calibrate:
-            rule += (f"; of each layer's top {CHECK_TRIES} by that order (where none passes, a neighbouring layer's), "
-                     f"the first whose steering on every calibration "
-                     f"prompt ({', '.join(map(repr, args.calibrate))}; same strength, sampled, seeds {CALIBRATION_SEEDS}, "
-                     f"means over the seeds) raised both its activation and its promoted tokens' probability, the latter "
-                     f"to at least {args.min_prob:.3g}")
+        rows.append((v, e, r))
+        print(f"{pick.sae_id}:{pick.idx} ×{v:g} {pick.label!r} score {pick.score:.2f} coherence {pick.coherence:.2f}: "
+              f"act {e.act_unsteered:.2f} → {e.act_steered_text:.2f}, p(promoted) {e.prob_unsteered:.4f} → "
+              f"{e.prob_steered:.4f}, CE +{r.ppl_cost:.2f}\n   unsteered: {r.unsteered!r}\n   steered:   "
+              f"{r.steered!r}", flush=True)
+    rose_act = sum(act_rose(e) for _, e, _ in rows)
+    rose_during = sum(e.act_during > e.act_unsteered + 1e-3 for _, e, _ in rows)
+    rose_prob = sum(prob_rose(e) for _, e, _ in rows)
     decoding = (f"sampled (temperature 1, seeds 0–{args.samples - 1}; numbers are means over the samples, "
                 f"texts are seed 0's)" if args.samples else "greedy")
+    strengths = ("per feature (column ×)" if any(pick.strength is not None for pick in picks) else f"{strength:g}")
     lines = [f"\n## Steering 10 labelled features, picked by {args.pick} ({time.strftime('%Y-%m-%d')})\n",
-             f"`.venv/bin/python bench/steer_examples.py {shlex.join(sys.argv[1:])}` — strength {strength:g}, "
+             f"`.venv/bin/python bench/steer_examples.py {shlex.join(sys.argv[1:])}` — strength {strengths}, "
              f"prompt {prompt!r}, {decoding}, add strength × the feature's max activation; {time.time() - t0:.0f} s. "
-             f"Features: {rule}. "
+             f"Features: {describe(args)}. "
              f"Activation = the feature's mean code on the generated tokens, re-encoded by the unsteered model; "
              f"p = mean probability of its 10 most promoted tokens (steered model on the steered text vs unsteered "
              f"model on the unsteered text); cost = CE of the steered text under the unsteered "
              f"model minus that of the unsteered text (nats/token).\n",
-             "| SAE:feature | label (score, coherence) | activation before → after (during) | p(promoted) before → after "
-             "| cost | unsteered | steered |",
-             "|---|---|---|---|---:|---|---|"]
-    for sae_id, idx, label, score, coh, e, r in rows:
-        cell = lambda t: t.replace("|", "\\|").replace("\n", "↵")  # noqa: E731
-        lines.append(f"| {sae_id}:{idx} | {cell(label)} ({score:.2f}, {coh:.2f}) | {e.act_unsteered:.2f} → "
-                     f"{e.act_steered_text:.2f} ({e.act_during:.1f}) | "
+             "| SAE:feature | label (score, coherence) | × | activation before → after (during) "
+             "| p(promoted) before → after | cost | unsteered | steered |",
+             "|---|---|---:|---|---|---:|---|---|"]
+    cell = lambda t: t.replace("|", "\\|").replace("\n", "↵")  # noqa: E731
+    for pick, (v, e, r) in zip(picks, rows):
+        lines.append(f"| {pick.sae_id}:{pick.idx} | {cell(pick.label)} ({pick.score:.2f}, {pick.coherence:.2f}) | "
+                     f"{v:g} | {e.act_unsteered:.2f} → {e.act_steered_text:.2f} ({e.act_during:.1f}) | "
                      f"{e.prob_unsteered:.4f} → {e.prob_steered:.4f} | {r.ppl_cost:+.2f} | {cell(r.unsteered)} | "
                      f"{cell(r.steered)} |")
     lines.append(f"\nActivation on the generated text rose (by > 0.001) for {rose_act}/{len(rows)}; during steered "
@@ -298,6 +380,7 @@ def run_one(run: Run, picks, strength: float, args, prompt: str) -> None:
                  f"nats/token.")
     with open(RESULTS, "a") as f:
         f.write("\n".join(lines) + "\n")
+    return rows
 
 
 if __name__ == "__main__":
