@@ -227,6 +227,9 @@ def main():
     ap.add_argument("--min-prob", type=float, default=None,
                     help="--calibrate: the steered probability of the promoted tokens must reach this (default "
                          "1/--tokens: one of them expected in the continuation, or re-encoding it cannot show the feature)")
+    ap.add_argument("--min-rise", action="store_true",
+                    help="--calibrate: the feature's mean activation on the steered text must rise by at least its mean "
+                         "activation when firing / --tokens (one more typical firing in the continuation), not just rise")
     ap.add_argument("--ladder", action="store_true",
                     help="--calibrate with several --strength values: each candidate takes the smallest that passes "
                          "calibration on every prompt (one table, a strength per feature) instead of one table per "
@@ -256,6 +259,11 @@ def main():
         def check(sae_id, idx) -> float | None:
             """The smallest strength of the ladder that passes on every calibration prompt, or None."""
             alive = list(ladder)
+            min_rise = 0.0
+            if args.min_rise:  # one more firing at the feature's mean activation in the continuation
+                with run.db(readonly=True) as db:
+                    min_rise = (db.feature_stats(sae_id, idx) or {}).get("mean_act") or 0.0
+                min_rise /= args.tokens
             for prompt in args.calibrate:
                 # one unsteered continuation per seed, steered at every strength still in the running
                 by_seed = [sweep(run, prompt, Intervention(sae_id, idx, "add", alive[0]), alive,
@@ -267,9 +275,13 @@ def main():
                     # work (layer 15 #324: 22 → 550 on the mean) when one unsteered sample happened to contain its
                     # tokens; and a promoted token must be expected in the continuation: layer 4 #1545 ("9") passed
                     # with p 0.02 and 0.009, then on the evaluation prompt (p 0.004) no "9" was sampled
-                    ok = act_rose(e) and prob_rose(e) and e.prob_steered >= args.min_prob
+                    # --min-rise: layer 9 #12 ("digits", fires on years) passed with rises of 0.4-1.1 against a mean
+                    # activation of 172, then fell on 3 of 5 evaluation prompts while the steered text was all digits
+                    ok = (act_rose(e) and e.act_steered_text - e.act_unsteered >= min_rise and prob_rose(e)
+                          and e.prob_steered >= args.min_prob)
                     print(f"calibration {sae_id}:{idx} ×{strength:g} on {prompt!r}: act {e.act_unsteered:.2f} → "
-                          f"{e.act_steered_text:.2f}, p {e.prob_unsteered:.4f} → {e.prob_steered:.4f}: "
+                          f"{e.act_steered_text:.2f} (rise needed {min_rise:.2f}), p {e.prob_unsteered:.4f} → "
+                          f"{e.prob_steered:.4f}: "
                           f"{'pass' if ok else 'fail'}", flush=True)
                     if ok:
                         keep.append(strength)
@@ -291,13 +303,15 @@ def describe(args) -> str:
         return "given with --features (an earlier table's picks)"
     rule = PICK_RULES[args.pick]
     if args.calibrate:
+        rise = (f" (by at least its mean activation when firing / {args.tokens}: one more typical firing in the "
+                f"continuation)" if args.min_rise else "")
         which = (f"the smallest of the strengths {args.strength} with which" if args.ladder
                  else "the same strength, with which")
         rule += (f"; of each layer's top {CHECK_TRIES} by that order (where none passes, a neighbouring layer's), "
                  f"the first for which there is a strength — {which} its steering on every calibration prompt "
                  f"({', '.join(map(repr, args.calibrate))}; sampled, seeds {CALIBRATION_SEEDS}, means over the "
-                 f"seeds) raised both its activation and its promoted tokens' probability, the latter to at least "
-                 f"{args.min_prob:.3g}")
+                 f"seeds) raised both its activation{rise} and its promoted tokens' probability, the latter to at "
+                 f"least {args.min_prob:.3g}")
     return rule
 
 
