@@ -3,7 +3,7 @@
     .venv/bin/python bench/steer_examples.py RUN [--strength 0.5,1] [--tokens 24] [--prompt "..." ...]
                                              [--pick coherence|score] [--samples N] [--calibrate PROMPT ...]
                                              [--min-prob P] [--calibrate-corpus N] [--features SAE_ID:INDEX,...]
-                                             [--ladder] [--eval-corpus FIRST-LAST]
+                                             [--ladder] [--min-rise] [--eval-corpus FIRST-LAST]
 
 For each of 10 layers spread over the model, picks a labelled feature (by default the one
 whose promoted tokens are the tokens it fires on: see `pick_features`), adds its decoder direction at
@@ -11,7 +11,11 @@ whose promoted tokens are the tokens it fires on: see `pick_features`), adds its
 intervention from the same prompt. Reports the feature's activation on the generated
 text (re-encoded by the unsteered model), the probability of its promoted tokens, and
 the cost (CE of the steered text under the unsteered model). Appends a table to
-bench/RESULTS.md.
+bench/RESULTS.md per prompt, and with several prompts one more: each feature's numbers pooled over them.
+
+The evaluation of record (#6): calibrate on prompts that are not evaluated (--calibrate, --calibrate-corpus),
+let each feature take the smallest strength that passes there (--ladder --min-rise), and evaluate on held-out
+corpus documents nothing was chosen on (--eval-corpus).
 """
 
 from __future__ import annotations
