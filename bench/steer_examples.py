@@ -293,8 +293,12 @@ def main():
                 if not alive:
                     return None
             return alive[0]
-    picks = named_features(run, args.features.split(",")) if args.features else pick_features(run, by=args.pick,
-                                                                                                 check=check)
+    if args.features:
+        picks = named_features(run, args.features.split(","))
+    else:
+        picks = pick_features(run, by=args.pick, check=check)
+        if not args.ladder:  # calibrated at the first strength, but each --strength gets its own table
+            picks = [pick._replace(strength=None) for pick in picks]
     for strength in strengths[:1] if args.ladder else strengths:
         tables = [run_one(run, picks, strength, args, prompt) for prompt in args.prompt]
         if len(tables) > 1:
