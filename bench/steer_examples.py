@@ -79,6 +79,11 @@ def coherence(db, sae_id: str, idx: int, logits_pos: list) -> tuple[float, str]:
     return sum(t in promoted for t in firing) / len(firing) * sum(hits) / len(hits), main
 
 
+def _cell(text: str) -> str:
+    """Text for a markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", "↵")
+
+
 def act_rose(e) -> bool:
     return e.act_steered_text > e.act_unsteered + 1e-3
 
@@ -221,7 +226,7 @@ def main():
     ap.add_argument("--samples", type=int, default=0,
                     help="0 = greedy; N = sample N continuations (temperature 1, seeds 0..N-1) and average the numbers")
     ap.add_argument("--calibrate", action="append", default=[], metavar="PROMPT",
-                    help="per layer, take the first of the top candidates whose steering (first --strength, sampled, "
+                    help="per layer, take the first of the top candidates whose steering (at --strength, sampled, "
                          f"{len(CALIBRATION_SEEDS)} seeds) raises both its activation and its promoted tokens' "
                          "probability on PROMPT, to at least --min-prob (another prompt than --prompt: the evaluation "
                          "stays held out); repeat it to require that on every PROMPT given")
@@ -254,15 +259,16 @@ def main():
     strengths = [float(x) for x in args.strength.split(",")]
     if args.ladder and not args.calibrate:
         ap.error("--ladder picks each feature's strength by calibration: give --calibrate or --calibrate-corpus")
+    if args.calibrate and not args.ladder and len(strengths) > 1:
+        ap.error("calibration steers at one strength: give one --strength, or --ladder to let each feature take "
+                 "the smallest that passes")
     if set(args.prompt) & set(args.calibrate):
         ap.error("an evaluation prompt is also a calibration prompt: keep the evaluation held out")
     check = None
     if args.calibrate:
-        ladder = strengths if args.ladder else strengths[:1]
-
         def check(sae_id, idx) -> float | None:
-            """The smallest strength of the ladder that passes on every calibration prompt, or None."""
-            alive = list(ladder)
+            """The smallest of the strengths that passes on every calibration prompt, or None."""
+            alive = list(strengths)
             min_rise = 0.0
             if args.min_rise:  # one more firing at the feature's mean activation in the continuation
                 with run.db(readonly=True) as db:
@@ -293,13 +299,10 @@ def main():
                 if not alive:
                     return None
             return alive[0]
-    if args.features:
-        picks = named_features(run, args.features.split(","))
-    else:
-        picks = pick_features(run, by=args.pick, check=check)
-        if not args.ladder:  # calibrated at the first strength, but each --strength gets its own table
-            picks = [pick._replace(strength=None) for pick in picks]
-    for strength in strengths[:1] if args.ladder else strengths:
+    picks = named_features(run, args.features.split(",")) if args.features else pick_features(run, by=args.pick,
+                                                                                                 check=check)
+    # one table per --strength for the picks that have no strength of their own (not calibrated, not given one)
+    for strength in strengths if any(pick.strength is None for pick in picks) else strengths[:1]:
         tables = [run_one(run, picks, strength, args, prompt) for prompt in args.prompt]
         if len(tables) > 1:
             pooled(picks, tables, args)
@@ -313,10 +316,9 @@ def describe(args) -> str:
     if args.calibrate:
         rise = (f" (by at least its mean activation when firing / {args.tokens}: one more typical firing in the "
                 f"continuation)" if args.min_rise else "")
-        which = (f"the smallest of the strengths {args.strength} with which" if args.ladder
-                 else "the same strength, with which")
+        which = f"the smallest of the strengths {args.strength}" if args.ladder else f"strength {args.strength}"
         rule += (f"; of each layer's top {CHECK_TRIES} by that order (where none passes, a neighbouring layer's), "
-                 f"the first for which there is a strength — {which} its steering on every calibration prompt "
+                 f"the first for which {which} made its steering on every calibration prompt "
                  f"({', '.join(map(repr, args.calibrate))}; sampled, seeds {CALIBRATION_SEEDS}, means over the "
                  f"seeds) raised both its activation{rise} and its promoted tokens' probability, the latter to at "
                  f"least {args.min_prob:.3g}")
@@ -330,7 +332,7 @@ def pooled(picks: list[Pick], tables: list[list], args) -> None:
              "| SAE:feature | label | strength | activation before → after | p(promoted) before → after | cost "
              "| prompts where activation rose | prompts where p rose |",
              "|---|---|---:|---|---|---:|---:|---:|"]
-    n_act = n_prob = 0
+    n_act = n_prob = pairs_act = pairs_prob = 0
     for k, pick in enumerate(picks):
         rows = [table[k] for table in tables]  # (strength, effect, result)
         effects = [e for _, e, _ in rows]
@@ -341,12 +343,11 @@ def pooled(picks: list[Pick], tables: list[list], args) -> None:
         cost = statistics.fmean(r.ppl_cost for *_, r in rows)
         n_act += after > before + 1e-3
         n_prob += p1 > p0 + 1e-4
-        lines.append(f"| {pick.sae_id}:{pick.idx} | {pick.label.replace('|', '/')} | {rows[0][0]:g} | {before:.2f} → "
-                     f"{after:.2f} | {p0:.4f} → {p1:.4f} | {cost:+.2f} | "
-                     f"{sum(map(act_rose, effects))}/{len(rows)} | {sum(map(prob_rose, effects))}/{len(rows)} |")
-    pairs_act = sum(act_rose(e) for table in tables for _, e, _ in table)
-    pairs_prob = sum(prob_rose(e) for table in tables for _, e, _ in table)
-    n_pairs = sum(len(table) for table in tables)
+        k_act, k_prob = sum(map(act_rose, effects)), sum(map(prob_rose, effects))
+        pairs_act, pairs_prob = pairs_act + k_act, pairs_prob + k_prob
+        lines.append(f"| {pick.sae_id}:{pick.idx} | {_cell(pick.label)} | {rows[0][0]:g} | {before:.2f} → "
+                     f"{after:.2f} | {p0:.4f} → {p1:.4f} | {cost:+.2f} | {k_act}/{len(rows)} | {k_prob}/{len(rows)} |")
+    n_pairs = len(picks) * len(tables)
     lines.append(f"\nPooled: mean activation rose for {n_act}/{len(picks)} features, mean promoted-token probability "
                  f"for {n_prob}/{len(picks)}; per feature and prompt, activation rose in {pairs_act}/{n_pairs}, "
                  f"probability in {pairs_prob}/{n_pairs}.")
@@ -378,7 +379,8 @@ def run_one(run: Run, picks: list[Pick], strength: float, args, prompt: str) -> 
     rose_prob = sum(prob_rose(e) for _, e, _ in rows)
     decoding = (f"sampled (temperature 1, seeds 0–{args.samples - 1}; numbers are means over the samples, "
                 f"texts are seed 0's)" if args.samples else "greedy")
-    strengths = ("per feature (column ×)" if any(pick.strength is not None for pick in picks) else f"{strength:g}")
+    used = sorted({v for v, _, _ in rows})
+    strengths = f"{used[0]:g}" if len(used) == 1 else "per feature (column ×)"
     lines = [f"\n## Steering 10 labelled features, picked by {args.pick} ({time.strftime('%Y-%m-%d')})\n",
              f"`.venv/bin/python bench/steer_examples.py {shlex.join(sys.argv[1:])}` — strength {strengths}, "
              f"prompt {prompt!r}, {decoding}, add strength × the feature's max activation; {time.time() - t0:.0f} s. "
@@ -390,12 +392,11 @@ def run_one(run: Run, picks: list[Pick], strength: float, args, prompt: str) -> 
              "| SAE:feature | label (score, coherence) | × | activation before → after (during) "
              "| p(promoted) before → after | cost | unsteered | steered |",
              "|---|---|---:|---|---|---:|---|---|"]
-    cell = lambda t: t.replace("|", "\\|").replace("\n", "↵")  # noqa: E731
     for pick, (v, e, r) in zip(picks, rows):
-        lines.append(f"| {pick.sae_id}:{pick.idx} | {cell(pick.label)} ({pick.score:.2f}, {pick.coherence:.2f}) | "
+        lines.append(f"| {pick.sae_id}:{pick.idx} | {_cell(pick.label)} ({pick.score:.2f}, {pick.coherence:.2f}) | "
                      f"{v:g} | {e.act_unsteered:.2f} → {e.act_steered_text:.2f} ({e.act_during:.1f}) | "
-                     f"{e.prob_unsteered:.4f} → {e.prob_steered:.4f} | {r.ppl_cost:+.2f} | {cell(r.unsteered)} | "
-                     f"{cell(r.steered)} |")
+                     f"{e.prob_unsteered:.4f} → {e.prob_steered:.4f} | {r.ppl_cost:+.2f} | {_cell(r.unsteered)} | "
+                     f"{_cell(r.steered)} |")
     lines.append(f"\nActivation on the generated text rose (by > 0.001) for {rose_act}/{len(rows)}; during steered "
                  f"generation for {rose_during}/{len(rows)}; promoted-token probability rose (by > 1e-4) for "
                  f"{rose_prob}/{len(rows)}; median cost {statistics.median([r.ppl_cost for *_, r in rows]):+.2f} "
