@@ -20,6 +20,7 @@ from .errors import SaescopeError
 from .featuredb import FeatureDB
 from .runs import Run
 from .sae import SAE, read_config
+from .tokens import one_line, texts, token_text, visible
 
 LABEL_PREFERENCE = ("human", "llm", "offline")
 """Which current label `inspect` shows when a feature has several."""
@@ -112,7 +113,7 @@ class Scope:
         row = db.feature(info["id"], idx) if db is not None else None
         if row is None:
             return None
-        from .label.evidence import TokenTable, display_token
+        from .label.evidence import TokenTable
 
         table = TokenTable(db)
         examples = []
@@ -125,8 +126,9 @@ class Scope:
         out = {"sae_id": info["id"], "idx": idx, "site": info["site"], "layer": info["layer"],
                "width": info["width"]}
         out.update({k: row[k] for k in ("frequency", "n_fired", "max_act", "mean_act", "hist")})
+        out["dead"] = not row["n_fired"]
         for key in ("logits_pos", "logits_neg"):
-            out[key] = [{"token": display_token(t), "value": v} for t, v in (row.get(key) or [])]
+            out[key] = [{"token": token_text(t), "value": v} for t, v in (row.get(key) or [])]
         out["examples"] = examples
         out["labels"] = row["labels"]
         return out
@@ -142,7 +144,6 @@ class Scope:
         is included in tokens (bos=True) and gets no features.
         """
         from .harvest import activations, keep_mask
-        from .label.evidence import display_token
 
         if int(top) < 1:
             raise SaescopeError(f"top must be at least 1, got {top}")
@@ -163,8 +164,8 @@ class Scope:
         models = {i: self.saes[i] for i in sae_ids}
         sites = {i: lm.site(s.cfg.site, s.cfg.layer) for i, s in models.items()}
         acts = activations(lm, ids, list({s.key: s for s in sites.values()}.values()))
-        strings = tok.convert_ids_to_tokens(ids[0].tolist())
-        tokens = [{"id": int(i), "text": display_token(str(s), int(i)), "bos": p == 0 and bos is not None}
+        strings = texts([str(s) for s in tok.convert_ids_to_tokens(ids[0].tolist())])
+        tokens = [{"id": int(i), "text": s, "bos": p == 0 and bos is not None}
                   for p, (i, s) in enumerate(zip(ids[0].tolist(), strings))]
         labels = _LabelCache(self._db_if_any())
         layers = []
@@ -230,15 +231,11 @@ def sparkline(counts: list[int]) -> str:
     return "".join(" " if c == 0 else SPARK[min(len(SPARK) - 1, int(len(SPARK) * c / (top + 1e-9)))] for c in counts)
 
 
-def _one_line(text: str) -> str:
-    return text.replace("\r\n", "↵").replace("\n", "↵").replace("\r", "↵")
-
-
 def _highlight(tokens: list[str], acts: list[float], scale: float, style) -> str:
     """Tokens joined, firing ones styled: bold red above half of `scale`, yellow below."""
     out = []
     for t, a in zip(tokens, acts):
-        t = _one_line(t)
+        t = one_line(t)
         if a > 0:
             core = t.lstrip()
             out.append(t[: len(t) - len(core)] + style(core, fg="red" if a >= 0.5 * scale else "yellow", bold=True))
@@ -258,7 +255,8 @@ def feature_card(card: dict, n_examples: int = 8, style=None) -> str:
     where firing tokens are wrapped [[like this]].
     """
     mark = style or (lambda text, **_: f"[[{text}]]")
-    lines = [f"{card['sae_id']}  feature {card['idx']}  (layer {card['layer']}, {card['site']})"]
+    lines = [f"{card['sae_id']}  feature {card['idx']}  (layer {card['layer']}, {card['site']})"
+             + ("  DEAD: never fired on the analysed tokens" if card.get("dead") else "")]
     for lab in card.get("labels") or []:
         lines.append(f"label ({lab['source']}{', ' + lab['model'] if lab.get('model') else ''}): {lab['text']}")
     if not card.get("labels"):
@@ -270,11 +268,11 @@ def feature_card(card: dict, n_examples: int = 8, style=None) -> str:
         lines.append(f"activations {sparkline(hist['counts'])}  ({hist['edges'][0]:.3g} … {hist['edges'][-1]:.3g}, "
                      f"log scale)")
     if card.get("logits_pos"):
-        lines.append("promotes:   " + ", ".join(f"{_one_line(d['token'])!r} {d['value']:+.3g}"
-                                                for d in card["logits_pos"]))
+        lines.append("promotes:   " + "  ".join(f"{visible(d['token'])} {d['value']:+.3g}"
+                                                 for d in card["logits_pos"]))
     if card.get("logits_neg"):
-        lines.append("suppresses: " + ", ".join(f"{_one_line(d['token'])!r} {d['value']:+.3g}"
-                                                for d in card["logits_neg"]))
+        lines.append("suppresses: " + "  ".join(f"{visible(d['token'])} {d['value']:+.3g}"
+                                                 for d in card["logits_neg"]))
     examples = card.get("examples") or []
     scale = max((e["max_act"] for e in examples), default=0.0)
     for kind, title in (("top", "top contexts"), ("quantile", "quantile examples (weakest bin first)"),
@@ -298,8 +296,7 @@ def inspect_table(result: dict, style=None) -> str:
     style = style or _plain
     lines = []
     for p, tok in enumerate(result["tokens"]):
-        text = _one_line(tok["text"])
-        lines.append(f"{p:>3} {text!r}" + ("  (BOS: no features)" if tok["bos"] else ""))
+        lines.append(f"{p:>3} {visible(tok['text'])}" + ("  (BOS: no features)" if tok["bos"] else ""))
         if tok["bos"]:
             continue
         for lay in result["layers"]:

@@ -39,6 +39,7 @@ from .errors import SaescopeError
 from .harvest import capture
 from .models import LoadedModel, Site
 from .sae import SAE
+from .tokens import token_text
 
 Mode = Literal["add", "clamp", "ablate"]
 MODES = ("add", "clamp", "ablate")
@@ -386,7 +387,7 @@ def promoted_token_ids(lm: LoadedModel, sae: SAE, idx: int, db_tokens: list | No
 
 
 def _promoted_strings(lm: LoadedModel, ids: list[int]) -> list[str]:
-    return [str(t) for t in lm.tokenizer.convert_ids_to_tokens(ids)]
+    return [token_text(str(t)) for t in lm.tokenizer.convert_ids_to_tokens(ids)]
 
 
 # ---------------------------------------------------------------------------- parsing specs

@@ -18,7 +18,6 @@ token strings with a cache, and the `LabelReport` they return).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +25,9 @@ from pathlib import Path
 from ..errors import SaescopeError
 from ..featuredb import FeatureDB
 from ..runs import Run
+from ..tokens import one_line, texts
+from ..tokens import token_text as display_token  # noqa: F401  (labellers import it from here)
 
-_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-# SentencePiece word start, GPT-2 byte-level space / newline / tab.
-_MARKERS = {"▁": " ", "Ġ": " ", "Ċ": "\n", "ĉ": "\t"}
 MARK_OPEN, MARK_CLOSE = "<<", ">>"
 
 
@@ -37,24 +35,9 @@ def as_run(run: Run | str | Path) -> Run:
     return run if isinstance(run, Run) else Run.open(run)
 
 
-def display_token(tok: str | None, token_id: int | None = None) -> str:
-    """A vocabulary string as the text it stands for ("▁Paris" → " Paris", "<0x0A>" → newline)."""
-    if tok is None:
-        return f"<unk:{token_id}>"
-    for marker, text in _MARKERS.items():
-        tok = tok.replace(marker, text)
-    return _BYTE_TOKEN.sub(lambda m: _byte_char(int(m.group(1), 16)), tok)
-
-
-def _byte_char(b: int) -> str:
-    """An ASCII byte as its character; any other byte (one piece of a multi-byte UTF-8 character,
-    e.g. <0xC2><0xA0> = no-break space) stays visible as <0xNN> rather than an anonymous "�"."""
-    return chr(b) if b < 128 else f"<0x{b:02X}>"
-
-
 class TokenTable:
-    """Token id → display text (see `display_token`), fetched from the DB once per id
-    (thread-safe enough: a lost race only fetches an id twice)."""
+    """Token id → vocabulary string, fetched from the DB once per id (thread-safe enough: a lost race
+    only fetches an id twice); `display` turns a sequence of ids into text (see saescope.tokens)."""
 
     def __init__(self, db: FeatureDB):
         self._db = db
@@ -64,8 +47,8 @@ class TokenTable:
         cache = self._cache
         missing = sorted({i for i in ids if i not in cache})
         if missing:
-            cache.update((i, display_token(s, i)) for i, s in zip(missing, self._db.vocab(missing)))
-        return [cache[i] for i in ids]
+            cache.update((i, f"<unk:{i}>" if s is None else s) for i, s in zip(missing, self._db.vocab(missing)))
+        return texts([cache[i] for i in ids])
 
 
 @dataclass(frozen=True)
@@ -86,7 +69,7 @@ class Context:
 
     def text(self) -> str:
         """Plain text, one line (newlines shown as ↵)."""
-        return _one_line("".join(self.tokens))
+        return one_line("".join(self.tokens))
 
     def marked(self) -> str:
         """Text with each run of firing tokens wrapped <<like this>>, one line."""
@@ -102,14 +85,10 @@ class Context:
             out.append(tok)
         if inside:
             out.append(MARK_CLOSE)
-        return _one_line("".join(out))
+        return one_line("".join(out))
 
     def firing_tokens(self) -> list[tuple[str, float]]:
         return [(t, a) for t, a in zip(self.tokens, self.acts) if a > 0]
-
-
-def _one_line(text: str) -> str:
-    return text.replace("\r\n", "↵").replace("\n", "↵").replace("\r", "↵")
 
 
 @dataclass(frozen=True)

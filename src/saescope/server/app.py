@@ -369,6 +369,7 @@ def _install_routes(app: FastAPI, atlas: Atlas) -> None:
         for r in rows:
             r.pop("hist", None)
             r["label"] = _best_label(atlas, sae["id"], r["idx"])
+            r["dead"] = not r["n_fired"]
         return {"sae": sae, "features": rows}
 
     @app.post("/api/feature/{sae_id:path}/{idx}/label")

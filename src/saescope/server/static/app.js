@@ -53,10 +53,19 @@ function featureHref(saeId, idx) { return "#/feature/" + encodeURIComponent(saeI
 
 function layerOf(saeId) { const m = /layer_(\d+)/.exec(saeId); return m ? Number(m[1]) : null; }
 
-// Show a token so that whitespace is visible.
-function showToken(t) {
+// A token inside running text: line breaks and tabs visible, spaces as spaces.
+function contextToken(t) {
   if (t === null || t === undefined) return "�";
-  return String(t).replace(/\n/g, "↵").replace(/\t/g, "⇥");
+  return String(t).replace(/\r\n|\n|\r/g, "↵").replace(/\t/g, "⇥");
+}
+
+// A token shown on its own (promoted tokens, the inspector's token column): edge spaces as ␣,
+// as saescope.tokens.visible does for the command line.
+function showToken(t) {
+  const s = contextToken(t), core = s.replace(/^ +| +$/g, "");
+  if (!core) return "␣".repeat(s.length);
+  const lead = s.length - s.replace(/^ +/, "").length, trail = s.length - s.replace(/ +$/, "").length;
+  return "␣".repeat(lead) + core + "␣".repeat(trail);
 }
 
 // ------------------------------------------------------------------ API
@@ -222,7 +231,7 @@ async function pageSae(r) {
     ...["frequency", "max_act", "mean_act", "idx"].map(o => el("option", {value: o, text: o, selected: o === order})));
   const rows = data.features.map(f => el("tr", {},
     el("td", {}, el("a", {href: featureHref(data.sae.id, f.idx), text: `#${f.idx}`})),
-    el("td", {class: "label-text", text: f.label || ""}),
+    f.dead ? el("td", {class: "dead", text: "dead (never fired)"}) : el("td", {class: "label-text", text: f.label || ""}),
     el("td", {class: "num", text: pct(f.frequency)}), el("td", {class: "num", text: fmt(f.max_act)}),
     el("td", {class: "num", text: fmt(f.mean_act)})));
   render(el("h1", {text: `SAE ${data.sae.id}`}),
@@ -319,8 +328,12 @@ async function pageFeature(r) {
       f.idx < sae.width - 1 ? el("span", {}, " · ", el("a", {href: featureHref(sae.id, f.idx + 1), text: "next →"})) : ""),
     labelsCard(f),
   ];
+  if (f.dead) {
+    parts.push(el("p", {class: "dead", id: "dead-feature",
+      text: "Dead feature: it never fired on the analysed held-out tokens, so there is nothing to label or steer."}));
+  }
   if (!f.analysed) {
-    parts.push(el("p", {class: "muted", text: "This feature has no analysis data (it never fired in the analysed tokens, or the run is not analysed yet)."}));
+    parts.push(el("p", {class: "muted", text: "This feature has not been analysed yet: run `saescope analyze` on this run."}));
   } else {
     const st = f.stats || f;
     parts.push(el("div", {class: "two"},
@@ -357,7 +370,7 @@ function context(e, maxAct) {
   const line = el("div", {class: "ctx"}, el("span", {class: "actnum", text: fmt(e.max_act, 2)}));
   toks.forEach((t, i) => {
     const a = acts[i] || 0;
-    const span = el("span", {class: "t" + (i === e.pos ? " peak" : ""), text: showToken(t),
+    const span = el("span", {class: "t" + (i === e.pos ? " peak" : ""), text: contextToken(t),
                              title: `act ${fmt(a, 3)}`});
     if (a > 0) span.style.backgroundColor = `rgba(255, 110, 20, ${Math.min(1, a / m).toFixed(3)})`;
     line.append(span);
