@@ -81,12 +81,18 @@ def import_sae(path: str | Path, run_dir: str | Path, *, model=None, name: str |
     folder = run.saes_dir / cfg.site / (name or new.folder_name)
     if folder.name.startswith(".") or "/" in folder.name or not folder.name:
         raise SaescopeError(f"invalid SAE folder name '{folder.name}': use letters, digits and underscores")
+    sae_id = f"{cfg.site}/{folder.name}"
     if folder.exists() and not overwrite:
-        raise SaescopeError(f"{folder} already exists: pass another name, or overwrite=True to replace it")
+        raise SaescopeError(f"SAE {sae_id} already exists in {run.root}: give another name (--name), or "
+                            "--overwrite to replace it (its analysis, eval and automatic labels are then redone)")
+    if folder.exists():  # marked before the weights change: a failure in between can only redo work
+        marked = run.weights_replaced(sae_id)
+        notes.append(f"replaced the weights of {sae_id}; marked not done (re-run them): "
+                     + ("; ".join(marked) if marked else "nothing had been computed from the old weights"))
     sae.save(folder)
     for n in notes:
         log.warning("%s", n)
-    return ImportResult(f"{cfg.site}/{folder.name}", folder, notes)
+    return ImportResult(sae_id, folder, notes)
 
 
 def _model_key(name: str) -> str:

@@ -260,7 +260,8 @@ def feature_card(card: dict, n_examples: int = 8, style=None) -> str:
     mark = style or (lambda text, **_: f"[[{text}]]")
     lines = [f"{card['sae_id']}  feature {card['idx']}  (layer {card['layer']}, {card['site']})"]
     for lab in card.get("labels") or []:
-        lines.append(f"label ({lab['source']}{', ' + lab['model'] if lab.get('model') else ''}): {lab['text']}")
+        stale = ", STALE: written for the SAE's old weights" if lab.get("stale") else ""
+        lines.append(f"label ({lab['source']}{', ' + lab['model'] if lab.get('model') else ''}{stale}): {lab['text']}")
     if not card.get("labels"):
         lines.append("label: (none yet)")
     lines.append(f"frequency {100 * card['frequency']:.3g}% ({card['n_fired']:,} tokens)   "
