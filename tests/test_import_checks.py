@@ -236,3 +236,13 @@ def test_bad_sae_folder_already_in_a_run_fails_eval_with_one_line(tmp_path, run,
         evaluate(run, eval_tokens=64, delta_contexts=0, progress=False)
     assert len(str(err.value).splitlines()) == 1
     assert not (run.root / "eval.json").exists()
+
+
+@pytest.mark.parametrize("name", ["../escape", ".hidden", "", "a/b", "-x", "x" * 101, "sp ace", "..", "é"])
+def test_bad_sae_name_is_refused(tmp_path, run, tiny_lm, name):
+    src = gs2_folder(tmp_path / "src", tiny_lm)
+    before = _snapshot(run.root)
+    with pytest.raises(SaescopeError, match="invalid SAE folder name") as err:
+        import_sae(src, run.root, model=tiny_lm, name=name)
+    assert len(str(err.value).splitlines()) == 1
+    assert _snapshot(run.root) == before and not (run.saes_dir / "escape").exists()
