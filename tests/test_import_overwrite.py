@@ -175,3 +175,28 @@ def test_weights_replaced_in_the_database(tmp_path):
         fresh = db.labels(sae, 3)[0]
         assert fresh["id"] == again and not fresh["stale"] and fresh["weights_version"] == 3
         assert db.labels(sae, 3, history=True)[-1]["stale"]
+
+
+def test_saescope_run_redoes_the_stages_of_an_overwritten_sae(tmp_path, tiny_gemma_dir, tiny_lm):
+    from saescope.interop import import_sae
+    from saescope.pipeline import run_all
+
+    corpus = write_corpus(tmp_path / "corpus")
+    kw = dict(model=str(tiny_gemma_dir), corpus=str(corpus), layers="0,1", widths=(16,), l0s=(4,),
+              architecture="topk", tokens=400, eval_tokens=200, ce_contexts=1, analyze_tokens=400)
+    run = run_all(tmp_path / "run", echo=lambda line: None, **kw)
+    replaced, kept = run.sae_ids()
+    with run.db() as db:
+        idx = db.top_features(replaced, limit=1)[0]["idx"]
+        db.set_label(replaced, idx, "kings and queens")
+    import_sae(_new_weights(run, replaced, tmp_path / "new"), run.root, model=tiny_lm, overwrite=True)
+    logs: list[str] = []
+    run = run_all(tmp_path / "run", echo=logs.append, **kw)
+    for stage in ("eval", "analyze", "label"):
+        assert any(line.startswith(f"[{stage}] done") for line in logs), logs
+        assert run.is_done(stage)
+    assert sorted(json.loads((run.root / "eval.json").read_text())["saes"]) == sorted([replaced, kept])
+    with run.db(readonly=True) as db:
+        assert db.sae_status(replaced) == "done" and db.top_features(replaced)
+        current = {(lab["source"], lab["stale"]) for lab in db.labels(replaced, idx)}
+        assert ("human", True) in current and ("offline", False) in current
