@@ -58,7 +58,7 @@ def _labelled_run(tmp_path, model_dir, lm) -> tuple[Run, str, str, int]:
     replaced, kept = run.sae_ids()
     with run.db() as db:
         idx = db.top_features(replaced, limit=1)[0]["idx"]
-        db.set_label(replaced, idx, "kings and queens", author="ana")
+        db.set_label(replaced, idx, "zebras and giraffes", author="ana")
     return run, replaced, kept, idx
 
 
@@ -96,7 +96,7 @@ def test_overwrite_marks_everything_downstream_and_keeps_human_labels_flagged(
         assert db.feature(replaced, idx) is None and db.top_features(replaced) == []
         assert db.top_features(kept, order_by="idx", limit=100) == kept_rows
         human = db.labels(replaced, idx)[0]
-        assert human["text"] == "kings and queens" and human["stale"] and human["source"] == "human"
+        assert human["text"] == "zebras and giraffes" and human["stale"] and human["source"] == "human"
         assert all(lab["stale"] for lab in db.current_labels() if lab["sae_id"] == replaced)
         assert not any(lab["stale"] for lab in db.current_labels() if lab["sae_id"] == kept)
     code, _, err = _cli(capsys, "feature", run.root, replaced, idx)
@@ -111,7 +111,7 @@ def test_overwrite_marks_everything_downstream_and_keeps_human_labels_flagged(
 
     # the card shows the human label as written for the old weights: text, --json and the web API
     code, out, _ = _cli(capsys, "feature", run.root, replaced, idx)
-    assert code == 0 and "label (human, STALE: written for the SAE's old weights): kings and queens" in out
+    assert code == 0 and "label (human, STALE: written for the SAE's old weights): zebras and giraffes" in out
     code, out, _ = _cli(capsys, "feature", run.root, replaced, idx, "--json")
     card = json.loads(out)
     assert [(lab["source"], lab["stale"]) for lab in card["labels"]] == [("human", True), ("offline", True)]
@@ -119,6 +119,10 @@ def test_overwrite_marks_everything_downstream_and_keeps_human_labels_flagged(
         page = client.get(f"/api/feature/{replaced}/{idx}").json()
         assert {lab["source"]: lab["stale"] for lab in page["labels"]} == {"human": True, "offline": True}
         assert any(lab["stale"] for lab in page["label_history"])
+        hits = client.get("/api/search", params={"q": "zebras", "mode": "fts"}).json()["hits"]
+        assert [(h["sae_id"], h["stale"]) for h in hits] == [(replaced, True)]
+    code, out, _ = _cli(capsys, "search", run.root, "zebras", "--mode", "fts")
+    assert code == 0 and "zebras and giraffes" in out and "(written for the SAE's old weights)" in out
 
     # label auto redoes the automatic labels and their scores; the human label stays flagged
     code, out, err = _cli(capsys, "label", "auto", run.root, "--sae", replaced)
@@ -130,7 +134,7 @@ def test_overwrite_marks_everything_downstream_and_keeps_human_labels_flagged(
         assert any(db.scores(lab["id"]) for lab in offline)  # the new labels are scored again
         assert [lab["stale"] for lab in db.labels(replaced, idx) if lab["source"] == "human"] == [True]
     # labelling it again (even with the same words) clears the flag and keeps the history
-    code, _, _ = _cli(capsys, "label", "set", run.root, replaced, idx, "kings and queens")
+    code, _, _ = _cli(capsys, "label", "set", run.root, replaced, idx, "zebras and giraffes")
     assert code == 0
     with run.db(readonly=True) as db:
         human = [lab for lab in db.labels(replaced, idx, history=True) if lab["source"] == "human"]
@@ -188,7 +192,7 @@ def test_saescope_run_redoes_the_stages_of_an_overwritten_sae(tmp_path, tiny_gem
     replaced, kept = run.sae_ids()
     with run.db() as db:
         idx = db.top_features(replaced, limit=1)[0]["idx"]
-        db.set_label(replaced, idx, "kings and queens")
+        db.set_label(replaced, idx, "zebras and giraffes")
     import_sae(_new_weights(run, replaced, tmp_path / "new"), run.root, model=tiny_lm, overwrite=True)
     logs: list[str] = []
     run = run_all(tmp_path / "run", echo=logs.append, **kw)

@@ -205,7 +205,8 @@ def search(run_dir, query, limit, mode, as_json):
         click.echo("no matching labels")
     for h in hits:
         score = "  -  " if h.score is None else f"{h.score:.2f}"
-        click.echo(f"{h.site:<10} layer {h.layer:>2}  #{h.idx:<6} score {score}  {h.label}  [{h.sae_id}]")
+        stale = "  (written for the SAE's old weights)" if h.stale else ""
+        click.echo(f"{h.site:<10} layer {h.layer:>2}  #{h.idx:<6} score {score}  {h.label}  [{h.sae_id}]{stale}")
 
 
 @cli.command()

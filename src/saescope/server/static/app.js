@@ -459,7 +459,8 @@ async function pageSearch(r) {
       ...res.hits.map(h => el("tr", {},
         el("td", {class: "num", text: h.layer}), el("td", {text: h.site}),
         el("td", {}, el("a", {class: "feat-link", href: featureHref(h.sae_id, h.idx), text: `#${h.idx}`})),
-        el("td", {class: "label-text", text: h.label}), el("td", {text: h.source}),
+        el("td", {class: "label-text", text: h.label},
+          h.stale ? el("span", {class: "stale", text: " written for old weights"}) : null), el("td", {text: h.source}),
         el("td", {class: "num", text: fmt(h.score, 2)}), el("td", {class: "num", text: fmt(h.match, 3)})))));
   } catch (err) { out.replaceChildren(errorBox(err)); }
 }
