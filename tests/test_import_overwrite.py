@@ -123,6 +123,11 @@ def test_overwrite_marks_everything_downstream_and_keeps_human_labels_flagged(
         assert [(h["sae_id"], h["stale"]) for h in hits] == [(replaced, True)]
     code, out, _ = _cli(capsys, "search", run.root, "zebras", "--mode", "fts")
     assert code == 0 and "zebras and giraffes" in out and "(written for the SAE's old weights)" in out
+    code, out, _ = _cli(capsys, "inspect", run.root, "the king of france was in paris", "--json")
+    shown = {layer["sae_id"]: [f["label"] for per_token in layer["features"] for f in per_token if f["label"]]
+             for layer in json.loads(out)["layers"]}
+    assert shown[replaced] and all(text.endswith(" (written for old weights)") for text in shown[replaced])
+    assert shown[kept] and not any("old weights" in text for text in shown[kept])
 
     # label auto redoes the automatic labels and their scores; the human label stays flagged
     code, out, err = _cli(capsys, "label", "auto", run.root, "--sae", replaced)

@@ -210,11 +210,18 @@ class _LabelCache:
             return None
         key = (sae_id, idx)
         if key not in self.cache:
-            labels = self.db.labels(sae_id, idx)
-            labels.sort(key=lambda lab: LABEL_PREFERENCE.index(lab["source"])
-                        if lab["source"] in LABEL_PREFERENCE else len(LABEL_PREFERENCE))
-            self.cache[key] = labels[0]["text"] if labels else None
+            self.cache[key] = best_label(self.db.labels(sae_id, idx))
         return self.cache[key]
+
+
+def best_label(labels: list[dict]) -> str | None:
+    """The text to show for a feature among its current labels: labels written for its present weights
+    first, then human > llm > offline; a label written for replaced weights is marked so."""
+    if not labels:
+        return None
+    rank = {source: i for i, source in enumerate(LABEL_PREFERENCE)}
+    best = min(labels, key=lambda lab: (bool(lab.get("stale")), rank.get(lab["source"], len(rank))))
+    return best["text"] + (" (written for old weights)" if best.get("stale") else "")
 
 
 # --------------------------------------------------------------------------- text rendering (CLI)
