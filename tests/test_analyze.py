@@ -546,6 +546,8 @@ def test_resume_after_kill_9_gives_the_same_atlas(tmp_path, uninterrupted, tiny_
 
 
 def test_resume_after_a_full_disk_gives_the_same_atlas(tmp_path, uninterrupted, tiny_lm, monkeypatch):
+    import sqlite3
+
     src, reference = uninterrupted
     run = _fresh_copy(src, tmp_path / "run", tiny_lm)
     real_write = FeatureDB.write_examples
@@ -553,12 +555,12 @@ def test_resume_after_a_full_disk_gives_the_same_atlas(tmp_path, uninterrupted, 
 
     def disk_fills_on_the_second_sae(self, sae_id, rows):
         if sae_id not in written and len(written) == 1:
-            raise SaescopeError(f"no space left on device while writing {self.path}: free some disk and re-run")
+            raise sqlite3.OperationalError("database or disk is full")  # what SQLite raises (SQLITE_FULL)
         written.append(sae_id) if sae_id not in written else None
         return real_write(self, sae_id, rows)
 
     monkeypatch.setattr(FeatureDB, "write_examples", disk_fills_on_the_second_sae)
-    with pytest.raises(SaescopeError, match="no space left"):
+    with pytest.raises(sqlite3.OperationalError, match="disk is full"):
         analyze(run, **RESUME_KW)
     monkeypatch.setattr(FeatureDB, "write_examples", real_write)
     report = analyze(run, **RESUME_KW)
