@@ -268,7 +268,7 @@ def test_memory_does_not_grow_with_tokens(analysed):
 
     run, _ = analysed
     sae = run.load_sae(run.sae_ids()[0])
-    atlas = _FeatureAtlas(sae, 5, 12, 3, 9, torch.Generator())
+    atlas = _FeatureAtlas(sae, 5, 12, 3, 9)
     before = atlas.nbytes()
     assert before < 100 * WIDTH * 40  # slots × width × a few fields, independent of n_tokens
 
@@ -454,3 +454,126 @@ def test_cli_inspect_and_analyze(tmp_path, tiny_gemma_dir, tiny_lm, monkeypatch)
     import json
 
     assert len(json.loads(res.output)["tokens"]) == 3
+
+
+# -- a resumed analysis writes the same atlas as an uninterrupted one ---------------------------------
+
+RESUME_KW = dict(n_tokens=400, top_k=4, n_quantiles=3, per_quantile=2, n_random=3, window=(5, 2), n_logits=3,
+                 batch_size=4, progress=False)
+KILLED_AFTER_FIRST_SAE = """
+import sys, time
+from saescope.analyze import analyze
+from saescope.featuredb import FeatureDB
+from saescope.runs import Run
+
+real_finish = FeatureDB.finish_sae
+
+def finish_then_hang(self, sae_id, n_tokens):
+    real_finish(self, sae_id, n_tokens)
+    print("finished", sae_id, flush=True)
+    time.sleep(120)  # killed here with SIGKILL: the first SAE is done, the others are not
+
+FeatureDB.finish_sae = finish_then_hang
+analyze(Run.open(sys.argv[1]), **{RESUME_KW!r})
+"""
+
+
+def _atlas_dump(db_path) -> dict:
+    """Every row analyze writes (all columns but the SAE folder path), in a fixed order."""
+    import sqlite3
+
+    conn = sqlite3.connect(db_path)
+    try:
+        return {
+            "saes": conn.execute("SELECT id, site, layer, width, d_in, hook_name, status, n_tokens, config_json "
+                                 "FROM saes ORDER BY id").fetchall(),
+            "features": conn.execute("SELECT * FROM features ORDER BY sae_id, idx").fetchall(),
+            "examples": conn.execute("SELECT sae_id, idx, kind, rank, quantile, max_act, tokens, acts, ctx, pos "
+                                     "FROM examples ORDER BY sae_id, idx, kind, quantile, rank").fetchall(),
+        }
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_gemma_dir, tiny_lm):
+    """A three-SAE run and the atlas of one uninterrupted analysis of it (a copy of the run)."""
+    import shutil
+
+    base = tmp_path_factory.mktemp("resume")
+    run = _build_run(base, tiny_gemma_dir, tiny_lm)
+    ref = Run.open(shutil.copytree(run.root, base / "reference"))
+    ref.__dict__["model"] = tiny_lm
+    analyze(ref, **RESUME_KW)
+    return run.root, _atlas_dump(ref.db_path)
+
+
+def _fresh_copy(src, dest, lm) -> Run:
+    import shutil
+
+    run = Run.open(shutil.copytree(src, dest))
+    run.__dict__["model"] = lm
+    return run
+
+
+def test_resume_after_kill_9_gives_the_same_atlas(tmp_path, uninterrupted, tiny_lm):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    src, reference = uninterrupted
+    run = _fresh_copy(src, tmp_path / "run", tiny_lm)
+    first = run.sae_ids()[0]
+    code = KILLED_AFTER_FIRST_SAE.replace("{RESUME_KW!r}", repr(RESUME_KW))
+    proc = subprocess.Popen([sys.executable, "-c", code, str(run.root)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline().strip()
+        assert line.startswith("finished "), proc.stderr.read() if proc.poll() is not None else line
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    with run.db() as db:
+        statuses = {s["id"]: s["status"] for s in db.saes()}
+    assert statuses.pop(line.split()[1]) == "done" and set(statuses.values()) == {"running"}
+    report = analyze(run, **RESUME_KW)
+    assert len(report.skipped) == 1 and len(report.analysed) == 2 and first in run.sae_ids()
+    got = _atlas_dump(run.db_path)
+    assert len(got["examples"]) == len(reference["examples"])
+    assert {r[2] for r in got["examples"]} == {"top", "quantile", "random"}
+    assert got == reference
+
+
+def test_resume_after_a_full_disk_gives_the_same_atlas(tmp_path, uninterrupted, tiny_lm, monkeypatch):
+    import sqlite3
+
+    src, reference = uninterrupted
+    run = _fresh_copy(src, tmp_path / "run", tiny_lm)
+    real_write = FeatureDB.write_examples
+    written = []
+
+    def disk_fills_on_the_second_sae(self, sae_id, rows):
+        if sae_id not in written and len(written) == 1:
+            raise sqlite3.OperationalError("database or disk is full")  # what SQLite raises (SQLITE_FULL)
+        written.append(sae_id) if sae_id not in written else None
+        return real_write(self, sae_id, rows)
+
+    monkeypatch.setattr(FeatureDB, "write_examples", disk_fills_on_the_second_sae)
+    with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+        analyze(run, **RESUME_KW)
+    monkeypatch.setattr(FeatureDB, "write_examples", real_write)
+    report = analyze(run, **RESUME_KW)
+    assert report.skipped == written and len(report.analysed) == 2
+    assert _atlas_dump(run.db_path) == reference
+
+
+def test_each_sae_and_batch_has_its_own_random_stream():
+    from saescope.analyze import batch_stream
+
+    def draw(*key):
+        return torch.rand(4, generator=batch_stream(*key, "cpu"))
+
+    assert torch.equal(draw(0, "resid_post/a", 3), draw(0, "resid_post/a", 3))
+    for other in ((1, "resid_post/a", 3), (0, "resid_post/b", 3), (0, "resid_post/a", 4)):
+        assert not torch.equal(draw(0, "resid_post/a", 3), draw(*other))

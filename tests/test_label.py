@@ -88,29 +88,34 @@ def _feature_examples(idx, rng):
 def build_run(root) -> Run:
     """A run without a model: one analysed SAE of width 16 whose features 0-3 are hand-made."""
     run = Run.create(root, model="tiny", corpus={}, config={})
-    rng = np.random.default_rng(0)
     with run.db() as db:
         db.upsert_sae(SAE, site="resid_post", layer=3, width=16, d_in=8, hook_name="model.layers.3.output",
                       path=f"saes/{SAE}", config={})
         db.set_vocab(VOCAB)
-        db.begin_sae(SAE)
-        stats, examples = [], []
-        for idx in (PARIS, DIGITS, AFTER_OF, NOISE):
-            pos, neg = _feature_examples(idx, rng)
-            pos.sort(key=lambda ta: -float(ta[1].max()))
-            top, quantile = pos[:12], pos[12:]
-            for kind, group in (("top", top), ("quantile", quantile), ("random", neg)):
-                for rank, (toks, acts) in enumerate(group):
-                    examples.append(Example(SAE, idx, kind, rank, 0 if kind == "quantile" else None,
-                                            float(acts.max()), [TOK[t] for t in toks], acts,
-                                            ctx=len(examples), pos=int(acts.argmax())))
-            stats.append(FeatureStats(SAE, idx, frequency=0.05 - 0.01 * idx, n_fired=100, max_act=10.0,
-                                      mean_act=3.0, logits_pos=[["▁France", 1.2]], logits_neg=[["▁London", -0.7]]))
-        stats.append(FeatureStats(SAE, DEAD, frequency=0.0, n_fired=0, max_act=0.0, mean_act=0.0))
-        db.write_features(SAE, stats)
-        db.write_examples(SAE, examples)
-        db.finish_sae(SAE, n_tokens=10_000)
+        _analyse(db)
     return run
+
+
+def _analyse(db) -> None:
+    """Write the hand-made atlas of SAE, as analyze would."""
+    rng = np.random.default_rng(0)
+    db.begin_sae(SAE)
+    stats, examples = [], []
+    for idx in (PARIS, DIGITS, AFTER_OF, NOISE):
+        pos, neg = _feature_examples(idx, rng)
+        pos.sort(key=lambda ta: -float(ta[1].max()))
+        top, quantile = pos[:12], pos[12:]
+        for kind, group in (("top", top), ("quantile", quantile), ("random", neg)):
+            for rank, (toks, acts) in enumerate(group):
+                examples.append(Example(SAE, idx, kind, rank, 0 if kind == "quantile" else None,
+                                        float(acts.max()), [TOK[t] for t in toks], acts,
+                                        ctx=len(examples), pos=int(acts.argmax())))
+        stats.append(FeatureStats(SAE, idx, frequency=0.05 - 0.01 * idx, n_fired=100, max_act=10.0,
+                                  mean_act=3.0, logits_pos=[["▁France", 1.2]], logits_neg=[["▁London", -0.7]]))
+    stats.append(FeatureStats(SAE, DEAD, frequency=0.0, n_fired=0, max_act=0.0, mean_act=0.0))
+    db.write_features(SAE, stats)
+    db.write_examples(SAE, examples)
+    db.finish_sae(SAE, n_tokens=10_000)
 
 
 @pytest.fixture
@@ -325,6 +330,18 @@ def test_llm_cache_makes_rerun_free(run):
     assert first == 6 and len(server.requests) == first  # the second pass sent nothing
     assert (report.requests, report.cache_hits, report.labelled, report.scored) == (0, 6, 2, 2)
     assert _current(run, "llm")[PARIS]["text"] == "The city of Paris"
+
+
+def test_llm_relabels_features_whose_weights_were_replaced(run):
+    with MockLLMServer(default=oracle) as server:
+        label_llm(run, server.url, "mock-1", limit=2, progress=False)
+        with run.db() as db:
+            db.weights_replaced(SAE)  # `import --overwrite`: the llm labels and scores are now stale
+            _analyse(db)  # analysed again
+        report = label_llm(run, server.url, "mock-1", limit=2, progress=False)
+    assert (report.skipped, report.labelled, report.scored) == (0, 2, 2)
+    current = _current(run, "llm")
+    assert set(current) == {PARIS, DIGITS} and not any(lab["stale"] for lab in current.values())
 
 
 def test_llm_rejects_garbage_and_resumes(run):

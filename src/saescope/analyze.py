@@ -51,12 +51,17 @@ the index of the context in the held-out stream (`Corpus.contexts(part="heldout"
 
 Resumable: SAEs whose status is 'done' in features.sqlite are skipped (unless
 `force`); the others are restarted cleanly (`FeatureDB.begin_sae` clears them).
+Every random draw of an SAE on a batch comes from its own stream, seeded from
+(seed, SAE id, batch index) (`batch_stream`), so a resumed analysis, which
+passes over the same batches with fewer SAEs, writes the same atlas as an
+uninterrupted one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import math
 import time
@@ -110,12 +115,14 @@ class AnalyzeReport:
 
 def analyze(run, n_tokens: int = 16_384, *, top_k: int = 20, n_quantiles: int = 5, per_quantile: int = 2,
             n_random: int = 4, window: tuple[int, int] = (16, 4), n_logits: int = 10, batch_size: int = 8,
-            saes: list[str] | None = None, force: bool = False, seed: int = 0, progress: bool = True,
+            saes: list[str] | None = None, force: bool = False, seed: int | None = None, progress: bool = True,
             lm: LoadedModel | None = None) -> AnalyzeReport:
     """Analyse every SAE of `run` (or those in `saes`) on `n_tokens` held-out tokens → features.sqlite.
 
     One model pass serves all SAEs. SAEs already 'done' are skipped unless `force`.
-    `window` = (tokens before, tokens after) the centre of each example.
+    `window` = (tokens before, tokens after) the centre of each example. `seed` (default: the run's
+    training seed) seeds the quantile and random examples: each SAE and batch draws from its own
+    stream (`batch_stream`), so a resumed analysis writes exactly what an uninterrupted one does.
     """
     from .corpus import Corpus
     from .harvest import harvest
@@ -151,8 +158,9 @@ def analyze(run, n_tokens: int = 16_384, *, top_k: int = 20, n_quantiles: int = 
         ctx_len = int((run.manifest.get("config") or {}).get("ctx_len", 256))
         before, after = window
         width_w = min(before + 1 + after, ctx_len - 1)
-        gen = torch.Generator(device=lm.device).manual_seed(seed)
-        atlas = {i: _FeatureAtlas(s, top_k, n_quantiles * per_quantile * 2, n_random, width_w, gen)
+        if seed is None:
+            seed = int(((run.manifest.get("config") or {}).get("train") or {}).get("seed", 0))
+        atlas = {i: _FeatureAtlas(s, top_k, n_quantiles * per_quantile * 2, n_random, width_w)
                  for i, s in models.items()}
         contexts = _ContextStore()
         pending: list[list[int]] = []
@@ -167,8 +175,8 @@ def analyze(run, n_tokens: int = 16_384, *, top_k: int = 20, n_quantiles: int = 
         ctx0 = 0
         t0 = time.perf_counter()
         with torch.no_grad():
-            for hb in harvest(lm, stream, sites, batch_size=batch_size, max_tokens=n_tokens, progress=progress,
-                              desc="analyze"):
+            for batch_no, hb in enumerate(harvest(lm, stream, sites, batch_size=batch_size, max_tokens=n_tokens,
+                                                  progress=progress, desc="analyze")):
                 batch_ids = torch.tensor(pending[: hb.n_contexts], dtype=torch.long)
                 del pending[: hb.n_contexts]
                 batch = _Batch(batch_ids, hb.ctx - ctx0, hb.pos, ctx0, before, width_w, lm.device)
@@ -176,7 +184,7 @@ def analyze(run, n_tokens: int = 16_384, *, top_k: int = 20, n_quantiles: int = 
                 for sae_id, sae in models.items():
                     f = encode(sae, hb.acts[site_objs[sae_id].key].to(lm.device))
                     with _bookkeeping_threads(f.device):
-                        atlas[sae_id].update(f, batch)
+                        atlas[sae_id].update(f, batch, batch_stream(seed, sae_id, batch_no, f.device))
                 report.n_tokens += int(hb.token_ids.numel())
                 ctx0 += hb.n_contexts
                 contexts.collect(atlas.values())
@@ -206,6 +214,13 @@ def analyze(run, n_tokens: int = 16_384, *, top_k: int = 20, n_quantiles: int = 
                                  "part": "heldout", "seed": seed})
         report.seconds_write = time.perf_counter() - t1
     return report
+
+
+def batch_stream(seed: int, sae_id: str, batch_no: int, device) -> torch.Generator:
+    """The random stream of one SAE on one batch, derived from (seed, SAE id, batch index) only: the
+    same whichever other SAEs are analysed in the same pass (a resumed analysis redoes fewer)."""
+    digest = hashlib.blake2b(f"{seed}/{sae_id}/{batch_no}".encode(), digest_size=8).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
 @contextlib.contextmanager
@@ -370,11 +385,10 @@ class _Slots:
 class _FeatureAtlas:
     """Everything kept about one SAE's features during the pass (fixed size)."""
 
-    def __init__(self, sae: SAE, top_k: int, n_sample: int, n_random: int, window: int, gen: torch.Generator):
+    def __init__(self, sae: SAE, top_k: int, n_sample: int, n_random: int, window: int):
         w = sae.cfg.width
         dev = sae.w_enc.device
         self.width = w
-        self.gen = gen
         self.n_fired = torch.zeros(w, dtype=torch.int64, device=dev)
         self.act_sum = torch.zeros(w, dtype=torch.float64, device=dev)
         self.hist = torch.zeros(w * HIST_BINS, dtype=torch.int64, device=dev)
@@ -382,8 +396,8 @@ class _FeatureAtlas:
         self.sample = _Slots(n_sample, w, window, True, dev) if n_sample else None
         self.random = _Slots(n_random, w, window, False, dev) if n_random else None
 
-    def update(self, f: torch.Tensor, batch: _Batch) -> None:
-        """Fold one batch of codes f (n, width) in."""
+    def update(self, f: torch.Tensor, batch: _Batch, gen: torch.Generator) -> None:
+        """Fold one batch of codes f (n, width) in; `gen`: this SAE's random stream for this batch."""
         w = self.width
         flat = f.view(-1).nonzero().squeeze(1)  # firing entries (codes are >= 0), row-major
         vals = _take(f, flat)
@@ -401,20 +415,20 @@ class _FeatureAtlas:
         self.top.offer(best, best, row.view(n_ctx, w), f, batch)
         # quantile sample: a uniform priority per firing token; per context its best token competes
         if self.sample is not None:
-            keys = torch.rand(vals.numel(), generator=self.gen, device=vals.device)
+            keys = torch.rand(vals.numel(), generator=gen, device=vals.device)
             key, row = _per_context_best(seg, keys, rows, n_ctx * w)
             row = row.view(n_ctx, w)
             val = _take(f, row.clamp(min=0) * w + torch.arange(w, device=f.device))
             self.sample.offer(key.view(n_ctx, w), val, row, f, batch)
         if self.random is not None and batch.n:
-            self._random(f, batch)
+            self._random(f, batch, gen)
 
-    def _random(self, f: torch.Tensor, batch: _Batch) -> None:
+    def _random(self, f: torch.Tensor, batch: _Batch, gen: torch.Generator) -> None:
         n_c = min(RANDOM_CENTRES, batch.n)
-        centres = torch.randperm(batch.n, generator=self.gen, device=f.device)[:n_c]
+        centres = torch.randperm(batch.n, generator=gen, device=f.device)[:n_c]
         wrows = batch.window_rows(centres)  # (m, window)
         silent = f[wrows.clamp(min=0)].masked_fill_((wrows < 0)[..., None], 0.0).amax(1) <= 0  # (m, width)
-        keys = torch.rand(silent.shape, generator=self.gen, device=f.device).masked_fill_(~silent, -math.inf)
+        keys = torch.rand(silent.shape, generator=gen, device=f.device).masked_fill_(~silent, -math.inf)
         self.random.offer(keys, torch.zeros_like(keys), centres[:, None].expand_as(keys), f, batch)
 
     def keepers(self) -> list[_Slots]:

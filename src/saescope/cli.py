@@ -205,7 +205,8 @@ def search(run_dir, query, limit, mode, as_json):
         click.echo("no matching labels")
     for h in hits:
         score = "  -  " if h.score is None else f"{h.score:.2f}"
-        click.echo(f"{h.site:<10} layer {h.layer:>2}  #{h.idx:<6} score {score}  {h.label}  [{h.sae_id}]")
+        stale = "  (written for the SAE's old weights)" if h.stale else ""
+        click.echo(f"{h.site:<10} layer {h.layer:>2}  #{h.idx:<6} score {score}  {h.label}  [{h.sae_id}]{stale}")
 
 
 @cli.command()
@@ -260,12 +261,15 @@ def steer(run_dir, prompt, features, concept, strength, max_new_tokens, sample, 
 @cli.command("import")
 @click.argument("path", type=click.Path(exists=True))
 @click.option("--run", "run_dir", required=True, type=click.Path(), help="Run to add the SAE to.")
-@click.option("--overwrite", is_flag=True)
-def import_cmd(path, run_dir, overwrite):
+@click.option("--name", default=None, help="Folder name of the SAE in the run (default layer_L_width_W_l0_T).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an SAE of the same name; its analysis, eval and automatic labels are redone and its "
+                   "human labels are kept, flagged as written for the old weights.")
+def import_cmd(path, run_dir, name, overwrite):
     """Add an SAE from Gemma Scope 1/2, SAELens or sparsify files to a run (checked against its model)."""
     from .interop import import_sae
 
-    res = import_sae(path, run_dir, overwrite=overwrite)
+    res = import_sae(path, run_dir, name=name, overwrite=overwrite)
     click.echo(f"imported {res[0]} into {run_dir}")
     for note in res[2] if len(res) > 2 else []:
         click.echo(f"note: {note}")

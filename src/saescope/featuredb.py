@@ -11,6 +11,9 @@ Invariants the code keeps:
 - Labels are never overwritten: a new label for (sae_id, idx, source) marks the
   old one not current and points back to it (`prev_id`). Re-analysing an SAE
   keeps its labels.
+- When an SAE's weights are replaced (`weights_replaced`), its analysis is
+  cleared (status 'pending') and its `weights_version` goes up; its labels stay,
+  each read back with `stale` = written for older weights than the SAE's now.
 - The schema changes only through named migrations (see `MIGRATIONS`), recorded
   in `_migrations`. A file written by a newer saescope is refused untouched.
 
@@ -184,11 +187,22 @@ def _execute_script(conn: sqlite3.Connection, script: str) -> None:
         raise ValueError(f"incomplete SQL statement in migration: {statement!r}")
 
 
+def _m004_weights_version(conn: sqlite3.Connection) -> None:
+    # Which weights an SAE row describes (bumped when its folder is overwritten, e.g. by
+    # `saescope import --overwrite`) and which weights each label was written for: a label
+    # whose version is below its SAE's is stale (kept, and shown as written for old weights).
+    _execute_script(conn, """
+        ALTER TABLE saes ADD COLUMN weights_version INT NOT NULL DEFAULT 1;
+        ALTER TABLE labels ADD COLUMN weights_version INT NOT NULL DEFAULT 1;
+    """)
+
+
 Migration = tuple[str, Callable[[sqlite3.Connection], None]]
 MIGRATIONS: list[Migration] = [
     ("m001_initial", _m001_initial),
     ("m002_indexes", _m002_indexes),
     ("m003_labels_fts", _m003_labels_fts),
+    ("m004_weights_version", _m004_weights_version),
 ]
 
 
@@ -389,6 +403,20 @@ class FeatureDB:
             conn.execute("UPDATE saes SET status = 'done', n_tokens = ?, updated = ? WHERE id = ?",
                          (int(n_tokens), time.time(), sae_id))
 
+    def weights_replaced(self, sae_id: str) -> int | None:
+        """The SAE's weights were replaced: clear its features and examples, set it 'pending' and bump
+        its weights version (its labels and their scores stay, now stale). Returns the new version,
+        or None when the SAE is not in the database (nothing to clear)."""
+        with self._write() as conn:
+            row = conn.execute("SELECT weights_version FROM saes WHERE id = ?", (sae_id,)).fetchone()
+            if row is None:
+                return None
+            conn.execute("DELETE FROM examples WHERE sae_id = ?", (sae_id,))
+            conn.execute("DELETE FROM features WHERE sae_id = ?", (sae_id,))
+            conn.execute("UPDATE saes SET status = 'pending', n_tokens = NULL, weights_version = ?, updated = ? "
+                         "WHERE id = ?", (row[0] + 1, time.time(), sae_id))
+            return row[0] + 1
+
     def sae_status(self, sae_id: str) -> str | None:
         """'pending', 'running' (started, or killed before finishing), 'done'; None if unknown."""
         with self._read() as conn:
@@ -480,25 +508,28 @@ class FeatureDB:
             raise SaescopeError(f"unknown label source {source!r}: use one of {', '.join(SOURCES)}")
         idx = int(idx)
         with self._write() as conn:
-            width = self._require_sae(conn, sae_id)["width"]
+            sae = self._require_sae(conn, sae_id)
+            width, version = sae["width"], sae["weights_version"]
             if idx < 0 or (width is not None and idx >= width):
                 raise SaescopeError(f"feature {idx} is out of range for SAE {sae_id!r} (width {width}): "
                                     f"use 0..{width - 1 if width else 0}")
-            old = conn.execute("SELECT id, text, model, author FROM labels WHERE sae_id = ? AND idx = ? "
-                               "AND source = ? AND is_current = 1", (sae_id, idx, source)).fetchone()
-            if old is not None and (old["text"], old["model"], old["author"]) == (text, model, author):
+            old = conn.execute("SELECT id, text, model, author, weights_version FROM labels WHERE sae_id = ? "
+                               "AND idx = ? AND source = ? AND is_current = 1", (sae_id, idx, source)).fetchone()
+            same = old is not None and (old["text"], old["model"], old["author"]) == (text, model, author)
+            if same and old["weights_version"] == version:  # the same text for older weights is new
                 return old["id"]
             if old is not None:
                 conn.execute("UPDATE labels SET is_current = 0 WHERE id = ?", (old["id"],))
             cur = conn.execute(
-                """INSERT INTO labels(sae_id, idx, text, source, model, author, created, is_current, prev_id)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?)""",
-                (sae_id, idx, text, source, model, author, time.time(), None if old is None else old["id"]))
+                """INSERT INTO labels(sae_id, idx, text, source, model, author, created, is_current, prev_id,
+                                      weights_version) VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?, ?)""",
+                (sae_id, idx, text, source, model, author, time.time(), None if old is None else old["id"],
+                 version))
             return cur.lastrowid
 
     def labels(self, sae_id: str, idx: int, history: bool = False) -> list[dict]:
         """Current labels of a feature (all sources), newest first; with history, old ones too."""
-        sql = "SELECT * FROM labels WHERE sae_id = ? AND idx = ?"
+        sql = f"SELECT {_LABEL_COLUMNS} FROM labels WHERE sae_id = ? AND idx = ?"
         if not history:
             sql += " AND is_current = 1"
         with self._read() as conn:
@@ -507,7 +538,7 @@ class FeatureDB:
 
     def current_labels(self, source: LabelSource | None = None) -> list[dict]:
         """Every current label (optionally of one source), ordered by SAE and feature."""
-        sql = "SELECT * FROM labels WHERE is_current = 1"
+        sql = f"SELECT {_LABEL_COLUMNS} FROM labels WHERE is_current = 1"
         args: tuple = ()
         if source is not None:
             sql += " AND source = ?"
@@ -550,7 +581,7 @@ class FeatureDB:
         match = " ".join('"' + w.replace('"', '""') + '"' for w in words) + "*"
         with self._read() as conn:
             rows = conn.execute(
-                """SELECT labels.*, labels_fts.rank AS rank FROM labels_fts
+                f"""SELECT {_LABEL_COLUMNS}, labels_fts.rank AS rank FROM labels_fts
                    JOIN labels ON labels.id = labels_fts.rowid
                    WHERE labels_fts MATCH ? ORDER BY labels_fts.rank, labels.id LIMIT ?""",
                 (match, _positive(limit))).fetchall()
@@ -713,10 +744,16 @@ def _feature_dict(row: sqlite3.Row) -> dict:
     return out
 
 
+# a label row with `stale`: written for older weights than its SAE has now (see weights_replaced)
+_LABEL_COLUMNS = ("labels.*, labels.weights_version < "
+                  "(SELECT saes.weights_version FROM saes WHERE saes.id = labels.sae_id) AS stale")
+
+
 def _label_dict(row: sqlite3.Row) -> dict:
     out = {k: row[k] for k in ("id", "sae_id", "idx", "text", "source", "model", "author", "created",
-                               "prev_id")}
+                               "prev_id", "weights_version")}
     out["is_current"] = bool(row["is_current"])
+    out["stale"] = bool(row["stale"])
     return out
 
 

@@ -47,16 +47,34 @@ def import_sae(path: str | Path, run_dir: str | Path, *, model=None, name: str |
     fmt = detect_format(path) if path.is_dir() else None
     sae = read_sae_folder(path)
     cfg = sae.cfg
-    notes: list[str] = []
     if cfg.site not in ("resid_post", "attn_out", "mlp_out", "mlp_in") or cfg.layer < 0:
         hook = cfg.hf_hook_point_in or cfg.extra.get("hook_name") or "(none recorded)"
         raise SaescopeError(f"{path}: cannot tell which saescope site this SAE reads (hook {hook}); saescope "
                             "imports SAEs on resid_post, attn_out, mlp_out or mlp_in of one layer")
     lm = model if model is not None else run.model
     site = lm.site(cfg.site, cfg.layer)
+    notes = _check_fits(path, cfg, site, run.manifest["model"])
+    theirs = cfg.model_name
+
+    imported = {"path": str(path.resolve()), "format": fmt, "hook_name": cfg.extra.get("hook_name") or
+                cfg.hf_hook_point_in, "model_name": theirs, "time": time.time()}
+    new = SAEConfig.from_json({**cfg.to_json(), "hf_hook_point_in": site.hook_name,
+                               "model_name": run.manifest["model"], "imported_from": imported})
+    sae.cfg = new
+    sae_id, folder, replaced = _target_folder(run, cfg.site, new.folder_name if name is None else name, overwrite)
+    notes += replaced
+    sae.save(folder)
+    for n in notes:
+        log.warning("%s", n)
+    return ImportResult(sae_id, folder, notes)
+
+
+def _check_fits(path: Path, cfg: SAEConfig, site, run_model: str) -> list[str]:
+    """Refuse an SAE that does not read `site` of the run's model; return notes on what was assumed."""
+    notes: list[str] = []
     if cfg.d_in != site.width:
         raise SaescopeError(f"{path}: the SAE reads {cfg.d_in}-wide activations but {cfg.site} of layer {cfg.layer} "
-                            f"in the run's model ({run.manifest['model']}) is {site.width} wide: it was made for "
+                            f"in the run's model ({run_model}) is {site.width} wide: it was made for "
                             "another model or site")
     ref = hook_ref(cfg)
     ours = parse_hook_name(site.hook_name)
@@ -67,26 +85,30 @@ def import_sae(path: str | Path, run_dir: str | Path, *, model=None, name: str |
     if ref is not None and ref.style == "tl":
         notes.append(f"hook {ref.name} (TransformerLens) mapped to {site.hook_name}; if the SAE was trained on a "
                      "TransformerLens model with processed weights, its activations may be centred differently")
-    theirs = cfg.model_name
-    if theirs and _model_key(theirs) != _model_key(run.manifest["model"]):
-        notes.append(f"the SAE names model '{theirs}', the run uses '{run.manifest['model']}' (widths match)")
+    if cfg.model_name and _model_key(cfg.model_name) != _model_key(run_model):
+        notes.append(f"the SAE names model '{cfg.model_name}', the run uses '{run_model}' (widths match)")
     if cfg.extra.get("l0_nominal"):
         notes.append("the files do not give a target L0; the folder name uses a nominal one")
+    return notes
 
-    imported = {"path": str(path.resolve()), "format": fmt, "hook_name": cfg.extra.get("hook_name") or
-                cfg.hf_hook_point_in, "model_name": theirs, "time": time.time()}
-    new = SAEConfig.from_json({**cfg.to_json(), "hf_hook_point_in": site.hook_name,
-                               "model_name": run.manifest["model"], "imported_from": imported})
-    sae.cfg = new
-    folder = run.saes_dir / cfg.site / (name or new.folder_name)
-    if folder.name.startswith(".") or "/" in folder.name or not folder.name:
-        raise SaescopeError(f"invalid SAE folder name '{folder.name}': use letters, digits and underscores")
-    if folder.exists() and not overwrite:
-        raise SaescopeError(f"{folder} already exists: pass another name, or overwrite=True to replace it")
-    sae.save(folder)
-    for n in notes:
-        log.warning("%s", n)
-    return ImportResult(f"{cfg.site}/{folder.name}", folder, notes)
+
+def _target_folder(run: Run, site: str, folder_name: str, overwrite: bool) -> tuple[str, Path, list[str]]:
+    """(sae_id, folder, notes) for the imported SAE; with `overwrite`, everything computed from the SAE
+    it replaces is marked not done first (a failure in between can only cause work to be redone)."""
+    if not isinstance(folder_name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}", folder_name):
+        shown = repr(folder_name)[:60] + ("..." if len(repr(folder_name)) > 60 else "")
+        raise SaescopeError(f"invalid SAE folder name {shown}: use up to 100 letters, digits, '_', '-' "
+                            "or '.', not starting with '.' or '-'")
+    folder = run.saes_dir / site / folder_name
+    sae_id = f"{site}/{folder_name}"
+    if not folder.exists():
+        return sae_id, folder, []
+    if not overwrite:
+        raise SaescopeError(f"SAE {sae_id} already exists in {run.root}: give another name (--name), or "
+                            "--overwrite to replace it (its analysis, eval and automatic labels are then redone)")
+    marked = run.weights_replaced(sae_id)
+    return sae_id, folder, [f"replaced the weights of {sae_id}; marked not done (re-run them): "
+                            + ("; ".join(marked) if marked else "nothing had been computed from the old weights")]
 
 
 def _model_key(name: str) -> str:

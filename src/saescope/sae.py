@@ -21,7 +21,9 @@ into `b_enc` on save (`folded`), together with the input scale.
 
 from __future__ import annotations
 
+import json
 import math
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -34,6 +36,7 @@ from .errors import SaescopeError
 Architecture = Literal["jump_relu", "topk", "batchtopk", "relu"]
 ARCHITECTURES = ("jump_relu", "topk", "batchtopk", "relu")
 PARAM_NAMES = ("w_enc", "b_enc", "w_dec", "b_dec", "threshold")
+TEXT_FIELDS = ("architecture", "hf_hook_point_in", "hf_hook_point_out", "model_name", "site", "type")
 
 
 @dataclass
@@ -56,14 +59,11 @@ class SAEConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.architecture not in ARCHITECTURES:
-            raise SaescopeError(f"unknown architecture '{self.architecture}': choose from {', '.join(ARCHITECTURES)}")
-        if int(self.width) < 1:
-            raise SaescopeError(f"SAE width must be at least 1, got {self.width}")
-        if int(self.d_in) < 1:
-            raise SaescopeError(f"SAE input width must be at least 1, got {self.d_in}")
-        if not 0 < float(self.l0) < int(self.width):
-            raise SaescopeError(f"target L0 must be between 0 and the width ({self.width}), got {self.l0}")
+        problems = config_problems({f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"})
+        if isinstance(self.architecture, str) and self.architecture not in ARCHITECTURES:
+            problems.append(f"unknown architecture '{self.architecture}': choose from {', '.join(ARCHITECTURES)}")
+        if problems:
+            raise SaescopeError("\n".join(f"SAE config: {p}" for p in problems))
 
     @property
     def k(self) -> int:
@@ -80,13 +80,73 @@ class SAEConfig:
 
     @classmethod
     def from_json(cls, d: dict) -> SAEConfig:
-        names = {f.name for f in fields(cls)}
-        known = {k: v for k, v in d.items() if k in names}
-        extra = {k: v for k, v in d.items() if k not in names}
-        try:
-            return cls(**known, extra={**known.pop("extra", {}), **extra})
-        except TypeError as err:
-            raise SaescopeError(f"SAE config is missing fields: {err}") from err
+        """Our fields from `d`; every other key (including one named "extra") is kept in `extra`."""
+        names = {f.name for f in fields(cls)} - {"extra"}
+        missing = [n for n in ("d_in", "width") if n not in d]
+        if missing:
+            raise SaescopeError(f"SAE config has no {' or '.join(missing)}: give the SAE's input width (d_in) "
+                                "and number of features (width)")
+        ours = {k: ("" if v is None and k in TEXT_FIELDS else v) for k, v in d.items() if k in names}
+        return cls(**ours, extra={k: v for k, v in d.items() if k not in names})
+
+
+# --------------------------------------------------------------------------- config checks
+
+
+def _shown(value) -> str:
+    """A config value as the user wrote it in JSON (true, null, "text", 1e+308), cut short."""
+    try:
+        text = json.dumps(value, allow_nan=True)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def l0_problem(l0, width=None, name: str = "l0") -> str | None:
+    """Why `l0` is not a usable target L0 (a finite number above 0, below the width), or None."""
+    if not _is_real(l0) or not math.isfinite(l0):
+        return f"target L0 ({name}) must be a finite number, got {_shown(l0)}"
+    if l0 <= 0 or (_is_int(width) and l0 >= width):
+        bound = f" and below the width ({width})" if _is_int(width) else ""
+        return f"target L0 ({name}) must be above 0{bound}, got {_shown(l0)}"
+    return None
+
+
+def config_problems(d: dict, width=None) -> list[str]:
+    """Every problem with the type or range of an SAE config's fields, one message each ([] if none).
+
+    Fields absent from `d` are not checked (readers fill them from the weights or defaults); keys
+    that are not ours are kept as they are. `width`: the width of the weights, when `d` has none.
+    """
+    from .models import SITE_KINDS
+
+    out = []
+    for name, low, note in (("d_in", 1, ""), ("width", 1, ""), ("layer", -1, " (-1 = unknown)")):
+        if name not in d:
+            continue
+        if not _is_int(d[name]):
+            out.append(f"{name} must be a whole number, got {_shown(d[name])}")
+        elif d[name] < low:
+            out.append(f"{name} must be at least {low}{note}, got {_shown(d[name])}")
+    for name in TEXT_FIELDS:
+        if name in d and not isinstance(d[name], str | None):  # null: not given (other tools write it)
+            out.append(f"{name} must be text, got {_shown(d[name])}")
+    if isinstance(d.get("site"), str) and d["site"] not in ("", *SITE_KINDS):
+        out.append(f"site must be one of {', '.join(SITE_KINDS)}, got {_shown(d['site'])}")
+    if "pre_bias" in d and not isinstance(d["pre_bias"], bool):
+        out.append(f"pre_bias must be true or false, got {_shown(d['pre_bias'])}")
+    width = d.get("width", width)
+    if "l0" in d and (problem := l0_problem(d["l0"], width)):
+        out.append(problem)
+    return out
 
 
 class SAEOutput(NamedTuple):

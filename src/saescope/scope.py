@@ -211,11 +211,18 @@ class _LabelCache:
             return None
         key = (sae_id, idx)
         if key not in self.cache:
-            labels = self.db.labels(sae_id, idx)
-            labels.sort(key=lambda lab: LABEL_PREFERENCE.index(lab["source"])
-                        if lab["source"] in LABEL_PREFERENCE else len(LABEL_PREFERENCE))
-            self.cache[key] = labels[0]["text"] if labels else None
+            self.cache[key] = best_label(self.db.labels(sae_id, idx))
         return self.cache[key]
+
+
+def best_label(labels: list[dict]) -> str | None:
+    """The text to show for a feature among its current labels: labels written for its present weights
+    first, then human > llm > offline; a label written for replaced weights is marked so."""
+    if not labels:
+        return None
+    rank = {source: i for i, source in enumerate(LABEL_PREFERENCE)}
+    best = min(labels, key=lambda lab: (bool(lab.get("stale")), rank.get(lab["source"], len(rank))))
+    return best["text"] + (" (written for old weights)" if best.get("stale") else "")
 
 
 # --------------------------------------------------------------------------- text rendering (CLI)
@@ -258,7 +265,8 @@ def feature_card(card: dict, n_examples: int = 8, style=None) -> str:
     lines = [f"{card['sae_id']}  feature {card['idx']}  (layer {card['layer']}, {card['site']})"
              + ("  DEAD: never fired on the analysed tokens" if card.get("dead") else "")]
     for lab in card.get("labels") or []:
-        lines.append(f"label ({lab['source']}{', ' + lab['model'] if lab.get('model') else ''}): {lab['text']}")
+        stale = ", STALE: written for the SAE's old weights" if lab.get("stale") else ""
+        lines.append(f"label ({lab['source']}{', ' + lab['model'] if lab.get('model') else ''}{stale}): {lab['text']}")
     if not card.get("labels"):
         lines.append("label: (none yet)")
     lines.append(f"frequency {100 * card['frequency']:.3g}% ({card['n_fired']:,} tokens)   "

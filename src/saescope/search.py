@@ -49,6 +49,7 @@ class SearchHit:
     score: float | None  # newest detection score of the label, None if unscored
     match: float  # rank score of this search: higher = better (bm25, cosine or RRF)
     label_id: int
+    stale: bool = False  # the label was written for weights the SAE no longer has (import --overwrite)
 
 
 def search(run: Run | str | Path, query: str, limit: int = 20, mode: Mode = "hybrid") -> list[SearchHit]:
@@ -120,7 +121,7 @@ def _hits(db: FeatureDB, ranked: list[tuple[dict, float]], limit: int) -> list[S
         out.append(SearchHit(sae_id=row["sae_id"], layer=sae.get("layer"), site=sae.get("site"), idx=row["idx"],
                              label=row["text"], source=row["source"],
                              score=detection[0]["value"] if detection else None, match=match,
-                             label_id=row["id"]))
+                             label_id=row["id"], stale=bool(row.get("stale"))))
         if len(out) == limit:
             break
     return out

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ..errors import SaescopeError
-from ..sae import SAE, SAEConfig
+from ..sae import SAE, SAEConfig, l0_problem
 from .hooks import HookRef, parse_hook_name
 
 
@@ -23,10 +23,14 @@ def tensor(params: dict[str, torch.Tensor], name: str, where: str, ndim: int | N
     return t.to(torch.float64)
 
 
-def default_l0(width: int, l0: float | None = None) -> float:
-    """A target L0 that SAEConfig accepts; the nominal 32 (or width/2) when the source does not say."""
-    l0 = float(l0) if l0 else min(32.0, width / 2)
-    return min(max(l0, 0.5), width - 0.5)
+def default_l0(width: int, l0=None, where: str = "", name: str = "k") -> float:
+    """The target L0 a file gives (checked: a finite number above 0, below the width), or the
+    nominal 32 (or width/2) when it gives none. Never clamps a given value."""
+    if l0 is None:
+        return min(32.0, width / 2)
+    if (problem := l0_problem(l0, width, name)) is not None:
+        raise SaescopeError(f"{where}: {problem}")
+    return float(l0)
 
 
 def hook_fields(name: str, *, transcode: bool = False) -> dict:

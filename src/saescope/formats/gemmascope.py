@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from ..errors import SaescopeError
-from ..sae import SAE, SAEConfig, read_config
+from ..sae import SAE, SAEConfig, config_problems, read_config
 from .hooks import parse_hook_name
 from .safe import read_npz, read_safetensors
 
@@ -39,19 +39,30 @@ def read_gs1(folder: Path) -> SAE:
 
 
 def _config(d: dict, params: dict, folder: Path) -> SAEConfig:
+    """Our config from a config.json (or what a release path says) and the weights' shapes.
+
+    Every field is checked for type and range first: all problems are reported, one line each.
+    """
     if "w_enc" not in params:
         raise SaescopeError(f"{folder}: missing tensor 'w_enc'")
-    d_in, width = (int(s) for s in params["w_enc"].shape[:2]) if params["w_enc"].dim() == 2 else (0, 0)
     if params["w_enc"].dim() != 2:
         raise SaescopeError(f"{folder}: tensor 'w_enc' must be 2-D, got shape {tuple(params['w_enc'].shape)}")
-    arch = _ARCH_ALIASES.get(str(d.get("architecture", "jump_relu")).lower())
-    if arch is None:
-        raise SaescopeError(f"{folder}: unknown architecture '{d.get('architecture')}' (known: {', '.join(_ARCH_ALIASES)})")
-    if d.get("width") not in (None, width) or d.get("d_in") not in (None, d_in):
-        raise SaescopeError(f"{folder}: config says width {d.get('width')}, d_in {d.get('d_in')} but w_enc is {d_in}×{width}")
-    l0 = d.get("l0") or min(32.0, width / 2)
-    merged = {**d, "d_in": d_in, "width": width, "architecture": arch, "l0": float(min(float(l0), width - 0.5))}
-    ref = parse_hook_name(d.get("hf_hook_point_in", ""))
+    d_in, width = (int(s) for s in params["w_enc"].shape)
+    problems = config_problems(d, width=width)
+    arch = d.get("architecture") or "jump_relu"
+    if isinstance(arch, str) and _ARCH_ALIASES.get(arch.lower()) is None:
+        problems.append(f"unknown architecture '{arch}' (known: {', '.join(_ARCH_ALIASES)})")
+    for name, size in (("width", width), ("d_in", d_in)):
+        if isinstance(d.get(name), int) and not isinstance(d[name], bool) and d[name] != size:
+            problems.append(f"config says {name} {d[name]} but the weights (w_enc {d_in}×{width}) have {size}")
+    if problems:
+        where = folder / "config.json" if (folder / "config.json").is_file() else folder
+        raise SaescopeError("\n".join(f"{where}: {p}" for p in problems))
+    merged = {**d, "d_in": d_in, "width": width, "architecture": _ARCH_ALIASES[arch.lower()]}
+    if "l0" not in d:  # the files do not give a target L0: a nominal one (measure it with `saescope eval`)
+        merged["l0"] = min(32.0, width / 2)
+        merged["l0_nominal"] = True
+    ref = parse_hook_name(d.get("hf_hook_point_in") or "")
     if ref is not None and ref.site:  # Gemma Scope 2 configs name the hook, not our site/layer
         if not merged.get("site"):
             merged["site"] = ref.site

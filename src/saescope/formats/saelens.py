@@ -90,8 +90,9 @@ def read_saelens(folder: str | Path) -> SAE:
             w_enc, b_enc, w_dec = w_enc * norm, b_enc * norm, w_dec / norm[:, None]
             out["w_dec"] = w_dec
         out.update(w_enc=w_enc, b_enc=b_enc)
-        ours, l0 = "topk", d.get("k", (d.get("activation_fn_kwargs") or {}).get("k"))
-        if not isinstance(l0, (int, float)) or l0 < 1:
+        kwargs = d.get("activation_fn_kwargs") if isinstance(d.get("activation_fn_kwargs"), dict) else {}
+        ours, l0 = "topk", d.get("k", kwargs.get("k"))
+        if isinstance(l0, bool) or not isinstance(l0, int | float) or not l0 >= 1:
             raise SaescopeError(f"{where}: a topk SAE needs a positive 'k' in {CFG}, got {l0!r}")
     elif arch == "gated":
         r = tensor(params, "r_mag", where, 1).exp()
@@ -102,11 +103,12 @@ def read_saelens(folder: str | Path) -> SAE:
     ours_meta = meta.get("saescope") if isinstance(meta.get("saescope"), dict) else {}
     if ours_meta.get("architecture") == "batchtopk" and ours == "jump_relu":
         ours = "batchtopk"  # written by saescope: keep what it was trained as
-    if l0 is None and isinstance(ours_meta.get("l0"), (int, float)) and ours_meta["l0"] > 0:
-        l0 = ours_meta["l0"]
+    l0_name = "k"
+    if l0 is None and "l0" in ours_meta:
+        l0, l0_name = ours_meta["l0"], "metadata.saescope.l0"
     hook = str(meta.get("hf_hook_name") or meta.get("hook_name") or meta.get("hook_point") or "")
     fields = {"d_in": int(d_in), "width": int(width), "architecture": ours,
-              "l0": default_l0(int(width), l0), "model_name": str(meta.get("model_name") or ""),
+              "l0": default_l0(int(width), l0, where, l0_name), "model_name": str(meta.get("model_name") or ""),
               **hook_fields(hook)}
     extra = fields.setdefault("extra", {})
     if meta.get("hook_name") and meta.get("hf_hook_name"):

@@ -50,11 +50,11 @@ def read_sparsify(folder: str | Path) -> SAE:
     if d.get("d_in") not in (None, d_in):
         raise SaescopeError(f"{where}: cfg.json says d_in {d.get('d_in')} but encoder.weight is {width}×{d_in}")
     k = d.get("k")
-    if not isinstance(k, int) or not 0 < k < width:
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 < k < width:
         raise SaescopeError(f"{where}: cfg.json needs an integer 'k' between 1 and {width - 1}, got {k!r}")
     out = {"w_enc": enc.T, "b_enc": tensor(params, "encoder.bias", where, 1),
            "w_dec": tensor(params, "W_dec", where, 2), "b_dec": tensor(params, "b_dec", where, 1)}
-    fields = {"d_in": int(d_in), "width": int(width), "architecture": "topk", "l0": default_l0(int(width), k),
+    fields = {"d_in": int(d_in), "width": int(width), "architecture": "topk", "l0": default_l0(int(width), k, where),
               "model_name": _model_name(folder), **hook_fields(folder.name)}
     fields.setdefault("extra", {}).update(source_format="sparsify", sparsify_hookpoint=folder.name)
     return build(fields, out, where, pre_bias=True)

@@ -387,7 +387,7 @@ def label_llm(run: Run | str | Path, base_url: str, model: str, api_key_env: str
         with run.db() as db:
             table = TokenTable(db)
             done = {(lab["sae_id"], lab["idx"]): lab["id"] for lab in db.current_labels("llm")
-                    if lab["model"] == model}
+                    if lab["model"] == model and not lab["stale"]}  # stale: written for replaced weights
             work = [(sae["id"], row) for sae in resolve_saes(db, sae_ids) for row in alive_features(db, sae, limit)]
             report.features = len(work)
 

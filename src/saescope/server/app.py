@@ -452,10 +452,9 @@ def _steer_json(atlas: Atlas, r) -> dict:
 
 
 def _best_label(atlas: Atlas, sae_id: str, idx: int) -> str | None:
-    labels = _labels(atlas, sae_id, idx, history=False)
-    order = {"human": 0, "llm": 1, "offline": 2}
-    labels.sort(key=lambda lab: order.get(lab["source"], 9))
-    return labels[0]["text"] if labels else None
+    from ..scope import best_label
+
+    return best_label(_labels(atlas, sae_id, idx, history=False))
 
 
 # --------------------------------------------------------------------------- serve

@@ -418,6 +418,8 @@ function labelsCard(f) {
   const current = el("ul", {id: "labels"}, ...(f.labels.length ? f.labels.map(lab => el("li", {},
     el("span", {class: `tag ${lab.source}`, text: lab.source}),
     el("span", {class: "label-text", text: lab.text}),
+    lab.stale ? el("span", {class: "stale", title: "the SAE's weights were replaced after this label was written",
+                            text: " written for old weights"}) : null,
     el("span", {class: "muted", text: `  · ${lab.model || lab.author || ""} · ${scoreOf(lab)}`})))
     : [el("li", {class: "muted", text: "no label yet"})]));
   const human = f.labels.find(l => l.source === "human");
@@ -442,7 +444,7 @@ function labelsCard(f) {
     ...f.label_history.map(lab => el("tr", {},
       el("td", {text: new Date(lab.created * 1000).toLocaleString()}), el("td", {text: lab.source}),
       el("td", {class: "label-text", text: lab.text}), el("td", {text: lab.author || lab.model || ""}),
-      el("td", {text: lab.is_current ? "✓" : ""}))));
+      el("td", {text: (lab.is_current ? "✓" : "") + (lab.stale ? " (old weights)" : "")}))));
   return el("div", {class: "card"}, el("h2", {text: "Labels"}), current, form,
     el("details", {open: f.label_history.length > 1}, el("summary", {text: `history (${f.label_history.length})`}), hist));
 }
@@ -470,7 +472,8 @@ async function pageSearch(r) {
       ...res.hits.map(h => el("tr", {},
         el("td", {class: "num", text: h.layer}), el("td", {text: h.site}),
         el("td", {}, el("a", {class: "feat-link", href: featureHref(h.sae_id, h.idx), text: `#${h.idx}`})),
-        el("td", {class: "label-text", text: h.label}), el("td", {text: h.source}),
+        el("td", {class: "label-text", text: h.label},
+          h.stale ? el("span", {class: "stale", text: " written for old weights"}) : null), el("td", {text: h.source}),
         el("td", {class: "num", text: fmt(h.score, 2)}), el("td", {class: "num", text: fmt(h.match, 3)})))));
   } catch (err) { out.replaceChildren(errorBox(err)); }
 }
