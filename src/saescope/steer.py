@@ -46,8 +46,10 @@ MAX_STRENGTH = 1000.0
 """Largest |strength| of an `add` (× the feature's typical activation): beyond it the text is noise or NaN."""
 MAX_CLAMP = 1e5
 """Largest |value| of a clamp (activation units)."""
-CONCEPT_MIN_SIMILARITY = 0.35
-"""A concept steers a labelled feature only when their embeddings are at least this alike (or share a word)."""
+CONCEPT_MIN_SIMILARITY = 0.4
+"""A concept steers a labelled feature only when their embeddings are at least this alike (or share a word).
+MiniLM cosines: related pairs 0.52-0.75 ("water" / "rivers and seas", "French cities" / "paris and france"),
+unrelated 0.07-0.35 ("Zing" / "(token)" 0.20, "qwerty" / "punctuation" 0.35)."""
 CONCEPT_STRENGTH = 2.0
 """Default `add` strength (× max_act) for `steer(..., concept=...)`."""
 TOP_TOKENS = 10
@@ -469,11 +471,11 @@ def _concept_feature(run, concept: str, strength: float) -> Intervention:
 def _matches_well(concept: str, label: str) -> bool:
     """Whether `label` is about `concept`: a word of one in the other, or embeddings at least
     CONCEPT_MIN_SIMILARITY alike (without the embedding model, only the words count)."""
-    from .search import similarity
-
     words = {w for w in re.findall(r"\w+", concept.lower()) if len(w) > 2}
     if words & set(re.findall(r"\w+", label.lower())):
         return True
+    from .search import similarity
+
     sim = similarity(concept, label)
     return sim is not None and sim >= CONCEPT_MIN_SIMILARITY
 
