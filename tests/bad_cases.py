@@ -15,6 +15,8 @@ A case's argv may name these placeholders, filled from the world:
     {sae}       one SAE folder of {run}                   {dir}      an empty folder
     {file}      a text file                               {notrun}   a non-empty folder that is not a run
     {damaged}   a run folder whose manifest is not JSON   {missing}  a path that does not exist
+    {badsae}    an SAE folder with broken files           {loop}     a symlink to itself
+    {dirjsonl}  a folder named like a .jsonl file         {notext}   a .jsonl file without any text record
     {long}      a text longer than tiny GPT-2's context
 """
 
@@ -300,6 +302,29 @@ def cli_cases() -> list[Case]:
         _c("run-out-is-file", r"is a file, not a run folder", *RUN, "--out", "{file}"),
         _c("run-out-other-run", r"holds another run", *RUN, "--out", "{run}"),
         _c("run-port-zero", r"0 is not in the range", *RUN, "--port", "0"),
+        # -------------------------------------------------------------------- damaged or odd files, any verb
+        _c("inspect-damaged-run", r"run manifest|JSON|damaged", "inspect", "{damaged}", "the king"),
+        _c("feature-damaged-run", r"run manifest|JSON|damaged", "feature", "{damaged}", "0", "0"),
+        _c("search-damaged-run", r"run manifest|JSON|damaged", "search", "{damaged}", "city"),
+        _c("steer-damaged-run", r"run manifest|JSON|damaged", "steer", "{damaged}", "the king", "--feature", "0:0=1"),
+        _c("label-set-damaged-run", r"run manifest|JSON|damaged", "label", "set", "{damaged}", "0", "0", "x"),
+        _c("label-auto-damaged-run", r"run manifest|JSON|damaged", "label", "auto", "{damaged}"),
+        _c("analyze-damaged-run", r"run manifest|JSON|damaged", "analyze", "{damaged}"),
+        _c("export-damaged-run", r"run manifest|JSON|damaged", "export", "{damaged}", "--format", "saelens",
+           "{tmpout}"),
+        _c("serve-damaged-run", r"run manifest|JSON|damaged", "serve", "{damaged}"),
+        _c("import-into-damaged-run", r"run manifest|JSON|damaged", "import", "{sae}", "--run", "{damaged}"),
+        _c("import-damaged-sae", r"config|JSON|safetensors|SAE", "import", "{badsae}", "--run", "{run}"),
+        _c("sites-model-symlink-loop", r"not found", "sites", "{loop}"),
+        _c("train-corpus-symlink-loop", r"not found", *TRAIN, "--corpus", "{loop}"),
+        _c("eval-run-symlink-loop", r"run not found", "eval", "{loop}"),
+        _c("train-corpus-folder-named-jsonl", r"has no documents", *TRAIN, "--corpus", "{dirjsonl}"),
+        _c("train-corpus-jsonl-without-text", r"has no documents", *TRAIN, "--corpus", "{notext}"),
+        _c("steer-sweep-png-is-folder", r"is a folder: give the plot a file name", *STEER, "--feature", "1:0=1",
+           "--sweep", "1,2", "--png", "{dir}"),
+        _c("steer-clamp-nan", r"finite number", *STEER, "--feature", "1:0@clamp=nan"),
+        _c("steer-strength-empty", r"has no strength|cannot read feature", *STEER, "--feature", "1:0="),
+        _c("steer-feature-empty", r"cannot read feature ''", *STEER, "--feature", ""),
     ]
     # numeric options × bad values
     cases += _numeric(HARVEST, "harvest", "--tokens", WHOLE)
@@ -395,9 +420,15 @@ def build_world(base: Path, model_dir: Path, gpt2_dir: Path) -> dict[str, str]:
          "sae": run / "saes" / SAE0, "missing": base / "missing", "dir": base / "emptydir",
          "file": base / "file.txt", "notrun": base / "notrun", "damaged": base / "damaged",
          "empty": base / "blank-corpus", "binary": base / "binary-corpus", "badmodel": base / "badmodel",
-         "bare": base / "bare", "emptyrun": base / "emptyrun", "gpt2run": base / "gpt2run", "cache": base / "cache"}
-    for key in ("dir", "notrun", "damaged", "empty", "binary", "badmodel"):
+         "bare": base / "bare", "emptyrun": base / "emptyrun", "gpt2run": base / "gpt2run", "cache": base / "cache",
+         "badsae": base / "badsae", "loop": base / "loop", "dirjsonl": base / "docs.jsonl",
+         "notext": base / "notext.jsonl"}
+    for key in ("dir", "notrun", "damaged", "empty", "binary", "badmodel", "badsae", "dirjsonl"):
         w[key].mkdir()
+    (w["badsae"] / "config.json").write_text("{broken")
+    (w["badsae"] / "params.safetensors").write_bytes(b"\x00" * 64)
+    w["loop"].symlink_to(w["loop"])
+    w["notext"].write_text('{"title": "no text field"}\n[1, 2]\n')
     w["file"].write_text("the king of france\n")
     (w["notrun"] / "notes.txt").write_text("mine\n")
     (w["damaged"] / "manifest.json").write_text("{not json")

@@ -36,6 +36,7 @@ from typing import Literal
 import torch
 
 from .errors import SaescopeError
+from .fsio import atomic_path
 from .harvest import capture
 from .models import LoadedModel, Site
 from .sae import SAE
@@ -595,6 +596,8 @@ def sweep(source, prompt: str, feature: Intervention | str, strengths: Sequence[
     continuation is generated once. With `png`, plot effect and cost against strength."""
     if not strengths:
         raise SaescopeError("give at least one strength to sweep")
+    if png is not None and Path(png).is_dir():
+        raise SaescopeError(f"{png} is a folder: give the plot a file name, e.g. --png sweep.png")
     s = _setup(source, [feature], saes, typical, None, 0.0, typical_stat)
     target = s.interventions[0]
     if target.mode == "ablate":
@@ -646,8 +649,6 @@ def plot_sweep(results: list[SteerResult], png: str | Path) -> Path:
     ax2.set_ylabel("Δ prob. of promoted tokens")
     fig.suptitle(f"steering {results[0].interventions[0].sae_id}:{results[0].effect.idx}", fontsize=10)
     fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png.with_name(f".{png.name}.tmp")
-    fig.savefig(tmp, dpi=100, format="png")
-    tmp.replace(png)
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     return png
