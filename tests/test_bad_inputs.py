@@ -123,3 +123,14 @@ def test_a_concept_that_names_a_label_word_still_steers(world):
     assert "music" in label
     r = steer(world["run"], "the king", concept="music", max_new_tokens=3)
     assert r.interventions and r.interventions[0].mode == "add"
+
+
+def test_the_default_model_is_never_taken_for_the_default_run_folder(tmp_path, monkeypatch):
+    from saescope.models import DEFAULT_MODEL
+    from saescope.runs import Run
+
+    runs = tmp_path / "runs"
+    Run.create(runs / DEFAULT_MODEL, model=DEFAULT_MODEL, corpus={"source": "default"}, config={})
+    for cwd in (tmp_path, runs):
+        monkeypatch.chdir(cwd)
+        assert Run.open(runs / DEFAULT_MODEL).model_spec == DEFAULT_MODEL

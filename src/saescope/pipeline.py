@@ -76,7 +76,7 @@ def harvest_to_cache(out: str | Path, *, model: str = DEFAULT_MODEL, corpus: str
     site_objs = lm.sites(kinds=parse_sites(sites), layers=parse_layers(layers, lm.n_layers))
     corp = Corpus(corpus)
     corp.check(part)
-    identity = {"model": local_ref(model), "corpus": corp.describe()["source"], "part": part, "ctx_len": ctx_len,
+    identity = {"model": model, "corpus": corp.describe()["source"], "part": part, "ctx_len": ctx_len,
                 "batch_size": batch_size, "tokens": tokens}
     writer = CacheWriter(out, {s.key: s.width for s in site_objs}, dtype=dtype, meta={"identity": identity})
     if writer.complete:

@@ -175,9 +175,13 @@ class Run:
         """A model or corpus path from the manifest. New runs store absolute paths; older ones stored the path
         as typed, relative to a folder we no longer know: try the working folder, then the run folder and
         its parents."""
+        from .models import DEFAULT_MODEL
+
         spec = str(spec)
-        if Path(spec).is_absolute() or Path(spec).exists() or spec == "default" or spec.startswith("hf:"):
-            return spec
+        if Path(spec).is_absolute() or spec in ("default", DEFAULT_MODEL) or spec.startswith("hf:"):
+            return spec  # the default model's name is also the default run's folder name
+        if Path(spec).exists():
+            return str(Path(spec).resolve())
         root = self.root.resolve()
         for base in (root, *root.parents):
             if (base / spec).exists():
