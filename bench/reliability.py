@@ -32,6 +32,14 @@ def _cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|") or "—"
 
 
+def _placeholders() -> list[str]:
+    """The legend of {run}, {model}, ... from tests/bad_cases.py's docstring."""
+    import bad_cases
+
+    doc = bad_cases.__doc__.split("placeholders, filled from the world:", 1)[1]
+    return [line[4:] for line in doc.strip("\n").splitlines() if line.strip()]
+
+
 def extra_rows(folder: Path = HERE) -> list[tuple[str, str, str, str]]:
     """Rows from bench/reliability_*.txt: `case | command | message | test` per line."""
     rows = []
@@ -84,6 +92,12 @@ def write_markdown(results, world: dict, extra, path: Path) -> None:
         "`detail`), shows no traceback, and no file of the runs, models, corpora or working folder is created,",
         "changed or removed (SQLite's -wal/-shm side files and the label-embedding cache excepted). Paths under",
         "the temporary test folder are shown as `…`.",
+        "",
+        "Placeholders in the commands:",
+        "",
+        "```text",
+        *_placeholders(),
+        "```",
         "",
         f"**{len(results) + len(extra)} cases**: {len(results)} from the table ({good} answered well)"
         + (f", {len(extra)} from `bench/reliability_*.txt`" if extra else "") + ".",

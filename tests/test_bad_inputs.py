@@ -134,3 +134,23 @@ def test_the_default_model_is_never_taken_for_the_default_run_folder(tmp_path, m
     for cwd in (tmp_path, runs):
         monkeypatch.chdir(cwd)
         assert Run.open(runs / DEFAULT_MODEL).model_spec == DEFAULT_MODEL
+
+
+def test_reliability_reads_the_other_helpers_rows(tmp_path):
+    """bench/reliability.py joins `case | command | message | test` rows from bench/reliability_*.txt."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "reliability", Path(__file__).resolve().parent.parent / "bench" / "reliability.py")
+    reliability = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reliability)
+    (tmp_path / "reliability_r1.txt").write_text("# r1\n\nlabel-read-only | saescope label set RUN 0 1 x | "
+                                                 "error: read-only | tests/test_x.py::test_y\n")
+    (tmp_path / "reliability_r2.txt").write_text("a | b | c | d\n")
+    assert reliability.extra_rows(tmp_path) == [
+        ("label-read-only", "saescope label set RUN 0 1 x", "error: read-only", "tests/test_x.py::test_y"),
+        ("a", "b", "c", "d")]
+    (tmp_path / "reliability_r3.txt").write_text("only | three | parts\n")
+    with pytest.raises(SystemExit, match="reliability_r3.txt:1"):
+        reliability.extra_rows(tmp_path)

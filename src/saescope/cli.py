@@ -447,7 +447,7 @@ def _open_for_stage(run_dir, saes=()):
 
 def _one_line(err: click.ClickException) -> str:
     """Click's message as one line; a usage error names the help to read instead of printing the usage."""
-    text = " ".join(err.format_message().split())
+    text = " ".join(err.format_message().split()).rstrip(".")
     ctx = getattr(err, "ctx", None)
     if isinstance(err, click.UsageError) and ctx is not None:
         text += f" (see `{ctx.command_path} -h`)"

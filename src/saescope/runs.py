@@ -54,9 +54,9 @@ class Run:
                 theirs["corpus"] = {**theirs["corpus"], "source": run._local(theirs["corpus"]["source"])}
             if _jsonable(mine) != _jsonable(theirs):
                 diff = [k for k in mine if _jsonable(mine[k]) != _jsonable(theirs[k])]
-                raise SaescopeError(
-                    f"{root} holds another run (its {', '.join(diff)} differ): choose a new --out or delete the folder"
-                )
+                verb = "differs" if len(diff) == 1 else "differ"
+                raise SaescopeError(f"{root} holds another run (its {', '.join(diff)} {verb}): choose a new --out "
+                                    "or delete the folder")
             return run
         if root.exists() and not root.is_dir():
             raise SaescopeError(f"{root} is a file, not a run folder: choose another --out")

@@ -85,11 +85,11 @@ def check_strength(value: float, mode: Mode = "add", what: str = "the strength")
         value = float(value)
     except (TypeError, ValueError):
         raise SaescopeError(f"{what} has strength {value!r}: give a number") from None
-    bound = MAX_CLAMP if mode == "clamp" else MAX_STRENGTH
+    bound, word = (MAX_CLAMP, "value") if mode == "clamp" else (MAX_STRENGTH, "strength")
     if not math.isfinite(value):
-        raise SaescopeError(f"{what} has strength {value}: give a finite number")
+        raise SaescopeError(f"{what} has {word} {value}: give a finite number")
     if abs(value) > bound:
-        raise SaescopeError(f"{what} has strength {value:g}, beyond ±{bound:g}: give a smaller number")
+        raise SaescopeError(f"{what} has {word} {value:g}, beyond ±{bound:g}: give a smaller number")
     return value
 
 
@@ -465,7 +465,7 @@ def _concept_feature(run, concept: str, strength: float) -> Intervention:
     hit = hits[0]  # search ranks best first
     if not _matches_well(concept, hit.label):
         raise SaescopeError(f"no label matches '{concept}' well (the closest is '{hit.label}'): try another "
-                            "word, or steer a feature by index with --feature LAYER:INDEX=STRENGTH")
+                            "word, or steer a feature by its index (LAYER:INDEX=STRENGTH)")
     return Intervention(run.resolve_sae(hit.sae_id), int(hit.idx), "add", float(strength))
 
 
@@ -602,7 +602,7 @@ def sweep(source, prompt: str, feature: Intervention | str, strengths: Sequence[
     target = s.interventions[0]
     if target.mode == "ablate":
         raise SaescopeError(f"'{target}' is an ablation, which has no strength to sweep: use add or @clamp")
-    strengths = [check_strength(v, target.mode, f"sweep value {v!r}") for v in strengths]
+    strengths = [check_strength(v, target.mode, "the sweep") for v in strengths]
     prompt_ids = _encode_prompt(s.lm, prompt, max_new_tokens)
     _plans(s.lm, s.saes, s.interventions, s.typical)  # fail on bad input before generating anything
     base = _baseline(s, prompt_ids, max_new_tokens, greedy, temperature, seed)
