@@ -179,9 +179,9 @@ def test_prompt_longer_than_model_context(app, client):
     cfg.max_position_embeddings = 8
     try:
         r = post(client, "/api/inspect", {"text": "the king is in paris and the queen is in france"})
-        assert r.status_code == 400 and "context is 8" in detail(r)
+        assert r.status_code == 400 and "context of 8" in detail(r)
         r = post(client, "/api/steer", {"prompt": "the king is", "features": ["1:0=1"], "max_new_tokens": 10})
-        assert r.status_code == 400 and "context is 8" in detail(r)
+        assert r.status_code == 400 and "context of 8" in detail(r)
     finally:
         cfg.max_position_embeddings = old
 

@@ -176,8 +176,10 @@ def test_bad_input_is_refused(lm):
     with pytest.raises(SaescopeError, match="out of range"):
         with steering(lm, {"s": sae}, [Intervention("s", 64, "add", 1.0)]):
             pass
+    with pytest.raises(SaescopeError, match="beyond ±1000"):
+        Intervention("s", 3, "add", 1e30)
     with pytest.raises(SaescopeError, match="NaN/Inf"):
-        with steering(lm, {"s": sae}, [Intervention("s", 3, "add", 1e30)], typical={("s", 3): 1e30}):
+        with steering(lm, {"s": sae}, [Intervention("s", 3, "add", 1000.0)], typical={("s", 3): 1e36}):
             pass
     with pytest.raises(SaescopeError, match="no SAE 'x'"):
         with steering(lm, {"s": sae}, [Intervention("x", 3, "add", 1.0)]):

@@ -124,7 +124,6 @@ def analyze(run, n_tokens: int = 16_384, *, top_k: int = 20, n_quantiles: int = 
     training seed) seeds the quantile and random examples: each SAE and batch draws from its own
     stream (`batch_stream`), so a resumed analysis writes exactly what an uninterrupted one does.
     """
-    from .corpus import Corpus
     from .harvest import harvest
 
     _check_args(n_tokens, top_k, n_quantiles, per_quantile, n_random, window, n_logits, batch_size)
@@ -152,9 +151,7 @@ def analyze(run, n_tokens: int = 16_384, *, top_k: int = 20, n_quantiles: int = 
                           hook_name=site.hook_name, path=str(run.sae_path(sae_id)), config=sae.cfg.to_json())
             db.begin_sae(sae_id)
 
-        corpus_desc = run.manifest.get("corpus") or {}
-        corpus = Corpus(corpus_desc.get("source", "default"), corpus_desc.get("heldout_fraction", 0.05),
-                        corpus_desc.get("seed", 0))
+        corpus = run.corpus()
         ctx_len = int((run.manifest.get("config") or {}).get("ctx_len", 256))
         before, after = window
         width_w = min(before + 1 + after, ctx_len - 1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import traceback
 from pathlib import Path
@@ -19,11 +20,34 @@ DEFAULT_RUN = "runs/gemma-3-270m"
 
 def _csv_numbers(value: str, cast=float) -> list:
     try:
-        return [cast(v) for v in str(value).split(",") if v.strip()]
+        numbers = [cast(v) for v in str(value).split(",") if v.strip()]
     except ValueError:
         raise click.BadParameter(f"expected comma-separated numbers, got '{value}'") from None
+    if not numbers or not all(math.isfinite(v) for v in numbers):
+        raise click.BadParameter(f"expected comma-separated finite numbers, got '{value}'")
+    return numbers
 
 
+class Finite(click.FloatRange):
+    """A number within the range that is also finite (click's FloatRange lets NaN through)."""
+
+    name = "number"
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(number, param, ctx)
+
+
+POSITIVE = click.IntRange(min=1)
+NON_NEGATIVE = click.IntRange(min=0)
+NEGATIVE_ARGS = {"ignore_unknown_options": True}
+"""For commands with whole-number arguments: '-1' is read as a (refused) index, not as an unknown option."""
+
+
+ctx_len_opt = click.option("--ctx-len", default=256, type=click.IntRange(min=2),
+                           help="Tokens per packed context (including BOS); at most the model's context.")
 model_opt = click.option("--model", default=DEFAULT_MODEL, show_default=True,
                          help="'gemma-3-270m', a local model folder, a .gguf file, or a Hugging Face id.")
 corpus_opt = click.option("--corpus", default="default", show_default=True,
@@ -69,12 +93,12 @@ def sites(model, as_json):
 @corpus_opt
 @sites_opt
 @layers_opt
-@click.option("--tokens", default=50_000, help="Tokens to cache (BOS/EOS/pad positions excluded).")
+@click.option("--tokens", default=50_000, type=POSITIVE, help="Tokens to cache (BOS/EOS/pad positions excluded).")
 @click.option("--out", default="runs/cache", type=click.Path(), help="Cache folder (an interrupted one resumes).")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32",
               help="Storage type; float16 halves the disk but Gemma's residual stream can exceed its range.")
-@click.option("--ctx-len", default=256, help="Tokens per packed context (including BOS).")
-@click.option("--batch-size", default=8, help="Contexts per forward pass.")
+@ctx_len_opt
+@click.option("--batch-size", default=8, type=POSITIVE, help="Contexts per forward pass.")
 @click.option("--part", type=click.Choice(["train", "heldout"]), default="train", help="Corpus split to read.")
 def harvest(model, corpus, sites, layers, tokens, out, dtype, ctx_len, batch_size, part):
     """Cache activations at every requested site of every requested layer, in one forward pass each."""
@@ -93,37 +117,40 @@ def harvest(model, corpus, sites, layers, tokens, out, dtype, ctx_len, batch_siz
 @click.option("--widths", default="4096", help="Comma-separated SAE widths.")
 @click.option("--l0", "l0s", default="32", help="Comma-separated target L0s (k for topk).")
 @click.option("--arch", type=click.Choice(["jump_relu", "topk", "batchtopk", "relu"]), default="jump_relu")
-@click.option("--tokens", default=100_000, help="Training tokens (every SAE sees the same tokens).")
-@click.option("--batch-size", default=0, help="Tokens per optimisation step; 0 = auto (256 below 1B tokens, 4,096 from 1B on).")
-@click.option("--lr", default=0.0, help="Learning rate (0 = automatic for the width and budget).")
+@click.option("--tokens", default=100_000, type=POSITIVE, help="Training tokens (every SAE sees the same tokens).")
+@ctx_len_opt
+@click.option("--batch-size", default=0, type=NON_NEGATIVE,
+              help="Tokens per optimisation step; 0 = auto (256 below 1B tokens, 4,096 from 1B on).")
+@click.option("--lr", default=0.0, type=Finite(min=0), help="Learning rate (0 = automatic for the width and budget).")
 @click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default="auto",
               help="auto = schedule-free Adam for TopK short runs, Adam otherwise (see README: the training recipe).")
-@click.option("--seed", default=0)
+@click.option("--seed", default=0, type=NON_NEGATIVE)
 @click.option("--cache", type=click.Path(exists=True), default=None, help="Train from a harvest cache instead of the live model.")
 @click.option("--out", default=DEFAULT_RUN, type=click.Path(), help="Run folder.")
 @click.option("--resume/--no-resume", default=True, help="Continue from the last checkpoint when there is one.")
-def train(model, corpus, sites, layers, widths, l0s, arch, tokens, batch_size, lr, optimizer, seed, cache, out, resume):
+def train(model, corpus, sites, layers, widths, l0s, arch, tokens, ctx_len, batch_size, lr, optimizer, seed, cache, out,
+          resume):
     """Train an SAE for every layer × site × width × L0, all from one pass over the corpus."""
     from .pipeline import train_run
     from .train import TrainConfig
 
     tc = TrainConfig(tokens=tokens, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed)
     run = train_run(out, model=model, corpus=corpus, sites=sites, layers=layers, widths=_csv_numbers(widths, int),
-                    l0s=_csv_numbers(l0s), architecture=arch, train=tc, cache=cache, resume=resume)
+                    l0s=_csv_numbers(l0s), architecture=arch, train=tc, ctx_len=ctx_len, cache=cache, resume=resume)
     click.echo(f"trained {len(run.sae_ids())} SAEs in {run.root}/saes")
 
 
 @cli.command("eval")
 @click.argument("run_dir", default=DEFAULT_RUN, type=click.Path())
-@click.option("--tokens", default=8192, help="Held-out tokens for L0/FVU/dead/dense.")
-@click.option("--ce-contexts", default=4, help="Held-out contexts for ΔLM loss (0 skips it).")
+@click.option("--tokens", default=8192, type=POSITIVE, help="Held-out tokens for L0/FVU/dead/dense.")
+@click.option("--ce-contexts", default=4, type=NON_NEGATIVE, help="Held-out contexts for ΔLM loss (0 skips it).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 def eval_cmd(run_dir, tokens, ce_contexts, as_json):
     """Evaluate every SAE of a run on held-out tokens; writes eval.json and eval.png."""
-    from .evaluate import evaluate
-    from .runs import Run
+    from .evaluate import check_eval_args, evaluate
 
-    run = Run.open(run_dir)
+    check_eval_args(tokens, ce_contexts)
+    run = _open_for_stage(run_dir)
     with run.stage("eval"):
         result = evaluate(run, eval_tokens=tokens, delta_contexts=ce_contexts)
     if as_json:
@@ -141,7 +168,7 @@ def label():
     """Label features: by hand (set) or automatically (auto: offline, or with any OpenAI-compatible LLM)."""
 
 
-@label.command("set")
+@label.command("set", context_settings=NEGATIVE_ARGS)
 @click.argument("run_dir", type=click.Path())
 @click.argument("sae")
 @click.argument("index", type=int)
@@ -161,19 +188,19 @@ def label_set(run_dir, sae, index, text, author):
 @click.option("--model", "llm_model", default=None, help="Model name on that server.")
 @click.option("--api-key-env", default="OPENAI_API_KEY", help="Environment variable holding the API key (never stored).")
 @click.option("--sae", "saes", multiple=True, help="Only these SAEs (repeatable).")
-@click.option("--limit", type=int, default=None, help="At most this many features per SAE (most frequent first).")
-@click.option("--concurrency", default=4, help="Parallel LLM requests.")
-@click.option("--timeout", default=30.0, help="Seconds per LLM request.")
+@click.option("--limit", type=POSITIVE, default=None, help="At most this many features per SAE (most frequent first).")
+@click.option("--concurrency", default=4, type=click.IntRange(1, 256), help="Parallel LLM requests.")
+@click.option("--timeout", default=30.0, type=Finite(min=0, min_open=True), help="Seconds per LLM request.")
 def label_auto(run_dir, base_url, llm_model, api_key_env, saes, limit, concurrency, timeout):
     """Label and score every alive feature: offline by default, or with an LLM (--llm URL --model NAME)."""
-    from .runs import Run
-
-    run = Run.open(run_dir)
+    if base_url and not llm_model:
+        raise SaescopeError("--llm needs --model NAME (the model's name on that server)")
+    run = _open_for_stage(run_dir, saes)
+    if not run.db_path.is_file():
+        raise SaescopeError(f"run {run_dir} has not been analysed yet: run `saescope analyze {run_dir}` first")
     if base_url:
         from .label.llm import label_llm
 
-        if not llm_model:
-            raise SaescopeError("--llm needs --model NAME (the model's name on that server)")
         report = label_llm(run, base_url, llm_model, api_key_env=api_key_env, sae_ids=list(saes) or None,
                            concurrency=concurrency, timeout=timeout, limit=limit)
     else:
@@ -190,7 +217,7 @@ def label_auto(run_dir, base_url, llm_model, api_key_env, saes, limit, concurren
 @cli.command()
 @click.argument("run_dir", type=click.Path())
 @click.argument("query")
-@click.option("--limit", default=10)
+@click.option("--limit", default=10, type=click.IntRange(1, 10_000))
 @click.option("--mode", type=click.Choice(["hybrid", "fts", "semantic"]), default="hybrid")
 @click.option("--json", "as_json", is_flag=True)
 def search(run_dir, query, limit, mode, as_json):
@@ -215,10 +242,10 @@ def search(run_dir, query, limit, mode, as_json):
 @click.option("--feature", "features", multiple=True,
               help="LAYER:INDEX=STRENGTH (add), LAYER:INDEX@clamp=VALUE, LAYER:INDEX@ablate; repeatable.")
 @click.option("--concept", default=None, help="Steer the best-scoring feature whose label matches this query.")
-@click.option("--strength", default=None, type=float, help="Strength for --concept.")
-@click.option("--max-new-tokens", default=40)
+@click.option("--strength", default=None, type=Finite(), help="Strength for --concept.")
+@click.option("--max-new-tokens", default=40, type=POSITIVE)
 @click.option("--sample", is_flag=True, help="Sample instead of greedy decoding (same seed for both texts).")
-@click.option("--seed", default=0)
+@click.option("--seed", default=0, type=NON_NEGATIVE)
 @click.option("--sweep", "sweep_values", default=None, help="Comma-separated strengths to scan for the first --feature.")
 @click.option("--png", default=None, type=click.Path(), help="Where --sweep writes its effect-vs-cost plot.")
 @click.option("--json", "as_json", is_flag=True)
@@ -285,6 +312,8 @@ def export_cmd(run_dir, fmt, out):
 
     report = export_run(run_dir, fmt, out)
     click.echo(f"exported {len(report.get('saes', report))} SAEs as {fmt} to {out}")
+    for note in report.get("notes", []):
+        click.echo(f"note: {note}")
 
 
 @cli.command("run")
@@ -295,21 +324,22 @@ def export_cmd(run_dir, fmt, out):
 @click.option("--widths", default="2048", help="SAE widths (2048 keeps the default run within ~15 minutes on a 2-core CPU).")
 @click.option("--l0", "l0s", default="32")
 @click.option("--arch", type=click.Choice(["jump_relu", "topk", "batchtopk", "relu"]), default="jump_relu")
-@click.option("--tokens", default=100_000, help="Training tokens.")
-@click.option("--analyze-tokens", default=8192, help="Held-out tokens for the feature atlas.")
+@click.option("--tokens", default=100_000, type=POSITIVE, help="Training tokens.")
+@ctx_len_opt
+@click.option("--analyze-tokens", default=8192, type=POSITIVE, help="Held-out tokens for the feature atlas.")
 @click.option("--out", default=DEFAULT_RUN, type=click.Path())
 @click.option("--llm", "base_url", default=None, help="Label with an OpenAI-compatible LLM at this URL (default: offline).")
 @click.option("--llm-model", default=None)
 @click.option("--serve/--no-serve", default=True, help="Serve the web app at the end.")
 @click.option("--host", default="127.0.0.1")
-@click.option("--port", default=8000)
-def run_cmd(model, corpus, sites, layers, widths, l0s, arch, tokens, analyze_tokens, out, base_url, llm_model,
+@click.option("--port", default=8000, type=click.IntRange(1, 65535))
+def run_cmd(model, corpus, sites, layers, widths, l0s, arch, tokens, ctx_len, analyze_tokens, out, base_url, llm_model,
             serve, host, port):
     """The whole pipeline: train SAEs on every layer → evaluate → analyze → label → serve. Done stages are skipped."""
     from .pipeline import run_all
 
     run_all(out, model=model, corpus=corpus, sites=sites, layers=layers, widths=_csv_numbers(widths, int),
-            l0s=_csv_numbers(l0s), architecture=arch, tokens=tokens, analyze_tokens=analyze_tokens,
+            l0s=_csv_numbers(l0s), architecture=arch, tokens=tokens, ctx_len=ctx_len, analyze_tokens=analyze_tokens,
             llm_url=base_url, llm_model=llm_model, echo=click.echo)
     if serve:
         from .server.app import local_url
@@ -337,15 +367,19 @@ def serve(run_dir, host, port, token):
     if not is_local(host) and not token:
         raise SaescopeError(f"serving on {host} exposes the run and the model to the network: give --token SECRET "
                             "(or set SAESCOPE_TOKEN), or use --host 127.0.0.1")
+    from .runs import Run
+
+    Run.open(run_dir)  # a missing run fails before the address is announced
     click.echo(f"saescope atlas of {run_dir}: {local_url(host, port, token)}  (Ctrl+C stops it)")
     serve_app(run_dir, host=host, port=port, token=token)
 
 
 @cli.command()
 @click.argument("run_dir", default=DEFAULT_RUN, type=click.Path())
-@click.option("--tokens", default=16_384, help="Held-out tokens to analyse (one model pass serves every SAE).")
-@click.option("--top-k", default=20, help="Top-activating contexts kept per feature.")
-@click.option("--logits", "n_logits", default=10,
+@click.option("--tokens", default=16_384, type=POSITIVE,
+              help="Held-out tokens to analyse (one model pass serves every SAE).")
+@click.option("--top-k", default=20, type=POSITIVE, help="Top-activating contexts kept per feature.")
+@click.option("--logits", "n_logits", default=10, type=NON_NEGATIVE,
               help="Promoted/suppressed tokens per feature (0 skips the unembedding pass, ~15 s per SAE on a laptop).")
 @click.option("--sae", "saes", multiple=True, help="Only this SAE (full id, site/LAYER or LAYER); repeatable.")
 @click.option("--force", is_flag=True, help="Re-analyse SAEs that are already done.")
@@ -355,9 +389,8 @@ def analyze(run_dir, tokens, top_k, n_logits, saes, force):
     Writes features.sqlite in the run; an interrupted analysis resumes (SAEs already done are skipped).
     """
     from .analyze import analyze as analyze_run
-    from .runs import Run
 
-    run = Run.open(run_dir)
+    run = _open_for_stage(run_dir, saes)
     with run.stage("analyze"):
         report = analyze_run(run, n_tokens=tokens, top_k=top_k, n_logits=n_logits, saes=list(saes) or None,
                              force=force)
@@ -382,11 +415,11 @@ def inspect(run_dir, text, top, saes, as_json):
     click.echo(inspect_table(result, style=click.style))
 
 
-@cli.command()
+@cli.command(context_settings=NEGATIVE_ARGS)
 @click.argument("run_dir", type=click.Path())
 @click.argument("sae")
 @click.argument("index", type=int)
-@click.option("--examples", "n_examples", default=8, help="Contexts shown per kind.")
+@click.option("--examples", "n_examples", default=8, type=NON_NEGATIVE, help="Contexts shown per kind.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def feature(run_dir, sae, index, n_examples, as_json):
     """Show a feature card: where feature INDEX of SAE fires, how often, what it promotes, its labels.
@@ -405,6 +438,26 @@ def feature(run_dir, sae, index, n_examples, as_json):
     click.echo(feature_card(card, n_examples=n_examples, style=click.style))
 
 
+def _open_for_stage(run_dir, saes=()):
+    """Open a run and check its SAEs (and the --sae choices) before a stage is marked running."""
+    from .runs import Run
+
+    run = Run.open(run_dir)
+    run.require_saes()
+    for ref in saes:
+        run.resolve_sae(ref)
+    return run
+
+
+def _one_line(err: click.ClickException) -> str:
+    """Click's message as one line; a usage error names the help to read instead of printing the usage."""
+    text = " ".join(err.format_message().split()).rstrip(".")
+    ctx = getattr(err, "ctx", None)
+    if isinstance(err, click.UsageError) and ctx is not None:
+        text += f" (see `{ctx.command_path} -h`)"
+    return text
+
+
 def main(argv=None):
     """Entry point: user errors become one line on stderr and exit code 1 (tracebacks with --debug)."""
     argv = sys.argv[1:] if argv is None else argv
@@ -415,7 +468,7 @@ def main(argv=None):
         click.echo("interrupted; re-run the same command to resume", err=True)
         sys.exit(130)
     except click.ClickException as err:
-        err.show()
+        click.echo(f"error: {_one_line(err)}", err=True)
         sys.exit(err.exit_code)
     except click.exceptions.Exit as err:
         sys.exit(err.exit_code)

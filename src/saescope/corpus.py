@@ -86,6 +86,7 @@ class Corpus:
         self.bad_records: list[str] = []  # "path:line" of JSON lines / records without usable text
         self._counts: dict[str, int] | None = None  # documents per part, once a full pass has run
         self._path: Path | None = None
+        self._pending: list[str] = []  # skip warnings, shown once a document is found (else the error says it)
         self._hf: tuple[str, str | None, str] | None = None
         if self.source == "default":
             self._wiki_file = _wiki_file()
@@ -116,6 +117,10 @@ class Corpus:
             raise SaescopeError(f"unknown corpus part '{part}': use one of {', '.join(PARTS)}")
         return self._documents(part)
 
+    def check(self, part: str = "train") -> None:
+        """Fail now, before a stage writes anything, when `part` has no documents (reads up to the first one)."""
+        next(iter(self.documents(part)))
+
     def _documents(self, part: str) -> Iterator[Document]:
         counts = {"train": 0, "heldout": 0}
         for doc in self._raw_documents():
@@ -124,11 +129,20 @@ class Corpus:
             side = "heldout" if is_heldout(doc.id, self.heldout_fraction, self.seed) else "train"
             counts[side] += 1
             if part in ("all", side):
+                self._warn_skipped()
                 yield doc
         self._counts = counts
         found = counts["train"] + counts["heldout"] if part == "all" else counts[part]
-        if found == 0:
+        if found:
+            self._warn_skipped()
+        else:
+            self._pending.clear()
             raise SaescopeError(f"corpus '{self.source}' has no documents {self._empty_hint(part, counts)}")
+
+    def _warn_skipped(self) -> None:
+        for message in self._pending:
+            log.warning("%s", message)
+        self._pending.clear()
 
     def _empty_hint(self, part: str, counts: dict[str, int]) -> str:
         if part != "all" and counts["train"] + counts["heldout"] > 0:
@@ -239,13 +253,13 @@ class Corpus:
     def _skip(self, path: Path | str, why: str) -> None:
         if str(path) not in self.skipped:
             self.skipped.append(str(path))
-            log.warning("corpus: skipping %s: %s", path, why)
+            self._pending.append(f"corpus: skipping {path}: {why}")
 
     def _bad(self, where: str, why: str, nth_in_file: int) -> None:
         if where not in self.bad_records:
             self.bad_records.append(where)
             if nth_in_file <= _MAX_BAD_LINE_WARNINGS:
-                log.warning("corpus: skipping bad record %s: %s", where, why)
+                self._pending.append(f"corpus: skipping bad record {where}: {why}")
 
     # ---- contexts --------------------------------------------------------
 

@@ -154,11 +154,19 @@ def delta_lm_loss(lm: LoadedModel, saes: dict[str, SAE], contexts: list[list[int
     return result
 
 
+def check_eval_args(eval_tokens: int, delta_contexts: int) -> None:
+    """Refuse evaluation sizes that measure nothing (before anything is loaded or marked)."""
+    if isinstance(eval_tokens, bool) or not isinstance(eval_tokens, int) or eval_tokens < 1:
+        raise SaescopeError(f"--tokens must be a positive whole number, got {eval_tokens!r}")
+    if isinstance(delta_contexts, bool) or not isinstance(delta_contexts, int) or delta_contexts < 0:
+        raise SaescopeError(f"--ce-contexts must be 0 or more, got {delta_contexts!r}")
+
+
 def evaluate(run, eval_tokens: int = 8192, delta_contexts: int = 4, progress: bool = True) -> dict:
     """Evaluate every SAE of `run` on held-out tokens; write eval.json and eval.png. Returns the metrics."""
-    from .corpus import Corpus
     from .harvest import harvest
 
+    check_eval_args(eval_tokens, delta_contexts)
     ids = run.sae_ids()
     if not ids:
         raise SaescopeError(f"run {run.root} has no SAEs to evaluate: train some first")
@@ -168,8 +176,7 @@ def evaluate(run, eval_tokens: int = 8192, delta_contexts: int = 4, progress: bo
         site = lm.site(s.cfg.site, s.cfg.layer)
         if site.width != s.cfg.d_in:
             raise SaescopeError(f"SAE {i} reads {s.cfg.d_in} dims but {site.hook_name} has {site.width}: it belongs to another model")
-    corpus_desc = run.manifest.get("corpus", {})
-    corpus = Corpus(corpus_desc.get("source", "default"), corpus_desc.get("heldout_fraction", 0.05), corpus_desc.get("seed", 0))
+    corpus = run.corpus()
     ctx_len = int(run.manifest.get("config", {}).get("ctx_len", 256))
     sites = sorted({(s.cfg.site, s.cfg.layer) for s in saes.values()}, key=lambda t: (t[1], t[0]))
     site_objs = [lm.site(k, layer) for k, layer in sites]

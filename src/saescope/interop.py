@@ -138,6 +138,8 @@ def export_run(run_dir: str | Path, format: str, out_dir: str | Path, *, sae_ids
         raise SaescopeError(f"run {run.root} has no SAEs to export: train some with `saescope train`")
     ids = [run.resolve_sae(i) for i in ids]
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise SaescopeError(f"{out} is a file, not a folder: give the export a new folder name")
     if format == "saelens":
         if options:
             raise SaescopeError(f"export to saelens takes no options ({', '.join(sorted(options))} given)")

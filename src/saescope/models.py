@@ -104,6 +104,31 @@ class LoadedModel:
         tok = self.tokenizer
         return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
 
+    @property
+    def context_limit(self) -> int | None:
+        """The most positions the model can read (max_position_embeddings), or None when it has no limit."""
+        n = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        return int(n) if n else None
+
+    def check_fits(self, n_tokens: int, new_tokens: int = 0, what: str = "the text") -> None:
+        """Refuse `n_tokens` (+ `new_tokens` to generate) that pass the model's context."""
+        limit = self.context_limit
+        if limit is None or n_tokens + new_tokens <= limit:
+            return
+        if new_tokens:
+            raise SaescopeError(f"{what} has {n_tokens} tokens; with {new_tokens} new tokens that passes the "
+                                f"model's context of {limit}: shorten it or ask for fewer tokens")
+        raise SaescopeError(f"{what} has {n_tokens} tokens, more than the model's context of {limit}: shorten it")
+
+    def check_ctx_len(self, ctx_len: int) -> None:
+        """Refuse a packed-context length the model cannot read (or too short to hold a token after BOS)."""
+        if int(ctx_len) < 2:
+            raise SaescopeError(f"--ctx-len {ctx_len} is too short: a context needs BOS and at least one token")
+        limit = self.context_limit
+        if limit is not None and int(ctx_len) > limit:
+            raise SaescopeError(f"--ctx-len {ctx_len} is longer than the model's context of {limit} tokens: "
+                                f"use --ctx-len {limit} or less")
+
     def site(self, kind: str, layer: int) -> Site:
         if kind not in SITE_KINDS:
             raise SaescopeError(f"unknown site '{kind}': choose from {', '.join(SITE_KINDS)}")
@@ -230,9 +255,12 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = _dtype(dtype, dev)
     folder = _resolve(spec)
+    # read HF_HUB_OFFLINE now (huggingface_hub reads it once, at import); its retry chatter is not ours to show
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     try:
-        tok = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=offline)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, local_files_only=offline)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SaescopeError(
@@ -257,8 +285,20 @@ def _dtype(dtype: str | None, dev: torch.device) -> torch.dtype:
         raise SaescopeError(f"unknown dtype '{dtype}': use float32, bfloat16 or float16") from None
 
 
+def local_ref(spec: str) -> str:
+    """A model or corpus given as an existing local path, made absolute (so a run works from any folder);
+    anything else (a hub id, 'default', 'hf:NAME') unchanged."""
+    spec = str(spec)
+    if spec in (DEFAULT_MODEL, "default") or spec.startswith("hf:"):
+        return spec
+    p = Path(spec).expanduser()
+    return str(p.resolve()) if p.exists() else spec
+
+
 def _resolve(spec: str) -> str:
     """Turn a model spec into something `from_pretrained` can load (a folder or a hub id)."""
+    if not str(spec).strip():
+        raise SaescopeError(f"no model given: name '{DEFAULT_MODEL}', a local folder, a .gguf file, or a hub id")
     if spec == DEFAULT_MODEL:
         return str(_converted_gguf(_default_gguf(), name=DEFAULT_MODEL))
     p = Path(spec).expanduser()

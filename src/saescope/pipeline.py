@@ -13,7 +13,7 @@ from pathlib import Path
 from .corpus import Corpus
 from .errors import SaescopeError
 from .harvest import harvest
-from .models import DEFAULT_MODEL, SITE_KINDS, LoadedModel, load_model
+from .models import DEFAULT_MODEL, SITE_KINDS, LoadedModel, load_model, local_ref
 from .runs import Run
 from .sae import SAEConfig
 from .train import Chunk, MultiTrainer, TrainConfig
@@ -34,11 +34,16 @@ def parse_layers(spec: str | list[int] | None, n_layers: int) -> list[int]:
             try:
                 if "-" in part:
                     a, b = part.split("-")
+                    if int(a) > int(b):
+                        raise SaescopeError(f"layer range '{part}' is empty: write the lower layer first "
+                                            f"({b}-{a})")
                     layers.extend(range(int(a), int(b) + 1))
                 elif part:
                     layers.append(int(part))
             except ValueError:
                 raise SaescopeError(f"cannot read layers '{spec}': use all, 3, 0,6,12 or 0-5") from None
+    if not layers:
+        raise SaescopeError(f"no layers given in '{spec}': use all, 3, 0,6,12 or 0-5")
     bad = [x for x in layers if not 0 <= x < n_layers]
     if bad:
         raise SaescopeError(f"layer {bad[0]} does not exist: the model has layers 0..{n_layers - 1}")
@@ -65,8 +70,12 @@ def harvest_to_cache(out: str | Path, *, model: str = DEFAULT_MODEL, corpus: str
     if tokens < 1:
         raise SaescopeError("--tokens must be positive")
     lm = lm or load_model(model)
+    lm.check_ctx_len(ctx_len)
+    if batch_size < 1:
+        raise SaescopeError(f"--batch-size must be at least 1, got {batch_size}")
     site_objs = lm.sites(kinds=parse_sites(sites), layers=parse_layers(layers, lm.n_layers))
     corp = Corpus(corpus)
+    corp.check(part)
     identity = {"model": model, "corpus": corp.describe()["source"], "part": part, "ctx_len": ctx_len,
                 "batch_size": batch_size, "tokens": tokens}
     writer = CacheWriter(out, {s.key: s.width for s in site_objs}, dtype=dtype, meta={"identity": identity})
@@ -113,14 +122,22 @@ def train_run(out: str | Path, *, model: str = DEFAULT_MODEL, corpus: str = "def
     """Train every SAE (layers × sites × widths × L0s) from one activation stream into run folder `out`."""
     train = train or TrainConfig()
     lm = lm or load_model(model)
+    lm.check_ctx_len(ctx_len)
     kinds = parse_sites(sites)
     layer_list = parse_layers(layers, lm.n_layers)
+    model = local_ref(model)  # a run made with a relative path works from any folder
     cfgs = sae_configs(lm, model, kinds, layer_list, list(widths), list(l0s), architecture)
+    if not cfgs:
+        raise SaescopeError("no SAEs to train: give at least one layer, site, width and L0")
     corp = Corpus(corpus, heldout_fraction=heldout_fraction, seed=train.seed)
+    if cache:
+        _check_cache(cache, cfgs)
+    else:
+        corp.check("train")  # an empty corpus fails here, before the run folder is made
     config = {"sites": kinds, "layers": layer_list, "widths": [int(w) for w in widths],
-              "l0s": [float(x) for x in l0s], "architecture": architecture, "ctx_len": ctx_len,
-              "train": asdict(train), "cache": str(cache) if cache else None}
-    corpus_desc = {"source": corp.source, "heldout_fraction": heldout_fraction, "seed": train.seed}
+              "l0s": [float(x) for x in l0s], "architecture": architecture, "ctx_len": int(ctx_len),
+              "train": asdict(train), "cache": local_ref(cache) if cache else None}
+    corpus_desc = {"source": local_ref(corp.source), "heldout_fraction": heldout_fraction, "seed": train.seed}
     run = Run.create(out, model=model, corpus=corpus_desc, config=config)
     run.__dict__["model"] = lm  # reuse the loaded model (cached_property slot)
     if run.is_done("train"):
@@ -149,14 +166,21 @@ def train_run(out: str | Path, *, model: str = DEFAULT_MODEL, corpus: str = "def
     return run
 
 
+def _check_cache(cache_dir, cfgs: list[SAEConfig]) -> None:
+    """Refuse a cache that is not one, or lacks a site the SAEs read (before the run folder is made)."""
+    from .store import ActivationCache
+
+    cache = ActivationCache.open(cache_dir)
+    missing = sorted({f"{c.site}/{c.layer}" for c in cfgs} - set(cache.sites))
+    if missing:
+        raise SaescopeError(f"cache {cache_dir} has no activations for {', '.join(missing)}: harvest those sites first")
+
+
 def _cache_chunks(cache_dir, trainer: MultiTrainer, train: TrainConfig):
     """Chunks from an activation cache, in a seeded shuffled order; skips chunks already trained on."""
     from .store import ActivationCache
 
     cache = ActivationCache.open(cache_dir)
-    missing = [s for s in trainer.sites if s not in cache.sites]
-    if missing:
-        raise SaescopeError(f"cache {cache_dir} has no activations for {', '.join(missing)}: harvest those sites first")
     per_chunk = train.batch_size * 4
     for i, batch in enumerate(cache.batches(per_chunk, sites=trainer.sites, shuffle=True, seed=train.seed)):
         if i < trainer.contexts_done:
@@ -166,16 +190,18 @@ def _cache_chunks(cache_dir, trainer: MultiTrainer, train: TrainConfig):
 
 def run_all(out: str | Path, *, model: str = DEFAULT_MODEL, corpus: str = "default", sites="resid_post",
             layers="all", widths=(2048,), l0s=(32.0,), architecture: str = "jump_relu", tokens: int = 100_000,
-            eval_tokens: int = 8192, ce_contexts: int = 2, analyze_tokens: int = 8192,
+            ctx_len: int = 256, eval_tokens: int = 8192, ce_contexts: int = 2, analyze_tokens: int = 8192,
             llm_url: str | None = None, llm_model: str | None = None, echo=log.warning) -> Run:
     """train → eval → analyze → label: every stage that the manifest marks done is skipped."""
     import time
 
     from .evaluate import evaluate
 
+    if llm_url and not llm_model:
+        raise SaescopeError("--llm needs --llm-model NAME (the model's name on that server)")
     t0 = time.time()
     lm = load_model(model)
-    echo(f"[load] {model}: {lm.n_layers} layers, d_model {lm.d_model} ({time.time() - t0:.0f} s)")
+    loaded = f"{model}: {lm.n_layers} layers, d_model {lm.d_model}, loaded in {time.time() - t0:.0f} s"
 
     def stage(name, fn):
         if run.is_done(name):
@@ -188,8 +214,8 @@ def run_all(out: str | Path, *, model: str = DEFAULT_MODEL, corpus: str = "defau
 
     t = time.time()
     run = train_run(out, model=model, corpus=corpus, sites=sites, layers=layers, widths=widths, l0s=l0s,
-                    architecture=architecture, train=TrainConfig(tokens=tokens), lm=lm)
-    echo(f"[train] {len(run.sae_ids())} SAEs ({time.time() - t:.0f} s)")
+                    architecture=architecture, train=TrainConfig(tokens=tokens), ctx_len=ctx_len, lm=lm)
+    echo(f"[train] {len(run.sae_ids())} SAEs ({time.time() - t:.0f} s; model {loaded})")
     stage("eval", lambda: evaluate(run, eval_tokens=eval_tokens, delta_contexts=ce_contexts))
 
     def do_analyze():

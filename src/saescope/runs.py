@@ -49,12 +49,17 @@ class Run:
             run = cls.open(root)
             mine = {"model": model, "corpus": corpus, "config": config}
             theirs = {k: run.manifest.get(k) for k in mine}
+            theirs["model"] = run.model_spec  # older runs stored local paths relative to where they were made
+            if isinstance(theirs["corpus"], dict) and "source" in theirs["corpus"]:
+                theirs["corpus"] = {**theirs["corpus"], "source": run._local(theirs["corpus"]["source"])}
             if _jsonable(mine) != _jsonable(theirs):
                 diff = [k for k in mine if _jsonable(mine[k]) != _jsonable(theirs[k])]
-                raise SaescopeError(
-                    f"{root} holds another run (its {', '.join(diff)} differ): choose a new --out or delete the folder"
-                )
+                verb = "differs" if len(diff) == 1 else "differ"
+                raise SaescopeError(f"{root} holds another run (its {', '.join(diff)} {verb}): choose a new --out "
+                                    "or delete the folder")
             return run
+        if root.exists() and not root.is_dir():
+            raise SaescopeError(f"{root} is a file, not a run folder: choose another --out")
         if root.exists() and any(root.iterdir()):
             raise SaescopeError(f"{root} is not empty and holds no saescope run: choose a new --out")
         manifest = {"format": 1, "created": time.time(), "model": model, "corpus": corpus, "config": config,
@@ -77,6 +82,13 @@ class Run:
         return cls(root, manifest)
 
     # ------------------------------------------------------------------ stages
+
+    def require_saes(self) -> list[str]:
+        """The run's SAE ids; refuses a run without any (checked before a stage is marked running)."""
+        ids = self.sae_ids()
+        if not ids:
+            raise SaescopeError(f"run {self.root} has no SAEs yet: train some with `saescope train`")
+        return ids
 
     def status(self, stage: str) -> str:
         return self.manifest["stages"].get(stage, {}).get("status", "pending")
@@ -201,11 +213,41 @@ class Run:
 
         return load_sae(self.sae_path(sae_id))
 
+    def _local(self, spec: str) -> str:
+        """A model or corpus path from the manifest. New runs store absolute paths; older ones stored the path
+        as typed, relative to a folder we no longer know: try the working folder, then the run folder and
+        its parents."""
+        from .models import DEFAULT_MODEL
+
+        spec = str(spec)
+        if Path(spec).is_absolute() or spec in ("default", DEFAULT_MODEL) or spec.startswith("hf:"):
+            return spec  # the default model's name is also the default run's folder name
+        if Path(spec).exists():
+            return str(Path(spec).resolve())
+        root = self.root.resolve()
+        for base in (root, *root.parents):
+            if (base / spec).exists():
+                return str(base / spec)
+        return spec
+
+    @property
+    def model_spec(self) -> str:
+        """The run's model as `load_model` takes it, from any working folder."""
+        return self._local(self.manifest["model"])
+
+    def corpus(self):
+        """The run's corpus (same source, held-out split and seed as training), from any working folder."""
+        from .corpus import Corpus
+
+        desc = self.manifest.get("corpus") or {}
+        return Corpus(self._local(desc.get("source", "default")), desc.get("heldout_fraction", 0.05),
+                      desc.get("seed", 0))
+
     @cached_property
     def model(self):
         from .models import load_model
 
-        return load_model(self.manifest["model"], **self.manifest.get("model_options", {}))
+        return load_model(self.model_spec, **self.manifest.get("model_options", {}))
 
     def db(self, readonly: bool = False):
         from .featuredb import FeatureDB

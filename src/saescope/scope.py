@@ -157,6 +157,7 @@ class Scope:
             raise SaescopeError("the text tokenises to nothing: type some words to inspect")
         bos = lm.bos_id
         ids = torch.tensor([([bos] if bos is not None else []) + list(body)], dtype=torch.long)
+        lm.check_fits(ids.shape[1])
         keep = keep_mask(lm, ids)[0]
         sae_ids = [self.run.resolve_sae(s) for s in saes] if saes is not None else self.run.sae_ids()
         if not sae_ids:

@@ -170,6 +170,15 @@ def label_embeddings(run: Run, labels: list[dict]) -> np.ndarray:
     return matrix
 
 
+def similarity(query: str, text: str) -> float | None:
+    """Cosine similarity of the embeddings of two texts; None when the embedding model is not installed."""
+    try:
+        a, b = encode([query, text])
+    except EmbeddingUnavailable:
+        return None
+    return float(a @ b)
+
+
 def encode(texts: list[str], batch_size: int = 64) -> np.ndarray:
     """Unit-norm sentence embeddings (mean pooling over tokens, as sentence-transformers does)."""
     import torch

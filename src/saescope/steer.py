@@ -36,6 +36,7 @@ from typing import Literal
 import torch
 
 from .errors import SaescopeError
+from .fsio import atomic_path
 from .harvest import capture
 from .models import LoadedModel, Site
 from .sae import SAE
@@ -43,6 +44,14 @@ from .tokens import token_text
 
 Mode = Literal["add", "clamp", "ablate"]
 MODES = ("add", "clamp", "ablate")
+MAX_STRENGTH = 1000.0
+"""Largest |strength| of an `add` (× the feature's typical activation): beyond it the text is noise or NaN."""
+MAX_CLAMP = 1e5
+"""Largest |value| of a clamp (activation units)."""
+CONCEPT_MIN_SIMILARITY = 0.4
+"""A concept steers a labelled feature only when their embeddings are at least this alike (or share a word).
+MiniLM cosines: related pairs 0.52-0.75 ("water" / "rivers and seas", "French cities" / "paris and france"),
+unrelated 0.07-0.35 ("Zing" / "(token)" 0.20, "qwerty" / "punctuation" 0.35)."""
 CONCEPT_STRENGTH = 2.0
 """Default `add` strength (× max_act) for `steer(..., concept=...)`."""
 TOP_TOKENS = 10
@@ -62,14 +71,27 @@ class Intervention:
     def __post_init__(self):
         if self.mode not in MODES:
             raise SaescopeError(f"unknown intervention mode '{self.mode}': choose from {', '.join(MODES)}")
-        if not math.isfinite(float(self.value)):
-            raise SaescopeError(f"feature {self.sae_id}:{self.idx} has strength {self.value}: give a finite number")
+        check_strength(self.value, self.mode, f"feature {self.sae_id}:{self.idx}")
         if self.mode == "ablate" and self.value != 0:
             object.__setattr__(self, "value", 0.0)
 
     def __str__(self) -> str:
         tail = {"add": f"={self.value:g}", "clamp": f"@clamp={self.value:g}", "ablate": "@ablate"}[self.mode]
         return f"{self.sae_id}:{self.idx}{tail}"
+
+
+def check_strength(value: float, mode: Mode = "add", what: str = "the strength") -> float:
+    """The one check of a steering strength (CLI, API, web): finite and within ±MAX_STRENGTH (±MAX_CLAMP for clamps)."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise SaescopeError(f"{what} has strength {value!r}: give a number") from None
+    bound, word = (MAX_CLAMP, "value") if mode == "clamp" else (MAX_STRENGTH, "strength")
+    if not math.isfinite(value):
+        raise SaescopeError(f"{what} has {word} {value}: give a finite number")
+    if abs(value) > bound:
+        raise SaescopeError(f"{what} has {word} {value:g}, beyond ±{bound:g}: give a smaller number")
+    return value
 
 
 # ---------------------------------------------------------------------------- hooks
@@ -216,21 +238,13 @@ def steering(lm: LoadedModel, saes: dict[str, SAE], interventions: Sequence[Inte
 # ---------------------------------------------------------------------------- generation
 
 
-def _context_limit(lm: LoadedModel) -> int | None:
-    n = getattr(lm.model.config.get_text_config(), "max_position_embeddings", None)
-    return int(n) if n else None
-
-
 def _encode_prompt(lm: LoadedModel, prompt: str, max_new_tokens: int) -> torch.Tensor:
     if not isinstance(prompt, str) or not prompt.strip():
         raise SaescopeError("the prompt is empty: give some text to continue")
     if int(max_new_tokens) < 1:
         raise SaescopeError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     ids = lm.tokenizer(prompt, return_tensors="pt")["input_ids"]  # (1, P)
-    limit = _context_limit(lm)
-    if limit is not None and ids.shape[1] + max_new_tokens > limit:
-        raise SaescopeError(f"the prompt has {ids.shape[1]} tokens; with {max_new_tokens} new tokens that passes "
-                            f"the model's context of {limit}: shorten the prompt or ask for fewer tokens")
+    lm.check_fits(ids.shape[1], int(max_new_tokens), what="the prompt")
     return ids
 
 
@@ -417,9 +431,7 @@ def parse_feature_spec(spec: str) -> tuple[str, int, str, float]:
         value = float(raw)
     except ValueError:
         raise SaescopeError(f"'{raw}' in '{spec}' is not a number: {hint}") from None
-    if not math.isfinite(value):
-        raise SaescopeError(f"'{spec}' has a NaN/Inf strength: give a finite number")
-    return sae_ref, idx, mode, value
+    return sae_ref, idx, mode, check_strength(value, mode, f"'{spec}'")
 
 
 # ---------------------------------------------------------------------------- steer / sweep
@@ -452,7 +464,22 @@ def _concept_feature(run, concept: str, strength: float) -> Intervention:
         raise SaescopeError(f"no labelled feature matches '{concept}': label features first "
                             "(`saescope label`) or try another word")
     hit = hits[0]  # search ranks best first
+    if not _matches_well(concept, hit.label):
+        raise SaescopeError(f"no label matches '{concept}' well (the closest is '{hit.label}'): try another "
+                            "word, or steer a feature by its index (LAYER:INDEX=STRENGTH)")
     return Intervention(run.resolve_sae(hit.sae_id), int(hit.idx), "add", float(strength))
+
+
+def _matches_well(concept: str, label: str) -> bool:
+    """Whether `label` is about `concept`: a word of one in the other, or embeddings at least
+    CONCEPT_MIN_SIMILARITY alike (without the embedding model, only the words count)."""
+    words = {w for w in re.findall(r"\w+", concept.lower()) if len(w) > 2}
+    if words & set(re.findall(r"\w+", label.lower())):
+        return True
+    from .search import similarity
+
+    sim = similarity(concept, label)
+    return sim is not None and sim >= CONCEPT_MIN_SIMILARITY
 
 
 def _setup(source, interventions, saes, typical, concept, concept_strength, typical_stat) -> _Setup:
@@ -477,6 +504,7 @@ def _setup(source, interventions, saes, typical, concept, concept_strength, typi
     if concept:
         if run is None:
             raise SaescopeError("steering by concept searches a run's labels: give a run, not a bare model")
+        check_strength(concept_strength, "add", f"concept '{concept}'")
         ivs.insert(0, _concept_feature(run, concept, concept_strength))
     if not ivs:
         raise SaescopeError("nothing to steer: give at least one feature (e.g. 5:123=4) or a concept")
@@ -567,16 +595,15 @@ def sweep(source, prompt: str, feature: Intervention | str, strengths: Sequence[
           temperature: float = 1.0, seed: int = 0, typical_stat: str = "max_act") -> list[SteerResult]:
     """Steer one feature at each of `strengths` (add strength or clamp value); the unsteered
     continuation is generated once. With `png`, plot effect and cost against strength."""
-    strengths = [float(v) for v in strengths]
     if not strengths:
         raise SaescopeError("give at least one strength to sweep")
-    bad = [v for v in strengths if not math.isfinite(v)]
-    if bad:
-        raise SaescopeError(f"strength {bad[0]} is not a finite number: give finite strengths")
+    if png is not None and Path(png).is_dir():
+        raise SaescopeError(f"{png} is a folder: give the plot a file name, e.g. --png sweep.png")
     s = _setup(source, [feature], saes, typical, None, 0.0, typical_stat)
     target = s.interventions[0]
     if target.mode == "ablate":
         raise SaescopeError(f"'{target}' is an ablation, which has no strength to sweep: use add or @clamp")
+    strengths = [check_strength(v, target.mode, "the sweep") for v in strengths]
     prompt_ids = _encode_prompt(s.lm, prompt, max_new_tokens)
     _plans(s.lm, s.saes, s.interventions, s.typical)  # fail on bad input before generating anything
     base = _baseline(s, prompt_ids, max_new_tokens, greedy, temperature, seed)
@@ -623,8 +650,6 @@ def plot_sweep(results: list[SteerResult], png: str | Path) -> Path:
     ax2.set_ylabel("Δ prob. of promoted tokens")
     fig.suptitle(f"steering {results[0].interventions[0].sae_id}:{results[0].effect.idx}", fontsize=10)
     fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png.with_name(f".{png.name}.tmp")
-    fig.savefig(tmp, dpi=100, format="png")
-    tmp.replace(png)
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     return png

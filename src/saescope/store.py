@@ -140,7 +140,9 @@ class CacheWriter:
         if manifest_path.exists():
             self._resume(read_json(manifest_path, "activation cache manifest"))
         else:
-            if self.folder.exists() and (not self.folder.is_dir() or any(self.folder.iterdir())):
+            if self.folder.exists() and not self.folder.is_dir():
+                raise SaescopeError(f"{self.folder} is a file, not a cache folder: choose another --out")
+            if self.folder.exists() and any(self.folder.iterdir()):
                 raise SaescopeError(
                     f"{self.folder} holds another run (files, but no activation cache {MANIFEST}): "
                     "choose a new --out or delete it"

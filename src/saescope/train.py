@@ -89,6 +89,13 @@ class TrainConfig:
     def __post_init__(self):
         if self.tokens < 1:
             raise SaescopeError("--tokens must be positive")
+        if not (math.isfinite(self.lr) and self.lr >= 0):
+            raise SaescopeError(f"--lr must be a positive number (or 0 for the automatic lr), got {self.lr}")
+        for name in ("lr_end", "bias_lr", "threshold_lr", "momentum", "eps", "lambda_init", "lambda_rate",
+                     "aux_coef", *(f"betas[{i}]" for i in range(len(self.betas)))):
+            v = self.betas[int(name[6])] if name.startswith("betas") else getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise SaescopeError(f"training setting {name} must be a finite number ≥ 0, got {v}")
         if self.batch_size == 0:
             self.batch_size = 4096 if self.long_run else 256
         if self.batch_size < 2:

@@ -159,8 +159,8 @@ def resolve_saes(db: FeatureDB, refs: Sequence[str | int] | str | int | None = N
                     and (not site or r["site"] == site)]
         if not hits:
             known = ", ".join(list(by_id)[:8]) or "none"
-            raise SaescopeError(f"no SAE '{ref}' in {db.path.name} (known: {known}): "
-                                "give an id from `saescope features` or run the analysis first")
+            raise SaescopeError(f"no SAE '{ref}' in the run's feature database (known: {known}): give one of these "
+                                "ids (or its LAYER), or run `saescope analyze` on the run first")
         if len(hits) > 1:
             raise SaescopeError(f"'{ref}' matches several SAEs ({', '.join(h['id'] for h in hits)}): "
                                 "give the full id")

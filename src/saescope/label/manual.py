@@ -21,7 +21,11 @@ def set_label(run: Run | str | Path, sae_ref: str | int, idx: int, text: str, au
         idx = int(idx)
     except ValueError as err:
         raise SaescopeError(f"feature index must be a whole number, not {idx!r}") from err
-    with as_run(run).db() as db:
+    run = as_run(run)
+    if not run.db_path.is_file():
+        raise SaescopeError(f"run {run.root} has not been analysed yet: run `saescope analyze {run.root}` "
+                            "before labelling its features")
+    with run.db() as db:
         (sae,) = resolve_saes(db, [sae_ref])
         width = sae["width"]
         if idx < 0 or (width and idx >= width):

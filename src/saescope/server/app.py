@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import SaescopeError
+from ..steer import MAX_STRENGTH
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class SteerIn(_Body):
     features: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(default_factory=list,
                                                                                  max_length=MAX_FEATURES)
     concept: str | None = Field(None, max_length=200)
-    strength: float = Field(2.0, ge=-1000, le=1000, allow_inf_nan=False)
+    strength: float = Field(2.0, ge=-MAX_STRENGTH, le=MAX_STRENGTH, allow_inf_nan=False)
     max_new_tokens: int = Field(24, ge=1, le=MAX_NEW_TOKENS)
     greedy: bool = True
     seed: int = Field(0, ge=0, le=2**31 - 1)
@@ -143,28 +144,28 @@ class Atlas:
     def warm_up(self) -> None:
         """Load the model and every SAE and run them once: the first calls after loading are
         several times slower (weights are paged in on first touch)."""
+        text = _warm_up_text(self.scope.model)
         with self.compute:
             for _ in range(2):
-                self.scope.inspect("Hello world", top=1)
-
-    def context_limit(self) -> int | None:
-        lm = self.scope.model
-        cfg = lm.model.config
-        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-        n = getattr(cfg, "max_position_embeddings", None)
-        return int(n) if n else None
+                self.scope.inspect(text, top=1)
 
     def check_prompt(self, text: str, extra: int = 0) -> None:
         """400 when the prompt has no text or its tokens (+ `extra` new ones) pass the model's context."""
         if not text.strip():
             raise HTTPException(400, "the text is empty: type something to run through the model")
-        limit = self.context_limit()
-        if limit is None:
-            return
-        n = len(self.scope.model.tokenizer(text)["input_ids"])
-        if n + extra > limit:
-            raise HTTPException(400, f"the text has {n} tokens{f' (+{extra} to generate)' if extra else ''}; "
-                                     f"the model's context is {limit}: shorten it")
+        lm = self.scope.model
+        lm.check_fits(len(lm.tokenizer(text)["input_ids"]), extra)  # SaescopeError: answered with 400
+
+
+def _warm_up_text(lm) -> str:
+    """A short text the model's tokenizer knows: "Hello world", or (for a small vocabulary that lacks
+    those words) the first few ordinary tokens of the vocabulary."""
+    tok = lm.tokenizer
+    special = lm.special_ids | {tok.unk_token_id}
+    if any(i not in special for i in tok("Hello world", add_special_tokens=False)["input_ids"]):
+        return "Hello world"
+    ids = [i for i in range(min(len(tok), 1000)) if i not in special][:4]
+    return tok.decode(ids)
 
 
 def _read_json(path: Path) -> dict:
