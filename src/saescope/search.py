@@ -62,7 +62,7 @@ def search(run: Run | str | Path, query: str, limit: int = 20, mode: Mode = "hyb
     run = run if isinstance(run, Run) else Run.open(run)
     if not run.db_path.exists():
         raise SaescopeError(f"run {run.root} has no feature database yet: run the analysis and label features first")
-    with run.db() as db:
+    with run.reader_db() as db:
         pool = max(3 * int(limit), 50)  # candidates per list, before fusing and de-duplicating
         if mode == "fts":
             ranked = _fts(db, query, pool)
@@ -137,7 +137,7 @@ def index_labels(run: Run | str | Path) -> int:
     """Embed every current label not yet in the cache (e.g. right after labelling, so the
     first semantic search is fast); return how many labels the cache holds."""
     run = run if isinstance(run, Run) else Run.open(run)
-    with run.db() as db:
+    with run.reader_db() as db:
         labels = db.current_labels()
     return len(label_embeddings(run, labels)) if labels else 0
 
