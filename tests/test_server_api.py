@@ -173,6 +173,19 @@ def test_malformed_json_and_content_type(client):
     assert r.status_code == 415 and "json" in detail(r).lower()
 
 
+@pytest.mark.parametrize("method", ["DELETE", "PUT", "PATCH"])
+@pytest.mark.parametrize("ctype", [None, "application/json"])
+def test_other_methods_on_post_routes_are_405(client, sae_ids, method, ctype):
+    path = f"/api/feature/{sae_ids[0]}/3/label"
+    before = client.get(path.rsplit("/", 1)[0]).json()["label_history"]
+    headers = {"Content-Type": ctype} if ctype else {}
+    for route in (path, "/api/inspect", "/api/steer"):
+        r = client.request(method, route, content=b'{"text": "x"}' if ctype else None, headers=headers)
+        assert r.status_code == 405 and r.headers.get("allow"), (route, r.status_code, r.text)
+        assert detail(r) == "Method Not Allowed"
+    assert client.get(path.rsplit("/", 1)[0]).json()["label_history"] == before
+
+
 def test_prompt_longer_than_model_context(app, client):
     cfg = app.state.atlas.scope.model.model.config
     old = cfg.max_position_embeddings
