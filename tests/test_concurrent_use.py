@@ -1,13 +1,17 @@
-"""Several saescope processes on one run at once: a live `saescope serve` and CLI commands.
+"""One run's features.sqlite shared by several processes, and found in odd states.
 
 The web app keeps features.sqlite open for its whole life while `label set` and `search`
 open and close it in other processes (issue 16: a label save in the app plus any CLI
 command on the same run used to delete the WAL under the server, losing the next save).
+A read-only run (no -wal/-shm files, which cannot be created) is read as it is, and a
+write to it is refused in one line.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import shutil
 import socket
 import sqlite3
@@ -140,3 +144,110 @@ def test_web_and_cli_processes_on_one_run_lose_no_label(run_dir, tmp_path):
         assert stored == written
     finally:
         server.stop()
+
+
+# --------------------------------------------------------------------------- a read-only run
+
+
+def _drop_write_privilege() -> None:
+    """In the child, before exec: root keeps its uid but loses the capabilities that ignore file
+    modes (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH), so a read-only file is read-only for it too."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def _cli_read_only(*args: str) -> subprocess.CompletedProcess:
+    if os.geteuid() != 0:
+        return _cli(*args)
+    try:
+        return subprocess.run([sys.executable, "-m", "saescope.cli", *args], capture_output=True, text=True,
+                              timeout=300, preexec_fn=_drop_write_privilege)
+    except subprocess.SubprocessError as err:
+        pytest.skip(f"cannot drop root's file capabilities here: {err}")
+
+
+@pytest.fixture
+def read_only_run(run_dir):
+    """The run with every file and folder read-only (features.sqlite has no -wal or -shm)."""
+    assert not Path(f"{run_dir}/features.sqlite-shm").exists()
+    paths = [run_dir, *run_dir.rglob("*")]
+    modes = {p: p.stat().st_mode for p in paths}
+    for p in sorted(paths, reverse=True):
+        p.chmod(modes[p] & ~0o222)
+    yield run_dir
+    for p in sorted(paths):
+        p.chmod(modes[p])
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def _one_line_error(res: subprocess.CompletedProcess) -> str:
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert "Traceback" not in res.stderr and "sqlite3." not in res.stderr
+    return lines[0]
+
+
+def test_label_set_on_a_read_only_run_is_one_line(read_only_run):
+    before = _files(read_only_run)
+    line = _one_line_error(_cli_read_only("label", "set", str(read_only_run), "0", "3", "a label"))
+    assert "read-only" in line and "nothing was written" in line
+    assert _files(read_only_run) == before
+
+
+def test_read_only_run_without_shm_reads_fine(read_only_run):
+    before = _files(read_only_run)
+    found = _cli_read_only("search", str(read_only_run), "city", "--mode", "fts")
+    assert found.returncode == 0 and "resid_post" in found.stdout, found.stderr
+    shown = _cli_read_only("feature", str(read_only_run), "0", "3")
+    assert shown.returncode == 0 and "top contexts" in shown.stdout, shown.stderr
+    assert _files(read_only_run) == before
+
+
+def _killed_writer(run_dir: Path) -> Path:
+    """A process that writes a label and dies without closing: its -wal and -shm stay."""
+    db = run_dir / "features.sqlite"
+    writer = subprocess.run([sys.executable, "-c", (
+        "import os, sys\n"
+        "from saescope.featuredb import FeatureDB\n"
+        "db = FeatureDB.open(sys.argv[1])\n"
+        "db.set_label('resid_post/layer_0_width_32_l0_4', 5, 'only in the wal')\n"
+        "os._exit(0)\n"), str(db)], capture_output=True, text=True, timeout=300)
+    assert writer.returncode == 0, writer.stderr
+    return db
+
+
+def test_label_set_on_a_read_only_run_with_wal_and_shm_is_one_line(run_dir):
+    _killed_writer(run_dir)
+    modes = {p: p.stat().st_mode for p in (run_dir, *run_dir.iterdir())}
+    for p, mode in modes.items():
+        p.chmod(mode & ~0o222)
+    try:
+        before = _files(run_dir)
+        line = _one_line_error(_cli_read_only("label", "set", str(run_dir), "0", "3", "a label"))
+        assert "read-only" in line and "nothing was written" in line
+        assert _files(run_dir) == before
+    finally:
+        for p, mode in modes.items():
+            p.chmod(mode)
+
+
+def test_read_only_run_with_a_wal_but_no_shm_says_the_true_cause(run_dir):
+    db = _killed_writer(run_dir)
+    Path(f"{db}-shm").unlink()
+    assert Path(f"{db}-wal").stat().st_size > 0
+    modes = {p: p.stat().st_mode for p in (run_dir, *run_dir.iterdir())}
+    for p, mode in modes.items():
+        p.chmod(mode & ~0o222)
+    try:
+        before = _files(run_dir)
+        line = _one_line_error(_cli_read_only("search", str(run_dir), "city", "--mode", "fts"))
+        assert "features.sqlite-wal holds writes" in line and "not a saescope" not in line and "aside" not in line
+        assert _files(run_dir) == before
+    finally:
+        for p, mode in modes.items():
+            p.chmod(mode)

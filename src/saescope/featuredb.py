@@ -639,7 +639,7 @@ def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
     except sqlite3.OperationalError as err:
         conn.close()
         shm, wal = Path(f"{path}-shm"), Path(f"{path}-wal")
-        if _code(err) != _SQLITE_CANTOPEN or shm.exists() or os.access(path.parent, os.W_OK):
+        if _code(err) not in (_SQLITE_CANTOPEN, _SQLITE_READONLY) or shm.exists() or os.access(path.parent, os.W_OK):
             raise
         if wal.exists():
             raise SaescopeError(f"cannot read {path}: its {wal.name} holds writes but {shm.name} is missing and "
