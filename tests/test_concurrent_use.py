@@ -9,6 +9,7 @@ write to it is refused in one line.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -251,3 +252,51 @@ def test_read_only_run_with_a_wal_but_no_shm_says_the_true_cause(run_dir):
     finally:
         for p, mode in modes.items():
             p.chmod(mode)
+
+
+# --------------------------------------------------------------------------- kill -9 of `label auto`
+
+
+def _offline_labels(run_dir: Path) -> list[tuple]:
+    conn = sqlite3.connect(f"{(run_dir / 'features.sqlite').as_uri()}?mode=ro", uri=True)
+    try:
+        return conn.execute(
+            """SELECT labels.sae_id, labels.idx, labels.text, labels.model, labels.is_current,
+                      scores.method, round(scores.value, 9)
+               FROM labels LEFT JOIN scores ON scores.label_id = labels.id
+               WHERE labels.source = 'offline' ORDER BY 1, 2, 3, 6""").fetchall()
+    finally:
+        conn.close()
+
+
+def test_killed_label_auto_leaves_no_orphan_and_resumes_to_the_same_labels(atlas_dir, run_dir):
+    psutil = pytest.importorskip("psutil")
+    uninterrupted = _offline_labels(atlas_dir)  # build_run labelled it offline in one go
+    conn = sqlite3.connect(run_dir / "features.sqlite", isolation_level=None)
+    conn.execute("DELETE FROM scores")
+    conn.execute("DELETE FROM labels WHERE source = 'offline'")
+    conn.close()
+    assert uninterrupted and not _offline_labels(run_dir)
+    parent = subprocess.Popen([sys.executable, "-m", "saescope.cli", "label", "auto", str(run_dir)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not _offline_labels(run_dir):  # the workers are labelling: kill their parent now
+        assert parent.poll() is None, parent.stderr.read().decode()
+        assert time.monotonic() < deadline, "label auto wrote no label within 300 s"
+        time.sleep(0.01)
+    family = psutil.Process(parent.pid).children(recursive=True)
+    parent.kill()
+    parent.wait()
+    assert family, "label auto ran without worker processes"
+    _, alive = psutil.wait_procs(family, timeout=5)
+    orphans = []
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if p.status() != psutil.STATUS_ZOMBIE:
+                orphans.append((p.pid, p.cmdline()))
+                p.kill()  # do not leave them running after the test
+    assert not orphans, f"orphans 5 s after kill -9 of their parent: {orphans}"
+    assert _offline_labels(run_dir) != uninterrupted  # killed before it finished
+    resumed = _cli("label", "auto", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr
+    assert _offline_labels(run_dir) == uninterrupted
