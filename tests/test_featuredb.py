@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FaultyConnection
 
 from saescope.errors import SaescopeError
 from saescope.featuredb import MIGRATIONS, Example, FeatureDB, FeatureStats, applied_migrations, migrate
@@ -435,25 +436,6 @@ def test_opening_again_in_a_process_keeps_its_locks(tmp_path):
         assert len(db.current_labels()) == 3
 
 
-class _FaultyConnection:
-    """A connection whose `fail_on` statement raises SQLite's disk I/O error once; records statements."""
-
-    def __init__(self, conn, fail_on: str):
-        self.conn, self.fail_on, self.statements = conn, fail_on, []
-
-    def execute(self, sql, *args):
-        self.statements.append(sql.split()[0].upper())
-        if self.fail_on and sql.lstrip().startswith(self.fail_on):
-            self.fail_on = ""
-            err = sqlite3.OperationalError("disk I/O error")
-            err.sqlite_errorcode = 10  # SQLITE_IOERR
-            raise err
-        return self.conn.execute(sql, *args)
-
-    def __getattr__(self, name):
-        return getattr(self.conn, name)
-
-
 @pytest.mark.parametrize("fail_on", ["INSERT INTO labels", "COMMIT", "SELECT * FROM labels"])
 def test_fault_in_a_transaction_rolls_back_and_reconnects(tmp_path, fail_on):
     path = tmp_path / "features.sqlite"
@@ -461,7 +443,7 @@ def test_fault_in_a_transaction_rolls_back_and_reconnects(tmp_path, fail_on):
         _add_sae(db)
         db.set_label(SAE, 1, "kept")
         real = db._conn
-        db._conn = faulty = _FaultyConnection(real, fail_on)
+        db._conn = faulty = FaultyConnection(real, fail_on)
         with pytest.raises(SaescopeError, match=r"could not be read or written \(disk I/O error\).*try again"):
             if fail_on.startswith("SELECT"):
                 db.labels(SAE, 1)
@@ -480,7 +462,7 @@ def test_error_inside_a_read_is_rolled_back_not_committed(tmp_path):
     path = tmp_path / "features.sqlite"
     with FeatureDB.open(path) as db:
         _add_sae(db)
-        db._conn = recorder = _FaultyConnection(db._conn, fail_on="")
+        db._conn = recorder = FaultyConnection(db._conn, fail_on="")
         with pytest.raises(ValueError):
             with db._read():
                 raise ValueError("boom")

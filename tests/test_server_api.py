@@ -265,6 +265,32 @@ def test_label_edit_history_and_search(client, fired):
     assert client.get("/api/search", params={"q": "zebracorn", "mode": "fts"}).json()["hits"] == []
 
 
+def test_database_fault_is_one_clear_4xx_and_the_next_request_works(app, client, fired):
+    """A failed transaction is rolled back, answered 400 with what to do, and the connection reopened."""
+    from conftest import FaultyConnection
+
+    sae_id, idx = fired
+    db = app.state.atlas.scope.db
+    db._conn = FaultyConnection(db._conn, "SELECT * FROM features")
+    r = client.get(f"/api/feature/{sae_id}/{idx}")
+    assert r.status_code == 400 and "could not be read or written (disk I/O error)" in detail(r)
+    assert "try again" in detail(r) and "aside" not in detail(r)
+    r = client.get(f"/api/feature/{sae_id}/{idx}")
+    assert r.status_code == 200 and r.json()["analysed"]
+    assert not isinstance(db._conn, FaultyConnection)
+
+
+def test_label_save_on_a_read_only_run_is_400_and_writes_nothing(client, fired, monkeypatch):
+    import saescope.featuredb as featuredb
+
+    sae_id, idx = fired
+    before = client.get(f"/api/feature/{sae_id}/{idx}").json()["label_history"]
+    monkeypatch.setattr(featuredb, "can_write", lambda path: False)
+    r = post(client, f"/api/feature/{sae_id}/{idx}/label", {"text": "not saved"})
+    assert r.status_code == 400 and "read-only" in detail(r) and "nothing was written" in detail(r)
+    assert client.get(f"/api/feature/{sae_id}/{idx}").json()["label_history"] == before
+
+
 def test_label_with_markup_is_stored_as_text(client, fired):
     sae_id, idx = fired
     evil = '<script>alert("x")</script><img src=x onerror=alert(1)> & "quotes"'
