@@ -704,9 +704,9 @@ def _code(err: sqlite3.Error) -> int | None:
 
 
 def _read_only(path: Path) -> SaescopeError:
-    return SaescopeError(f"{path} is read-only for this user (it and its folder must be writable to change "
-                         "labels): make them writable, e.g. `chmod -R u+w` on the run, or work on a copy of the run; "
-                         "nothing was written")
+    return SaescopeError(f"{path} is read-only for this user (writing labels or an analysis needs it and its "
+                         f"folder writable): make them writable (`chmod -R u+w {path.parent}`) or work on a copy "
+                         "of the run; nothing was written")
 
 
 def _db_error(path: Path, err: sqlite3.Error) -> SaescopeError:
