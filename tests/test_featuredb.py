@@ -468,3 +468,20 @@ def test_error_inside_a_read_is_rolled_back_not_committed(tmp_path):
                 raise ValueError("boom")
         assert recorder.statements == ["BEGIN", "ROLLBACK"]
         db.set_label(SAE, 1, "still works")
+
+
+def test_busy_database_is_one_line_and_writes_nothing(tmp_path):
+    path = tmp_path / "features.sqlite"
+    with FeatureDB.open(path) as db:
+        _add_sae(db)
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another writer holds the lock past the busy timeout
+        try:
+            with pytest.raises(SaescopeError, match=r"is busy \(database is locked\): another saescope process"):
+                db.set_label(SAE, 1, "waits")
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert db.labels(SAE, 1) == []
+        db.set_label(SAE, 1, "saved")
+        assert [lab["text"] for lab in db.labels(SAE, 1)] == ["saved"]
