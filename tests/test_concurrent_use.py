@@ -271,6 +271,8 @@ def _offline_labels(run_dir: Path) -> list[tuple]:
 
 def test_killed_label_auto_leaves_no_orphan_and_resumes_to_the_same_labels(atlas_dir, run_dir):
     psutil = pytest.importorskip("psutil")
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("label auto uses worker processes only with 2+ CPUs")
     uninterrupted = _offline_labels(atlas_dir)  # build_run labelled it offline in one go
     conn = sqlite3.connect(run_dir / "features.sqlite", isolation_level=None)
     conn.execute("DELETE FROM scores")

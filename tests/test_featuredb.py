@@ -485,3 +485,31 @@ def test_busy_database_is_one_line_and_writes_nothing(tmp_path):
         assert db.labels(SAE, 1) == []
         db.set_label(SAE, 1, "saved")
         assert [lab["text"] for lab in db.labels(SAE, 1)] == ["saved"]
+
+
+def test_python_never_opens_the_database_file(tmp_path, monkeypatch):
+    """Only SQLite may hold descriptors of the file (DESIGN.md §7): a Python open() and close
+    would drop the locks of this process's connections."""
+    import builtins
+    import io
+
+    path = tmp_path / "features.sqlite"
+    with FeatureDB.open(path) as db:
+        _add_sae(db)
+    opened = []
+
+    def recording(real):
+        def wrapper(file, *args, **kwargs):
+            if isinstance(file, str | bytes | os.PathLike) and "features.sqlite" in os.fsdecode(file):
+                opened.append((real.__name__, os.fsdecode(file)))
+            return real(file, *args, **kwargs)
+        return wrapper
+
+    for module, name in ((builtins, "open"), (io, "open"), (os, "open")):
+        monkeypatch.setattr(module, name, recording(getattr(module, name)))
+    for readonly in (False, True):
+        with FeatureDB.open(path, readonly=readonly) as db:
+            db.labels(SAE, 1)
+    with FeatureDB.open(path) as db:
+        db.set_label(SAE, 1, "x")
+    assert opened == []
