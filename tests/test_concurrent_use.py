@@ -202,8 +202,9 @@ def test_label_set_on_a_read_only_run_is_one_line(read_only_run):
 
 def test_read_only_run_without_shm_reads_fine(read_only_run):
     before = _files(read_only_run)
-    found = _cli_read_only("search", str(read_only_run), "city", "--mode", "fts")
-    assert found.returncode == 0 and "resid_post" in found.stdout, found.stderr
+    for mode in ("fts", "hybrid"):  # hybrid also embeds the labels, without writing its cache here
+        found = _cli_read_only("search", str(read_only_run), "city", "--mode", mode)
+        assert found.returncode == 0 and "resid_post" in found.stdout, found.stderr
     shown = _cli_read_only("feature", str(read_only_run), "0", "3")
     assert shown.returncode == 0 and "top contexts" in shown.stdout, shown.stderr
     assert _files(read_only_run) == before

@@ -16,6 +16,7 @@ best-matching label. `score` is that label's newest detection score (None if uns
 
 from __future__ import annotations
 
+import errno
 import functools
 import warnings
 from dataclasses import dataclass
@@ -164,9 +165,18 @@ def label_embeddings(run: Run, labels: list[dict]) -> np.ndarray:
     ids = np.array([lab["id"] for lab in labels], dtype=np.int64)
     matrix = np.stack([cached[i] for i in ids.tolist()]).astype(np.float32)
     if missing or len(cached) != len(labels):
+        _save_embeddings(path, ids, matrix)
+    return matrix
+
+
+def _save_embeddings(path: Path, ids: np.ndarray, matrix: np.ndarray) -> None:
+    """Write the cache; in a run this user cannot write (read-only) search works without it."""
+    try:
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, model=np.array(EMBEDDING_MODEL), ids=ids, vectors=matrix)
-    return matrix
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
 
 
 def encode(texts: list[str], batch_size: int = 64) -> np.ndarray:
