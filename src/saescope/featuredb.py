@@ -13,6 +13,11 @@ Invariants the code keeps:
   keeps its labels.
 - The schema changes only through named migrations (see `MIGRATIONS`), recorded
   in `_migrations`. A file written by a newer saescope is refused untouched.
+- Only SQLite opens the file (never Python's `open()`: closing such a descriptor
+  drops the process's locks, and another process may then delete the WAL under
+  a live connection). A failed transaction is rolled back, never committed; after
+  a fault of the file the connection is reopened. Errors never advise moving
+  aside or re-analysing a database, which would lose its labels.
 
 Example tokens are stored as int32 little-endian bytes and activations as
 float16 bytes (values beyond ±65504 are clipped; `max_act` keeps full precision).
