@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import pytest
 import torch
 
@@ -67,3 +69,22 @@ def tiny_model_dir(request, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_gemma_dir(tmp_path_factory):
     return make_tiny_model("gemma3", tmp_path_factory.mktemp("tiny-gemma3-only"))
+
+
+class FaultyConnection:
+    """A connection whose `fail_on` statement raises SQLite's disk I/O error once; records statements."""
+
+    def __init__(self, conn, fail_on: str):
+        self.conn, self.fail_on, self.statements = conn, fail_on, []
+
+    def execute(self, sql, *args):
+        self.statements.append(sql.split()[0].upper())
+        if self.fail_on and sql.lstrip().startswith(self.fail_on):
+            self.fail_on = ""
+            err = sqlite3.OperationalError("disk I/O error")
+            err.sqlite_errorcode = 10  # SQLITE_IOERR
+            raise err
+        return self.conn.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.conn, name)

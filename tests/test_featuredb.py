@@ -8,9 +8,11 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FaultyConnection
 
 from saescope.errors import SaescopeError
 from saescope.featuredb import MIGRATIONS, Example, FeatureDB, FeatureStats, applied_migrations, migrate
@@ -299,16 +301,45 @@ def test_not_a_database(tmp_path):
     junk.write_bytes(b"this is not sqlite at all\n" * 100)
     half = tmp_path / "half.sqlite"
     half.write_bytes(b"SQLite format 3\x00" + bytes(range(256)) * 20)
+    tiny = tmp_path / "tiny.sqlite"  # SQLite alone would take these for empty databases and write over them
+    tiny.write_bytes(b"x")
+    header = tmp_path / "header.sqlite"
+    header.write_bytes(b"SQLite format 3\x00")
     other = tmp_path / "other.sqlite"
     sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.commit()
-    for path in (junk, half, other):
+    for path in (junk, half, tiny, header, other):
         before = path.read_bytes()
         for readonly in (False, True):
-            with pytest.raises(SaescopeError, match="is not a saescope feature database"):
+            with pytest.raises(SaescopeError, match="not a saescope feature database") as err:
                 FeatureDB.open(path, readonly=readonly)
+            assert "aside" not in str(err.value) and "re-run" not in str(err.value)
         assert path.read_bytes() == before
     with pytest.raises(SaescopeError, match="is a folder"):
         FeatureDB.open(tmp_path)
+
+
+def test_damaged_database_says_how_to_recover_labels(tmp_path):
+    """A corrupt page is reported as damage with a recovery path, never 'move it aside / re-run the analysis'."""
+    path = tmp_path / "features.sqlite"
+    with FeatureDB.open(path) as db:
+        _add_sae(db)
+        for i in range(200):
+            db.set_label(SAE, i % 64, f"label number {i} " * 10)
+    conn = sqlite3.connect(path)
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    n_pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.close()
+    with open(path, "r+b") as f:  # no connection is open in this process
+        for page in range(2, n_pages):
+            f.seek(page * page_size + 7)
+            f.write(b"\xff" * 64)
+    before = path.read_bytes()
+    with pytest.raises(SaescopeError, match="is damaged") as err:
+        with FeatureDB.open(path) as db:
+            db.current_labels()
+    message = str(err.value)
+    assert ".recover" in message and "backup copy" in message and "aside" not in message
+    assert path.read_bytes() == before
 
 
 def test_concurrent_reader_never_sees_half_an_sae(tmp_path):
@@ -377,3 +408,108 @@ def test_writers_in_threads_share_one_object(db):
         t.join()
     assert errors == []
     assert len(db.top_features(SAE, limit=100)) == 64 and len(db.current_labels()) == 16
+
+
+def test_opening_again_in_a_process_keeps_its_locks(tmp_path):
+    """A second open of the file in a process holding a connection must not drop that
+    connection's locks: otherwise another process's close deletes the WAL under it
+    (SQLite's "How To Corrupt" 2.2), and the next write is lost or fails."""
+    path = tmp_path / "features.sqlite"
+    with FeatureDB.open(path) as db:
+        _add_sae(db)
+        db.set_label(SAE, 1, "first")
+        FeatureDB.open(path).close()  # e.g. the web app's label route opening the run's database
+        FeatureDB.open(path, readonly=True).close()
+        other = _run_writer("""
+            import sys
+            from saescope.featuredb import FeatureDB
+            with FeatureDB.open(sys.argv[1]) as db:
+                db.set_label("resid_post/layer_3_width_64_l0_8", 2, "from another process")
+        """, path)
+        assert other.wait(timeout=120) == 0, other.stderr.read()
+        assert Path(f"{path}-wal").exists() and Path(f"{path}-shm").exists()
+        db.set_label(SAE, 3, "after")
+        assert [lab["text"] for i in (1, 2, 3) for lab in db.labels(SAE, i)] == ["first", "from another process",
+                                                                                  "after"]
+    with FeatureDB.open(path, readonly=True) as db:
+        assert db._conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert len(db.current_labels()) == 3
+
+
+@pytest.mark.parametrize("fail_on", ["INSERT INTO labels", "COMMIT", "SELECT * FROM labels"])
+def test_fault_in_a_transaction_rolls_back_and_reconnects(tmp_path, fail_on):
+    path = tmp_path / "features.sqlite"
+    with FeatureDB.open(path) as db:
+        _add_sae(db)
+        db.set_label(SAE, 1, "kept")
+        real = db._conn
+        db._conn = faulty = FaultyConnection(real, fail_on)
+        with pytest.raises(SaescopeError, match=r"could not be read or written \(disk I/O error\).*try again"):
+            if fail_on.startswith("SELECT"):
+                db.labels(SAE, 1)
+            else:
+                db.set_label(SAE, 2, "lost")
+        failed_at = faulty.statements.index(fail_on.split()[0])
+        assert "ROLLBACK" in faulty.statements[failed_at:]
+        assert "COMMIT" not in faulty.statements[failed_at + 1:]  # never COMMIT after an error
+        assert not real.in_transaction
+        db.set_label(SAE, 2, "saved")
+        assert db._conn is not faulty  # reopened before the next transaction
+        assert {lab["text"] for lab in db.current_labels()} == {"kept", "saved"}
+
+
+def test_error_inside_a_read_is_rolled_back_not_committed(tmp_path):
+    path = tmp_path / "features.sqlite"
+    with FeatureDB.open(path) as db:
+        _add_sae(db)
+        db._conn = recorder = FaultyConnection(db._conn, fail_on="")
+        with pytest.raises(ValueError):
+            with db._read():
+                raise ValueError("boom")
+        assert recorder.statements == ["BEGIN", "ROLLBACK"]
+        db.set_label(SAE, 1, "still works")
+
+
+def test_busy_database_is_one_line_and_writes_nothing(tmp_path):
+    path = tmp_path / "features.sqlite"
+    with FeatureDB.open(path) as db:
+        _add_sae(db)
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another writer holds the lock past the busy timeout
+        try:
+            with pytest.raises(SaescopeError, match=r"is busy \(database is locked\): another saescope process"):
+                db.set_label(SAE, 1, "waits")
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert db.labels(SAE, 1) == []
+        db.set_label(SAE, 1, "saved")
+        assert [lab["text"] for lab in db.labels(SAE, 1)] == ["saved"]
+
+
+def test_python_never_opens_the_database_file(tmp_path, monkeypatch):
+    """Only SQLite may hold descriptors of the file (DESIGN.md §7): a Python open() and close
+    would drop the locks of this process's connections."""
+    import builtins
+    import io
+
+    path = tmp_path / "features.sqlite"
+    with FeatureDB.open(path) as db:
+        _add_sae(db)
+    opened = []
+
+    def recording(real):
+        def wrapper(file, *args, **kwargs):
+            if isinstance(file, str | bytes | os.PathLike) and "features.sqlite" in os.fsdecode(file):
+                opened.append((real.__name__, os.fsdecode(file)))
+            return real(file, *args, **kwargs)
+        return wrapper
+
+    for module, name in ((builtins, "open"), (io, "open"), (os, "open")):
+        monkeypatch.setattr(module, name, recording(getattr(module, name)))
+    for readonly in (False, True):
+        with FeatureDB.open(path, readonly=readonly) as db:
+            db.labels(SAE, 1)
+    with FeatureDB.open(path) as db:
+        db.set_label(SAE, 1, "x")
+    assert opened == []

@@ -173,6 +173,19 @@ def test_malformed_json_and_content_type(client):
     assert r.status_code == 415 and "json" in detail(r).lower()
 
 
+@pytest.mark.parametrize("method", ["DELETE", "PUT", "PATCH"])
+@pytest.mark.parametrize("ctype", [None, "application/json"])
+def test_other_methods_on_post_routes_are_405(client, sae_ids, method, ctype):
+    path = f"/api/feature/{sae_ids[0]}/3/label"
+    before = client.get(path.rsplit("/", 1)[0]).json()["label_history"]
+    headers = {"Content-Type": ctype} if ctype else {}
+    for route in (path, "/api/inspect", "/api/steer"):
+        r = client.request(method, route, content=b'{"text": "x"}' if ctype else None, headers=headers)
+        assert r.status_code == 405 and r.headers.get("allow"), (route, r.status_code, r.text)
+        assert detail(r) == "Method Not Allowed"
+    assert client.get(path.rsplit("/", 1)[0]).json()["label_history"] == before
+
+
 def test_prompt_longer_than_model_context(app, client):
     cfg = app.state.atlas.scope.model.model.config
     old = cfg.max_position_embeddings
@@ -250,6 +263,32 @@ def test_label_edit_history_and_search(client, fired):
     assert (hits[0]["sae_id"], hits[0]["idx"], hits[0]["layer"]) == (sae_id, idx, 1)
     assert hits[0]["label"] == "royal unicorn words"
     assert client.get("/api/search", params={"q": "zebracorn", "mode": "fts"}).json()["hits"] == []
+
+
+def test_database_fault_is_one_clear_4xx_and_the_next_request_works(app, client, fired):
+    """A failed transaction is rolled back, answered 400 with what to do, and the connection reopened."""
+    from conftest import FaultyConnection
+
+    sae_id, idx = fired
+    db = app.state.atlas.scope.db
+    db._conn = FaultyConnection(db._conn, "SELECT * FROM features")
+    r = client.get(f"/api/feature/{sae_id}/{idx}")
+    assert r.status_code == 400 and "could not be read or written (disk I/O error)" in detail(r)
+    assert "try again" in detail(r) and "aside" not in detail(r)
+    r = client.get(f"/api/feature/{sae_id}/{idx}")
+    assert r.status_code == 200 and r.json()["analysed"]
+    assert not isinstance(db._conn, FaultyConnection)
+
+
+def test_label_save_on_a_read_only_run_is_400_and_writes_nothing(client, fired, monkeypatch):
+    import saescope.featuredb as featuredb
+
+    sae_id, idx = fired
+    before = client.get(f"/api/feature/{sae_id}/{idx}").json()["label_history"]
+    monkeypatch.setattr(featuredb, "can_write", lambda path: False)
+    r = post(client, f"/api/feature/{sae_id}/{idx}/label", {"text": "not saved"})
+    assert r.status_code == 400 and "read-only" in detail(r) and "nothing was written" in detail(r)
+    assert client.get(f"/api/feature/{sae_id}/{idx}").json()["label_history"] == before
 
 
 def test_label_with_markup_is_stored_as_text(client, fired):

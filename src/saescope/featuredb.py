@@ -16,6 +16,11 @@ Invariants the code keeps:
   each read back with `stale` = written for older weights than the SAE's now.
 - The schema changes only through named migrations (see `MIGRATIONS`), recorded
   in `_migrations`. A file written by a newer saescope is refused untouched.
+- Only SQLite opens the file (never Python's `open()`: closing such a descriptor
+  drops the process's locks, and another process may then delete the WAL under
+  a live connection). A failed transaction is rolled back, never committed; after
+  a fault of the file the connection is reopened. Errors never advise moving
+  aside or re-analysing a database, which would lose its labels.
 
 Example tokens are stored as int32 little-endian bytes and activations as
 float16 bytes (values beyond ±65504 are clipped; `max_act` keeps full precision).
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -46,7 +52,12 @@ ORDERS = {"frequency": "frequency DESC", "max_act": "max_act DESC", "mean_act": 
 MAX_LABEL_CHARS = 500
 BUSY_TIMEOUT_MS = 5000
 _FP16_MAX = float(np.finfo(np.float16).max)
-_SQLITE_HEADER = b"SQLite format 3\x00"
+# SQLite primary result codes (https://sqlite.org/rescode.html)
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CORRUPT = 5, 6, 8, 10, 11
+_SQLITE_FULL, _SQLITE_CANTOPEN, _SQLITE_NOTADB = 13, 14, 26
+_REOPEN = {_SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CORRUPT, _SQLITE_CANTOPEN, _SQLITE_NOTADB}  # file faults
+_FAULTS = _REOPEN | {_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_FULL}  # shown as one line
+_MIN_DB_BYTES = 512  # the smallest page size: any SQLite database file is at least this long
 
 
 @dataclass(frozen=True)
@@ -252,6 +263,7 @@ class FeatureDB:
         self.path = path
         self.readonly = readonly
         self._lock = threading.RLock()
+        self._broken = False  # a fault left the connection unusable: reopen before the next transaction
 
     # ---------------------------------------------------------------- open / close
 
@@ -260,7 +272,8 @@ class FeatureDB:
         """Open `path`; when writable, create it if missing and apply pending migrations.
 
         The file is checked read-only first, so a corrupt file or one written by a
-        newer saescope is refused without being modified.
+        newer saescope is refused without being modified. The file is only ever
+        touched through SQLite (see `_check_existing`).
         """
         path = Path(path)
         if path.is_dir():
@@ -268,6 +281,8 @@ class FeatureDB:
         exists = path.exists() and path.stat().st_size > 0
         if readonly and not exists:
             raise SaescopeError(f"no feature database at {path}: run the analysis first")
+        if not readonly and not can_write(path):
+            raise _read_only(path)
         if exists:
             applied = _check_existing(path)
             if readonly:
@@ -275,31 +290,10 @@ class FeatureDB:
                 if pending:
                     raise SaescopeError(
                         f"{path.name} needs upgrading (pending migrations: {', '.join(pending)}): "
-                        "open it once writable, e.g. by re-running the analysis")
+                        "open it once writable, e.g. with `saescope label set` or by analysing a new SAE")
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
-        target = f"{path.absolute().as_uri()}?mode={'ro' if readonly else 'rwc'}"
-        conn = None
-        try:
-            conn = sqlite3.connect(target, uri=True, isolation_level=None, check_same_thread=False,
-                                   timeout=BUSY_TIMEOUT_MS / 1000)
-            conn.row_factory = sqlite3.Row
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            conn.execute("PRAGMA foreign_keys = ON")
-            if readonly:
-                conn.execute("PRAGMA query_only = ON")
-            else:
-                conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute("PRAGMA synchronous = NORMAL")
-                _refuse_unknown(path, applied_migrations(conn))  # another process may have upgraded it
-                migrate(conn)
-        except BaseException as err:
-            if conn is not None:
-                conn.close()
-            if isinstance(err, sqlite3.DatabaseError):
-                raise _not_a_db(path, err) from err
-            raise
-        return cls(conn, path, readonly)
+        return cls(_open_connection(path, readonly), path, readonly)
 
     def close(self) -> None:
         with self._lock:
@@ -320,27 +314,51 @@ class FeatureDB:
         busy writer waits (busy_timeout) instead of failing half-way."""
         if self.readonly:
             raise SaescopeError(f"{self.path.name} was opened read-only: open it without readonly=True to write")
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+        with self._transaction("BEGIN IMMEDIATE") as conn:
+            yield conn
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
         """One read transaction: several queries see the same snapshot."""
         with self._lock:
-            if self._conn.in_transaction:
+            if not self._broken and self._conn.in_transaction:  # nested inside another read: same snapshot
                 yield self._conn
                 return
-            self._conn.execute("BEGIN")
+            with self._transaction("BEGIN") as conn:
+                yield conn
+
+    @contextlib.contextmanager
+    def _transaction(self, begin: str) -> Iterator[sqlite3.Connection]:
+        """BEGIN … COMMIT. On any error: ROLLBACK (never COMMIT), and when SQLite reports a fault
+        of the file (I/O error, corruption, a moved file), reopen the connection before the next
+        transaction; such faults reach the caller as one SaescopeError line."""
+        with self._lock:
             try:
+                if self._broken:
+                    self._reopen()
+                self._conn.execute(begin)
                 yield self._conn
-            finally:
                 self._conn.execute("COMMIT")
+            except BaseException as err:
+                self._roll_back(err)
+                if isinstance(err, sqlite3.DatabaseError) and _code(err) in _FAULTS:
+                    raise _db_error(self.path, err) from err
+                raise
+
+    def _roll_back(self, err: BaseException) -> None:
+        try:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            self._broken = True
+        if isinstance(err, sqlite3.DatabaseError) and _code(err) in _REOPEN:
+            self._broken = True
+
+    def _reopen(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._conn.close()
+        self._conn = _open_connection(self.path, self.readonly)
+        self._broken = False
 
     # ---------------------------------------------------------------- writing (analysis)
 
@@ -619,27 +637,92 @@ class FeatureDB:
 
 
 def _check_existing(path: Path) -> list[str]:
-    """Open an existing file read-only: refuse a non-database or a newer schema; return applied names."""
-    with open(path, "rb") as f:
-        header = f.read(len(_SQLITE_HEADER))
-    if header != _SQLITE_HEADER:
-        raise _not_a_db(path, "not a SQLite file")
+    """Open an existing file read-only: refuse a non-database or a newer schema; return applied names.
+
+    Only SQLite touches the file. Never `open()` a database file in a process that may hold a
+    connection to it: closing any descriptor of the file drops every POSIX lock the process
+    holds on it (SQLite's "How To Corrupt", 2.2), and another process may then delete the
+    WAL under a live connection.
+    """
+    if path.stat().st_size < _MIN_DB_BYTES:  # SQLite would take it for an empty database and write over it
+        raise SaescopeError(f"{path} is not a saescope feature database ({path.stat().st_size} bytes, smaller "
+                            "than any SQLite database): give the path of a run's features.sqlite")
     try:
-        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True,
-                               timeout=BUSY_TIMEOUT_MS / 1000)
-    except sqlite3.Error as err:
-        raise _not_a_db(path, err) from err
-    try:
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        applied = applied_migrations(conn)
-        if not applied and conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
-            raise _not_a_db(path, "it has tables but no _migrations record")
+        conn = _connect(path, readonly=True)
+        try:
+            applied = applied_migrations(conn)
+            if not applied and conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+                raise SaescopeError(f"{path} is a SQLite database but not a saescope feature database (it has "
+                                    "tables but no _migrations record): give the path of a run's features.sqlite")
+        finally:
+            conn.close()
     except sqlite3.DatabaseError as err:
-        raise _not_a_db(path, err) from err
-    finally:
-        conn.close()
+        raise _db_error(path, err) from err
     _refuse_unknown(path, applied)
     return applied
+
+
+def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
+    """A bare connection (mode=ro or rwc). A read-only WAL database whose -shm index is absent and
+    cannot be created (the folder is not writable) is opened immutable when it has no -wal file:
+    the database file then holds every committed write."""
+    conn = _connect_uri(path, "ro" if readonly else "rwc")
+    if not readonly:
+        return conn
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.OperationalError as err:
+        conn.close()
+        shm, wal = Path(f"{path}-shm"), Path(f"{path}-wal")
+        if _code(err) not in (_SQLITE_CANTOPEN, _SQLITE_READONLY) or shm.exists() or os.access(path.parent, os.W_OK):
+            raise
+        if wal.exists():
+            raise SaescopeError(f"cannot read {path}: its {wal.name} holds writes but {shm.name} is missing and "
+                                f"this user cannot create it in {path.parent}: make that folder writable, "
+                                "or ask its owner to open the run once") from err
+    return _connect_uri(path, "ro", immutable=True)
+
+
+def _connect_uri(path: Path, mode: str, immutable: bool = False) -> sqlite3.Connection:
+    uri = f"{path.absolute().as_uri()}?mode={mode}" + ("&immutable=1" if immutable else "")
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False,
+                           timeout=BUSY_TIMEOUT_MS / 1000)
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    return conn
+
+
+def _open_connection(path: Path, readonly: bool) -> sqlite3.Connection:
+    """The connection a FeatureDB uses: WAL mode and migrations applied when writable."""
+    conn = None
+    try:
+        conn = _connect(path, readonly)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA foreign_keys = ON")
+        if readonly:
+            conn.execute("PRAGMA query_only = ON")
+        else:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            _refuse_unknown(path, applied_migrations(conn))  # another process may have upgraded it
+            migrate(conn)
+        return conn
+    except BaseException as err:
+        if conn is not None:
+            conn.close()
+        if isinstance(err, sqlite3.DatabaseError):
+            raise _db_error(path, err) from err
+        raise
+
+
+def can_write(path: str | Path) -> bool:
+    """Whether this user may write `path` (or create it) and its folder: SQLite's WAL mode needs
+    to create -wal and -shm files beside the database."""
+    path = Path(path)
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return os.access(folder, os.W_OK) and (not path.exists() or os.access(path, os.W_OK))
 
 
 def _refuse_unknown(path: Path, applied: Sequence[str]) -> None:
@@ -650,9 +733,38 @@ def _refuse_unknown(path: Path, applied: Sequence[str]) -> None:
                             f"{', '.join(unknown)}): upgrade saescope")
 
 
-def _not_a_db(path: Path, reason: object) -> SaescopeError:
-    return SaescopeError(f"{path} is not a saescope feature database ({reason}): "
-                         "move it aside and re-run the analysis")
+def _code(err: sqlite3.Error) -> int | None:
+    """SQLite's primary result code of an error (None when Python raised it itself)."""
+    code = getattr(err, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF
+
+
+def _read_only(path: Path) -> SaescopeError:
+    return SaescopeError(f"{path} is read-only for this user (writing labels or an analysis needs it and its "
+                         f"folder writable): make them writable (`chmod -R u+w {path.parent}`) or work on a copy "
+                         "of the run; nothing was written")
+
+
+def _db_error(path: Path, err: sqlite3.Error) -> SaescopeError:
+    """One line for a database error: what happened and how to recover, never advice that loses labels."""
+    code = _code(err)
+    if code == _SQLITE_READONLY:
+        return _read_only(path)
+    if code in (_SQLITE_BUSY, _SQLITE_LOCKED):
+        return SaescopeError(f"{path.name} is busy ({err}): another saescope process is writing it; "
+                             "try again in a moment (nothing was written)")
+    if code == _SQLITE_NOTADB:
+        return SaescopeError(f"{path} is not a saescope feature database ({err}): give the path of a run's "
+                             "features.sqlite; if this is one, keep a copy of the file and restore it from a backup")
+    if code == _SQLITE_CORRUPT:
+        return SaescopeError(f"{path} is damaged ({err}): stop the saescope processes using it, make a backup copy "
+                             "of it and any -wal file beside it, then recover its labels with "
+                             f"`sqlite3 {path} .recover`; do not re-run the analysis over it")
+    if code == _SQLITE_FULL:
+        return SaescopeError(f"no space left on the device of {path}: free some disk and try again "
+                             "(the last change was not saved)")
+    return SaescopeError(f"{path} could not be read or written ({err}): check that it and its folder are "
+                         "readable and writable, then try again (the last change was not saved)")
 
 
 def _check_row_sae(sae_id: str, row: FeatureStats | Example) -> None:

@@ -254,6 +254,13 @@ class Run:
 
         return FeatureDB.open(self.db_path, readonly=readonly)
 
+    def reader_db(self):
+        """features.sqlite for a reader: writable (pending migrations applied) when this user may
+        write the run, read-only otherwise, so a read-only run can still be browsed and searched."""
+        from .featuredb import can_write
+
+        return self.db(readonly=not can_write(self.db_path))
+
 
 def _sae_sort_key(sae_id: str):
     site, _, name = sae_id.partition("/")

@@ -69,7 +69,7 @@ class Scope:
     def db(self) -> FeatureDB:
         """features.sqlite of the run (created empty if the run has none yet)."""
         if self._db is None:
-            self._db = self.run.db()
+            self._db = self.run.reader_db()
         return self._db
 
     def _db_if_any(self) -> FeatureDB | None:

@@ -16,6 +16,7 @@ best-matching label. `score` is that label's newest detection score (None if uns
 
 from __future__ import annotations
 
+import errno
 import functools
 import warnings
 from dataclasses import dataclass
@@ -63,7 +64,7 @@ def search(run: Run | str | Path, query: str, limit: int = 20, mode: Mode = "hyb
     run = run if isinstance(run, Run) else Run.open(run)
     if not run.db_path.exists():
         raise SaescopeError(f"run {run.root} has no feature database yet: run the analysis and label features first")
-    with run.db() as db:
+    with run.reader_db() as db:
         pool = max(3 * int(limit), 50)  # candidates per list, before fusing and de-duplicating
         if mode == "fts":
             ranked = _fts(db, query, pool)
@@ -138,7 +139,7 @@ def index_labels(run: Run | str | Path) -> int:
     """Embed every current label not yet in the cache (e.g. right after labelling, so the
     first semantic search is fast); return how many labels the cache holds."""
     run = run if isinstance(run, Run) else Run.open(run)
-    with run.db() as db:
+    with run.reader_db() as db:
         labels = db.current_labels()
     return len(label_embeddings(run, labels)) if labels else 0
 
@@ -165,9 +166,18 @@ def label_embeddings(run: Run, labels: list[dict]) -> np.ndarray:
     ids = np.array([lab["id"] for lab in labels], dtype=np.int64)
     matrix = np.stack([cached[i] for i in ids.tolist()]).astype(np.float32)
     if missing or len(cached) != len(labels):
+        _save_embeddings(path, ids, matrix)
+    return matrix
+
+
+def _save_embeddings(path: Path, ids: np.ndarray, matrix: np.ndarray) -> None:
+    """Write the cache; in a run this user cannot write (read-only) search works without it."""
+    try:
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, model=np.array(EMBEDDING_MODEL), ids=ids, vectors=matrix)
-    return matrix
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
 
 
 def similarity(query: str, text: str) -> float | None:

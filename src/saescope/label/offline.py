@@ -338,15 +338,15 @@ def label_offline(run: Run | str | Path, sae_ids=None, progress: bool = True,
 def _label_in_processes(run: Run, ids: list[str], workers: int, progress: bool, limit: int | None) -> LabelReport:
     """Label SAEs in parallel processes (the labeller is pure Python); SQLite's WAL serialises the writes.
 
-    Processes are spawned, not forked: the parent may hold a model with live torch thread pools.
+    The workers die with this process (`process_pool`): a killed `label auto` leaves no worker
+    writing labels, and re-running it finishes the same labels.
     """
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+    from ..workers import process_pool
 
     shards = [ids[i::workers] for i in range(workers)]
     total = LabelReport(source="offline", model=MODEL_NAME)
     t0 = time.time()
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+    with process_pool(workers) as pool:
         futures = [pool.submit(label_offline, str(run.root), shard, progress and i == 0, limit, 1)
                    for i, shard in enumerate(shards) if shard]
         for fut in futures:

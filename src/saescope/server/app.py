@@ -254,7 +254,7 @@ def _refuse(request: Request, token: str | None, hosts: set[str]) -> Response | 
         if origin == "null":
             return SafeJSON({"detail": "cross-origin requests are refused"}, status_code=403)
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype != "application/json":
+        if request.method == "POST" and ctype != "application/json":  # other methods: 405 from the router
             return SafeJSON({"detail": "send the request body as JSON (Content-Type: application/json)"},
                             status_code=415)
     return None
