@@ -114,8 +114,9 @@ def l0_problem(l0, width=None, name: str = "l0") -> str | None:
     """Why `l0` is not a usable target L0 (a finite number above 0, below the width), or None."""
     if not _is_real(l0) or not math.isfinite(l0):
         return f"target L0 ({name}) must be a finite number, got {_shown(l0)}"
-    if l0 <= 0 or (_is_int(width) and l0 >= width):
-        bound = f" and below the width ({width})" if _is_int(width) else ""
+    usable_width = _is_int(width) and width >= 1  # a bad width is its own problem, reported once
+    if l0 <= 0 or (usable_width and l0 >= width):
+        bound = f" and below the width ({width})" if usable_width else ""
         return f"target L0 ({name}) must be above 0{bound}, got {_shown(l0)}"
     return None
 
