@@ -436,7 +436,7 @@ def test_opening_again_in_a_process_keeps_its_locks(tmp_path):
         assert len(db.current_labels()) == 3
 
 
-@pytest.mark.parametrize("fail_on", ["INSERT INTO labels", "COMMIT", "SELECT * FROM labels"])
+@pytest.mark.parametrize("fail_on", ["INSERT INTO labels", "COMMIT", "SELECT labels.*"])
 def test_fault_in_a_transaction_rolls_back_and_reconnects(tmp_path, fail_on):
     path = tmp_path / "features.sqlite"
     with FeatureDB.open(path) as db:
