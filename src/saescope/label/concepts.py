@@ -332,6 +332,19 @@ def fit_threshold(space: Space, ev: Evidence, vector: np.ndarray) -> tuple[float
     return best_threshold(pos, neg)
 
 
+def input_auc(space: Space, ev: Evidence, vector: np.ndarray) -> float:
+    """AUC of the similarity to `vector`: labelling windows against background windows (0.5 = chance)."""
+    pos = space.window_vectors([c for c in ev.labelling if c.fires]) @ vector
+    neg = background_vectors(space, ev) @ vector
+    return _auc(pos, neg)
+
+
+def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    if not len(pos) or not len(neg):
+        return 0.5
+    return float((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean())
+
+
 def background_vectors(space: Space, ev: Evidence) -> np.ndarray:
     """Background window vectors, minus any window that is one of this feature's held-out ones."""
     held = {ctx.ids for ctx in ev.held_out}
@@ -380,6 +393,17 @@ def explain_feature(space: Space, ev: Evidence, rule: Rule, concept: Concept | N
         head = concept.name + (f" ({', '.join(concept.examples)})" if concept.examples else "")
         return Explanation(f"{head} · {detail}", True, rule, concept, predictor, concept.vector)
     return Explanation(rule.label, rule.certain, rule, None, "rule", rule_vector(space, rule))
+
+
+def text_explanation(space: Space, ev: Evidence, text: str) -> Explanation:
+    """Any label text (e.g. an LLM's) as an Explanation predicting by its meaning: the text is
+    embedded, and the threshold fitted on the labelling side as for a concept."""
+    from ..search import encode
+
+    vector = space.text_vector(encode([text])[0])
+    threshold, fit = fit_threshold(space, ev, vector)
+    concept = Concept(text, (), 0.0, vector, threshold, fit)
+    return Explanation(text, True, Rule("tokens", (), text), concept, "concept", vector)
 
 
 def _top_words(rule: Rule) -> list[str]:
@@ -431,5 +455,4 @@ def output_auc(space: Space, ev: Evidence, vector: np.ndarray | None) -> tuple[f
         return None
     p = _unit(space.words[rows] - space.mu_vocab) @ vector
     r = _unit(space.words[rand] - space.mu_vocab) @ vector
-    auc = (p[:, None] > r[None, :]).mean() + 0.5 * (p[:, None] == r[None, :]).mean()
-    return float(auc), len(rows)
+    return _auc(p, r), len(rows)
