@@ -466,13 +466,12 @@ class FeatureDB:
         with self._read() as conn:
             return [np.frombuffer(blob, dtype="<i4") for (blob,) in conn.execute(sql, args)]
 
-    def promoted_tokens(self) -> list[str]:
-        """The token strings of every feature's logit effects (promoted and suppressed), with repeats."""
-        out: list[str] = []
+    def promoted_tokens(self) -> set[str]:
+        """The token strings that any feature promotes (its positive logit effects)."""
+        out: set[str] = set()
         with self._read() as conn:
-            for pos, neg in conn.execute("SELECT logits_pos_json, logits_neg_json FROM features"):
-                for blob in (pos, neg):
-                    out.extend(str(p[0]) for p in (json.loads(blob) if blob else []))
+            for (blob,) in conn.execute("SELECT logits_pos_json FROM features WHERE logits_pos_json IS NOT NULL"):
+                out.update(str(p[0]) for p in json.loads(blob))
         return out
 
     def top_features(self, sae_id: str, order_by: str = "frequency", limit: int = 50) -> list[dict]:
