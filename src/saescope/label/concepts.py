@@ -40,7 +40,7 @@ Two scores per label, both in [0, 1] with 0.5 = chance (scoring.py stores them):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -59,7 +59,11 @@ class ConceptConfig:
     min_fit: float = 0.75  # balanced accuracy a concept must reach on labelling vs background windows
     min_promoted: int = 2  # promoted words needed for an output vector
     n_promoted: int = 10
-    n_background: int = 64  # background windows for fitting thresholds
+    n_background: int = 512  # background windows for fitting thresholds and context words
+    max_context_words: int = 5  # words of a "context: ..." rule
+    min_context_support: float = 0.2  # a context word must occur in this share of the firing windows
+    simpler_margin: float = 0.05  # a predictor with more parts must fit this much better
+    min_label_fit: float = 0.65  # below this on the labelling side (every predictor), the feature is unclear
     n_vocab: int = 256  # random vocabulary words for the output score
     n_examples: int = 3  # evidence words shown after the concept
     seed: int = 0
@@ -86,8 +90,15 @@ class Space:
     background: list[tuple[tuple[int, ...], tuple[str, ...]]]  # (ids, display tokens) per window
     bg_vectors: np.ndarray  # (n_background, d) unit window vectors
     vocab_rows: np.ndarray  # rows of random vocabulary words
+    id2stem: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # stem index per token id, or -1
+    stems: tuple[str, ...] = ()  # stem of each index ("militar")
+    bg_stems: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), bool))  # (n_background, n_stems)
     base_in: tuple[np.ndarray, np.ndarray] = (np.zeros(1), np.ones(1))  # per concept: mean, std over windows
     base_out: tuple[np.ndarray, np.ndarray] = (np.zeros(1), np.ones(1))  # per concept: over vocabulary words
+
+    def window_stems(self, ctx: Context) -> np.ndarray:
+        st = self.id2stem[np.clip(np.asarray(ctx.ids, np.int64), 0, len(self.id2stem) - 1)]
+        return np.unique(st[st >= 0])
 
     def row(self, token_id: int) -> int:
         return int(self.id2row[token_id]) if 0 <= token_id < len(self.id2row) else -1
@@ -186,14 +197,28 @@ def build_space(db: FeatureDB, config: ConceptConfig | None = None, concepts=Non
     index_names = sorted(words.index, key=words.index.__getitem__)
     names = [index_names[i] for i in used]
     idf = _idf(id2row, random_windows, len(used))
+    id2stem, stems = _stem_table(ids, db.vocab(ids), vocab_size)
     vocab = concept_vocab(concepts)
     space = Space(config=config, id2row=id2row, words=words.matrix[used], names=names, idf=idf,
                   mu=np.zeros(words.matrix.shape[1], np.float32), mu_vocab=np.zeros(words.matrix.shape[1], np.float32),
                   concepts=vocab, centred=np.zeros((0,)), background=[], bg_vectors=np.zeros((0,)),
-                  vocab_rows=np.zeros(0, np.int64))
+                  vocab_rows=np.zeros(0, np.int64), id2stem=id2stem, stems=stems)
     space.centred = _unit(vocab.vectors - vocab.vectors.mean(0))
     _set_background(space, db, random_windows, rng)
     return space
+
+
+def _stem_table(ids: np.ndarray, strings: list, vocab_size: int) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Token id → index of its crude stem (offline.stem of the lowercase word), for alphabetic tokens."""
+    from .offline import normalise, stem
+
+    id2stem = np.full(vocab_size, -1, np.int64)
+    index: dict[str, int] = {}
+    for i, tok in zip(ids.tolist(), strings):
+        key = normalise(tok) if tok is not None else ""
+        if len(key) >= 2 and key.isalpha():
+            id2stem[i] = index.setdefault(stem(key), len(index))
+    return id2stem, tuple(sorted(index, key=index.__getitem__))
 
 
 def _idf(id2row: np.ndarray, random_windows: list[np.ndarray], n_rows: int) -> np.ndarray:
@@ -221,6 +246,10 @@ def _set_background(space: Space, db: FeatureDB, random_windows: list[np.ndarray
     strings = dict(zip(sorted({i for w in bg for i in w}), table))
     space.background = [(w, tuple(display_token(strings.get(i), i) for i in w)) for w in bg]
     space.bg_vectors = space.window_vectors([_plain_context(w) for w in bg])
+    space.bg_stems = np.zeros((len(bg), len(space.stems)), bool)
+    for j, w in enumerate(bg):
+        st = space.id2stem[np.asarray(w, np.int64)]
+        space.bg_stems[j, st[st >= 0]] = True
     in_text = np.unique(space.id2row[space.id2row >= 0])
     space.vocab_rows = rng.permutation(in_text)[: space.config.n_vocab] if len(in_text) else in_text
     space.mu_vocab = space.words[space.vocab_rows].mean(0) if len(space.vocab_rows) else space.mu_vocab
@@ -371,28 +400,133 @@ def best_threshold(pos: np.ndarray, neg: np.ndarray) -> tuple[float, float]:
 
 
 @dataclass(frozen=True)
+class ContextWords:
+    """A rule "fires in windows that hold one of these words", fitted on the labelling side."""
+
+    stems: frozenset[int]
+    words: tuple[str, ...]  # a surface form of each stem, for the label
+
+
+@dataclass(frozen=True)
 class Explanation:
     """What the offline explainer says about one feature."""
 
     text: str
     certain: bool  # False for "unclear (...)"
     rule: Rule
-    concept: Concept | None  # the concept the label names, None if the token rule alone names it
-    predictor: str  # how the label predicts firing: concept | rule | either
+    concept: Concept | None  # the concept the label names, None if it names none
+    predictor: str  # how the label predicts firing: parts joined by "|" (concept, rule, context)
     vector: np.ndarray | None  # the label's words as one vector (output score), None without words
+    context: ContextWords | None = None
+    fit: float = 0.5  # the predictor's balanced accuracy on labelling vs background windows
+
+
+PREDICTORS = ("concept", "rule", "context", "rule|context", "concept|rule", "concept|context")
 
 
 def explain_feature(space: Space, ev: Evidence, rule: Rule, concept: Concept | None) -> Explanation:
-    """Choose the label: the concept when it separates the labelling windows from background
-    windows well enough, else the token rule, else unclear."""
-    fits = {"rule": rule_fit(space, ev, rule)}
-    if concept is not None and concept.fit >= space.config.min_fit:
-        fits["concept"], fits["either"] = concept.fit, rule_fit(space, ev, rule, concept)
-        predictor = max(("concept", "either", "rule"), key=lambda k: (fits[k], k == "concept"))
-        detail = rule.label if rule.certain else "on " + ", ".join(_top_words(rule))
-        head = concept.name + (f" ({', '.join(concept.examples)})" if concept.examples else "")
-        return Explanation(f"{head} · {detail}", True, rule, concept, predictor, concept.vector)
-    return Explanation(rule.label, rule.certain, rule, None, "rule", rule_vector(space, rule))
+    """Choose the label and how it predicts firing, from the labelling side only: the concept
+    heads the label when it separates labelling from background windows (`min_fit`); the
+    predictor is whichever of concept, token rule and context words (or two of them) fits
+    best; below `min_label_fit` the feature is unclear."""
+    cfg = space.config
+    held = {ctx.ids for ctx in ev.held_out}
+    keep = np.array([ids not in held for ids, _ in space.background], bool)
+    firing = [c for c in ev.labelling if c.fires]
+    context = context_words(space, firing, keep)
+    hits = {"rule": _rule_hits(space, firing, keep, rule), "context": _context_hits(space, firing, keep, context)}
+    named = concept is not None and concept.fit >= cfg.min_fit
+    if concept is not None:
+        hits["concept"] = _concept_hits(space, firing, keep, concept)
+    fits = {p: _fit(hits, p) for p in PREDICTORS if all(k in hits for k in p.split("|"))}
+    if not named:
+        fits = {p: f for p, f in fits.items() if "concept" not in p}
+    if rule.certain:  # context words only stand in for a missing token rule: they overfit more
+        fits = {p: f for p, f in fits.items() if "context" not in p}
+    predictor = max(fits, key=lambda p: fits[p] - cfg.simpler_margin * (p.count("|") + (p != "rule")))
+    if fits[predictor] < cfg.min_label_fit and not rule.certain:
+        return Explanation(rule.label, False, rule, None, "rule", None, fit=fits["rule"])
+    parts = [concept.name + (f" ({', '.join(concept.examples)})" if concept.examples else "")] if named else []
+    if "rule" in predictor or (rule.certain and "context" not in predictor):
+        parts.append(rule.label)
+    if "context" in predictor:
+        parts.append("context: " + ", ".join(context.words))
+    if len(parts) == 1 and named:
+        parts.append("on " + ", ".join(_top_words(rule)))
+    vector = concept.vector if named else rule_vector(space, rule)
+    return Explanation(" · ".join(parts), True, rule, concept if named else None, predictor, vector, context,
+                       fits[predictor])
+
+
+def _fit(hits: dict, predictor: str) -> float:
+    pos = np.logical_or.reduce([hits[k][0] for k in predictor.split("|")])
+    neg = np.logical_or.reduce([hits[k][1] for k in predictor.split("|")])
+    return float(0.5 * (pos.mean() + 1 - neg.mean())) if len(pos) and len(neg) else 0.5
+
+
+def _rule_hits(space: Space, firing: list[Context], keep: np.ndarray, rule: Rule):
+    values, attrs = rule.values_set, space.background_attributes(rule.kind)
+    pos = np.array([rule.fires_in(c.tokens) for c in firing], bool)
+    neg = np.array([not values.isdisjoint(a) for a in attrs], bool)[keep]
+    return pos, neg
+
+
+def _context_hits(space: Space, firing: list[Context], keep: np.ndarray, context: ContextWords | None):
+    if context is None:
+        return np.zeros(len(firing), bool), np.zeros(int(keep.sum()), bool)
+    stems = np.array(sorted(context.stems), np.int64)
+    pos = np.array([np.isin(space.window_stems(c), stems).any() for c in firing], bool)
+    return pos, space.bg_stems[:, stems][keep].any(1)
+
+
+def _concept_hits(space: Space, firing: list[Context], keep: np.ndarray, concept: Concept):
+    pos = space.window_vectors(firing) @ concept.vector >= concept.threshold
+    return pos, space.bg_vectors[keep] @ concept.vector >= concept.threshold
+
+
+def context_words(space: Space, firing: list[Context], keep: np.ndarray) -> ContextWords | None:
+    """Greedy: add the word (stem) that most raises balanced accuracy on labelling vs
+    background windows, up to `max_context_words`, while it gains at least 0.01."""
+    if not firing or not keep.any():
+        return None
+    per_window = [space.window_stems(c) for c in firing]
+    cand = np.unique(np.concatenate(per_window))
+    if not len(cand):
+        return None
+    pos = np.zeros((len(firing), len(cand)), bool)
+    for i, st in enumerate(per_window):
+        pos[i, np.searchsorted(cand, st)] = True
+    neg = space.bg_stems[:, cand][keep]
+    support = pos.mean(0) >= max(space.config.min_context_support, 2 / len(firing))
+    cov_p, cov_n = np.zeros(len(firing), bool), np.zeros(len(neg), bool)
+    chosen: list[int] = []
+    best = 0.5
+    for _ in range(space.config.max_context_words):
+        ba = 0.5 * ((pos | cov_p[:, None]).mean(0) + 1 - (neg | cov_n[:, None]).mean(0))
+        ba[chosen] = -1
+        ba[~support] = -1
+        j = int(np.argmax(ba))
+        if ba[j] < best + 0.02:
+            break
+        best, cov_p, cov_n = float(ba[j]), cov_p | pos[:, j], cov_n | neg[:, j]
+        chosen.append(j)
+    if not chosen:
+        return None
+    stems = [int(cand[j]) for j in chosen]
+    return ContextWords(frozenset(stems), tuple(_surface(space, firing, s) for s in stems))
+
+
+def _surface(space: Space, firing: list[Context], stem_index: int) -> str:
+    """The most common lowercase form of a stem in the firing windows."""
+    from .offline import normalise
+
+    counts: dict[str, int] = {}
+    for c in firing:
+        for tid, tok in zip(c.ids, c.tokens):
+            if 0 <= tid < len(space.id2stem) and space.id2stem[tid] == stem_index:
+                key = normalise(tok)
+                counts[key] = counts.get(key, 0) + 1
+    return max(counts, key=counts.get) if counts else space.stems[stem_index]
 
 
 def text_explanation(space: Space, ev: Evidence, text: str) -> Explanation:
@@ -403,7 +537,7 @@ def text_explanation(space: Space, ev: Evidence, text: str) -> Explanation:
     vector = space.text_vector(encode([text])[0])
     threshold, fit = fit_threshold(space, ev, vector)
     concept = Concept(text, (), 0.0, vector, threshold, fit)
-    return Explanation(text, True, Rule("tokens", (), text), concept, "concept", vector)
+    return Explanation(text, True, Rule("tokens", (), text), concept, "concept", vector, fit=fit)
 
 
 def _top_words(rule: Rule) -> list[str]:
@@ -412,38 +546,25 @@ def _top_words(rule: Rule) -> list[str]:
 
 
 def rule_vector(space: Space, rule: Rule) -> np.ndarray | None:
-    """The words a token rule names ("tokens"/"stems"/"prev" values that are words) as one vector."""
+    """The words a token rule names ("tokens"/"stems" values that are words) as one vector."""
     if rule.kind not in ("tokens", "stems") or not rule.certain:
         return None
     rows = [space._by_name[v] for v in rule.values if v in space._by_name]
     return _unit(space.words[rows].mean(0) - space.mu_vocab) if rows else None
 
 
-def rule_fit(space: Space, ev: Evidence, rule: Rule, concept: Concept | None = None) -> float:
-    """Balanced accuracy of the rule (or "rule or concept") on labelling vs background windows."""
-    firing = [c for c in ev.labelling if c.fires]
-    held = {ctx.ids for ctx in ev.held_out}
-    background = [(i, toks) for i, (ids, toks) in enumerate(space.background) if ids not in held]
-    if not firing or not background:
-        return 0.5
-    values = rule.values_set
-    attrs = space.background_attributes(rule.kind)
-    pos = np.array([rule.fires_in(c.tokens) for c in firing])
-    neg = np.array([not values.isdisjoint(attrs[i]) for i, _ in background])
-    if concept is not None:
-        pos |= space.window_vectors(firing) @ concept.vector >= concept.threshold
-        neg |= space.bg_vectors[[i for i, _ in background]] @ concept.vector >= concept.threshold
-    return float(0.5 * (pos.mean() + 1 - neg.mean()))
-
-
 def predict(space: Space, expl: Explanation, contexts: Sequence[Context]) -> list[bool]:
     """The label's prediction "fires somewhere in here" for each context (no activations used)."""
-    by_rule = [expl.rule.fires_in(c.tokens) for c in contexts] if expl.predictor != "concept" else []
-    if expl.predictor == "rule":
-        return by_rule
-    sims = space.window_vectors(contexts) @ expl.concept.vector
-    by_concept = [bool(s >= expl.concept.threshold) for s in sims]
-    return by_concept if expl.predictor == "concept" else [a or b for a, b in zip(by_rule, by_concept)]
+    out = np.zeros(len(contexts), bool)
+    for part in expl.predictor.split("|"):
+        if part == "rule":
+            out |= np.array([expl.rule.fires_in(c.tokens) for c in contexts], bool)
+        elif part == "concept":
+            out |= space.window_vectors(contexts) @ expl.concept.vector >= expl.concept.threshold
+        elif part == "context" and expl.context is not None:
+            stems = np.array(sorted(expl.context.stems), np.int64)
+            out |= np.array([np.isin(space.window_stems(c), stems).any() for c in contexts], bool)
+    return out.tolist()
 
 
 def output_auc(space: Space, ev: Evidence, vector: np.ndarray | None) -> tuple[float, int] | None:

@@ -108,10 +108,12 @@ def score_explanation(space, evidence: Evidence, expl, db: FeatureDB | None = No
     output = output_auc(space, evidence, expl.vector)
     if db is not None and label_id is not None:
         if score is not None:
-            extra = {"predictor": expl.predictor, "rule": expl.rule.to_dict()}
+            extra = {"predictor": expl.predictor, "fit": round(expl.fit, 4), "rule": expl.rule.to_dict()}
+            if expl.context is not None:
+                extra["context_words"] = list(expl.context.words)
             if expl.concept is not None:
                 extra |= {"concept": expl.concept.name, "threshold": round(expl.concept.threshold, 4),
-                          "fit": round(expl.concept.fit, 4)}
+                          "concept_fit": round(expl.concept.fit, 4)}
             db.add_score(label_id, METHOD_OFFLINE, score.value, score.details(**extra))
         if output is not None:
             db.add_score(label_id, METHOD_OUTPUT, output[0], {"n_promoted": output[1],
