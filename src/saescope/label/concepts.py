@@ -62,6 +62,7 @@ class ConceptConfig:
     n_background: int = 512  # background windows for fitting thresholds and context words
     max_context_words: int = 5  # words of a "context: ..." rule
     min_context_support: float = 0.2  # a context word must occur in this share of the firing windows
+    max_context_background: float = 0.05  # ... and in at most this share of background windows
     simpler_margin: float = 0.05  # a predictor with more parts must fit this much better
     min_label_fit: float = 0.65  # below this on the labelling side (every predictor), the feature is unclear
     n_vocab: int = 256  # random vocabulary words for the output score
@@ -105,7 +106,7 @@ class Space:
 
     def word_row(self, token: str) -> int:
         """Row of a raw vocabulary string ("▁Venus"), -1 if it is no known word."""
-        key = word_key(display_token(token))
+        key = _whole_word(token)
         return self._by_name.get(key, -1) if key else -1
 
     def __post_init__(self):
@@ -183,8 +184,8 @@ def build_space(db: FeatureDB, config: ConceptConfig | None = None, concepts=Non
     windows = db.example_windows()
     random_windows = db.example_windows("random")
     ids = np.unique(np.concatenate(windows)) if windows else np.zeros(0, np.int64)
-    keys = [word_key(display_token(s)) if s is not None else None for s in db.vocab(ids)]
-    promoted = {word_key(display_token(s)) for s in db.promoted_tokens()}
+    keys = [_whole_word(s) for s in db.vocab(ids)]
+    promoted = {_whole_word(s) for s in db.promoted_tokens()}
     words.ensure({k for k in keys if k} | {k for k in promoted if k})
     vocab_size = int(ids.max()) + 1 if len(ids) else 1
     id2word = np.full(vocab_size, -1, np.int64)
@@ -206,6 +207,13 @@ def build_space(db: FeatureDB, config: ConceptConfig | None = None, concepts=Non
     space.centred = _unit(vocab.vectors - vocab.vectors.mean(0))
     _set_background(space, db, random_windows, rng)
     return space
+
+
+def _whole_word(token: str | None) -> str | None:
+    """The word a vocabulary token stands for when it starts a word (" Venus"), else None: pieces
+    inside a word ("ocene" of "Pliocene") carry no concept."""
+    display = display_token(token) if token is not None else ""
+    return word_key(display) if display.startswith(" ") else None
 
 
 def _stem_table(ids: np.ndarray, strings: list, vocab_size: int) -> tuple[np.ndarray, tuple[str, ...]]:
@@ -497,7 +505,8 @@ def context_words(space: Space, firing: list[Context], keep: np.ndarray) -> Cont
     for i, st in enumerate(per_window):
         pos[i, np.searchsorted(cand, st)] = True
     neg = space.bg_stems[:, cand][keep]
-    support = pos.mean(0) >= max(space.config.min_context_support, 2 / len(firing))
+    common = neg.mean(0) > space.config.max_context_background  # function words ("and", "the") say nothing
+    support = (pos.mean(0) >= max(space.config.min_context_support, 2 / len(firing))) & ~common
     cov_p, cov_n = np.zeros(len(firing), bool), np.zeros(len(neg), bool)
     chosen: list[int] = []
     best = 0.5

@@ -11,8 +11,8 @@ only what it has not seen:
   the top level (general subjects: "Planet", "Horse", "Sea", "Disease") are
   marked `general`; the explainer prefers them to specific titles.
 - **words**: vocabulary tokens as lowercase words ("▁Venus" → "venus"); only
-  ASCII words of at least 3 letters get a vector (subword pieces, numbers and
-  punctuation carry no concept).
+  word-initial tokens of at least 3 ASCII letters get a vector (pieces inside a
+  word, numbers and punctuation carry no concept).
 """
 
 from __future__ import annotations
