@@ -158,7 +158,7 @@ def test_token_attributes():
 
 
 def test_offline_labels_identify_features_and_score_high(run):
-    report = label_offline(run, progress=False)
+    report = label_offline(run, progress=False, concepts=False)  # token rules only (concepts: test_concepts.py)
     labels = _current(run, "offline")
     assert set(labels) == {PARIS, DIGITS, AFTER_OF, NOISE}  # the dead feature is not labelled
     assert labels[PARIS]["text"] == '"Paris" / "paris" (token)'
@@ -192,9 +192,9 @@ def test_wrong_label_scores_at_chance(run):
 
 
 def test_offline_rerun_is_idempotent(run):
-    label_offline(run, progress=False)
+    label_offline(run, progress=False, concepts=False)
     before = _current(run, "offline")
-    report = label_offline(run, sae_ids=["3"], progress=False, limit=2)
+    report = label_offline(run, sae_ids=["3"], progress=False, limit=2, concepts=False)
     after = _current(run, "offline")
     assert {i: lab["id"] for i, lab in after.items()} == {i: lab["id"] for i, lab in before.items()}
     assert (report.features, report.scored) == (2, 0)  # limit=2: the two most frequent; not re-scored
@@ -306,9 +306,10 @@ def test_llm_labels_prompt_and_scores(run, monkeypatch):
     assert detection and not any(c.text() in p for c in ev.labelling for p in detection)
     assert sum(c.text() in "".join(detection) for c in ev.held_out) == 20
     for idx in (PARIS, DIGITS, AFTER_OF):
-        [s] = scores[idx]
-        assert s["method"] == "detection-llm" and s["value"] == pytest.approx(1.0)
-        assert s["details"]["n"] == 20
+        [s] = [s for s in scores[idx] if s["method"] == "detection-llm"]
+        assert s["value"] == pytest.approx(1.0) and s["details"]["n"] == 20
+        assert {s["method"] for s in scores[idx]} >= {"detection-llm", "detection-offline"}
+        assert all(0 <= s["value"] <= 1 for s in scores[idx])
     assert (report.labelled, report.scored, report.failed, report.retries) == (3, 3, 0, 0)
     assert report.requests == len(server.requests) == 3 + 3 * 2  # one label + two detection batches each
     assert report.prompt_tokens > 0 and report.completion_tokens > 0
@@ -466,3 +467,37 @@ def test_display_token_keeps_bytes_visible():
     assert display_token("<0x0A>") == "\n"
     assert display_token("<0xc2>") == "<0xC2>"  # half of a UTF-8 character: shown, not "\ufffd"
     assert display_token(None, 7) == "<unk:7>"
+
+
+def test_llm_echo_or_irrelevant_answer_is_unclear(run):
+    """A small model that repeats the prompt, or answers about something else, leaves "unclear" labels,
+    which are not sent for scoring."""
+    answers = {PARIS: "Feature 0 of SAE resid_post/layer_3_width_16_l0_4.",
+               DIGITS: "Texts where it fires most strongly",
+               AFTER_OF: "types of cheese"}
+
+    def answer(body):
+        prompt = body["messages"][-1]["content"]
+        if prompt.startswith("Explanation"):
+            return oracle(body)
+        return answers[int(prompt.split()[1])]
+
+    with MockLLMServer(default=answer) as server:
+        report = label_llm(run, server.url, "mock-1", limit=3, progress=False)
+    labels = {i: lab["text"] for i, lab in _current(run, "llm").items()}
+    assert labels[PARIS] == labels[DIGITS] == "unclear (the LLM's answer echoed the prompt)"
+    assert labels[AFTER_OF] == "unclear (the LLM's answer says nothing about the evidence)"
+    assert report.unclear == 3 and report.scored == 0
+    assert not any(p.startswith("Explanation") for p in server.prompts())
+
+
+def test_llm_answer_judge_keeps_real_labels(run):
+    from saescope.label.llm import echoes_prompt, label_prompt, unclear_reason
+
+    with run.db() as db:
+        ev = gather(db, SAE, PARIS)
+    prompt = label_prompt(ev)
+    assert echoes_prompt("Feature 1803 of SAE resid_post/layer_12", prompt)
+    assert not echoes_prompt("the city of Paris", prompt)
+    assert unclear_reason("the French capital, Paris", prompt, ev) is None
+    assert unclear_reason("medieval cheese making", prompt, ev) == "the LLM's answer says nothing about the evidence"

@@ -27,7 +27,7 @@ def run(tmp_path_factory):
     set_label(run, SAE, DIGITS, "numbers written as digits")
     set_label(run, SAE, AFTER_OF, "the noun after the preposition of")
     set_label(run, SAE, NOISE, "<script>alert('sadness')</script> emotional words")
-    label_offline(run, progress=False)
+    label_offline(run, progress=False, concepts=False)  # token-rule labels: the fts/semantic contrast below
     return run
 
 

@@ -502,6 +502,24 @@ class FeatureDB:
             rows = conn.execute(sql, args).fetchall()
         return [_example(r) for r in rows]
 
+    def example_windows(self, kind: ExampleKind | None = None) -> list[np.ndarray]:
+        """The token ids of every example window of every feature (of one `kind`), in table order."""
+        if kind is not None and kind not in KINDS:
+            raise SaescopeError(f"unknown example kind {kind!r}: use one of {', '.join(KINDS)}")
+        sql, args = "SELECT tokens FROM examples", ()
+        if kind is not None:
+            sql, args = sql + " WHERE kind = ?", (kind,)
+        with self._read() as conn:
+            return [np.frombuffer(blob, dtype="<i4") for (blob,) in conn.execute(sql, args)]
+
+    def promoted_tokens(self) -> set[str]:
+        """The token strings that any feature promotes (its positive logit effects)."""
+        out: set[str] = set()
+        with self._read() as conn:
+            for (blob,) in conn.execute("SELECT logits_pos_json FROM features WHERE logits_pos_json IS NOT NULL"):
+                out.update(str(p[0]) for p in json.loads(blob))
+        return out
+
     def top_features(self, sae_id: str, order_by: str = "frequency", limit: int = 50) -> list[dict]:
         """Feature stats of one SAE, largest `order_by` first ('idx' sorts ascending)."""
         if order_by not in ORDERS:

@@ -196,7 +196,10 @@ class LabelReport:
     failed: int = 0  # answers rejected or requests that failed for this feature
     scored: int = 0
     unscored: int = 0  # not enough held-out evidence (needs activating and non-activating contexts)
-    unclear: int = 0  # offline: no rule explained most of the activations
+    unclear: int = 0  # offline: neither a concept nor a rule explained the activations
+    concepts: int = 0  # offline: labels that name a concept
+    output_scored: int = 0
+    output_sum: float = 0.0
     requests: int = 0  # HTTP requests actually sent
     cache_hits: int = 0
     retries: int = 0
@@ -220,6 +223,10 @@ class LabelReport:
                  f"{self.scored} scored"]
         if self.mean_score is not None:
             parts.append(f"mean detection score {self.mean_score:.2f}")
+        if self.output_scored:
+            parts.append(f"mean output score {self.output_sum / self.output_scored:.2f}")
+        if self.concepts:
+            parts.append(f"{self.concepts} concepts")
         if self.unclear:
             parts.append(f"{self.unclear} unclear")
         if self.requests or self.cache_hits:

@@ -12,6 +12,13 @@
   timeouts / connection errors (honouring Retry-After), and a SQLite cache
   (run/llm_cache.sqlite, keyed by a hash of model + messages) holding only
   accepted answers, so a re-run costs nothing.
+- An answer that echoes the prompt ("Feature 1803 of SAE resid_post/layer_12…")
+  or says nothing about the evidence (no word of the contexts or promoted tokens,
+  and no closer to the feature's windows or promoted tokens than to chance, by the
+  concept explainer's vectors) is stored as "unclear (...)" and not scored.
+- Scores: detection-llm (the LLM judges held-out contexts from the label) and,
+  with the local embedding model, the offline explainer's two scores of the same
+  label (concepts.py): detection-offline and output-offline.
 - Resumable: features whose current "llm" label came from the same model are
   skipped (and only scored if their detection-llm score is missing).
 - The API key is read from the environment variable `api_key_env` and never
@@ -87,6 +94,75 @@ def label_prompt(evidence: Evidence, n_shown: int = SHOWN_CONTEXTS) -> str:
         lines += ["Next tokens it suppresses: " + _logit_list(evidence.logits_neg)]
     lines += ["", "What does this feature respond to? Reply with only the label, at most 10 words."]
     return "\n".join(lines)
+
+
+_ECHO = re.compile(r"\bfeature\s+#?\d+\b|\bof\s+sae\b|\b(resid_post|resid_pre|mlp_out|attn_out)/", re.IGNORECASE)
+MIN_RELEVANCE = 0.7  # AUC an answer's meaning must reach (windows or promoted words) when it shares no word
+# Words that say nothing about a feature's evidence even when they occur in it.
+_EMPTY_WORDS = frozenset("the and for with that this from are was were its his her their has have had not but all "
+                         "any into than then which who what when where word words token tokens text texts "
+                         "feature features fires firing after before following preceding next previous "
+                         "starts start end ends".split())
+
+
+def _frame_words(prompt: str) -> list[str]:
+    """The words of the prompt's own wording: system text, headers and instructions, not the evidence."""
+    return _words(" ".join(ln for ln in (LABEL_SYSTEM + "\n" + prompt).splitlines()
+                           if ln and not re.match(r"^\d+\. \(max activation", ln)))
+
+
+def echoes_prompt(label: str, prompt: str) -> bool:
+    """Does `label` repeat the prompt's own wording ("Feature 1803 of SAE ...", its headers
+    or instructions) instead of describing the evidence?"""
+    words = _words(label)
+    if not words or _ECHO.search(label):
+        return True
+    return len(words) >= 3 and " ".join(words) in " ".join(_frame_words(prompt))
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def evidence_words(evidence: Evidence) -> tuple[set[str], set[str]]:
+    """(stems of the content words in the labelling contexts and the promoted tokens,
+    words of the offline token rule's label when it is certain)."""
+    from .offline import explain, normalise, stem
+
+    out = {stem(normalise(t)) for c in evidence.labelling for t in c.tokens}
+    out |= {stem(normalise(str(p[0]))) for p in evidence.logits_pos}
+    rule = explain(evidence)
+    return {w for w in out if _is_content(w)}, set(_words(rule.label)) if rule.certain else set()
+
+
+def _is_content(word: str) -> bool:
+    return len(word) >= 3 and word.isalpha() and word not in _EMPTY_WORDS
+
+
+def unclear_reason(label: str, prompt: str, evidence: Evidence, space=None) -> str | None:
+    """Why an answer must be stored as unclear, or None when it is a label of the evidence:
+    its content words occur in the evidence, or (without content words) it names the token
+    rule's words, or its meaning fits the evidence (`MIN_RELEVANCE`, with `space`)."""
+    from .offline import stem
+
+    if echoes_prompt(label, prompt):
+        return "the LLM's answer echoed the prompt"
+    content = [w for w in _words(label) if _is_content(w)]
+    words, rule_words = evidence_words(evidence)
+    if {stem(w) for w in content} & (words | {stem(w) for w in rule_words}) or (
+            not content and set(_words(label)) & rule_words):
+        return None
+    if content and all(w in set(_frame_words(prompt)) for w in content):
+        return "the LLM's answer echoed the prompt"
+    if space is not None and content:
+        from ..search import encode
+        from .concepts import input_auc, output_auc
+
+        vector = space.text_vector(encode([label])[0])
+        output = output_auc(space, evidence, vector)
+        if input_auc(space, evidence, vector) >= MIN_RELEVANCE or (output and output[0] >= MIN_RELEVANCE):
+            return None
+    return "the LLM's answer says nothing about the evidence"
 
 
 def _window(ctx: Context) -> Context:
@@ -367,13 +443,15 @@ def _retry_after(err) -> float | None:
 def label_llm(run: Run | str | Path, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY",
               sae_ids=None, concurrency: int = 4, timeout: float = 30, max_retries: int = 4,
               limit: int | None = None, progress: bool = True, score: bool = True, cache: bool = True,
-              backoff_s: float = 1.0) -> LabelReport:
+              backoff_s: float = 1.0, concepts: bool = True) -> LabelReport:
     """Label every alive feature with an LLM (source "llm", model `model`) and, with
     `score`, score each label by LLM detection on held-out contexts.
 
     sae_ids: SAE refs (None = every analysed SAE); limit: per SAE, most frequent first.
     concurrency: requests in flight; timeout: seconds per request; max_retries: extra
     tries on 429 / 5xx / timeouts / connection errors, backing off from `backoff_s`.
+    concepts: also judge answers and score labels with the offline explainer's vectors
+    (needs the local embedding model; skipped with a warning without it).
     """
     if int(concurrency) < 1:
         raise SaescopeError(f"concurrency must be at least 1, got {concurrency}")
@@ -385,6 +463,9 @@ def label_llm(run: Run | str | Path, base_url: str, model: str, api_key_env: str
                        cache=llm_cache, backoff_s=backoff_s)
     try:
         with run.db() as db:
+            from .offline import _space
+
+            space = _space(db, None) if concepts else None
             table = TokenTable(db)
             done = {(lab["sae_id"], lab["idx"]): lab["id"] for lab in db.current_labels("llm")
                     if lab["model"] == model and not lab["stale"]}  # stale: written for replaced weights
@@ -401,14 +482,27 @@ def label_llm(run: Run | str | Path, base_url: str, model: str, api_key_env: str
                 if evidence is None or not evidence.labelling:
                     raise RejectedAnswer(f"{sae_id} #{idx}: no labelling contexts")
                 if label_id is None:
-                    messages = [{"role": "system", "content": LABEL_SYSTEM},
-                                {"role": "user", "content": label_prompt(evidence)}]
+                    prompt = label_prompt(evidence)
+                    messages = [{"role": "system", "content": LABEL_SYSTEM}, {"role": "user", "content": prompt}]
                     text = client.ask(messages, clean_label)
+                    reason = unclear_reason(text, prompt, evidence, space)
+                    text = text if reason is None else f"unclear ({reason})"
                     label_id = db.set_label(sae_id, idx, text, source="llm", model=model)
                     outcome = "labelled"
                 else:
                     text = next(lab["text"] for lab in db.labels(sae_id, idx) if lab["id"] == label_id)
                     outcome = "skipped"
+                if text.startswith("unclear ("):
+                    with lock:
+                        report.unclear += 1
+                    return outcome
+                if score and space is not None:
+                    from .concepts import text_explanation
+                    from .scoring import score_explanation
+
+                    with lock:  # one encoder call at a time
+                        expl = text_explanation(space, evidence, text)
+                    score_explanation(space, evidence, expl, db=db, label_id=label_id)
                 if score:
                     try:
                         result = score_llm(evidence, text, client.ask, db=db, label_id=label_id)

@@ -24,6 +24,7 @@ import functools
 import os
 import time
 import unicodedata
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from .evidence import (
     resolve_saes,
 )
 
-MODEL_NAME = "saescope-offline-1"  # stored in labels.model; bump when the rules change
+MODEL_NAME = "saescope-offline-2"  # stored in labels.model; bump when the rules or concepts change
 MIN_FIT = 0.5
 MAX_VALUES = {"tokens": 4, "stems": 3, "prev": 3, "prev2": 2}
 # Small preferences between rules that fit about equally well: simpler kinds first.
@@ -291,68 +292,118 @@ def _describe(kind: str, values: tuple[str, ...], table: dict[str, _Stat]) -> st
 
 # --------------------------------------------------------------------------- the labelling pass
 
+_SUMMED = ("features", "labelled", "skipped", "failed", "scored", "unscored", "unclear", "concepts", "score_sum",
+           "output_scored", "output_sum")
+
 
 def label_offline(run: Run | str | Path, sae_ids=None, progress: bool = True,
-                  limit: int | None = None, workers: int | None = None) -> LabelReport:
+                  limit: int | None = None, workers: int | None = None,
+                  concepts: bool | Sequence[tuple[str, bool]] = True) -> LabelReport:
     """Label every alive feature (n_fired > 0) with source "offline", and score each label.
 
+    The label names a concept where the evidence has one (concepts.py: contexts and
+    promoted tokens matched to concept names with the local MiniLM), with the token
+    rule as detail; else the token rule (`explain`). Each label gets a detection and,
+    where the feature promotes words, an output score (scoring.py).
     sae_ids: SAE refs (full id, "site/LAYER" or "LAYER"); None = every analysed SAE.
     limit: at most this many features per SAE, the most frequently firing first.
+    concepts: True = name concepts from the Wikipedia titles, a list of (name, general)
+    pairs = from those names, False = token rules only (also the fallback, with a
+    warning, when the embedding model is not installed).
     Re-running is cheap and idempotent: an unchanged label keeps its id and is not
     scored twice.
     """
-    from .scoring import METHOD_OFFLINE, score_offline
-
     run = as_run(run)
     workers = workers or min(os.cpu_count() or 1, 4)
-    if workers > 1:
-        with run.db() as db:
-            ids = [sae["id"] for sae in resolve_saes(db, sae_ids)]
-        if len(ids) > 1:
-            return _label_in_processes(run, ids, workers, progress, limit)
-    report = LabelReport(source="offline", model=MODEL_NAME)
     t0 = time.time()
     with run.db() as db:
-        table = TokenTable(db)
-        work = [(sae["id"], row) for sae in resolve_saes(db, sae_ids) for row in alive_features(db, sae, limit)]
-        report.features = len(work)
-        for sae_id, row in tqdm(work, desc="offline labels", unit="feat", disable=not progress, dynamic_ncols=True):
-            idx = row["idx"]
-            evidence = gather(db, sae_id, idx, table, stats=row)
-            rule = explain(evidence)
-            label_id = db.set_label(sae_id, idx, rule.label, source="offline", model=MODEL_NAME)
-            report.labelled += 1
-            report.unclear += not rule.certain
-            if any(s["method"] == METHOD_OFFLINE for s in db.scores(label_id)):
-                continue
-            score = score_offline(evidence, rule, db=db, label_id=label_id)
-            if score is None:
-                report.unscored += 1
-            else:
-                report.scored += 1
-                report.score_sum += score.value
+        ids = [sae["id"] for sae in resolve_saes(db, sae_ids)]
+        space = _space(db, None if concepts is True else concepts) if concepts is not False else None
+    if workers > 1 and len(ids) > 1:
+        report = _label_in_processes(run, ids, workers, progress, limit, space)
+    else:
+        report = _label_saes(run, ids, progress, limit, space)
     report.seconds = time.time() - t0
     return report
 
 
-def _label_in_processes(run: Run, ids: list[str], workers: int, progress: bool, limit: int | None) -> LabelReport:
+def _space(db, concepts):
+    """The concept explainer's vectors, or None (with a warning) without the embedding model."""
+    from ..search import EmbeddingUnavailable
+    from .concepts import build_space
+
+    try:
+        return build_space(db, concepts=concepts)
+    except EmbeddingUnavailable as err:
+        warnings.warn(f"{err}; labelling with token rules only", stacklevel=3)
+        return None
+
+
+def _label_saes(run: Run | str, ids: list[str], progress: bool, limit: int | None, space) -> LabelReport:
+    report = LabelReport(source="offline", model=MODEL_NAME)
+    with as_run(run).db() as db:
+        table = TokenTable(db)
+        saes = [sae for sae in resolve_saes(db, ids)]
+        bar = tqdm(total=sum(int(s["width"] or 0) for s in saes), desc="offline labels", unit="feat",
+                   disable=not progress, dynamic_ncols=True)
+        for sae in saes:
+            rows = alive_features(db, sae, limit)
+            evidences = [gather(db, sae["id"], row["idx"], table, stats=row) for row in rows]
+            _label_sae(db, space, evidences, report)
+            bar.update(int(sae["width"] or 0))
+        bar.close()
+    return report
+
+
+def _label_sae(db, space, evidences: list[Evidence], report: LabelReport) -> None:
+    """Explain, store and score the labels of one SAE's features."""
+    from .concepts import explain_feature, find_concepts
+    from .scoring import METHOD_OFFLINE, score_explanation, score_offline
+
+    report.features += len(evidences)
+    rules = [explain(ev) for ev in evidences]
+    concepts = find_concepts(space, evidences) if space is not None else [None] * len(evidences)
+    for ev, rule, concept in zip(evidences, rules, concepts):
+        expl = explain_feature(space, ev, rule, concept) if space is not None else None
+        text, certain = (expl.text, expl.certain) if expl else (rule.label, rule.certain)
+        label_id = db.set_label(ev.sae_id, ev.idx, text, source="offline", model=MODEL_NAME)
+        report.labelled += 1
+        report.unclear += not certain
+        report.concepts += bool(expl and expl.concept)
+        if any(s["method"] == METHOD_OFFLINE for s in db.scores(label_id)):
+            continue
+        if expl is None:
+            score, output = score_offline(ev, rule, db=db, label_id=label_id), None
+        else:
+            score, output = score_explanation(space, ev, expl, db=db, label_id=label_id)
+        if score is None:
+            report.unscored += 1
+        else:
+            report.scored += 1
+            report.score_sum += score.value
+        if output is not None:
+            report.output_scored += 1
+            report.output_sum += output
+
+
+def _label_in_processes(run: Run, ids: list[str], workers: int, progress: bool, limit: int | None,
+                        space) -> LabelReport:
     """Label SAEs in parallel processes (the labeller is pure Python); SQLite's WAL serialises the writes.
 
     The workers die with this process (`process_pool`): a killed `label auto` leaves no worker
-    writing labels, and re-running it finishes the same labels.
+    writing labels, and re-running it finishes the same labels. The concept space is built once,
+    here, and sent to every process.
     """
     from ..workers import process_pool
 
     shards = [ids[i::workers] for i in range(workers)]
     total = LabelReport(source="offline", model=MODEL_NAME)
-    t0 = time.time()
     with process_pool(workers) as pool:
-        futures = [pool.submit(label_offline, str(run.root), shard, progress and i == 0, limit, 1)
+        futures = [pool.submit(_label_saes, str(run.root), shard, progress and i == 0, limit, space)
                    for i, shard in enumerate(shards) if shard]
         for fut in futures:
             part = fut.result()
-            for name in ("features", "labelled", "skipped", "failed", "scored", "unscored", "unclear", "score_sum"):
+            for name in _SUMMED:
                 setattr(total, name, getattr(total, name) + getattr(part, name))
             total.errors.extend(part.errors[: 10 - len(total.errors)])
-    total.seconds = time.time() - t0
     return total

@@ -8,6 +8,16 @@ somewhere in here" from the label, compared with the truth (`max_act > 0`):
     detection-llm       an LLM reads the label and a shuffled batch of plain-text
                         contexts and answers with the numbers of those it fires on
 
+For concept labels (concepts.py) "detection-offline" predicts from the label's
+concept (a context's similarity to the label above a threshold fitted on the
+labelling side), its token rule, or either, whichever fitted the labelling side
+best; the details say which ("predictor"). A second score judges the output side:
+
+    output-offline      AUC of the label's similarity to the feature's promoted
+                        tokens against random vocabulary words (0.5 = chance,
+                        1 = every promoted word is closer to the label than any
+                        random word); details: n_promoted, n_random
+
 The stored value is the balanced accuracy (mean of the true-positive and
 true-negative rates; 0.5 = chance), with n, tp, fp, tn, fn and F1 in the details.
 A feature without both activating and non-activating held-out contexts is not
@@ -28,6 +38,7 @@ from .evidence import Context, Evidence
 
 METHOD_OFFLINE = "detection-offline"
 METHOD_LLM = "detection-llm"
+METHOD_OUTPUT = "output-offline"
 
 
 class RejectedAnswer(Exception):
@@ -82,6 +93,32 @@ def score_offline(evidence: Evidence, rule, db: FeatureDB | None = None,
     if score is not None and db is not None and label_id is not None:
         db.add_score(label_id, METHOD_OFFLINE, score.value, score.details(rule=rule.to_dict()))
     return score
+
+
+def score_explanation(space, evidence: Evidence, expl, db: FeatureDB | None = None, label_id: int | None = None,
+                      detection: bool = True) -> tuple[DetectionScore | None, float | None]:
+    """Score a concepts.Explanation: detection on the held-out contexts (with `detection`)
+    and output (promoted tokens); with `db` and `label_id`, store both."""
+    from .concepts import output_auc, predict
+
+    score = None
+    if detection:
+        contexts = evidence.held_out
+        score = confusion(predict(space, expl, contexts), [ctx.fires for ctx in contexts])
+    output = output_auc(space, evidence, expl.vector)
+    if db is not None and label_id is not None:
+        if score is not None:
+            extra = {"predictor": expl.predictor, "fit": round(expl.fit, 4), "rule": expl.rule.to_dict()}
+            if expl.context is not None:
+                extra["context_words"] = list(expl.context.words)
+            if expl.concept is not None:
+                extra |= {"concept": expl.concept.name, "threshold": round(expl.concept.threshold, 4),
+                          "concept_fit": round(expl.concept.fit, 4)}
+            db.add_score(label_id, METHOD_OFFLINE, score.value, score.details(**extra))
+        if output is not None:
+            db.add_score(label_id, METHOD_OUTPUT, output[0], {"n_promoted": output[1],
+                                                              "n_random": len(space.vocab_rows)})
+    return score, None if output is None else output[0]
 
 
 # --------------------------------------------------------------------------- LLM detection

