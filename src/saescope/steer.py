@@ -31,7 +31,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -40,10 +40,11 @@ from .harvest import capture
 from .models import LoadedModel, Site
 from .sae import SAE
 
+if TYPE_CHECKING:
+    from .conceptsteer import ConceptEffect
+
 Mode = Literal["add", "clamp", "ablate"]
 MODES = ("add", "clamp", "ablate")
-CONCEPT_STRENGTH = 2.0
-"""Default `add` strength (× max_act) for `steer(..., concept=...)`."""
 TOP_TOKENS = 10
 """How many promoted tokens the probability metric sums over."""
 
@@ -194,7 +195,32 @@ def steering(lm: LoadedModel, saes: dict[str, SAE], interventions: Sequence[Inte
     `saes` maps each intervention's `sae_id` to its SAE; `typical[(sae_id, idx)]` scales
     `add` strengths (missing: 1). Hooks are removed on exit, also after an exception.
     """
-    plans = _plans(lm, saes, interventions, typical)
+    with _hooked(lm, _plans(lm, saes, interventions, typical)):
+        yield
+
+
+@contextlib.contextmanager
+def steering_rows(lm: LoadedModel, saes: dict[str, SAE], rows: Sequence[Sequence[Intervention]],
+                  typical: dict[tuple[str, int], float] | None = None) -> Iterator[None]:
+    """Like `steering`, but batch row r gets its own `add` interventions `rows[r]` (an empty list:
+    unsteered), so one batched `generate` tries many features and strengths at once."""
+    by_site: dict[str, _SitePlan] = {}
+    per_row = [_plans(lm, saes, ivs, typical) for ivs in rows]
+    for r, plans in enumerate(per_row):
+        for plan in plans:
+            if plan.clamps:
+                raise SaescopeError("steering_rows takes add interventions only")
+            merged = by_site.setdefault(plan.site.key, _SitePlan(plan.site))
+            if merged.add is None:
+                merged.add = torch.zeros(len(rows), 1, plan.site.width, device=lm.device)
+            merged.add[r, 0] += plan.add
+    with _hooked(lm, list(by_site.values())):
+        yield
+
+
+@contextlib.contextmanager
+def _hooked(lm: LoadedModel, plans: list[_SitePlan]) -> Iterator[None]:
+    """One hook per site plan (and the BOS bookkeeping), removed in `finally`."""
     steerer = _Steerer(lm, plans)
     handles = []
     try:
@@ -312,6 +338,7 @@ class SteerResult:
     effects: list[Effect]
     ce_unsteered: float
     ce_steered: float
+    concept: ConceptEffect | None = None  # steering by concept: the choice and the concept's rise
 
     @property
     def ppl_cost(self) -> float:
@@ -443,18 +470,7 @@ def _open_run(source):
     return None
 
 
-def _concept_feature(run, concept: str, strength: float) -> Intervention:
-    from .search import search  # lazily: search may pull in the optional embedding model
-
-    hits = search(run, concept, limit=5)
-    if not hits:
-        raise SaescopeError(f"no labelled feature matches '{concept}': label features first "
-                            "(`saescope label`) or try another word")
-    hit = hits[0]  # search ranks best first
-    return Intervention(run.resolve_sae(hit.sae_id), int(hit.idx), "add", float(strength))
-
-
-def _setup(source, interventions, saes, typical, concept, concept_strength, typical_stat) -> _Setup:
+def _setup(source, interventions, saes, typical, concept, typical_stat) -> _Setup:
     if typical_stat not in ("max_act", "mean_act"):
         raise SaescopeError(f"typical_stat must be 'max_act' or 'mean_act', got '{typical_stat}'")
     run = _open_run(source)
@@ -473,10 +489,8 @@ def _setup(source, interventions, saes, typical, concept, concept_strength, typi
         elif run is not None and iv.sae_id not in saes:
             iv = replace(iv, sae_id=run.resolve_sae(iv.sae_id))
         ivs.append(iv)
-    if concept:
-        if run is None:
-            raise SaescopeError("steering by concept searches a run's labels: give a run, not a bare model")
-        ivs.insert(0, _concept_feature(run, concept, concept_strength))
+    if concept is not None:
+        ivs[:0] = concept.interventions()
     if not ivs:
         raise SaescopeError("nothing to steer: give at least one feature (e.g. 5:123=4) or a concept")
     for iv in ivs:
@@ -544,20 +558,45 @@ def _steered(s: _Setup, prompt: str, prompt_ids, base: _Baseline, max_new_tokens
 def steer(source, prompt: str, interventions: Sequence[Intervention | str] = (), *,
           saes: dict[str, SAE] | None = None, typical: dict[tuple[str, int], float] | None = None,
           max_new_tokens: int = 40, greedy: bool = True, temperature: float = 1.0, seed: int = 0,
-          concept: str | None = None, concept_strength: float = CONCEPT_STRENGTH,
+          concept: str | None = None, concept_strength: float | None = None, concept_config=None,
           typical_stat: str = "max_act") -> SteerResult:
     """Continue `prompt` without and with `interventions` (same seed) and measure the difference.
 
     `source` is a run (folder or `Run`: SAEs, typical activations and promoted tokens come
     from it, and features may be spec strings like "5:123=4") or a `LoadedModel` (then give
-    `saes`). `concept` steers the best-matching labelled feature (added first, strength
-    `concept_strength` × its max activation).
+    `saes`). `concept` steers the features whose output writes the concept (added first), at the
+    strength `conceptsteer.choose` calibrates (cached per concept in the run), or at
+    `concept_strength` × their max activation when given; `result.concept` says what was chosen
+    and why, and how much the concept rose in the text.
     """
-    s = _setup(source, interventions, saes, typical, concept, concept_strength, typical_stat)
+    run = _open_run(source)
+    source = run if run is not None else source  # open a folder once: choose and _setup share its model
+    choice = _concept_choice(run, concept, concept_strength, concept_config)
+    s = _setup(source, interventions, saes, typical, choice, typical_stat)
     prompt_ids = _encode_prompt(s.lm, prompt, max_new_tokens)
     _plans(s.lm, s.saes, s.interventions, s.typical)  # fail on bad input before generating anything
     base = _baseline(s, prompt_ids, max_new_tokens, greedy, temperature, seed)
-    return _steered(s, prompt, prompt_ids, base, max_new_tokens, greedy, temperature, seed)
+    result = _steered(s, prompt, prompt_ids, base, max_new_tokens, greedy, temperature, seed)
+    if choice is not None:
+        from .conceptsteer import measure_effect
+
+        result.concept = measure_effect(choice, result.unsteered, result.steered)
+    return result
+
+
+def _concept_choice(run, concept, strength, config):
+    if concept is None:
+        return None
+    from .conceptsteer import ConceptSteerConfig, choose, fixed
+
+    if run is None:
+        raise SaescopeError("steering by concept searches a run's features: give a run, not a bare model")
+    cfg = config or ConceptSteerConfig()
+    if strength is not None:
+        if not math.isfinite(float(strength)):
+            raise SaescopeError(f"strength {strength} is not a finite number: give a finite strength")
+        return fixed(run, concept, float(strength), cfg)
+    return choose(run, concept, cfg, lm=run.model)
 
 
 def sweep(source, prompt: str, feature: Intervention | str, strengths: Sequence[float], *,
@@ -572,7 +611,7 @@ def sweep(source, prompt: str, feature: Intervention | str, strengths: Sequence[
     bad = [v for v in strengths if not math.isfinite(v)]
     if bad:
         raise SaescopeError(f"strength {bad[0]} is not a finite number: give finite strengths")
-    s = _setup(source, [feature], saes, typical, None, 0.0, typical_stat)
+    s = _setup(source, [feature], saes, typical, None, typical_stat)
     target = s.interventions[0]
     if target.mode == "ablate":
         raise SaescopeError(f"'{target}' is an ablation, which has no strength to sweep: use add or @clamp")
