@@ -75,6 +75,11 @@ def test_concept_feature_beats_token_coincidence_label(atlas):
     assert first.steer and first.frequency == pytest.approx(0.01)
     assert "<<" in first.snippet and first.label.startswith("unclear")
     assert search(atlas, "ships and the sea", limit=1)[0].idx == SEA  # a feature without any label is found
+    from saescope import Scope
+
+    with Scope.open(atlas.root) as scope:
+        [hit] = scope.search("animals", limit=1)
+    assert (hit["sae_id"], hit["idx"], hit["steer"]) == (SAE, ANIMALS, True)
 
 
 @needs_embeddings
