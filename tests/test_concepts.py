@@ -165,6 +165,10 @@ def test_calibration_is_cached_per_concept(atlas, monkeypatch):
     assert calls == ["Farm animals"] and not first.cached and again.cached
     assert again.features == first.features and again.candidates[0].rungs[0].shows
     stored = json.loads((atlas.root / cs.CALIBRATION_FILE).read_text())
-    assert list(stored["concepts"]) == ["farm animals"]
-    cs.choose(atlas, "farm animals", cs.ConceptSteerConfig(ladder=(1.0, 3.0)))  # other settings: calibrate again
-    assert len(calls) == 2
+    assert [list(v) for v in stored["settings"].values()] == [["farm animals"]]
+    other = cs.ConceptSteerConfig(ladder=(1.0, 3.0))
+    cs.choose(atlas, "farm animals", other)  # other settings: calibrate again, keep both
+    assert len(calls) == 2 and cs.choose(atlas, "farm animals").cached and cs.choose(atlas, "farm animals", other).cached
+    stored["index"] = "an older analysis"
+    (atlas.root / cs.CALIBRATION_FILE).write_text(json.dumps(stored))
+    assert not cs.choose(atlas, "farm animals").cached and len(calls) == 3

@@ -143,7 +143,7 @@ def choose(run: Run, concept: str, cfg: ConceptSteerConfig = ConceptSteerConfig(
         raise SaescopeError("the concept is empty: name a topic, e.g. --concept 'farm animals'")
     t0 = time.time()
     with run.db(readonly=True) as db:
-        key = f"{index_key(db)}-{cfg.key()}"
+        key = (index_key(db), cfg.key())
     cached = _read_cache(run, key).get(concept.lower())
     if cached is not None:
         choice = _choice_from_dict(cached)
@@ -434,7 +434,12 @@ def measure_effect(choice: ConceptChoice, unsteered: str, steered: str) -> Conce
 # ---------------------------------------------------------------------------- cache
 
 
-def _read_cache(run: Run, key: str) -> dict:
+def _read_cache(run: Run, key: tuple[str, str]) -> dict:
+    """{concept: choice dict} for these settings; nothing when the index changed since."""
+    return _read_all(run, key[0]).get(key[1], {})
+
+
+def _read_all(run: Run, index: str) -> dict:
     path = run.root / CALIBRATION_FILE
     if not path.exists():
         return {}
@@ -442,13 +447,13 @@ def _read_cache(run: Run, key: str) -> dict:
         data = read_json(path, "steering calibration")
     except SaescopeError:
         return {}  # unreadable: calibrate again and rewrite it
-    return data.get("concepts", {}) if data.get("key") == key else {}
+    return data.get("settings", {}) if data.get("index") == index else {}
 
 
-def _write_cache(run: Run, key: str, concept: str, choice: ConceptChoice) -> None:
-    concepts = _read_cache(run, key)
-    concepts[concept] = dataclasses.asdict(choice)
-    write_json(run.root / CALIBRATION_FILE, {"key": key, "concepts": concepts})
+def _write_cache(run: Run, key: tuple[str, str], concept: str, choice: ConceptChoice) -> None:
+    settings = _read_all(run, key[0])  # choices made under an older index are dropped
+    settings.setdefault(key[1], {})[concept] = dataclasses.asdict(choice)
+    write_json(run.root / CALIBRATION_FILE, {"index": key[0], "settings": settings})
 
 
 def _choice_from_dict(d: dict) -> ConceptChoice:
