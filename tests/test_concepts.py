@@ -172,3 +172,18 @@ def test_calibration_is_cached_per_concept(atlas, monkeypatch):
     stored["index"] = "an older analysis"
     (atlas.root / cs.CALIBRATION_FILE).write_text(json.dumps(stored))
     assert not cs.choose(atlas, "farm animals").cached and len(calls) == 3
+
+
+@needs_embeddings
+def test_cli_search_json_and_text(atlas):
+    from click.testing import CliRunner
+
+    from saescope.cli import cli
+
+    res = CliRunner().invoke(cli, ["search", str(atlas.root), "animals", "--json", "--limit", "2"])
+    assert res.exit_code == 0, res.output
+    hits = json.loads(res.output)
+    assert (hits[0]["sae_id"], hits[0]["idx"]) == (SAE, ANIMALS) and "label" in hits[0]
+    assert {"score", "output", "frequency", "snippet", "steer"} <= set(hits[0])
+    res = CliRunner().invoke(cli, ["search", str(atlas.root), "animals", "--limit", "1"])
+    assert res.exit_code == 0 and "steers toward it" in res.output and "<<" in res.output
