@@ -4,7 +4,7 @@
 
 - concept (default): ranks every analysed feature by how well its evidence matches the query,
   each side a cosine similarity with the query embedded by all-MiniLM-L6-v2 (below):
-    contexts  the words of its top contexts (`conceptindex`: per context its best word, averaged);
+    contexts  the share of its top contexts holding a word close to the query (`conceptindex`);
     output    the words it promotes through the unembedding (mean of its 5 best promoted words);
     label     its current labels, except token lists ('"x", "y" (tokens)', 'unclear (...)'):
               letters inside a token list are not evidence of a concept.
@@ -57,8 +57,8 @@ Mode = Literal["concept", "hybrid", "fts", "semantic"]
 class ConceptWeights:
     """How much each side of a feature's evidence counts in a concept search."""
 
-    contexts: float = 0.45
-    output: float = 0.35
+    contexts: float = 0.8
+    output: float = 0.2
     label: float = 0.2
 
 
