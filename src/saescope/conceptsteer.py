@@ -18,8 +18,9 @@
    falls below `min_distinct2` or a token repeats `max_run` times in a row. Walking up the
    ladder, the first degenerate rung stops the climb; the first rung that shows the concept
    is checked for cost (cross-entropy of its texts under the unsteered model, at most
-   `max_cost` nats/token above the unsteered texts') and taken. The first candidate (in
-   output order) with such a rung wins; the others are reported as runners-up.
+   `max_cost` nats/token above the unsteered texts') and taken. Of the candidates with such
+   a rung, the one whose rung raised the concept's words most wins (single features and the
+   combination compete on the same prompts); the others are reported as runners-up.
 3. **Cache.** The choice is stored per concept in run/steer_calibration.json (atomic write),
    keyed by the concept index (re-analysis invalidates it) and the calibration settings, so a
    repeated request skips steps 1-2.
@@ -55,14 +56,15 @@ class ConceptSteerConfig:
     """Strengths tried, × each feature's max activation, smallest first."""
     candidates: int = 3
     """Features (by output match) calibrated per concept."""
-    combine: int = 1
-    """Steer this many top candidates (different layers) together, each at strength / combine."""
+    combine: int = 2
+    """Also try this many top candidates (different layers) together, each at strength / combine (1: never)."""
     min_output: float = 0.35
     """Below this output-side similarity no feature matches the concept."""
     tokens: int = 24
     """New tokens per calibration text."""
     seed: int = 1234
-    min_word_rise: int = 2
+    min_word_rise: int = 4
+    """Concept words the steered calibration texts must gain over the unsteered ones (one per prompt)."""
     min_distinct2: float = 0.6
     max_run: int = 4
     max_cost: float = 2.5
@@ -201,7 +203,7 @@ def _combined(cands: list[Candidate], k: int) -> Candidate:
 def fixed(run: Run, concept: str, strength: float, cfg: ConceptSteerConfig = ConceptSteerConfig()) -> ConceptChoice:
     """The best output-matching feature at a strength the caller chose (no calibration)."""
     cands, words, _ = _candidates(run, concept, cfg)
-    best = cands[-1] if cfg.combine > 1 else cands[0]
+    best = cands[0]
     reason = (f"{_name(best)} writes '{concept}' best (output similarity {best.output_match:.2f}); "
               f"strength ×{strength:g} as given")
     return ConceptChoice(concept, best.features, float(strength), reason, cands, words, calibrated=False)
@@ -224,10 +226,9 @@ def _calibrate(run: Run, concept: str, cfg: ConceptSteerConfig, lm) -> ConceptCh
 
 
 def _decide(concept: str, cands: list[Candidate], words: list[str], cfg: ConceptSteerConfig) -> ConceptChoice:
-    passed = [c for c in cands if c.strength is not None]
-    if passed:
-        best = passed[0]
-        rung = next(r for r in best.rungs if r.strength == best.strength)
+    passed = [(c, next(r for r in c.rungs if r.strength == c.strength)) for c in cands if c.strength is not None]
+    if passed:  # the candidate whose smallest passing strength raised the concept most
+        best, rung = max(passed, key=lambda cr: cr[1].words_steered - cr[1].words_unsteered)
         reason = (f"{_name(best)} writes '{concept}' (output similarity {best.output_match:.2f}); ×{best.strength:g} "
                   f"is the smallest strength that raised the concept's words {rung.words_unsteered} → "
                   f"{rung.words_steered} on {len(CALIBRATION_PROMPTS)} calibration prompts with the text still "
@@ -406,7 +407,7 @@ def _rung(strength: float, base: _Texts, steered: _Texts, cfg: ConceptSteerConfi
     moved = steered.similarity - base.similarity
     return Rung(strength, base.words, steered.words, round(base.similarity, 4), round(steered.similarity, 4),
                 round(steered.distinct2, 3), steered.longest_run,
-                shows=(rise >= cfg.min_word_rise and moved > 0) or moved >= 0.1,
+                shows=(rise >= cfg.min_word_rise and moved > 0) or (rise >= cfg.min_word_rise / 2 and moved >= 0.1),
                 degenerate=steered.distinct2 < cfg.min_distinct2 or steered.longest_run >= cfg.max_run,
                 example=example)
 
