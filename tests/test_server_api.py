@@ -342,7 +342,7 @@ def test_search_bad_input(client):
 def test_search_hybrid(client, fired):
     sae_id, idx = fired
     post(client, f"/api/feature/{sae_id}/{idx}/label", {"text": "capital city of france"})
-    r = client.get("/api/search", params={"q": "capital city"})
+    r = client.get("/api/search", params={"q": "capital city", "mode": "hybrid"})
     assert r.status_code == 200 and r.json()["mode"] == "hybrid"
     assert (r.json()["hits"][0]["sae_id"], r.json()["hits"][0]["idx"]) == (sae_id, idx)
 
@@ -368,13 +368,15 @@ def test_steer(client, fired):
 
 
 def test_steer_by_concept(client, fired):
-    sae_id, idx = fired
-    post(client, f"/api/feature/{sae_id}/{idx}/label", {"text": "quasar lighthouse"})
-    r = post(client, "/api/steer", {"prompt": "the queen", "concept": "quasar", "strength": 2, "max_new_tokens": 3})
+    r = post(client, "/api/steer", {"prompt": "the queen", "concept": "music", "concept_strength": 2,
+                                    "max_new_tokens": 3})
     assert r.status_code == 200, r.text
-    assert (r.json()["effects"][0]["sae_id"], r.json()["effects"][0]["idx"]) == (sae_id, idx)
-    r = post(client, "/api/steer", {"prompt": "the queen", "concept": "xylophonist", "max_new_tokens": 3})
-    assert r.status_code == 400 and "no labelled feature" in detail(r)
+    out = r.json()
+    choice = out["concept"]["choice"]
+    assert choice["strength"] == 2 and "as given" in choice["reason"]
+    assert [out["effects"][0]["sae_id"], out["effects"][0]["idx"]] == list(choice["features"][0])
+    r = post(client, "/api/steer", {"prompt": "the queen", "concept": "quantum chromodynamics", "max_new_tokens": 3})
+    assert r.status_code == 400 and "no feature writes" in detail(r)
 
 
 @pytest.mark.parametrize("body, status, words", [

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
-import types
 
 import pytest
 import torch
@@ -338,19 +336,25 @@ def test_steer_a_run_with_specs(run):
 
 
 def test_steer_by_concept(run, monkeypatch):
+    from saescope import conceptsteer as cs
+
     sae_id = run.sae_ids()[0]
     asked = []
 
-    def fake_search(r, query, limit=20):
-        asked.append(query)
-        hit = types.SimpleNamespace(sae_id=sae_id, layer=1, site="resid_post", idx=7, label="water words",
-                                    source="human", score=3.2, match="label")
-        return [hit] if query == "water" else []
+    def fake_choose(r, concept, cfg, lm=None):
+        asked.append(concept)
+        if concept != "water":
+            raise SaescopeError(f"no feature writes '{concept}'")
+        return cs.ConceptChoice(concept, [(sae_id, 7)], 3.0, "because", [], ["water"], calibrated=True)
 
-    monkeypatch.setitem(sys.modules, "saescope.search", types.SimpleNamespace(search=fake_search))
+    monkeypatch.setattr(cs, "choose", fake_choose)
+    monkeypatch.setattr(cs, "measure_effect", lambda choice, a, b: cs.ConceptEffect(choice, 0, 1, 0.1, 0.2))
     r = st.steer(run, "the king", concept="water", max_new_tokens=3)
     assert asked == ["water"]
-    assert r.interventions == [Intervention(sae_id, 7, "add", st.CONCEPT_STRENGTH)]
+    assert r.interventions == [Intervention(sae_id, 7, "add", 3.0)]
     assert r.effect.typical == 4.0
-    with pytest.raises(SaescopeError, match="no labelled feature matches 'french'"):
+    assert r.concept.choice.reason == "because" and r.concept.words_steered == 1
+    with pytest.raises(SaescopeError, match="no feature writes 'french'"):
         st.steer(run, "the king", concept="french")
+    with pytest.raises(SaescopeError, match="finite"):
+        st.steer(run, "the king", concept="water", concept_strength=float("nan"))

@@ -218,22 +218,34 @@ def label_auto(run_dir, base_url, llm_model, api_key_env, saes, limit, concurren
 @click.argument("run_dir", type=click.Path())
 @click.argument("query")
 @click.option("--limit", default=10, type=click.IntRange(1, 10_000))
-@click.option("--mode", type=click.Choice(["hybrid", "fts", "semantic"]), default="hybrid")
+@click.option("--mode", type=click.Choice(["concept", "hybrid", "fts", "semantic"]), default="concept",
+              help="concept: labels, top contexts and promoted tokens; the others: labels only.")
 @click.option("--json", "as_json", is_flag=True)
 def search(run_dir, query, limit, mode, as_json):
-    """Find features across all layers whose labels match QUERY (full-text + local embeddings)."""
+    """Find features across all layers about QUERY: by their labels, the text they fire on and what they write."""
+    from dataclasses import asdict
+
     from .search import search as do_search
 
     hits = do_search(run_dir, query, limit=limit, mode=mode)
     if as_json:
-        click.echo(json.dumps([h.__dict__ if hasattr(h, "__dict__") else h._asdict() for h in hits], indent=1, default=str))
+        click.echo(json.dumps([asdict(h) for h in hits], indent=1, default=str))
         return
     if not hits:
-        click.echo("no matching labels")
+        click.echo("no matching features")
     for h in hits:
-        score = "  -  " if h.score is None else f"{h.score:.2f}"
-        stale = "  (written for the SAE's old weights)" if h.stale else ""
-        click.echo(f"{h.site:<10} layer {h.layer:>2}  #{h.idx:<6} score {score}  {h.label}  [{h.sae_id}]{stale}")
+        click.echo(_search_line(h))
+
+
+def _search_line(h) -> str:
+    def num(v, fmt=".2f"):
+        return "  -  " if v is None else format(v, fmt)
+
+    steer = "  steers toward it" if h.steer else ""
+    stale = "  (written for the SAE's old weights)" if h.stale else ""
+    head = (f"layer {h.layer:>2} #{h.idx:<6} detection {num(h.score)} output {num(h.output)} "
+            f"freq {num(h.frequency, '.2%')}{steer}  [{h.sae_id}]")
+    return f"{head}\n    {h.label}{stale}\n    {h.snippet}"
 
 
 @cli.command()
@@ -241,8 +253,10 @@ def search(run_dir, query, limit, mode, as_json):
 @click.argument("prompt")
 @click.option("--feature", "features", multiple=True,
               help="LAYER:INDEX=STRENGTH (add), LAYER:INDEX@clamp=VALUE, LAYER:INDEX@ablate; repeatable.")
-@click.option("--concept", default=None, help="Steer the best-scoring feature whose label matches this query.")
-@click.option("--strength", default=None, type=Finite(), help="Strength for --concept.")
+@click.option("--concept", default=None,
+              help="Steer the features whose output writes this concept, at a calibrated strength (cached in the run).")
+@click.option("--strength", default=None, type=Finite(),
+              help="Strength for --concept (× max activation), instead of calibrating it.")
 @click.option("--max-new-tokens", default=40, type=POSITIVE)
 @click.option("--sample", is_flag=True, help="Sample instead of greedy decoding (same seed for both texts).")
 @click.option("--seed", default=0, type=NON_NEGATIVE)
@@ -265,15 +279,18 @@ def steer(run_dir, prompt, features, concept, strength, max_new_tokens, sample, 
                        f"CE cost {r.ppl_cost:.3f}  | {r.steered!r}")
         click.echo(f"plot: {out}")
         return
-    kw = {"concept": concept} if concept else {}
-    if concept and strength is not None:
-        kw["concept_strength"] = strength
+    kw = {"concept": concept, "concept_strength": strength} if concept else {}
     r = st.steer(run_dir, prompt, list(features), max_new_tokens=max_new_tokens, greedy=not sample, seed=seed, **kw)
     if as_json:
+        from dataclasses import asdict
+
         click.echo(json.dumps({"prompt": r.prompt, "unsteered": r.unsteered, "steered": r.steered,
                                "ce_unsteered": r.ce_unsteered, "ce_steered": r.ce_steered,
-                               "effects": [e.__dict__ for e in r.effects]}, indent=1, default=str))
+                               "effects": [e.__dict__ for e in r.effects],
+                               "concept": asdict(r.concept) if r.concept else None}, indent=1, default=str))
         return
+    if r.concept:
+        click.echo(_concept_lines(r.concept))
     click.echo(click.style("prompt     ", bold=True) + r.prompt)
     click.echo(click.style("unsteered  ", bold=True) + r.unsteered)
     click.echo(click.style("steered    ", bold=True) + r.steered)
@@ -283,6 +300,23 @@ def steer(run_dir, prompt, features, concept, strength, max_new_tokens, sample, 
                    f"{e.prob_unsteered:.4f} → {e.prob_steered:.4f}")
     click.echo(f"cost: CE of steered text under the unsteered model {r.ce_steered:.3f} vs {r.ce_unsteered:.3f} "
                f"(+{r.ppl_cost:.3f} nats/token)")
+    if r.concept:
+        c = r.concept
+        click.echo(f"concept: {c.words_unsteered} → {c.words_steered} concept words, similarity to "
+                   f"'{c.choice.concept}' {c.similarity_unsteered:.2f} → {c.similarity_steered:.2f}")
+
+
+def _concept_lines(effect) -> str:
+    choice = effect.choice
+    lines = [f"chose: {choice.reason}" + (" (calibration cached)" if choice.cached else
+                                          f" (calibrated in {choice.seconds:.0f} s)")]
+    chosen = set(choice.features)
+    for c in choice.candidates:
+        if set(c.features) == chosen:
+            continue
+        where = ", ".join(f"{sid}:{idx}" for sid, idx in c.features)
+        lines.append(f"  runner-up: {where}  output similarity {c.output_match:.2f}  {c.label}  ({c.why or '-'})")
+    return "\n".join(lines)
 
 
 @cli.command("import")

@@ -520,6 +520,17 @@ class FeatureDB:
                 out.update(str(p[0]) for p in json.loads(blob))
         return out
 
+    def top_tokens(self, sae_id: str, n: int) -> dict[int, list[np.ndarray]]:
+        """Token ids of the `n` best top examples of every feature of one SAE (idx → arrays, best first),
+        in one query: what the search index reads for tens of thousands of features."""
+        with self._read() as conn:
+            rows = conn.execute("SELECT idx, tokens FROM examples WHERE sae_id = ? AND kind = 'top' AND rank < ? "
+                                "ORDER BY idx, rank", (sae_id, _positive(n))).fetchall()
+        out: dict[int, list[np.ndarray]] = {}
+        for r in rows:
+            out.setdefault(r["idx"], []).append(np.frombuffer(r["tokens"], dtype="<i4"))
+        return out
+
     def top_features(self, sae_id: str, order_by: str = "frequency", limit: int = 50) -> list[dict]:
         """Feature stats of one SAE, largest `order_by` first ('idx' sorts ascending)."""
         if order_by not in ORDERS:

@@ -3,6 +3,7 @@
     scope = Scope.open("runs/gemma-3-270m")
     scope.feature("resid_post/6", 123)      # stats, examples, logit effects, labels
     scope.inspect("The Eiffel Tower", top=5)  # per token, per SAE: the top features and their labels
+    scope.search("farm animals")            # features about a concept, over every layer
 
 The web app calls these same functions, so both return plain JSON-able data.
 The model and the SAEs load on first use; features.sqlite opens on first use.
@@ -134,6 +135,15 @@ class Scope:
         return out
 
     # ---------------------------------------------------------------- inspect
+
+    def search(self, query: str, limit: int = 20, mode: str = "concept") -> list[dict]:
+        """Features about `query` over every layer, best first (`saescope.search.search`), as plain dicts:
+        sae_id, layer, idx, label, score (detection), output, frequency, snippet, evidence, steer, ..."""
+        from dataclasses import asdict
+
+        from .search import search
+
+        return [asdict(h) for h in search(self.run, query, limit=limit, mode=mode)]
 
     def inspect(self, text: str, top: int = 5, saes: list[str] | None = None) -> dict:
         """Run `text` through the model and every SAE (or those in `saes`): per token, per SAE,

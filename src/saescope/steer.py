@@ -31,7 +31,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -42,18 +42,15 @@ from .models import LoadedModel, Site
 from .sae import SAE
 from .tokens import token_text
 
+if TYPE_CHECKING:
+    from .conceptsteer import ConceptEffect
+
 Mode = Literal["add", "clamp", "ablate"]
 MODES = ("add", "clamp", "ablate")
 MAX_STRENGTH = 1000.0
 """Largest |strength| of an `add` (× the feature's typical activation): beyond it the text is noise or NaN."""
 MAX_CLAMP = 1e5
 """Largest |value| of a clamp (activation units)."""
-CONCEPT_MIN_SIMILARITY = 0.4
-"""A concept steers a labelled feature only when their embeddings are at least this alike (or share a word).
-MiniLM cosines: related pairs 0.52-0.75 ("water" / "rivers and seas", "French cities" / "paris and france"),
-unrelated 0.07-0.35 ("Zing" / "(token)" 0.20, "qwerty" / "punctuation" 0.35)."""
-CONCEPT_STRENGTH = 2.0
-"""Default `add` strength (× max_act) for `steer(..., concept=...)`."""
 TOP_TOKENS = 10
 """How many promoted tokens the probability metric sums over."""
 
@@ -217,7 +214,32 @@ def steering(lm: LoadedModel, saes: dict[str, SAE], interventions: Sequence[Inte
     `saes` maps each intervention's `sae_id` to its SAE; `typical[(sae_id, idx)]` scales
     `add` strengths (missing: 1). Hooks are removed on exit, also after an exception.
     """
-    plans = _plans(lm, saes, interventions, typical)
+    with _hooked(lm, _plans(lm, saes, interventions, typical)):
+        yield
+
+
+@contextlib.contextmanager
+def steering_rows(lm: LoadedModel, saes: dict[str, SAE], rows: Sequence[Sequence[Intervention]],
+                  typical: dict[tuple[str, int], float] | None = None) -> Iterator[None]:
+    """Like `steering`, but batch row r gets its own `add` interventions `rows[r]` (an empty list:
+    unsteered), so one batched `generate` tries many features and strengths at once."""
+    by_site: dict[str, _SitePlan] = {}
+    per_row = [_plans(lm, saes, ivs, typical) for ivs in rows]
+    for r, plans in enumerate(per_row):
+        for plan in plans:
+            if plan.clamps:
+                raise SaescopeError("steering_rows takes add interventions only")
+            merged = by_site.setdefault(plan.site.key, _SitePlan(plan.site))
+            if merged.add is None:
+                merged.add = torch.zeros(len(rows), 1, plan.site.width, device=lm.device)
+            merged.add[r, 0] += plan.add
+    with _hooked(lm, list(by_site.values())):
+        yield
+
+
+@contextlib.contextmanager
+def _hooked(lm: LoadedModel, plans: list[_SitePlan]) -> Iterator[None]:
+    """One hook per site plan (and the BOS bookkeeping), removed in `finally`."""
     steerer = _Steerer(lm, plans)
     handles = []
     try:
@@ -327,6 +349,7 @@ class SteerResult:
     effects: list[Effect]
     ce_unsteered: float
     ce_steered: float
+    concept: ConceptEffect | None = None  # steering by concept: the choice and the concept's rise
 
     @property
     def ppl_cost(self) -> float:
@@ -456,33 +479,7 @@ def _open_run(source):
     return None
 
 
-def _concept_feature(run, concept: str, strength: float) -> Intervention:
-    from .search import search  # lazily: search may pull in the optional embedding model
-
-    hits = search(run, concept, limit=5)
-    if not hits:
-        raise SaescopeError(f"no labelled feature matches '{concept}': label features first "
-                            "(`saescope label`) or try another word")
-    hit = hits[0]  # search ranks best first
-    if not _matches_well(concept, hit.label):
-        raise SaescopeError(f"no label matches '{concept}' well (the closest is '{hit.label}'): try another "
-                            "word, or steer a feature by its index (LAYER:INDEX=STRENGTH)")
-    return Intervention(run.resolve_sae(hit.sae_id), int(hit.idx), "add", float(strength))
-
-
-def _matches_well(concept: str, label: str) -> bool:
-    """Whether `label` is about `concept`: a word of one in the other, or embeddings at least
-    CONCEPT_MIN_SIMILARITY alike (without the embedding model, only the words count)."""
-    words = {w for w in re.findall(r"\w+", concept.lower()) if len(w) > 2}
-    if words & set(re.findall(r"\w+", label.lower())):
-        return True
-    from .search import similarity
-
-    sim = similarity(concept, label)
-    return sim is not None and sim >= CONCEPT_MIN_SIMILARITY
-
-
-def _setup(source, interventions, saes, typical, concept, concept_strength, typical_stat) -> _Setup:
+def _setup(source, interventions, saes, typical, concept, typical_stat) -> _Setup:
     if typical_stat not in ("max_act", "mean_act"):
         raise SaescopeError(f"typical_stat must be 'max_act' or 'mean_act', got '{typical_stat}'")
     run = _open_run(source)
@@ -501,11 +498,8 @@ def _setup(source, interventions, saes, typical, concept, concept_strength, typi
         elif run is not None and iv.sae_id not in saes:
             iv = replace(iv, sae_id=run.resolve_sae(iv.sae_id))
         ivs.append(iv)
-    if concept:
-        if run is None:
-            raise SaescopeError("steering by concept searches a run's labels: give a run, not a bare model")
-        check_strength(concept_strength, "add", f"concept '{concept}'")
-        ivs.insert(0, _concept_feature(run, concept, concept_strength))
+    if concept is not None:
+        ivs[:0] = concept.interventions()
     if not ivs:
         raise SaescopeError("nothing to steer: give at least one feature (e.g. 5:123=4) or a concept")
     for iv in ivs:
@@ -573,20 +567,43 @@ def _steered(s: _Setup, prompt: str, prompt_ids, base: _Baseline, max_new_tokens
 def steer(source, prompt: str, interventions: Sequence[Intervention | str] = (), *,
           saes: dict[str, SAE] | None = None, typical: dict[tuple[str, int], float] | None = None,
           max_new_tokens: int = 40, greedy: bool = True, temperature: float = 1.0, seed: int = 0,
-          concept: str | None = None, concept_strength: float = CONCEPT_STRENGTH,
+          concept: str | None = None, concept_strength: float | None = None, concept_config=None,
           typical_stat: str = "max_act") -> SteerResult:
     """Continue `prompt` without and with `interventions` (same seed) and measure the difference.
 
     `source` is a run (folder or `Run`: SAEs, typical activations and promoted tokens come
     from it, and features may be spec strings like "5:123=4") or a `LoadedModel` (then give
-    `saes`). `concept` steers the best-matching labelled feature (added first, strength
-    `concept_strength` × its max activation).
+    `saes`). `concept` steers the features whose output writes the concept (added first), at the
+    strength `conceptsteer.choose` calibrates (cached per concept in the run), or at
+    `concept_strength` × their max activation when given; `result.concept` says what was chosen
+    and why, and how much the concept rose in the text.
     """
-    s = _setup(source, interventions, saes, typical, concept, concept_strength, typical_stat)
+    run = _open_run(source)
+    source = run if run is not None else source  # open a folder once: choose and _setup share its model
+    choice = _concept_choice(run, concept, concept_strength, concept_config)
+    s = _setup(source, interventions, saes, typical, choice, typical_stat)
     prompt_ids = _encode_prompt(s.lm, prompt, max_new_tokens)
     _plans(s.lm, s.saes, s.interventions, s.typical)  # fail on bad input before generating anything
     base = _baseline(s, prompt_ids, max_new_tokens, greedy, temperature, seed)
-    return _steered(s, prompt, prompt_ids, base, max_new_tokens, greedy, temperature, seed)
+    result = _steered(s, prompt, prompt_ids, base, max_new_tokens, greedy, temperature, seed)
+    if choice is not None:
+        from .conceptsteer import measure_effect
+
+        result.concept = measure_effect(choice, result.unsteered, result.steered)
+    return result
+
+
+def _concept_choice(run, concept, strength, config):
+    if concept is None:
+        return None
+    from .conceptsteer import ConceptSteerConfig, choose, fixed
+
+    if run is None:
+        raise SaescopeError("steering by concept searches a run's features: give a run, not a bare model")
+    cfg = config or ConceptSteerConfig()
+    if strength is not None:
+        return fixed(run, concept, check_strength(strength, "add", f"concept '{concept}'"), cfg)
+    return choose(run, concept, cfg, lm=run.model)
 
 
 def sweep(source, prompt: str, feature: Intervention | str, strengths: Sequence[float], *,
@@ -599,7 +616,7 @@ def sweep(source, prompt: str, feature: Intervention | str, strengths: Sequence[
         raise SaescopeError("give at least one strength to sweep")
     if png is not None and Path(png).is_dir():
         raise SaescopeError(f"{png} is a folder: give the plot a file name, e.g. --png sweep.png")
-    s = _setup(source, [feature], saes, typical, None, 0.0, typical_stat)
+    s = _setup(source, [feature], saes, typical, None, typical_stat)
     target = s.interventions[0]
     if target.mode == "ablate":
         raise SaescopeError(f"'{target}' is an ablation, which has no strength to sweep: use add or @clamp")

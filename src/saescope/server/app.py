@@ -12,7 +12,7 @@ API (every response is JSON; errors are {"detail": "..."} with a 4xx status):
     GET  /api/feature/{sae_id}/{idx}            stats, examples, logit effects, labels + history
     POST /api/feature/{sae_id}/{idx}/label      {text, author} → new human label
     GET  /api/search?q=&limit=&mode=            labels → features
-    POST /api/steer     {prompt, features, concept, strength, max_new_tokens, greedy, seed}
+    POST /api/steer     {prompt, features, concept, concept_strength, strength, max_new_tokens, greedy, seed}
 
 Security: all data reaches the page through textContent (see static/app.js) and every
 response carries a strict Content-Security-Policy. Model calls run in a worker thread,
@@ -104,6 +104,8 @@ class SteerIn(_Body):
     features: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(default_factory=list,
                                                                                  max_length=MAX_FEATURES)
     concept: str | None = Field(None, max_length=200)
+    concept_strength: float | None = Field(None, ge=-MAX_STRENGTH, le=MAX_STRENGTH, allow_inf_nan=False)
+    """Strength for the concept's features; None: calibrated (and cached) by the library."""
     strength: float = Field(2.0, ge=-MAX_STRENGTH, le=MAX_STRENGTH, allow_inf_nan=False)
     max_new_tokens: int = Field(24, ge=1, le=MAX_NEW_TOKENS)
     greedy: bool = True
@@ -391,7 +393,7 @@ def _install_routes(app: FastAPI, atlas: Atlas) -> None:
     @app.get("/api/search")
     async def search_labels(q: Annotated[str, Query(max_length=200)] = "",
                             limit: Annotated[int, Query(ge=1, le=200)] = 30,
-                            mode: Annotated[str, Query(pattern="^(hybrid|fts|semantic)$")] = "hybrid"):
+                            mode: Annotated[str, Query(pattern="^(concept|hybrid|fts|semantic)$")] = "concept"):
         from ..search import search
 
         if not q.strip():
@@ -400,7 +402,7 @@ def _install_routes(app: FastAPI, atlas: Atlas) -> None:
             raise HTTPException(404, "this run has no feature database yet: run the analysis and label features")
 
         def work():
-            with atlas.compute:  # semantic search runs the embedding model
+            with atlas.compute:  # concept and semantic search run the embedding model
                 return search(run, q, limit=limit, mode=mode)
 
         hits = await run_in_threadpool(work)
@@ -420,7 +422,7 @@ def _install_routes(app: FastAPI, atlas: Atlas) -> None:
         def work():
             with atlas.compute:
                 atlas.check_prompt(body.prompt, extra=body.max_new_tokens)
-                return steer(run, body.prompt, features, concept=concept, concept_strength=body.strength,
+                return steer(run, body.prompt, features, concept=concept, concept_strength=body.concept_strength,
                              max_new_tokens=body.max_new_tokens, greedy=body.greedy, seed=body.seed)
 
         result = await run_in_threadpool(work)
@@ -449,7 +451,8 @@ def _steer_json(atlas: Atlas, r) -> dict:
                         "label": _best_label(atlas, e.sae_id, e.idx)})
     return {"prompt": r.prompt, "unsteered": r.unsteered, "steered": r.steered,
             "interventions": [{**asdict(iv), "spec": str(iv)} for iv in r.interventions], "effects": effects,
-            "ce_unsteered": r.ce_unsteered, "ce_steered": r.ce_steered, "ppl_cost": r.ppl_cost}
+            "ce_unsteered": r.ce_unsteered, "ce_steered": r.ce_steered, "ppl_cost": r.ppl_cost,
+            "concept": asdict(r.concept) if r.concept else None}
 
 
 def _best_label(atlas: Atlas, sae_id: str, idx: int) -> str | None:

@@ -453,28 +453,33 @@ function labelsCard(f) {
 
 async function pageSearch(r) {
   const q = r.params.get("q") || "";
-  const mode = r.params.get("mode") || "hybrid";
-  const input = el("input", {type: "search", id: "search-q", value: q, maxLength: 200, placeholder: "e.g. capital city"});
-  const sel = el("select", {id: "search-mode"}, ...["hybrid", "fts", "semantic"].map(m => el("option", {value: m, text: m, selected: m === mode})));
+  const mode = r.params.get("mode") || "concept";
+  const input = el("input", {type: "search", id: "search-q", value: q, maxLength: 200, placeholder: "e.g. farm animals"});
+  const sel = el("select", {id: "search-mode"}, ...["concept", "hybrid", "fts", "semantic"].map(m => el("option", {value: m, text: m, selected: m === mode})));
   const form = el("form", {class: "row", onsubmit: e => {
     e.preventDefault();
     location.hash = `#/search?q=${encodeURIComponent(input.value)}&mode=${sel.value}`;
   }}, el("label", {}, "query", input), el("label", {}, "mode", sel), el("button", {id: "search-go", text: "Search"}));
   const out = el("div", {id: "search-out"});
-  render(el("h1", {text: "Search labels"}), el("div", {class: "card"}, form), out);
+  render(el("h1", {text: "Search features"}),
+    el("p", {class: "muted", text: "concept: ranks features by their labels, the text they fire on and the tokens they promote; the other modes search the labels only."}),
+    el("div", {class: "card"}, form), out);
   if (!q.trim()) return;
   out.replaceChildren(el("p", {class: "muted", text: "Searching…"}));
   try {
     const res = await api(`/api/search?q=${encodeURIComponent(q)}&mode=${encodeURIComponent(mode)}&limit=50`);
-    if (!res.hits.length) { out.replaceChildren(el("p", {class: "muted", text: "No label matches."})); return; }
+    if (!res.hits.length) { out.replaceChildren(el("p", {class: "muted", text: "No feature matches."})); return; }
     out.replaceChildren(el("table", {id: "search-results"},
-      el("tr", {}, ...["layer", "site", "feature", "label", "source", "score", "match"].map(h => el("th", {text: h}))),
+      el("tr", {}, ...["layer", "feature", "label", "detection", "output", "frequency", "steers toward it", "top context", "match"].map(h => el("th", {text: h}))),
       ...res.hits.map(h => el("tr", {},
-        el("td", {class: "num", text: h.layer}), el("td", {text: h.site}),
+        el("td", {class: "num", text: h.layer}),
         el("td", {}, el("a", {class: "feat-link", href: featureHref(h.sae_id, h.idx), text: `#${h.idx}`})),
         el("td", {class: "label-text", text: h.label},
-          h.stale ? el("span", {class: "stale", text: " written for old weights"}) : null), el("td", {text: h.source}),
-        el("td", {class: "num", text: fmt(h.score, 2)}), el("td", {class: "num", text: fmt(h.match, 3)})))));
+          h.stale ? el("span", {class: "stale", text: " written for old weights"}) : null),
+        el("td", {class: "num", text: fmt(h.score, 2)}), el("td", {class: "num", text: fmt(h.output, 2)}),
+        el("td", {class: "num", text: h.frequency == null ? "–" : `${(100 * h.frequency).toFixed(2)}%`}),
+        el("td", {text: h.steer ? `yes (${fmt(h.evidence.output, 2)})` : ""}),
+        el("td", {class: "snippet", text: h.snippet || ""}), el("td", {class: "num", text: fmt(h.match, 3)})))));
   } catch (err) { out.replaceChildren(errorBox(err)); }
 }
 
@@ -486,7 +491,7 @@ async function pageSteer(r) {
   if (r.params.get("f")) steerState.features = r.params.get("f");
   const feats = el("textarea", {id: "steer-features", rows: 2, value: steerState.features,
                                 placeholder: "one per line: LAYER:INDEX=STRENGTH, e.g. 6:123=4 (no =value: use the strength)"});
-  const concept = el("input", {type: "text", id: "steer-concept", value: steerState.concept, maxLength: 200, placeholder: "or a concept, e.g. music"});
+  const concept = el("input", {type: "text", id: "steer-concept", value: steerState.concept, maxLength: 200, placeholder: "or a concept, e.g. the sea"});
   const strength = el("input", {type: "number", id: "steer-strength", step: "any", value: steerState.strength});
   const prompt = el("textarea", {id: "steer-prompt", rows: 2, maxLength: 2000, value: steerState.prompt});
   const maxTok = el("input", {type: "number", id: "steer-max", min: 1, max: 200, value: steerState.max_new_tokens});
@@ -511,7 +516,7 @@ async function pageSteer(r) {
     el("p", {class: "muted", text: "Add a feature's decoder direction while the model generates (strength × the feature's max activation), clamp it (…@clamp=V) or ablate it (…@ablate). Both continuations use the same seed."}),
     el("div", {class: "card"},
       el("div", {class: "two"}, el("label", {}, "features", feats), el("label", {}, "prompt", prompt)),
-      el("div", {class: "row"}, el("label", {}, "concept (searches the labels)", concept), el("label", {}, "strength", strength),
+      el("div", {class: "row"}, el("label", {}, "concept (features that write it, strength calibrated)", concept), el("label", {}, "strength", strength),
         el("label", {}, "new tokens", maxTok), el("label", {}, "greedy", greedy), el("label", {}, "seed", seed), btn)),
     out);
 }
@@ -527,7 +532,7 @@ function drawSteer(out, res) {
       el("td", {class: "num", text: fmt(e.act_during)}),
       el("td", {class: "num", text: `${fmt(e.prob_unsteered)} → ${fmt(e.prob_steered)}`}),
       el("td", {text: (e.promoted_tokens || []).slice(0, 6).map(showToken).join(" ")}))));
-  out.replaceChildren(
+  out.replaceChildren(...(res.concept ? [conceptCard(res.concept)] : []),
     el("div", {class: "two"},
       el("div", {class: "card"}, el("h2", {text: "unsteered"}),
         el("div", {class: "out", id: "steer-unsteered"}, el("span", {class: "prompt", text: res.prompt}), res.unsteered)),
@@ -536,4 +541,18 @@ function drawSteer(out, res) {
     el("div", {class: "card"}, el("h2", {text: "Measured effect"}), effects,
       el("p", {id: "steer-ce", class: "muted",
                text: `cross-entropy under the unsteered model: unsteered text ${fmt(res.ce_unsteered)} · steered text ${fmt(res.ce_steered)} nats/token (cost ${fmt(res.ppl_cost)})`})));
+}
+
+function conceptCard(c) {
+  const ch = c.choice;
+  const chosen = JSON.stringify(ch.features);
+  const others = ch.candidates.filter(k => JSON.stringify(k.features) !== chosen);
+  return el("div", {class: "card", id: "steer-concept-choice"}, el("h2", {text: `Concept: ${ch.concept}`}),
+    el("p", {text: ch.reason + (ch.cached ? " (calibration cached)" : ` (calibrated in ${ch.seconds.toFixed(0)} s)`)}),
+    el("p", {class: "num", text: `concept words ${c.words_unsteered} → ${c.words_steered} · similarity to the concept ${fmt(c.similarity_unsteered, 2)} → ${fmt(c.similarity_steered, 2)}`}),
+    ...(others.length ? [el("p", {class: "muted", text: "runners-up (steer one by its feature id):"}),
+      el("ul", {}, ...others.map(k => el("li", {},
+        el("a", {href: `#/steer?f=${encodeURIComponent(k.features.map(([s, i]) => `${s}:${i}=${k.strength || ch.strength}`).join("\n"))}`,
+                 text: k.features.map(([s, i]) => `${s}:${i}`).join(" + ")}),
+        ` output similarity ${fmt(k.output_match, 2)} · ${k.label} · ${k.why || ""}`)))] : []));
 }

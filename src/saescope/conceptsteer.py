@@ -1,0 +1,465 @@
+"""Steering by concept: pick the features whose output writes the concept, and calibrate their strength.
+
+    choice = choose(run, "farm animals")     # → ConceptChoice: features, strength, why, runners-up
+    steer(run, prompt, concept="farm animals")   # uses it (steer.py)
+
+1. **Candidates by output.** Features are ranked by their output side (`search.concept_ranking`
+   with `STEER_WEIGHTS`: the words their decoder direction promotes, a little of their contexts
+   and label), over every layer of the run: features picked by what they write steer far
+   better than features picked by what makes them fire (2025 results, DESIGN.md §7). When even
+   the best output side is below `min_output`, no feature matches and `choose` says so.
+2. **Strength by a ladder.** Every candidate (and, with `combine`, the top candidates together)
+   is steered at each strength of `ladder` (× the feature's max activation) on the library's
+   own neutral calibration prompts, sampled, all rows in one batched `generate`
+   (`steer.steering_rows`). A rung *shows the concept* when its texts hold at least
+   `min_word_rise` more concept words than the unsteered texts (words: the query's own, the
+   index's words closest to it, the candidate's promoted words close to it) and their
+   embedding moves toward the query; it is *degenerate* when the mean distinct-bigram ratio
+   falls below `min_distinct2` or a token repeats `max_run` times in a row. Walking up the
+   ladder, the first degenerate rung stops the climb; the first rung that shows the concept
+   is checked for cost (cross-entropy of its texts under the unsteered model, at most
+   `max_cost` nats/token above the unsteered texts') and taken. Of the candidates with such
+   a rung, the one whose rung raised the concept's words most wins (single features and the
+   combination compete on the same prompts); the others are reported as runners-up.
+3. **Cache.** The choice is stored per concept in run/steer_calibration.json (atomic write),
+   keyed by the concept index (re-analysis invalidates it) and the calibration settings, so a
+   repeated request skips steps 1-2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .errors import SaescopeError
+from .fsio import read_json, write_json
+from .runs import Run
+
+CALIBRATION_FILE = "steer_calibration.json"
+CALIBRATION_PROMPTS = ("Here is what I wrote about it:", "Let me tell you something.", "It all started when",
+                       "This is the next part of the text.")
+"""Neutral prompts of the library's own, never an evaluation's."""
+
+
+@dataclass(frozen=True)
+class ConceptSteerConfig:
+    """How `choose` picks features and strengths for a concept."""
+
+    ladder: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    """Strengths tried, × each feature's max activation, smallest first."""
+    candidates: int = 3
+    """Features (by output match) calibrated per concept."""
+    combine: int = 2
+    """Also try this many top candidates (different layers) together, each at strength / combine (1: never)."""
+    min_output: float = 0.35
+    """Below this output-side similarity no feature matches the concept."""
+    tokens: int = 24
+    """New tokens per calibration text."""
+    seed: int = 1234
+    min_word_rise: int = 4
+    """Concept words the steered calibration texts must gain over the unsteered ones (one per prompt)."""
+    min_distinct2: float = 0.6
+    max_run: int = 4
+    max_cost: float = 2.5
+    """Largest CE cost (nats/token of the steered texts under the unsteered model, above the unsteered texts)."""
+
+    def key(self) -> str:
+        raw = json.dumps([dataclasses.asdict(self), CALIBRATION_PROMPTS], sort_keys=True)
+        return hashlib.sha1(raw.encode()).hexdigest()[:12]
+
+
+@dataclass
+class Rung:
+    """One strength of the ladder for one candidate, pooled over the calibration prompts."""
+
+    strength: float
+    words_unsteered: int
+    words_steered: int
+    similarity_unsteered: float
+    similarity_steered: float
+    distinct2: float
+    longest_run: int
+    cost: float | None = None  # measured only for the rung that would be taken
+    shows: bool = False
+    degenerate: bool = False
+    example: str = ""  # the first calibration prompt's steered text
+
+
+@dataclass
+class Candidate:
+    """A feature (or, with `combine`, several) tried for the concept, and its ladder."""
+
+    features: list[tuple[str, int]]
+    layer: list[int | None]
+    label: str
+    output_match: float
+    context_match: float
+    rungs: list[Rung] = field(default_factory=list)
+    strength: float | None = None  # the rung taken, None if none passed
+    why: str = ""
+
+
+@dataclass
+class ConceptChoice:
+    """What `choose` decided for a concept: which features at which strength, and why."""
+
+    concept: str
+    features: list[tuple[str, int]]
+    strength: float  # × max activation, for each feature
+    reason: str
+    candidates: list[Candidate]
+    words: list[str]  # concept words counted
+    calibrated: bool  # a rung showed the concept without degenerating
+    cached: bool = False
+    seconds: float = 0.0
+
+    def interventions(self):
+        from .steer import Intervention
+
+        return [Intervention(sid, idx, "add", self.strength) for sid, idx in self.features]
+
+
+def _steer_weights():
+    """Candidates are ranked mainly by what they write (the search's weights favour contexts)."""
+    from .search import ConceptWeights
+
+    return ConceptWeights(contexts=0.15, output=1.0, label=0.15)
+
+
+# ---------------------------------------------------------------------------- choose
+
+
+def choose(run: Run, concept: str, cfg: ConceptSteerConfig = ConceptSteerConfig(), lm=None) -> ConceptChoice:
+    """The features and strength to steer toward `concept` (cached per concept in the run folder)."""
+    from .conceptindex import index_key
+
+    concept = " ".join(str(concept or "").split())
+    if not concept:
+        raise SaescopeError("the concept is empty: name a topic, e.g. --concept 'farm animals'")
+    t0 = time.time()
+    with run.db(readonly=True) as db:
+        key = (index_key(db), cfg.key())
+    cached = _read_cache(run, key).get(concept.lower())
+    if cached is not None:
+        choice = _choice_from_dict(cached)
+        choice.cached, choice.seconds = True, time.time() - t0
+        return choice
+    choice = _calibrate(run, concept, cfg, lm)
+    choice.seconds = time.time() - t0
+    _write_cache(run, key, concept.lower(), choice)
+    return choice
+
+
+def _candidates(run: Run, concept: str, cfg: ConceptSteerConfig) -> tuple[list[Candidate], list[str], np.ndarray]:
+    from .conceptindex import as_word, concept_index
+    from .search import concept_ranking, encode
+
+    with run.db(readonly=True) as db:
+        ranking = concept_ranking(run, db, concept, _steer_weights())
+        layers = {s["id"]: s["layer"] for s in db.saes()}
+        index = concept_index(run, db)
+        alive = [m for m in ranking[:200] if (db.feature_stats(m.sae_id, m.idx) or {}).get("max_act")]
+    if not alive or alive[0].output < cfg.min_output:
+        best = f"best: layer {layers.get(alive[0].sae_id)} #{alive[0].idx}, output similarity " \
+               f"{alive[0].output:.2f}" if alive else "no analysed features"
+        raise SaescopeError(f"no feature writes '{concept}' ({best} < {cfg.min_output}): try a more everyday word")
+    picked = alive[:cfg.candidates]
+    qvec = encode([concept])[0]
+    words = {w for w in (as_word(t) for t in re.findall(r"[A-Za-z]+", concept)) if w}
+    words |= set(index.related_words(qvec, 0.5))
+    cands = []
+    for m in picked:
+        row = index.position(m.sae_id, m.idx)
+        sims = index.word_similarity(qvec)
+        out_ids = [i for i in index.out_words[row].tolist() if i >= 0] if row is not None else []
+        words |= {index.words[i] for i in out_ids if sims[i] >= 0.4}
+        label = m.label_row["text"] if m.label_row else "(no label)"
+        cands.append(Candidate([(m.sae_id, m.idx)], [layers.get(m.sae_id)], label, m.output, m.contexts))
+    if cfg.combine > 1:
+        cands.append(_combined(cands, cfg.combine))
+    return cands, sorted(words), qvec
+
+
+def _combined(cands: list[Candidate], k: int) -> Candidate:
+    """The top candidates from different layers, steered together."""
+    chosen: list[Candidate] = []
+    for c in cands:
+        if c.layer[0] not in [x.layer[0] for x in chosen]:
+            chosen.append(c)
+        if len(chosen) == k:
+            break
+    return Candidate([f for c in chosen for f in c.features], [c.layer[0] for c in chosen],
+                     " + ".join(c.label for c in chosen), float(np.mean([c.output_match for c in chosen])),
+                     float(np.mean([c.context_match for c in chosen])))
+
+
+def fixed(run: Run, concept: str, strength: float, cfg: ConceptSteerConfig = ConceptSteerConfig()) -> ConceptChoice:
+    """The best output-matching feature at a strength the caller chose (no calibration)."""
+    cands, words, _ = _candidates(run, concept, cfg)
+    best = cands[0]
+    reason = (f"{_name(best)} writes '{concept}' best (output similarity {best.output_match:.2f}); "
+              f"strength ×{strength:g} as given")
+    return ConceptChoice(concept, best.features, float(strength), reason, cands, words, calibrated=False)
+
+
+def _calibrate(run: Run, concept: str, cfg: ConceptSteerConfig, lm) -> ConceptChoice:
+    cands, words, qvec = _candidates(run, concept, cfg)
+    lm = lm or run.model
+    saes, typical = _load(run, [f for c in cands for f in c.features])
+    texts, new_ids = _generate_ladder(lm, saes, typical, cands, cfg)
+    measure = _Measure(words, qvec)
+    base = measure.texts(texts[0], new_ids[0])
+    for ci, c in enumerate(cands):
+        for si, strength in enumerate(cfg.ladder):
+            steered = measure.texts(texts[1 + ci * len(cfg.ladder) + si], new_ids[1 + ci * len(cfg.ladder) + si])
+            c.rungs.append(_rung(strength, base, steered, cfg, texts[1 + ci * len(cfg.ladder) + si][0]))
+        _climb(lm, saes, typical, c, cfg, new_ids[0],
+               {si: new_ids[1 + ci * len(cfg.ladder) + si] for si in range(len(cfg.ladder))})
+    return _decide(concept, cands, words, cfg)
+
+
+def _decide(concept: str, cands: list[Candidate], words: list[str], cfg: ConceptSteerConfig) -> ConceptChoice:
+    passed = [(c, next(r for r in c.rungs if r.strength == c.strength)) for c in cands if c.strength is not None]
+    if passed:  # the candidate whose smallest passing strength raised the concept most
+        best, rung = max(passed, key=lambda cr: cr[1].words_steered - cr[1].words_unsteered)
+        reason = (f"{_name(best)} writes '{concept}' (output similarity {best.output_match:.2f}); ×{best.strength:g} "
+                  f"is the smallest strength that raised the concept's words {rung.words_unsteered} → "
+                  f"{rung.words_steered} on {len(CALIBRATION_PROMPTS)} calibration prompts with the text still "
+                  f"language (distinct bigrams {rung.distinct2:.2f}, CE cost {rung.cost:+.2f})")
+        return ConceptChoice(concept, best.features, best.strength, reason, cands, words, calibrated=True)
+    best, rung = max(((c, r) for c in cands for r in c.rungs if not r.degenerate),
+                     key=lambda cr: cr[1].words_steered - cr[1].words_unsteered, default=(cands[0], None))
+    strength = rung.strength if rung is not None else cfg.ladder[0]
+    reason = (f"no strength made '{concept}' show without degenerating the text; steering {_name(best)} "
+              f"(output similarity {best.output_match:.2f}) at ×{strength:g}, its largest rise")
+    return ConceptChoice(concept, best.features, strength, reason, cands, words, calibrated=False)
+
+
+def _name(c: Candidate) -> str:
+    return " + ".join(f"layer {layer} #{idx}" for layer, (_, idx) in zip(c.layer, c.features))
+
+
+# ---------------------------------------------------------------------------- the ladder
+
+
+def _load(run: Run, features: list[tuple[str, int]]):
+    saes, typical = {}, {}
+    with run.db(readonly=True) as db:
+        for sid, idx in features:
+            if sid not in saes:
+                saes[sid] = run.load_sae(sid)
+            typical[(sid, idx)] = float((db.feature_stats(sid, idx) or {}).get("max_act") or 1.0)
+    return saes, typical
+
+
+def _generate_ladder(lm, saes, typical, cands: list[Candidate], cfg: ConceptSteerConfig):
+    """Texts and new ids per group: [unsteered] + [candidate × rung], each a list over the prompts."""
+    from .steer import Intervention
+
+    groups: list[list] = [[]]
+    for c in cands:
+        for strength in cfg.ladder:
+            groups.append([Intervention(sid, idx, "add", strength / len(c.features)) for sid, idx in c.features])
+    prompts = list(CALIBRATION_PROMPTS)
+    rows = [g for g in groups for _ in prompts]
+    new = generate_rows(lm, saes, typical, prompts * len(groups), rows, cfg.tokens, cfg.seed)
+    texts = [lm.tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
+    n = len(prompts)
+    return ([texts[i:i + n] for i in range(0, len(texts), n)], [new[i:i + n] for i in range(0, len(new), n)])
+
+
+def generate_rows(lm, saes, typical, prompts: list[str], rows: list[list], tokens: int, seed: int,
+                  sample: bool = True) -> list[torch.Tensor]:
+    """Continue every prompt under its own interventions (one batched, left-padded generate)."""
+    from transformers import GenerationConfig
+
+    from .steer import steering_rows
+
+    tok = lm.tokenizer
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        batch = tok(prompts, return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = side
+    ids, mask = batch["input_ids"].to(lm.device), batch["attention_mask"].to(lm.device)
+    gen_cfg = GenerationConfig(max_new_tokens=int(tokens), do_sample=sample, temperature=1.0 if sample else None,
+                               top_k=None, top_p=None, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    devices = [lm.device] if lm.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), steering_rows(lm, saes, rows, typical):
+        torch.manual_seed(seed)
+        out = lm.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+    new = out[:, ids.shape[1]:].cpu()
+    return [_strip_pad(r, tok) for r in new]
+
+
+def _strip_pad(ids: torch.Tensor, tok) -> torch.Tensor:
+    """Cut a generated row at its first EOS/pad (what generate fills finished rows with)."""
+    stop = {tok.eos_token_id, tok.pad_token_id} - {None}
+    for i, t in enumerate(ids.tolist()):
+        if t in stop:
+            return ids[:i]
+    return ids
+
+
+def _climb(lm, saes, typical, c: Candidate, cfg: ConceptSteerConfig, base_ids, rung_ids) -> None:
+    """Walk up the ladder: stop at the first degenerate rung; take the first that shows the concept
+    at an acceptable cost."""
+    base_ce = None
+    for si, r in enumerate(c.rungs):
+        if r.degenerate:
+            c.why = f"degenerates at ×{r.strength:g} before the concept shows"
+            return
+        if not r.shows:
+            continue
+        if base_ce is None:
+            base_ce = continuation_ce(lm, CALIBRATION_PROMPTS, base_ids)
+        r.cost = continuation_ce(lm, CALIBRATION_PROMPTS, rung_ids[si]) - base_ce
+        if r.cost > cfg.max_cost:
+            c.why = f"costs {r.cost:.2f} nats/token at ×{r.strength:g}, over the cap {cfg.max_cost:g}"
+            return
+        c.strength = r.strength
+        c.why = f"concept shows at ×{r.strength:g}"
+        return
+    c.why = "the concept did not show at any strength of the ladder"
+
+
+def continuation_ce(lm, prompts, new_ids: list[torch.Tensor]) -> float:
+    """Mean cross-entropy (nats/token) of the continuations under the unsteered model."""
+    total, count = 0.0, 0
+    for prompt, new in zip(prompts, new_ids):
+        if new.numel() == 0:
+            continue
+        p = lm.tokenizer(prompt, return_tensors="pt")["input_ids"][0]
+        ids = torch.cat([p, new]).unsqueeze(0).to(lm.device)
+        with torch.no_grad():
+            logits = lm.model(input_ids=ids, use_cache=False).logits[0, len(p) - 1:-1].float()
+        logp = logits.log_softmax(-1)
+        total += float(-logp.gather(1, new.to(logp.device)[:, None]).sum())
+        count += new.numel()
+    return total / count if count else float("nan")
+
+
+# ---------------------------------------------------------------------------- measures
+
+
+def distinct2(text: str) -> float:
+    """Distinct word bigrams / word bigrams (1 for fewer than two words): low means a loop."""
+    words = text.split()
+    pairs = list(zip(words, words[1:]))
+    return len(set(pairs)) / len(pairs) if pairs else 1.0
+
+
+def longest_run(ids) -> int:
+    """The longest run of one token repeated back to back."""
+    best = run = 0
+    prev = None
+    for t in list(ids):
+        run = run + 1 if t == prev else 1
+        best, prev = max(best, run), t
+    return best
+
+
+def count_words(words: list[str], text: str) -> int:
+    """Occurrences of the concept words in `text`, matched at word starts ("planet" counts "planets")."""
+    low = text.lower()
+    return sum(len(re.findall(r"\b" + re.escape(_stem(w)), low)) for w in words)
+
+
+def _stem(word: str) -> str:
+    w = word.lower()
+    for end in ("ies", "es", "s"):
+        if w.endswith(end) and len(w) - len(end) >= 4:
+            return w[: len(w) - len(end)]
+    return w
+
+
+@dataclass
+class _Texts:
+    words: int
+    similarity: float
+    distinct2: float
+    longest_run: int
+
+
+class _Measure:
+    def __init__(self, words: list[str], qvec: np.ndarray):
+        self.words, self.qvec = words, qvec
+
+    def texts(self, texts: list[str], ids: list[torch.Tensor]) -> _Texts:
+        from .search import encode
+
+        sims = encode(texts) @ self.qvec if texts else np.zeros(0)
+        return _Texts(words=sum(count_words(self.words, t) for t in texts), similarity=float(np.mean(sims)),
+                      distinct2=float(np.mean([distinct2(t) for t in texts])),
+                      longest_run=max((longest_run(i.tolist()) for i in ids), default=0))
+
+
+def _rung(strength: float, base: _Texts, steered: _Texts, cfg: ConceptSteerConfig, example: str) -> Rung:
+    rise = steered.words - base.words
+    moved = steered.similarity - base.similarity
+    return Rung(strength, base.words, steered.words, round(base.similarity, 4), round(steered.similarity, 4),
+                round(steered.distinct2, 3), steered.longest_run,
+                shows=(rise >= cfg.min_word_rise and moved > 0) or (rise >= cfg.min_word_rise / 2 and moved >= 0.1),
+                degenerate=steered.distinct2 < cfg.min_distinct2 or steered.longest_run >= cfg.max_run,
+                example=example)
+
+
+@dataclass
+class ConceptEffect:
+    """A concept steering's choice, and the concept in the unsteered vs steered text of the request."""
+
+    choice: ConceptChoice
+    words_unsteered: int
+    words_steered: int
+    similarity_unsteered: float
+    similarity_steered: float
+
+
+def measure_effect(choice: ConceptChoice, unsteered: str, steered: str) -> ConceptEffect:
+    """Count the concept's words and measure the texts' similarity to the concept."""
+    from .search import encode
+
+    q, a, b = encode([choice.concept, unsteered, steered])
+    return ConceptEffect(choice, count_words(choice.words, unsteered), count_words(choice.words, steered),
+                         round(float(a @ q), 4), round(float(b @ q), 4))
+
+
+# ---------------------------------------------------------------------------- cache
+
+
+def _read_cache(run: Run, key: tuple[str, str]) -> dict:
+    """{concept: choice dict} for these settings; nothing when the index changed since."""
+    return _read_all(run, key[0]).get(key[1], {})
+
+
+def _read_all(run: Run, index: str) -> dict:
+    path = run.root / CALIBRATION_FILE
+    if not path.exists():
+        return {}
+    try:
+        data = read_json(path, "steering calibration")
+    except SaescopeError:
+        return {}  # unreadable: calibrate again and rewrite it
+    return data.get("settings", {}) if data.get("index") == index else {}
+
+
+def _write_cache(run: Run, key: tuple[str, str], concept: str, choice: ConceptChoice) -> None:
+    settings = _read_all(run, key[0])  # choices made under an older index are dropped
+    settings.setdefault(key[1], {})[concept] = dataclasses.asdict(choice)
+    write_json(run.root / CALIBRATION_FILE, {"index": key[0], "settings": settings})
+
+
+def _choice_from_dict(d: dict) -> ConceptChoice:
+    cands = []
+    for c in d["candidates"]:
+        rungs = [Rung(**r) for r in c.pop("rungs")]
+        cands.append(Candidate(**{**c, "features": [tuple(f) for f in c["features"]]}, rungs=rungs))
+    return ConceptChoice(**{**d, "features": [tuple(f) for f in d["features"]], "candidates": cands})
