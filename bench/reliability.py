@@ -90,7 +90,7 @@ def write_markdown(results, world: dict, extra, path: Path) -> None:
         "(the same cases `tests/test_bad_inputs.py` runs: one test per case). A case is answered well when the",
         "CLI exits non-zero with exactly one line `error: ...` (or the API answers the expected 4xx with one",
         "`detail`), shows no traceback, and no file of the runs, models, corpora or working folder is created,",
-        "changed or removed (SQLite's -wal/-shm side files and the label-embedding cache excepted). Paths under",
+        "changed or removed (SQLite's -wal/-shm side files and the search caches excepted). Paths under",
         "the temporary test folder are shown as `…`.",
         "",
         "Placeholders in the commands:",

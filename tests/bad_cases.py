@@ -452,7 +452,7 @@ def build_world(base: Path, model_dir: Path, gpt2_dir: Path) -> dict[str, str]:
     return out
 
 
-TRANSIENT = ("-wal", "-shm", "-journal", "label_embeddings.npz")
+TRANSIENT = ("-wal", "-shm", "-journal", "label_embeddings.npz", "concept_index.npz")  # side files and search caches
 """Not counted as written: SQLite's own side files (made and removed by any connection) and the cache of
 label embeddings that any search may build; a folder's mtime changes with them, so folders count only by name."""
 
