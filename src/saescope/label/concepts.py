@@ -98,8 +98,21 @@ class Space:
     base_out: tuple[np.ndarray, np.ndarray] = (np.zeros(1), np.ones(1))  # per concept: over vocabulary words
 
     def window_stems(self, ctx: Context) -> np.ndarray:
-        st = self.id2stem[np.clip(np.asarray(ctx.ids, np.int64), 0, len(self.id2stem) - 1)]
-        return np.unique(st[st >= 0])
+        """Sorted stem indices in a window (cached: windows recur across features)."""
+        found = self._stems_cache.get(ctx.ids)
+        if found is None:
+            st = self.id2stem[np.clip(np.asarray(ctx.ids, np.int64), 0, len(self.id2stem) - 1)]
+            found = self._stems_cache[ctx.ids] = np.unique(st[st >= 0])
+        return found
+
+    def keep_mask(self, ev: Evidence) -> np.ndarray:
+        """Background windows usable for this feature: all but its own held-out windows."""
+        keep = np.ones(len(self.background), bool)
+        for ctx in ev.held_out:
+            j = self._bg_index.get(ctx.ids)
+            if j is not None:
+                keep[j] = False
+        return keep
 
     def row(self, token_id: int) -> int:
         return int(self.id2row[token_id]) if 0 <= token_id < len(self.id2row) else -1
@@ -112,6 +125,14 @@ class Space:
     def __post_init__(self):
         self._by_name = {w: i for i, w in enumerate(self.names)}
         self._bg_attrs: dict[str, list[frozenset[str]]] = {}
+        self._stems_cache: dict[tuple[int, ...], np.ndarray] = {}
+        self._vec_cache: dict[tuple[int, ...], np.ndarray] = {}
+
+    @property
+    def _bg_index(self) -> dict[tuple[int, ...], int]:
+        if not hasattr(self, "_bg_index_map"):
+            self._bg_index_map = {ids: j for j, (ids, _) in enumerate(self.background)}
+        return self._bg_index_map
 
     def background_attributes(self, kind: str) -> list[frozenset[str]]:
         """Per background window, the values of one rule attribute anywhere in it (cached)."""
@@ -125,7 +146,17 @@ class Space:
     # ---------------------------------------------------------------- vectors
 
     def window_vectors(self, contexts: Sequence[Context], context_weight: float | None = None) -> np.ndarray:
-        """(n, d) unit centred vectors; context_weight None = every word alike (no activations used)."""
+        """(n, d) unit centred vectors; context_weight None = every word alike (no activations used;
+        cached per window, as windows recur across features)."""
+        if context_weight is None and len(self._vec_cache) < 200_000:
+            missing = [c for c in contexts if c.ids not in self._vec_cache]
+            if missing:
+                self._vec_cache.update(zip((c.ids for c in missing), self._window_vectors(missing, None)))
+            return np.stack([self._vec_cache[c.ids] for c in contexts]) if contexts else \
+                np.zeros((0, self.words.shape[1]), np.float32)
+        return self._window_vectors(contexts, context_weight)
+
+    def _window_vectors(self, contexts: Sequence[Context], context_weight: float | None) -> np.ndarray:
         out = np.zeros((len(contexts), self.words.shape[1]), np.float32)
         for i, ctx in enumerate(contexts):
             rows = self.id2row[np.clip(np.asarray(ctx.ids, np.int64), 0, len(self.id2row) - 1)]
@@ -384,9 +415,7 @@ def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
 
 def background_vectors(space: Space, ev: Evidence) -> np.ndarray:
     """Background window vectors, minus any window that is one of this feature's held-out ones."""
-    held = {ctx.ids for ctx in ev.held_out}
-    keep = [i for i, (ids, _) in enumerate(space.background) if ids not in held]
-    return space.bg_vectors[keep]
+    return space.bg_vectors[space.keep_mask(ev)]
 
 
 def best_threshold(pos: np.ndarray, neg: np.ndarray) -> tuple[float, float]:
@@ -438,8 +467,7 @@ def explain_feature(space: Space, ev: Evidence, rule: Rule, concept: Concept | N
     predictor is whichever of concept, token rule and context words (or two of them) fits
     best; below `min_label_fit` the feature is unclear."""
     cfg = space.config
-    held = {ctx.ids for ctx in ev.held_out}
-    keep = np.array([ids not in held for ids, _ in space.background], bool)
+    keep = space.keep_mask(ev)
     firing = [c for c in ev.labelling if c.fires]
     context = context_words(space, firing, keep)
     hits = {"rule": _rule_hits(space, firing, keep, rule), "context": _context_hits(space, firing, keep, context)}
