@@ -57,6 +57,7 @@ class ConceptConfig:
     context_weight: float = 0.3  # weight of a firing window's other words, relative to its peak token
     general_bonus: float = 0.5  # added to general subjects' scores (z units: "Planet" over "Venus")
     min_fit: float = 0.75  # balanced accuracy a concept must reach on labelling vs background windows
+    min_output_agreement: float = 0.75  # ... and output AUC on the promoted words: both sides must agree
     min_promoted: int = 2  # promoted words needed for an output vector
     n_promoted: int = 10
     n_background: int = 512  # background windows for fitting thresholds and context words
@@ -91,6 +92,7 @@ class Space:
     background: list[tuple[tuple[int, ...], tuple[str, ...]]]  # (ids, display tokens) per window
     bg_vectors: np.ndarray  # (n_background, d) unit window vectors
     vocab_rows: np.ndarray  # rows of random vocabulary words
+    common: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # (n_words,) a whole word of MiniLM's vocabulary
     id2stem: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # stem index per token id, or -1
     stems: tuple[str, ...] = ()  # stem of each index ("militar")
     bg_stems: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), bool))  # (n_background, n_stems)
@@ -182,7 +184,7 @@ class Space:
     def promoted_rows(self, evidence: Evidence) -> tuple[np.ndarray, np.ndarray]:
         """Rows and logit values of the promoted tokens that are words."""
         pairs = [(self.word_row(str(t)), float(v)) for t, v in evidence.logits_pos[: self.config.n_promoted]]
-        pairs = [(r, v) for r, v in pairs if r >= 0 and v > 0]
+        pairs = [(r, v) for r, v in pairs if r >= 0 and v > 0 and self.common[r]]
         return np.array([r for r, _ in pairs], np.int64), np.array([v for _, v in pairs], np.float32)
 
     def output_vector(self, evidence: Evidence) -> np.ndarray | None:
@@ -234,10 +236,19 @@ def build_space(db: FeatureDB, config: ConceptConfig | None = None, concepts=Non
     space = Space(config=config, id2row=id2row, words=words.matrix[used], names=names, idf=idf,
                   mu=np.zeros(words.matrix.shape[1], np.float32), mu_vocab=np.zeros(words.matrix.shape[1], np.float32),
                   concepts=vocab, centred=np.zeros((0,)), background=[], bg_vectors=np.zeros((0,)),
-                  vocab_rows=np.zeros(0, np.int64), id2stem=id2stem, stems=stems)
+                  vocab_rows=np.zeros(0, np.int64), id2stem=id2stem, stems=stems, common=_common(names))
     space.centred = _unit(vocab.vectors - vocab.vectors.mean(0))
     _set_background(space, db, random_windows, rng)
     return space
+
+
+def _common(names: list[str]) -> np.ndarray:
+    """Which words are whole entries of the embedding model's (English) vocabulary: a proxy for
+    real English words, so that pieces and foreign words among promoted tokens name no concept."""
+    from ..search import _embedding_model
+
+    vocab = _embedding_model()[0].get_vocab()
+    return np.array([w in vocab for w in names], bool)
 
 
 def _whole_word(token: str | None) -> str | None:
@@ -384,7 +395,7 @@ def _examples(space: Space, ev: Evidence, c: int) -> list[str]:
                 mass[r] = mass.get(r, 0.0) + act
     rows, _ = space.promoted_rows(ev)
     candidates = sorted(mass, key=lambda r: -mass[r])[:10] + [int(r) for r in rows]
-    candidates = list(dict.fromkeys(candidates))
+    candidates = [r for r in dict.fromkeys(candidates) if space.common[r]]
     if not candidates:
         return []
     sims = space.words[candidates] @ space.concepts.vectors[c]
@@ -463,7 +474,8 @@ PREDICTORS = ("concept", "rule", "context", "rule|context", "concept|rule", "con
 
 def explain_feature(space: Space, ev: Evidence, rule: Rule, concept: Concept | None) -> Explanation:
     """Choose the label and how it predicts firing, from the labelling side only: the concept
-    heads the label when it separates labelling from background windows (`min_fit`); the
+    heads the label when it separates labelling from background windows (`min_fit`) and the
+    promoted words agree (`min_output_agreement`), with two evidence words to show; the
     predictor is whichever of concept, token rule and context words (or two of them) fits
     best; below `min_label_fit` the feature is unclear."""
     cfg = space.config
@@ -471,7 +483,8 @@ def explain_feature(space: Space, ev: Evidence, rule: Rule, concept: Concept | N
     firing = [c for c in ev.labelling if c.fires]
     context = context_words(space, firing, keep)
     hits = {"rule": _rule_hits(space, firing, keep, rule), "context": _context_hits(space, firing, keep, context)}
-    named = concept is not None and concept.fit >= cfg.min_fit
+    named = (concept is not None and concept.fit >= cfg.min_fit and len(concept.examples) >= 2
+             and (output_auc(space, ev, concept.vector) or (0.0,))[0] >= cfg.min_output_agreement)
     if concept is not None:
         hits["concept"] = _concept_hits(space, firing, keep, concept)
     fits = {p: _fit(hits, p) for p in PREDICTORS if all(k in hits for k in p.split("|"))}
