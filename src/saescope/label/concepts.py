@@ -57,6 +57,7 @@ class ConceptConfig:
     context_weight: float = 0.3  # weight of a firing window's other words, relative to its peak token
     general_bonus: float = 0.5  # added to general subjects' scores (z units: "Planet" over "Venus")
     min_fit: float = 0.75  # balanced accuracy a concept must reach on labelling vs background windows
+    min_output_agreement: float = 0.75  # ... and output AUC on the promoted words: both sides must agree
     min_promoted: int = 2  # promoted words needed for an output vector
     n_promoted: int = 10
     n_background: int = 512  # background windows for fitting thresholds and context words
@@ -91,6 +92,7 @@ class Space:
     background: list[tuple[tuple[int, ...], tuple[str, ...]]]  # (ids, display tokens) per window
     bg_vectors: np.ndarray  # (n_background, d) unit window vectors
     vocab_rows: np.ndarray  # rows of random vocabulary words
+    common: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # (n_words,) a whole word of MiniLM's vocabulary
     id2stem: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # stem index per token id, or -1
     stems: tuple[str, ...] = ()  # stem of each index ("militar")
     bg_stems: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), bool))  # (n_background, n_stems)
@@ -98,8 +100,21 @@ class Space:
     base_out: tuple[np.ndarray, np.ndarray] = (np.zeros(1), np.ones(1))  # per concept: over vocabulary words
 
     def window_stems(self, ctx: Context) -> np.ndarray:
-        st = self.id2stem[np.clip(np.asarray(ctx.ids, np.int64), 0, len(self.id2stem) - 1)]
-        return np.unique(st[st >= 0])
+        """Sorted stem indices in a window (cached: windows recur across features)."""
+        found = self._stems_cache.get(ctx.ids)
+        if found is None:
+            st = self.id2stem[np.clip(np.asarray(ctx.ids, np.int64), 0, len(self.id2stem) - 1)]
+            found = self._stems_cache[ctx.ids] = np.unique(st[st >= 0])
+        return found
+
+    def keep_mask(self, ev: Evidence) -> np.ndarray:
+        """Background windows usable for this feature: all but its own held-out windows."""
+        keep = np.ones(len(self.background), bool)
+        for ctx in ev.held_out:
+            j = self._bg_index.get(ctx.ids)
+            if j is not None:
+                keep[j] = False
+        return keep
 
     def row(self, token_id: int) -> int:
         return int(self.id2row[token_id]) if 0 <= token_id < len(self.id2row) else -1
@@ -112,6 +127,14 @@ class Space:
     def __post_init__(self):
         self._by_name = {w: i for i, w in enumerate(self.names)}
         self._bg_attrs: dict[str, list[frozenset[str]]] = {}
+        self._stems_cache: dict[tuple[int, ...], np.ndarray] = {}
+        self._vec_cache: dict[tuple[int, ...], np.ndarray] = {}
+
+    @property
+    def _bg_index(self) -> dict[tuple[int, ...], int]:
+        if not hasattr(self, "_bg_index_map"):
+            self._bg_index_map = {ids: j for j, (ids, _) in enumerate(self.background)}
+        return self._bg_index_map
 
     def background_attributes(self, kind: str) -> list[frozenset[str]]:
         """Per background window, the values of one rule attribute anywhere in it (cached)."""
@@ -125,7 +148,17 @@ class Space:
     # ---------------------------------------------------------------- vectors
 
     def window_vectors(self, contexts: Sequence[Context], context_weight: float | None = None) -> np.ndarray:
-        """(n, d) unit centred vectors; context_weight None = every word alike (no activations used)."""
+        """(n, d) unit centred vectors; context_weight None = every word alike (no activations used;
+        cached per window, as windows recur across features)."""
+        if context_weight is None and len(self._vec_cache) < 200_000:
+            missing = [c for c in contexts if c.ids not in self._vec_cache]
+            if missing:
+                self._vec_cache.update(zip((c.ids for c in missing), self._window_vectors(missing, None)))
+            return np.stack([self._vec_cache[c.ids] for c in contexts]) if contexts else \
+                np.zeros((0, self.words.shape[1]), np.float32)
+        return self._window_vectors(contexts, context_weight)
+
+    def _window_vectors(self, contexts: Sequence[Context], context_weight: float | None) -> np.ndarray:
         out = np.zeros((len(contexts), self.words.shape[1]), np.float32)
         for i, ctx in enumerate(contexts):
             rows = self.id2row[np.clip(np.asarray(ctx.ids, np.int64), 0, len(self.id2row) - 1)]
@@ -151,7 +184,7 @@ class Space:
     def promoted_rows(self, evidence: Evidence) -> tuple[np.ndarray, np.ndarray]:
         """Rows and logit values of the promoted tokens that are words."""
         pairs = [(self.word_row(str(t)), float(v)) for t, v in evidence.logits_pos[: self.config.n_promoted]]
-        pairs = [(r, v) for r, v in pairs if r >= 0 and v > 0]
+        pairs = [(r, v) for r, v in pairs if r >= 0 and v > 0 and self.common[r]]
         return np.array([r for r, _ in pairs], np.int64), np.array([v for _, v in pairs], np.float32)
 
     def output_vector(self, evidence: Evidence) -> np.ndarray | None:
@@ -203,10 +236,19 @@ def build_space(db: FeatureDB, config: ConceptConfig | None = None, concepts=Non
     space = Space(config=config, id2row=id2row, words=words.matrix[used], names=names, idf=idf,
                   mu=np.zeros(words.matrix.shape[1], np.float32), mu_vocab=np.zeros(words.matrix.shape[1], np.float32),
                   concepts=vocab, centred=np.zeros((0,)), background=[], bg_vectors=np.zeros((0,)),
-                  vocab_rows=np.zeros(0, np.int64), id2stem=id2stem, stems=stems)
+                  vocab_rows=np.zeros(0, np.int64), id2stem=id2stem, stems=stems, common=_common(names))
     space.centred = _unit(vocab.vectors - vocab.vectors.mean(0))
     _set_background(space, db, random_windows, rng)
     return space
+
+
+def _common(names: list[str]) -> np.ndarray:
+    """Which words are whole entries of the embedding model's (English) vocabulary: a proxy for
+    real English words, so that pieces and foreign words among promoted tokens name no concept."""
+    from ..search import _embedding_model
+
+    vocab = _embedding_model()[0].get_vocab()
+    return np.array([w in vocab for w in names], bool)
 
 
 def _whole_word(token: str | None) -> str | None:
@@ -353,7 +395,7 @@ def _examples(space: Space, ev: Evidence, c: int) -> list[str]:
                 mass[r] = mass.get(r, 0.0) + act
     rows, _ = space.promoted_rows(ev)
     candidates = sorted(mass, key=lambda r: -mass[r])[:10] + [int(r) for r in rows]
-    candidates = list(dict.fromkeys(candidates))
+    candidates = [r for r in dict.fromkeys(candidates) if space.common[r]]
     if not candidates:
         return []
     sims = space.words[candidates] @ space.concepts.vectors[c]
@@ -384,9 +426,7 @@ def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
 
 def background_vectors(space: Space, ev: Evidence) -> np.ndarray:
     """Background window vectors, minus any window that is one of this feature's held-out ones."""
-    held = {ctx.ids for ctx in ev.held_out}
-    keep = [i for i, (ids, _) in enumerate(space.background) if ids not in held]
-    return space.bg_vectors[keep]
+    return space.bg_vectors[space.keep_mask(ev)]
 
 
 def best_threshold(pos: np.ndarray, neg: np.ndarray) -> tuple[float, float]:
@@ -434,16 +474,17 @@ PREDICTORS = ("concept", "rule", "context", "rule|context", "concept|rule", "con
 
 def explain_feature(space: Space, ev: Evidence, rule: Rule, concept: Concept | None) -> Explanation:
     """Choose the label and how it predicts firing, from the labelling side only: the concept
-    heads the label when it separates labelling from background windows (`min_fit`); the
+    heads the label when it separates labelling from background windows (`min_fit`) and the
+    promoted words agree (`min_output_agreement`), with two evidence words to show; the
     predictor is whichever of concept, token rule and context words (or two of them) fits
     best; below `min_label_fit` the feature is unclear."""
     cfg = space.config
-    held = {ctx.ids for ctx in ev.held_out}
-    keep = np.array([ids not in held for ids, _ in space.background], bool)
+    keep = space.keep_mask(ev)
     firing = [c for c in ev.labelling if c.fires]
     context = context_words(space, firing, keep)
     hits = {"rule": _rule_hits(space, firing, keep, rule), "context": _context_hits(space, firing, keep, context)}
-    named = concept is not None and concept.fit >= cfg.min_fit
+    named = (concept is not None and concept.fit >= cfg.min_fit and len(concept.examples) >= 2
+             and (output_auc(space, ev, concept.vector) or (0.0,))[0] >= cfg.min_output_agreement)
     if concept is not None:
         hits["concept"] = _concept_hits(space, firing, keep, concept)
     fits = {p: _fit(hits, p) for p in PREDICTORS if all(k in hits for k in p.split("|"))}
