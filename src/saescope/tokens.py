@@ -7,13 +7,14 @@ those stand for, never the markup:
     token_text("▁Paris")                   " Paris"
     token_text("<0x0A>")                   "\\n"          (an ASCII byte is its character)
     token_text("<0xC2>")                   "<0xC2>"       (one piece of a multi-byte character, alone)
-    texts(["▁a", "<0xC2>", "<0xA0>"])      [" a", "\\xa0", ""]
+    texts(["▁a", "<0xC2>", "<0xA0>"])      [" a", "", "\\xa0"]
                                            a run of byte pieces that spells UTF-8 characters becomes those
-                                           characters, each shown at its first byte's position (the other
-                                           positions show nothing, so the positions still line up with
-                                           per-token activations)
+                                           characters, each shown at its last byte's position, where the
+                                           model has read the whole character (the other positions show
+                                           nothing, so the positions still line up with per-token activations)
     visible(" Paris")                      "␣Paris"       (a token shown on its own: edge whitespace made
                                                            visible, newlines as ↵, tabs as ⇥)
+    describe("\\xa0")                      "no-break space" (a token named in a label: whitespace by name)
 
 Text in running contexts keeps its real spaces; `visible` is for tokens listed one by one (promoted
 tokens, the inspector's token column, label evidence).
@@ -70,8 +71,8 @@ def _byte_value(tok: str | None) -> int | None:
 
 
 def _merge_run(values: list[int], out: list[str], start: int) -> None:
-    """Decode one run of byte values in place: each complete UTF-8 character at its first byte's
-    position, its continuation bytes empty; a byte that starts no valid character stays <0xNN>."""
+    """Decode one run of byte values in place: each complete UTF-8 character at its last byte's
+    position, its earlier bytes empty; a byte that starts no valid character stays <0xNN>."""
     k = 0
     while k < len(values):
         n = _utf8_length(values[k])
@@ -84,9 +85,9 @@ def _merge_run(values: list[int], out: list[str], start: int) -> None:
             out[start + k] = _byte(values[k])
             k += 1
             continue
-        out[start + k] = char
-        for c in range(1, n):
+        for c in range(n - 1):
             out[start + k + c] = ""
+        out[start + k + n - 1] = char
         k += n
 
 
@@ -117,3 +118,21 @@ def visible(text: str) -> str:
     lead = len(text) - len(text.lstrip(" "))
     trail = len(text) - len(text.rstrip(" "))
     return SPACE * lead + core + SPACE * trail
+
+
+_SPACE_NAMES = {" ": "space", "\xa0": "no-break space", "\n": "newline", "\r": "carriage return", "\t": "tab"}
+
+
+def describe(text: str) -> str:
+    """A token named in a label: text with visible edges, whitespace-only tokens by name
+    ("space", "2 newlines", "no-break space"), the empty first bytes of a merged character as such."""
+    if text.strip():
+        return visible(text)
+    if not text:
+        return "first byte(s) of a character"
+    if len(set(text)) == 1:
+        import unicodedata
+
+        name = _SPACE_NAMES.get(text[0]) or unicodedata.name(text[0], "whitespace").lower()
+        return name if len(text) == 1 else f"{len(text)} {name}s"
+    return "whitespace"

@@ -33,6 +33,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..runs import Run
+from ..tokens import describe
 from .evidence import (
     Evidence,
     LabelReport,
@@ -199,7 +200,7 @@ def explain(evidence: Evidence) -> Rule:
                         s.n_fire += 1
                         s.mass += act
                         if keep_forms:
-                            form = toks[pos].strip() or repr(toks[pos])
+                            form = toks[pos].strip() or describe(toks[pos])
                             s.forms = s.forms or {}
                             s.forms[form] = s.forms.get(form, 0.0) + act
     if total_mass <= 0:

@@ -100,9 +100,9 @@ def _concept_vocab(concepts: tuple[tuple[str, bool], ...]) -> ConceptVocab:
     path = cache_folder() / f"names-{digest}.npz"
     vectors = _load_array(path, len(names))
     if vectors is None:
-        vectors = _encode(list(names))
+        vectors = _stored(_encode(list(names)))  # the cached precision, so a cold and a warm run agree
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, vectors=vectors.astype(np.float16))
+            np.savez(f, vectors=vectors)
     return ConceptVocab(names, np.array([g for _, g in concepts], bool), vectors.astype(np.float32))
 
 
@@ -113,6 +113,12 @@ def _load_array(path: Path, n: int) -> np.ndarray | None:
     except (OSError, ValueError, KeyError):
         return None
     return vectors if len(vectors) == n else None
+
+
+def _stored(vectors: np.ndarray) -> np.ndarray:
+    """Vectors at the precision the cache keeps (float16): labels computed with freshly embedded
+    vectors must equal labels computed from the cache (a resumed `label auto` gives the same labels)."""
+    return vectors.astype(np.float16)
 
 
 def _encode(texts: list[str]) -> np.ndarray:
@@ -148,7 +154,7 @@ class WordVectors:
         vectors = _encode(missing)
         start = len(self.index)
         self.index.update((w, start + i) for i, w in enumerate(missing))
-        self.matrix = np.concatenate([self.matrix, vectors.astype(np.float32)])
+        self.matrix = np.concatenate([self.matrix, _stored(vectors).astype(np.float32)])
         words = sorted(self.index, key=self.index.__getitem__)
         with atomic_path(self.path) as tmp, open(tmp, "wb") as f:
             np.savez(f, words=np.array(words), vectors=self.matrix.astype(np.float16))
