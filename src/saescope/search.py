@@ -313,8 +313,14 @@ def _save_embeddings(path: Path, ids: np.ndarray, matrix: np.ndarray) -> None:
             raise
 
 
-def encode(texts: list[str], batch_size: int = 64) -> np.ndarray:
-    """Unit-norm sentence embeddings (mean pooling over tokens, as sentence-transformers does)."""
+def encode(texts: list[str], batch_size: int = 64, fixed_length: int | None = None) -> np.ndarray:
+    """Unit-norm sentence embeddings (mean pooling over tokens, as sentence-transformers does).
+
+    A text's vector depends slightly (~1e-7) on the other texts in its batch, through the tensor
+    shapes. With `fixed_length`, every batch has the same shape (`batch_size` rows of `fixed_length`
+    tokens, padded with empty rows; longer texts truncated), so a text gets the same vector bits
+    whatever it is embedded with: what a shared cache that grows a few texts at a time needs.
+    """
     import torch
 
     tokenizer, model = _embedding_model()
@@ -322,13 +328,17 @@ def encode(texts: list[str], batch_size: int = 64) -> np.ndarray:
     ordered = [texts[i] for i in order]
     out = []
     for start in range(0, len(ordered), batch_size):
-        batch = tokenizer(ordered[start:start + batch_size], padding=True, truncation=True, max_length=128,
-                          return_tensors="pt")
+        rows = ordered[start:start + batch_size]
+        if fixed_length:
+            batch = tokenizer(rows + [""] * (batch_size - len(rows)), padding="max_length", truncation=True,
+                              max_length=fixed_length, return_tensors="pt")
+        else:
+            batch = tokenizer(rows, padding=True, truncation=True, max_length=128, return_tensors="pt")
         with torch.inference_mode():
             hidden = model(**batch).last_hidden_state  # (batch, seq, 384)
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
+        out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy()[:len(rows)])
     if not out:
         return np.zeros((0, 384), np.float32)
     result = np.empty((len(texts), out[0].shape[1]), np.float32)

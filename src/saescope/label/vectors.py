@@ -31,7 +31,8 @@ from ..errors import SaescopeError
 from ..fsio import atomic_path
 
 CACHE_FOLDER = "concepts"
-WORDS_FILE = "words-minilm.npz"
+WORD_TOKENS = 16  # tokens per word when embedding words (a word is at most a few word pieces)
+WORDS_FILE = "words-minilm-2.npz"  # -2: embedded at fixed shapes (batch-invariant)
 _WORD = re.compile(r"[a-z]{3,}")
 _PAREN = re.compile(r"\s*\([^)]*\)\s*$")
 SKIP_TOPICS = ("People",)
@@ -121,10 +122,10 @@ def _stored(vectors: np.ndarray) -> np.ndarray:
     return vectors.astype(np.float16)
 
 
-def _encode(texts: list[str]) -> np.ndarray:
+def _encode(texts: list[str], fixed_length: int | None = None) -> np.ndarray:
     from ..search import encode
 
-    return encode(texts, batch_size=256)
+    return encode(texts, batch_size=256, fixed_length=fixed_length)
 
 
 # --------------------------------------------------------------------------- words
@@ -151,7 +152,7 @@ class WordVectors:
         missing = sorted({w for w in words if w not in self.index})
         if not missing:
             return 0
-        vectors = _encode(missing)
+        vectors = _encode(missing, fixed_length=WORD_TOKENS)  # a word's bits never depend on its batch
         start = len(self.index)
         self.index.update((w, start + i) for i, w in enumerate(missing))
         self.matrix = np.concatenate([self.matrix, _stored(vectors).astype(np.float32)])
