@@ -513,3 +513,16 @@ def test_python_never_opens_the_database_file(tmp_path, monkeypatch):
     with FeatureDB.open(path) as db:
         db.set_label(SAE, 1, "x")
     assert opened == []
+
+
+def test_scores_of_a_label_are_written_all_or_none(tmp_path):
+    """A labeller killed between a label's detection and output scores must not leave it half scored
+    (a resumed run skips labels that have a score): add_scores is one transaction."""
+    with FeatureDB.open(tmp_path / "features.sqlite") as db:
+        _add_sae(db)
+        label_id = db.set_label(SAE, 1, "x")
+        with pytest.raises(ValueError):
+            db.add_scores(label_id, [("detection-offline", 0.9, None), ("output-offline", "not a number", None)])
+        assert db.scores(label_id) == []
+        db.add_scores(label_id, [("detection-offline", 0.9, None), ("output-offline", 0.7, None)])
+        assert sorted(s["method"] for s in db.scores(label_id)) == ["detection-offline", "output-offline"]

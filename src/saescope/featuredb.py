@@ -596,13 +596,18 @@ class FeatureDB:
 
     def add_score(self, label_id: int, method: str, value: float, details: dict | None = None) -> int:
         """Record a score of a label (e.g. method 'detection-offline'); return the score id."""
+        return self.add_scores(label_id, [(method, value, details)])[0]
+
+    def add_scores(self, label_id: int, scores: Sequence[tuple[str, float, dict | None]]) -> list[int]:
+        """Record several scores of a label in one transaction (all or none: a labeller killed between
+        two scores must not leave a label that looks scored); return the score ids."""
         with self._write() as conn:
             if conn.execute("SELECT 1 FROM labels WHERE id = ?", (int(label_id),)).fetchone() is None:
                 raise SaescopeError(f"no label with id {label_id} in {self.path.name}: score an existing label")
-            cur = conn.execute(
+            return [conn.execute(
                 "INSERT INTO scores(label_id, method, value, details_json, created) VALUES (?, ?, ?, ?, ?)",
-                (int(label_id), method, float(value), _dumps(details), time.time()))
-            return cur.lastrowid
+                (int(label_id), method, float(value), _dumps(details), time.time())).lastrowid
+                for method, value, details in scores]
 
     def scores(self, label_id: int) -> list[dict]:
         """Scores of one label, newest first; `details` decoded."""

@@ -359,7 +359,7 @@ def _label_saes(run: Run | str, ids: list[str], progress: bool, limit: int | Non
 def _label_sae(db, space, evidences: list[Evidence], report: LabelReport) -> None:
     """Explain, store and score the labels of one SAE's features."""
     from .concepts import explain_feature, find_concepts
-    from .scoring import METHOD_OFFLINE, score_explanation, score_offline
+    from .scoring import METHOD_OFFLINE, METHOD_OUTPUT, score_explanation, score_offline
 
     report.features += len(evidences)
     rules = [explain(ev) for ev in evidences]
@@ -371,7 +371,7 @@ def _label_sae(db, space, evidences: list[Evidence], report: LabelReport) -> Non
         report.labelled += 1
         report.unclear += not certain
         report.concepts += bool(expl and expl.concept)
-        if any(s["method"] == METHOD_OFFLINE for s in db.scores(label_id)):
+        if any(s["method"] in (METHOD_OFFLINE, METHOD_OUTPUT) for s in db.scores(label_id)):  # scored (all at once)
             continue
         if expl is None:
             score, output = score_offline(ev, rule, db=db, label_id=label_id), None

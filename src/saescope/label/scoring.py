@@ -107,6 +107,7 @@ def score_explanation(space, evidence: Evidence, expl, db: FeatureDB | None = No
         score = confusion(predict(space, expl, contexts), [ctx.fires for ctx in contexts])
     output = output_auc(space, evidence, expl.vector)
     if db is not None and label_id is not None:
+        rows = []  # both in one transaction: a resumed run skips labels that have a detection score
         if score is not None:
             extra = {"predictor": expl.predictor, "fit": round(expl.fit, 4), "rule": expl.rule.to_dict()}
             if expl.context is not None:
@@ -114,10 +115,11 @@ def score_explanation(space, evidence: Evidence, expl, db: FeatureDB | None = No
             if expl.concept is not None:
                 extra |= {"concept": expl.concept.name, "threshold": round(expl.concept.threshold, 4),
                           "concept_fit": round(expl.concept.fit, 4)}
-            db.add_score(label_id, METHOD_OFFLINE, score.value, score.details(**extra))
+            rows.append((METHOD_OFFLINE, score.value, score.details(**extra)))
         if output is not None:
-            db.add_score(label_id, METHOD_OUTPUT, output[0], {"n_promoted": output[1],
-                                                              "n_random": len(space.vocab_rows)})
+            rows.append((METHOD_OUTPUT, output[0], {"n_promoted": output[1], "n_random": len(space.vocab_rows)}))
+        if rows:
+            db.add_scores(label_id, rows)
     return score, None if output is None else output[0]
 
 
