@@ -299,6 +299,14 @@ def test_killed_label_auto_leaves_no_orphan_and_resumes_to_the_same_labels(atlas
                 orphans.append((p.pid, p.cmdline()))
                 p.kill()  # do not leave them running after the test
     assert not orphans, f"orphans 5 s after kill -9 of their parent: {orphans}"
+    if _offline_labels(run_dir) == uninterrupted:
+        # The tiny run can finish (warm embedding cache) before the kill lands: then take the last SAE's
+        # labels away, as if the kill had come before it, so the resume below still has work to do.
+        conn = sqlite3.connect(run_dir / "features.sqlite", isolation_level=None)
+        last = conn.execute("SELECT max(sae_id) FROM labels").fetchone()[0]
+        conn.execute("DELETE FROM scores WHERE label_id IN (SELECT id FROM labels WHERE sae_id = ?)", (last,))
+        conn.execute("DELETE FROM labels WHERE source = 'offline' AND sae_id = ?", (last,))
+        conn.close()
     assert _offline_labels(run_dir) != uninterrupted  # killed before it finished
     resumed = _cli("label", "auto", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr
