@@ -118,20 +118,15 @@ def index_key(db: FeatureDB) -> str:
 
 def concept_index(run: Run, db: FeatureDB) -> ConceptIndex:
     """The run's index, from run/concept_index.npz when its key is current, else built and cached."""
-    from .search import EMBEDDING_MODEL
+    from .search import EMBEDDING_MODEL, read_embedding_cache
 
     key = index_key(db)
     path = run.root / INDEX_FILE
-    old_words: dict[str, np.ndarray] = {}
-    if path.exists():
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                if str(f["model"]) == EMBEDDING_MODEL:
-                    if str(f["key"]) == key:
-                        return _from_npz(f)
-                    old_words = dict(zip(f["words"].tolist(), f["word_vecs"]))
-        except (OSError, ValueError, KeyError):
-            old_words = {}  # unreadable cache: rebuild it
+    f = read_embedding_cache(path, ("key", "sae_ids", "feat_sae", "feat_idx", "words", "word_vecs", "ctx_words",
+                                    "out_words"))
+    if f is not None and str(f["key"]) == key:
+        return _from_npz(f)
+    old_words = dict(zip(f["words"].tolist(), f["word_vecs"])) if f else {}  # word vectors survive a rebuild
     index = _build(db, key, old_words)
     with atomic_path(path) as tmp, open(tmp, "wb") as out:
         np.savez(out, model=np.array(EMBEDDING_MODEL), key=np.array(key), sae_ids=np.array(index.sae_ids),

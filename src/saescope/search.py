@@ -277,20 +277,28 @@ def index_labels(run: Run | str | Path) -> int:
     return len(label_embeddings(run, labels)) if labels else 0
 
 
+def read_embedding_cache(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray] | None:
+    """The arrays `names` of a run's embedding cache written with EMBEDDING_MODEL, or None when the
+    file is absent, unreadable, incomplete or from another model (the caller then rebuilds it)."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if str(f["model"]) != EMBEDDING_MODEL:
+                return None
+            return {name: f[name] for name in names}
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def label_embeddings(run: Run, labels: list[dict]) -> np.ndarray:
     """Unit-norm embeddings of `labels` (rows in the same order), from the cache where possible.
 
     The cache keeps only the labels given, so it never grows beyond the current labels.
     """
     path = run.root / EMBEDDINGS_FILE
-    cached: dict[int, np.ndarray] = {}
-    if path.exists():
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                if str(f["model"]) == EMBEDDING_MODEL:
-                    cached = dict(zip(f["ids"].tolist(), f["vectors"]))
-        except (OSError, ValueError, KeyError):
-            cached = {}  # unreadable cache: rebuild it
+    f = read_embedding_cache(path, ("ids", "vectors"))
+    cached: dict[int, np.ndarray] = dict(zip(f["ids"].tolist(), f["vectors"])) if f else {}
     missing = [lab for lab in labels if lab["id"] not in cached]
     if missing:  # many labels share a text (offline labels like "digits"): embed each text once
         texts = sorted({lab["text"] for lab in missing})
