@@ -57,6 +57,17 @@ sites_opt = click.option("--sites", default="resid_post", show_default=True,
 layers_opt = click.option("--layers", default="all", show_default=True, help="all, 6, 0,6,12 or 0-5.")
 
 
+def _use_device(ctx, param, value):
+    from . import devices
+
+    return devices.use(value)
+
+
+device_opt = click.option("--device", default="auto", expose_value=False, callback=_use_device,
+                          help="auto (a CUDA GPU when there is one), cpu, cuda or cuda:N. On a GPU the model runs in "
+                               "bf16; SAEs train in fp32.")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
 @click.version_option(package_name="saescope")
@@ -72,6 +83,7 @@ def cli(ctx, debug):
 
 
 @cli.command()
+@device_opt
 @click.argument("model", default=DEFAULT_MODEL)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def sites(model, as_json):
@@ -89,6 +101,7 @@ def sites(model, as_json):
 
 
 @cli.command()
+@device_opt
 @model_opt
 @corpus_opt
 @sites_opt
@@ -110,6 +123,7 @@ def harvest(model, corpus, sites, layers, tokens, out, dtype, ctx_len, batch_siz
 
 
 @cli.command()
+@device_opt
 @model_opt
 @corpus_opt
 @sites_opt
@@ -141,6 +155,7 @@ def train(model, corpus, sites, layers, widths, l0s, arch, tokens, ctx_len, batc
 
 
 @cli.command("eval")
+@device_opt
 @click.argument("run_dir", default=DEFAULT_RUN, type=click.Path())
 @click.option("--tokens", default=8192, type=POSITIVE, help="Held-out tokens for L0/FVU/dead/dense.")
 @click.option("--ce-contexts", default=4, type=NON_NEGATIVE, help="Held-out contexts for ΔLM loss (0 skips it).")
@@ -169,6 +184,7 @@ def label():
 
 
 @label.command("set", context_settings=NEGATIVE_ARGS)
+@device_opt
 @click.argument("run_dir", type=click.Path())
 @click.argument("sae")
 @click.argument("index", type=int)
@@ -183,6 +199,7 @@ def label_set(run_dir, sae, index, text, author):
 
 
 @label.command("auto")
+@device_opt
 @click.argument("run_dir", default=DEFAULT_RUN, type=click.Path())
 @click.option("--llm", "base_url", default=None, help="Base URL of an OpenAI-compatible server (omit for the offline labeller).")
 @click.option("--model", "llm_model", default=None, help="Model name on that server.")
@@ -215,6 +232,7 @@ def label_auto(run_dir, base_url, llm_model, api_key_env, saes, limit, concurren
 
 
 @cli.command()
+@device_opt
 @click.argument("run_dir", type=click.Path())
 @click.argument("query")
 @click.option("--limit", default=10, type=click.IntRange(1, 10_000))
@@ -249,6 +267,7 @@ def _search_line(h) -> str:
 
 
 @cli.command()
+@device_opt
 @click.argument("run_dir", type=click.Path())
 @click.argument("prompt")
 @click.option("--feature", "features", multiple=True,
@@ -320,6 +339,7 @@ def _concept_lines(effect) -> str:
 
 
 @cli.command("import")
+@device_opt
 @click.argument("path", type=click.Path(exists=True))
 @click.option("--run", "run_dir", required=True, type=click.Path(), help="Run to add the SAE to.")
 @click.option("--name", default=None, help="Folder name of the SAE in the run (default layer_L_width_W_l0_T).")
@@ -337,6 +357,7 @@ def import_cmd(path, run_dir, name, overwrite):
 
 
 @cli.command("export")
+@device_opt
 @click.argument("run_dir", type=click.Path())
 @click.option("--format", "fmt", type=click.Choice(["saelens", "neuronpedia"]), required=True)
 @click.argument("out", type=click.Path())
@@ -351,6 +372,7 @@ def export_cmd(run_dir, fmt, out):
 
 
 @cli.command("run")
+@device_opt
 @model_opt
 @corpus_opt
 @sites_opt
@@ -385,6 +407,7 @@ def run_cmd(model, corpus, sites, layers, widths, l0s, arch, tokens, ctx_len, an
 
 
 @cli.command()
+@device_opt
 @click.argument("run_dir", default=DEFAULT_RUN, type=click.Path())
 @click.option("--host", default="127.0.0.1", help="Address to listen on; anything but localhost needs --token.")
 @click.option("--port", default=8000, type=click.IntRange(1, 65535))
@@ -409,6 +432,7 @@ def serve(run_dir, host, port, token):
 
 
 @cli.command()
+@device_opt
 @click.argument("run_dir", default=DEFAULT_RUN, type=click.Path())
 @click.option("--tokens", default=16_384, type=POSITIVE,
               help="Held-out tokens to analyse (one model pass serves every SAE).")
@@ -432,6 +456,7 @@ def analyze(run_dir, tokens, top_k, n_logits, saes, force):
 
 
 @cli.command()
+@device_opt
 @click.argument("run_dir", type=click.Path())
 @click.argument("text")
 @click.option("--top", default=3, type=click.IntRange(1, 100), help="Features shown per token and SAE.")
@@ -450,6 +475,7 @@ def inspect(run_dir, text, top, saes, as_json):
 
 
 @cli.command(context_settings=NEGATIVE_ARGS)
+@device_opt
 @click.argument("run_dir", type=click.Path())
 @click.argument("sae")
 @click.argument("index", type=int)

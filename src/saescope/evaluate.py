@@ -30,7 +30,7 @@ DENSE_FRACTION = 0.1
 def fidelity(sae: SAE, x: torch.Tensor, chunk: int = 4096) -> dict:
     """L0, FVU, dead and dense fractions of `sae` on activations x (n, d_in)."""
     n = x.shape[0]
-    fired = torch.zeros(sae.cfg.width)
+    fired = torch.zeros(sae.cfg.width, device=x.device)
     l0_sum, err_sum = 0.0, 0.0
     with torch.no_grad():
         for i in range(0, n, chunk):
@@ -171,7 +171,7 @@ def evaluate(run, eval_tokens: int = 8192, delta_contexts: int = 4, progress: bo
     if not ids:
         raise SaescopeError(f"run {run.root} has no SAEs to evaluate: train some first")
     lm = run.model
-    saes = {i: run.load_sae(i) for i in ids}
+    saes = {i: run.load_sae(i).to(lm.device) for i in ids}
     for i, s in saes.items():
         site = lm.site(s.cfg.site, s.cfg.layer)
         if site.width != s.cfg.d_in:

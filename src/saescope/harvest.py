@@ -21,7 +21,7 @@ from .models import LoadedModel, Site
 
 
 class HarvestBatch(NamedTuple):
-    acts: dict[str, torch.Tensor]  # site key -> (n, width), float32 on CPU
+    acts: dict[str, torch.Tensor]  # site key -> (n, width), float32 on the model's device
     token_ids: torch.Tensor  # (n,) token at each emitted position
     ctx: torch.Tensor  # (n,) global index of the context the position came from
     pos: torch.Tensor  # (n,) position inside that context
@@ -130,7 +130,8 @@ def harvest(
             keep = keep_mask(lm, ids)  # (B, T)
             b_idx, p_idx = keep.nonzero(as_tuple=True)
             n = int(b_idx.numel())
-            out = {k: v[b_idx.to(v.device), p_idx.to(v.device)].float().cpu() for k, v in acts.items()}
+            b_dev, p_dev = b_idx.to(lm.device), p_idx.to(lm.device)
+            out = {k: v[b_dev, p_dev].float() for k, v in acts.items()}  # stays on the model's device
             batch = HarvestBatch(out, ids[b_idx, p_idx], b_idx + ctx_index, p_idx, len(chunk))
             ctx_index += len(chunk)
             emitted += n

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import devices
 from .errors import SaescopeError
 
 log = logging.getLogger(__name__)
@@ -252,7 +253,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = devices.resolve(device) if device is not None else devices.current()
     torch_dtype = _dtype(dtype, dev)
     folder = _resolve(spec)
     # read HF_HUB_OFFLINE now (huggingface_hub reads it once, at import); its retry chatter is not ours to show

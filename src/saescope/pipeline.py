@@ -10,6 +10,7 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
+from . import devices
 from .corpus import Corpus
 from .errors import SaescopeError
 from .harvest import harvest
@@ -143,7 +144,7 @@ def train_run(out: str | Path, *, model: str = DEFAULT_MODEL, corpus: str = "def
     if run.is_done("train"):
         log.info("run %s: training already done", out)
         return run
-    trainer = MultiTrainer(cfgs, train, checkpoint_dir=run.checkpoint_dir)
+    trainer = MultiTrainer(cfgs, train, checkpoint_dir=run.checkpoint_dir, device=lm.device)
     if resume and trainer.resume():
         log.warning("resuming training from %s tokens", f"{trainer.tokens_done:,}")
     with run.stage("train", n_saes=len(cfgs)):
@@ -182,10 +183,11 @@ def _cache_chunks(cache_dir, trainer: MultiTrainer, train: TrainConfig):
 
     cache = ActivationCache.open(cache_dir)
     per_chunk = train.batch_size * 4
-    for i, batch in enumerate(cache.batches(per_chunk, sites=trainer.sites, shuffle=True, seed=train.seed)):
-        if i < trainer.contexts_done:
-            continue
-        yield Chunk({k: v for k, v in batch.items() if k != "token_ids"}, 1)
+    batches = cache.batches(per_chunk, sites=trainer.sites, shuffle=True, seed=train.seed, as_dtype=None)
+    todo = ({k: v for k, v in batch.items() if k != "token_ids"}
+            for i, batch in enumerate(batches) if i >= trainer.contexts_done)
+    for acts in devices.prefetch(todo, trainer.device):  # pinned, overlapped host → GPU copies
+        yield Chunk(acts, 1)
 
 
 def run_all(out: str | Path, *, model: str = DEFAULT_MODEL, corpus: str = "default", sites="resid_post",

@@ -98,7 +98,11 @@ class Run:
 
     @contextlib.contextmanager
     def stage(self, name: str, **info):
-        """Mark a stage running; done on success, failed (with the message) on error."""
+        """Mark a stage running; done on success, failed (with the message) on error. The stage's record
+        names the device it ran on (`--device`)."""
+        from . import devices
+
+        info.setdefault("device", devices.describe())
         t0 = time.time()
         self._set_stage(name, status="running", started=t0, **info)
         try:

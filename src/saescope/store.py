@@ -564,10 +564,11 @@ class ActivationCache:
         sites: list[str] | None = None,
         shuffle: bool = True,
         seed: int = 0,
-        as_dtype: torch.dtype = torch.float32,
+        as_dtype: torch.dtype | None = torch.float32,
         pool_shards: int = 4,
     ) -> Iterator[dict[str, torch.Tensor]]:
-        """One epoch of batches: ``{site: (batch_size, width) as_dtype, "token_ids": (batch_size,) int64}``.
+        """One epoch of batches: ``{site: (batch_size, width) as_dtype, "token_ids": (batch_size,) int64}``
+        (``as_dtype=None``: as stored, e.g. float16 to be converted after a copy to the GPU).
 
         Every row appears exactly once; the last batch may be smaller. With
         ``shuffle`` the order is random across the whole cache (seeded), reading
@@ -585,10 +586,8 @@ class ActivationCache:
         names = [*sites, "token_ids"]
         pieces = self._shuffled_pieces if shuffle else self._sequential_pieces
         for batch in pieces(int(batch_size), names, seed, int(pool_shards)):
-            yield {
-                name: torch.from_numpy(arr).to(torch.int64 if name == "token_ids" else as_dtype)
-                for name, arr in batch.items()
-            }
+            out = {name: torch.from_numpy(arr) for name, arr in batch.items()}
+            yield {name: t.to(torch.int64 if name == "token_ids" else (as_dtype or t.dtype)) for name, t in out.items()}
 
     def _sequential_pieces(self, batch_size: int, names: list[str], seed: int, pool: int) -> Iterator[dict]:
         pending: list[dict[str, np.ndarray]] = []

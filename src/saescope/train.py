@@ -145,6 +145,7 @@ OPTIMIZERS = ("auto", "adam", "sf-adam", "signum", "sf-signum")
 LAYOUT = 3  # checkpoint layout: 2 = Adam state of w_enc kept feature-major (width, d_in); 3 = parameter groups
 AUX_ROWS = 64  # tokens per step that feed the auxiliary loss (64 vs 256: same FVU, fewer revived features, 13–15% faster steps)
 AUX_K = 128  # dead features per token asked to explain the error
+POLL_EVERY = 16  # on a GPU, steps between host reads of a trainer's state (each read waits for the GPU's queue)
 
 
 class Signum(torch.optim.Optimizer):
@@ -240,9 +241,11 @@ class ScheduleFree:
 
 
 class StepStats(NamedTuple):
-    loss: float
-    fvu: float
-    l0: float
+    """One step's values; the first three are 0-dim tensors on the trainer's device (`float()` reads them)."""
+
+    loss: torch.Tensor
+    fvu: torch.Tensor
+    l0: torch.Tensor
     dead_fraction: float
 
 
@@ -270,29 +273,39 @@ class SAETrainer:
 
     cfg: SAEConfig
     train: TrainConfig
+    device: torch.device = torch.device("cpu")
     sae: SAE = None
     opt: torch.optim.Optimizer = None
     scale: float = 0.0
     base_lr: float = 0.0  # peak learning rate
-    log_lambda: float = 0.0
     step: int = 0
     since_fired: torch.Tensor = None  # (width,) tokens since each feature last fired
-    batch_threshold: float = 0.0  # batchtopk: running min selected activation
-    ema: dict = field(default_factory=lambda: {"fvu": float("nan"), "l0": float("nan")})
     failed: str = ""
     scratch: dict = field(default_factory=dict)  # reusable buffers, see _scratch_z
+    # Running values kept as float64 tensors on the device, read on the host only when asked (`poll`, the
+    # properties below): a host read waits for the GPU's queue to drain.
+    _log_lambda: torch.Tensor = None  # log of the sparsity coefficient λ (L0 controller)
+    _batch_threshold: torch.Tensor = None  # batchtopk: running min selected activation
+    _ema: dict = None  # "fvu", "l0": exponential moving averages of the training batches' values
+    _bad: torch.Tensor = None  # a loss was NaN/Inf since the last poll
+    _n_dead: int = 0  # dead features at the last poll (every step on the CPU)
 
     def __post_init__(self):
         _keep_freed_memory()
+        self.device = torch.device(self.device)
         gen = torch.Generator().manual_seed(self.train.seed + self.cfg.layer * 1009 + self.cfg.width)
         cfg = SAEConfig.from_json({**self.cfg.to_json(), "pre_bias": True})
-        self.sae = SAE.init(cfg, generator=gen)
+        self.sae = SAE.init(cfg, generator=gen).to(self.device)  # the same initial weights on every device
         # w_enc (d_in, width) is held feature-major: the sparse encoder gradient comes out in that layout,
         # and Adam steps its contiguous (width, d_in) view — no transposing copy of a 2.6M-entry matrix per step
         self.sae.w_enc = torch.nn.Parameter(self.sae.w_enc.detach().T.contiguous().T)
         self._w_enc_t = self.sae.w_enc.detach().T  # shares storage with w_enc
-        self.log_lambda = math.log(self.train.lambda_init)
-        self.since_fired = torch.zeros(self.cfg.width)
+        f64 = {"dtype": torch.float64, "device": self.device}
+        self._log_lambda = torch.tensor(math.log(self.train.lambda_init), **f64)
+        self._batch_threshold = torch.zeros((), **f64)
+        self._ema = {"fvu": torch.tensor(math.nan, **f64), "l0": torch.tensor(math.nan, **f64)}
+        self._bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.since_fired = torch.zeros(self.cfg.width, device=self.device)
         params = [self._w_enc_t if p is self.sae.w_enc else p for p in self.sae.parameters()]
         opt = self.train.optimizer_for(self.cfg.architecture)
         lr = self.base_lr = self.train.lr_for(self.cfg.width, opt)
@@ -311,6 +324,26 @@ class SAETrainer:
     @property
     def key(self) -> str:
         return f"{self.cfg.site}/{self.cfg.folder_name}"
+
+    @property
+    def log_lambda(self) -> float:
+        return float(self._log_lambda)
+
+    @property
+    def batch_threshold(self) -> float:
+        return float(self._batch_threshold)
+
+    @property
+    def ema(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self._ema.items()}
+
+    def poll(self) -> None:
+        """Read what the host needs from the device (one wait): a NaN/Inf loss since the last poll fails this
+        SAE; the count of dead features decides whether the next steps add the auxiliary loss."""
+        if bool(self._bad):
+            self.failed = f"{self.key}: loss became NaN/Inf by step {self.step}; this SAE stopped (the others go on)"
+            raise RuntimeError(self.failed)
+        self._n_dead = int((self.since_fired >= self.train.dead_after).sum())
 
     # ------------------------------------------------------------------ one step
 
@@ -365,7 +398,7 @@ class SAETrainer:
         z = self._scratch_z(x)
         with torch.no_grad():  # (batch, width): the one dense product (without b_enc, it is a pass cheaper)
             torch.addmm(b_enc, x_in, sae.w_enc, out=z) if biased else torch.mm(x_in, sae.w_enc, out=z)
-        lam = math.exp(self.log_lambda)
+        lam = self._log_lambda.exp().float()
         below = None  # jump_relu: pairs in the STE window just below θ
         if arch == "topk":
             act = Active.from_topk(z.topk(self.cfg.k, dim=1, sorted=False).indices)
@@ -374,9 +407,9 @@ class SAETrainer:
             top = flat.topk(min(flat.numel(), self.cfg.k * z.shape[0]), sorted=False)
             mask = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, top.indices, True).view_as(z) & (z > 0)
             act = Active.from_mask(mask)
-            pos = top.values[top.values > 0]
-            kmin = float(pos.min()) if pos.numel() else 0.0
-            self.batch_threshold = kmin if self.step == 0 else 0.99 * self.batch_threshold + 0.01 * kmin
+            kmin = top.values.masked_fill(top.values <= 0, math.inf).min().double()
+            kmin = torch.where(kmin.isfinite(), kmin, 0.0)  # the smallest positive selected value, or 0
+            self._batch_threshold = kmin if self.step == 0 else 0.99 * self._batch_threshold + 0.01 * kmin
         elif arch == "jump_relu":  # active features, and those within the STE window below θ apart
             theta = sae.threshold.detach()
             near = Active.from_mask(z > theta - b_enc - eps / 2)
@@ -390,12 +423,14 @@ class SAETrainer:
         if arch != "jump_relu":
             z_sel = act.read(z) if biased else act.read(z) + b_enc.index_select(0, act.cols)
         B, n_act = x.shape[0], act.cols.numel()
-        fired = torch.zeros(self.cfg.width, dtype=torch.bool)
+        fired = torch.zeros(self.cfg.width, dtype=torch.bool, device=self.device)
         fired[act.cols[z_sel > 0]] = True  # where the code f(z) > 0
         self.since_fired += B
         self.since_fired[fired] = 0
         dead = self.since_fired >= self.train.dead_after
-        n_dead = int(dead.sum())
+        if self.device.type == "cpu":  # free here; on a GPU the count is read every POLL_EVERY steps (`poll`)
+            self._n_dead = int(dead.sum())
+        n_dead = self._n_dead
         aux_rows = min(B, AUX_ROWS) if self.train.aux_coef > 0 and n_dead > 0 else 0
         pairs, x_pairs = act, x_in
         if aux_rows:
@@ -408,6 +443,8 @@ class SAETrainer:
             z_sel = torch.cat([z_sel, aux.read(z_rows)])
         z_all = gather_pre_acts(z_sel, x_pairs, sae.w_enc, sae.b_enc, sae.b_dec, pairs, b_dec_pairs=n_act)
         z_sel, aux_z = z_all[:n_act], z_all[n_act:].relu()
+        if aux_rows:  # × 1 where the pick is dead; 0 for a feature that fired since `n_dead` was read
+            aux_z = aux_z * dead.index_select(0, aux.cols)
         if arch == "jump_relu":
             theta_sel, theta_below = sae.threshold.gather(0, act.cols), sae.threshold.gather(0, below.cols)
             f = JumpReLUFn.apply(z_sel, theta_sel, eps)
@@ -434,9 +471,10 @@ class SAETrainer:
             aux_loss = (e - e_hat).pow(2).sum(1).mean() / (e - e.mean(0)).pow(2).sum(1).mean().clamp_min(1e-12)
             loss = loss + self.train.aux_coef * aux_loss
 
-        if not torch.isfinite(loss):
+        if self.device.type == "cpu" and not torch.isfinite(loss):
             self.failed = f"{self.key}: loss became {float(loss)} at step {self.step}; this SAE stopped (the others go on)"
             raise RuntimeError(self.failed)
+        self._bad |= ~loss.detach().isfinite()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         with torch.no_grad():  # no gradient along each unit-norm decoder row: <∂/∂w_c, w_c> = Σ_(pairs of c) code·∂/∂code
@@ -450,17 +488,17 @@ class SAETrainer:
             sae.w_dec /= sae.w_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
             sae.threshold.clamp_(min=1e-6)
 
-        l0 = float((f.detach() > 0).sum()) / x.shape[0]
+        l0 = (f.detach() > 0).sum().double() / x.shape[0]
         if arch in ("jump_relu", "relu"):
-            self.log_lambda += self.train.lambda_rate * (l0 / self.cfg.l0 - 1.0)
-            self.log_lambda = min(max(self.log_lambda, math.log(1e-6)), math.log(1e3))
-        fvu = float(recon.detach() / total_var.clamp_min(1e-12))
+            self._log_lambda = (self._log_lambda + self.train.lambda_rate * (l0 / self.cfg.l0 - 1.0)).clamp(
+                math.log(1e-6), math.log(1e3))
+        fvu = (recon.detach() / total_var.clamp_min(1e-12)).double()
         a = 0.1 if self.step > 0 else 1.0
         for name, v in (("fvu", fvu), ("l0", l0)):
-            old = self.ema[name]
-            self.ema[name] = v if math.isnan(old) else (1 - a) * old + a * v
+            old = self._ema[name]
+            self._ema[name] = torch.where(old.isnan(), v, (1 - a) * old + a * v)
         self.step += 1
-        return StepStats(float(loss.detach()), fvu, l0, n_dead / self.cfg.width)
+        return StepStats(loss.detach(), fvu, l0, n_dead / self.cfg.width)
 
     # ------------------------------------------------------------------ results and state
 
@@ -473,7 +511,7 @@ class SAETrainer:
                 for name, p in self.sae.named_parameters():
                     x = self.opt.averaged(self._w_enc_t if p is self.sae.w_enc else p)
                     getattr(sae, name).copy_(x.T if p is self.sae.w_enc else x)
-        out = sae.folded(self.scale)
+        out = sae.folded(self.scale).to("cpu")
         if self.cfg.architecture == "batchtopk":
             out.cfg.architecture = "jump_relu"
             out.cfg.extra["trained_as"] = "batchtopk"
@@ -485,7 +523,7 @@ class SAETrainer:
     def state_dict(self) -> dict:
         return {"layout": LAYOUT, "sae": self.sae.state_dict(), "opt": self.opt.state_dict(), "scale": self.scale,
                 "log_lambda": self.log_lambda, "step": self.step, "since_fired": self.since_fired,
-                "batch_threshold": self.batch_threshold, "ema": dict(self.ema), "failed": self.failed}
+                "batch_threshold": self.batch_threshold, "ema": self.ema, "failed": self.failed}
 
     def load_state_dict(self, d: dict) -> None:
         if d.get("layout") != LAYOUT:
@@ -493,9 +531,13 @@ class SAETrainer:
                                 "delete the run's checkpoints folder to start training over")
         self.sae.load_state_dict(d["sae"])
         self.opt.load_state_dict(d["opt"])
-        self.scale, self.log_lambda, self.step = d["scale"], d["log_lambda"], d["step"]
-        self.since_fired = d["since_fired"]
-        self.batch_threshold, self.ema, self.failed = d["batch_threshold"], dict(d["ema"]), d["failed"]
+        f64 = {"dtype": torch.float64, "device": self.device}
+        self.scale, self.step, self.failed = d["scale"], d["step"], d["failed"]
+        self._log_lambda = torch.tensor(d["log_lambda"], **f64)
+        self.since_fired = d["since_fired"].to(self.device)
+        self._batch_threshold = torch.tensor(d["batch_threshold"], **f64)
+        self._ema = {k: torch.tensor(v, **f64) for k, v in d["ema"].items()}
+        self._n_dead = int((self.since_fired >= self.train.dead_after).sum())
 
 
 class Chunk(NamedTuple):
@@ -508,12 +550,14 @@ class Chunk(NamedTuple):
 class MultiTrainer:
     """Every SAE of a run, trained together from one stream of activation chunks."""
 
-    def __init__(self, sae_cfgs: list[SAEConfig], train: TrainConfig, checkpoint_dir: Path | None = None):
+    def __init__(self, sae_cfgs: list[SAEConfig], train: TrainConfig, checkpoint_dir: Path | None = None,
+                 device: torch.device | str = "cpu"):
         if not sae_cfgs:
             raise SaescopeError("no SAEs to train: give at least one layer, site, width and L0")
         self.train = train
+        self.device = torch.device(device)
         scratch: dict = {}  # one pre-activation buffer per shape for all SAEs: they step one after another
-        self.trainers = [SAETrainer(c, train, scratch=scratch) for c in sae_cfgs]
+        self.trainers = [SAETrainer(c, train, device=self.device, scratch=scratch) for c in sae_cfgs]
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.tokens_done = 0
         self.contexts_done = 0
@@ -533,7 +577,7 @@ class MultiTrainer:
         if path is None or not path.is_file():
             return False
         try:
-            state = torch.load(path, weights_only=True)
+            state = torch.load(path, weights_only=True, map_location=self.device)
         except Exception as err:
             raise SaescopeError(f"checkpoint {path} is unreadable ({err}); delete it to start over") from err
         keys = [t.key for t in self.trainers]
@@ -565,14 +609,15 @@ class MultiTrainer:
             for chunk in chunks:
                 if self.tokens_done >= cfg.tokens:
                     break
-                n = next(iter(chunk.acts.values())).shape[0]
+                acts = {k: v.to(self.device, torch.float32, non_blocking=True) for k, v in chunk.acts.items()}
+                n = next(iter(acts.values())).shape[0]
                 gen.manual_seed(cfg.seed * 1_000_003 + self.contexts_done)
-                perm = torch.randperm(n, generator=gen)
+                perm = torch.randperm(n, generator=gen).to(self.device)  # the same order on every device
                 n_steps = max(1, round(n / cfg.batch_size))
                 for rows in perm.tensor_split(n_steps):
                     if self.tokens_done >= cfg.tokens:
                         break
-                    self._step_all({k: v[rows] for k, v in chunk.acts.items()})
+                    self._step_all({k: v[rows] for k, v in acts.items()})
                     self.tokens_done += len(rows)
                     bar.update(max(0, min(len(rows), cfg.tokens - bar.n)))
                     self.steps_done += 1
@@ -582,6 +627,7 @@ class MultiTrainer:
                     self.checkpoint()
         finally:
             bar.close()
+        self._poll_all()
         if self.tokens_done < cfg.tokens:
             raise SaescopeError(
                 f"the corpus ran out after {self.tokens_done:,} training tokens (asked for {cfg.tokens:,}): "
@@ -589,19 +635,32 @@ class MultiTrainer:
             )
 
     def _step_all(self, acts: dict[str, torch.Tensor]) -> None:
+        poll = self.device.type == "cpu" or (self.steps_done + 1) % POLL_EVERY == 0
         for t in self.trainers:
             if t.failed:
                 continue
             x = acts[self._site_key(t)]
-            if not torch.isfinite(x.sum()):  # NaN/Inf anywhere makes the sum non-finite
+            if poll and not torch.isfinite(x.sum()):  # NaN/Inf anywhere makes the sum non-finite
                 t.failed = f"{t.key}: NaN/Inf in the input activations; this SAE stopped (the others go on)"
                 self.failures.append(t.failed)
                 continue
             try:
                 t.step_on(x)
+                if poll:
+                    t.poll()
             except RuntimeError as err:
                 if not t.failed:
                     raise
+                self.failures.append(str(err))
+
+    def _poll_all(self) -> None:
+        """Read every trainer's pending state (a GPU polls every POLL_EVERY steps; the last steps are read here)."""
+        for t in self.trainers:
+            if t.failed:
+                continue
+            try:
+                t.poll()
+            except RuntimeError as err:
                 self.failures.append(str(err))
 
     def _postfix(self) -> str:
