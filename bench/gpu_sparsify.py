@@ -6,15 +6,18 @@ process sees (``pip install --no-index --no-deps --target``), layered on the sys
 A ``python -m venv --system-site-packages`` made from /opt/torch/.venv/bin/python3 would not see that
 venv's torch (it inherits the *base* interpreter's site-packages), hence ``--target``.
 
-    # GPU machine (no internet), wheels carried in .whl/ (see bench/RESULTS.md "sparsify on the GPU"):
-    python3 bench/gpu_sparsify.py --install-from .whl --model MODEL_DIR --tokens-file tokens.npy \\
+    # GPU machine (no internet); sparsify's wheels carried in .whl/spx/ (git-ignored, named in `carry`):
+    python3 bench/gpu_sparsify.py --install-from .whl/spx --model MODEL_DIR --tokens-file tokens.npy \\
         --layers 0-17 --num-latents 16384 --k 32 --batch-size 32 --max-tokens 10000000 --out /tmp/spx-out
 
-    # here, on CPU (sparsify installed once with: pip install --no-deps --target /tmp/spx-local ...):
+    # here, on CPU (or install once: pip install --no-deps --target /tmp/spx-local eai-sparsify==1.3.3 ...):
     PYTHONPATH=/tmp/spx-local .venv/bin/python bench/gpu_sparsify.py --model DIR --tokens-file t.npy ...
 
-``--install-from WHEELS`` installs into ``--site`` (default /tmp/spx) and re-runs this script with
-that folder first on PYTHONPATH. Without it, sparsify must already be importable.
+``--install-from WHEELS`` installs every wheel of that folder into ``--site`` (default /tmp/spx) and
+re-runs this script with that folder first on PYTHONPATH. Without it, sparsify must already be importable.
+Wheels for the GPU image (Python 3.12; torch, transformers, numpy, safetensors, einops, accelerate,
+huggingface-hub, pandas, pyarrow, xxhash, fsspec are already there): eai-sparsify 1.3.3, datasets 5.2.0,
+dill 0.4.1, multiprocess 0.70.19, natsort 8.4.0, schedulefree 1.4.1, simple-parsing 0.1.9, docstring-parser 0.18.0.
 
 What it does: loads the model like sparsify's CLI (``AutoModel``, bf16 on CUDA, the config's dtype on
 CPU), wraps the (n_contexts, ctx_len) token ids of ``--tokens-file`` in a torch Dataset in file order
