@@ -302,6 +302,27 @@ def test_sparsify_run_layout_one_folder_per_hookpoint(tmp_path):
     assert (sae.cfg.site, sae.cfg.layer, sae.cfg.model_name) == ("mlp_out", 1, "EleutherAI/pythia-70m")
 
 
+def test_sparsify_trainer_folder_with_state_pickles_points_to_its_sae_folders(tmp_path):
+    """sparsify's Trainer saves optimizer_0.pt, state.pt and rank_0_state.pt beside the hookpoint folders:
+    the error names the SAE folders (which can be imported), not the pickles; no pickle is ever opened."""
+    run = tmp_path / "checkpoints" / "unnamed"
+    for i, hp in enumerate(["layers.0", "layers.1"]):
+        sparsify_folder(run / hp, seed=i)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    for name in ("optimizer_0.pt", "state.pt", "rank_0_state.pt"):
+        torch.save({"x": Evil()}, run / name)
+    (run / "config.json").write_text(json.dumps({"sae": {"k": 8}, "hookpoints": ["layers.0", "layers.1"]}))
+    with pytest.raises(SaescopeError, match=r"holds 2 SAE folders, not one: give one of them \(layers.0, layers.1\)"):
+        read_sae_folder(run)
+    assert read_sae_folder(run / "layers.1").cfg.layer == 1
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("cfg_extra, tensors, match", [
     ({"transcode": True}, {}, "transcoder"),
     ({"skip_connection": True}, {"W_skip": torch.zeros(D, D)}, "skip"),

@@ -72,14 +72,15 @@ def find_sae_folders(root: Path, max_depth: int = 2) -> list[Path]:
 
 def _unknown(folder: Path) -> str:
     names = sorted(p.name for p in folder.iterdir())[:50]
-    pickles = [n for n in names if n.endswith(_PICKLES)]
-    if pickles:
-        return (f"{folder} holds {', '.join(pickles[:3])}: pickle-based checkpoints are never loaded (they can run "
-                f"code); convert them to safetensors first (known formats: {KNOWN})")
+    # SAE folders below come first: a sparsify run keeps its trainer state as .pt files beside them
     subs = find_sae_folders(folder)
     if subs:
         shown = ", ".join(str(p.relative_to(folder)) for p in subs[:5])
         return f"{folder} holds {len(subs)} SAE folders, not one: give one of them ({shown}{' ...' if len(subs) > 5 else ''})"
+    pickles = [n for n in names if n.endswith(_PICKLES)]
+    if pickles:
+        return (f"{folder} holds {', '.join(pickles[:3])}: pickle-based checkpoints are never loaded (they can run "
+                f"code); convert them to safetensors first (known formats: {KNOWN})")
     if (folder / "cfg.json").is_file() or (folder / "config.json").is_file():
         return (f"{folder} has a config but no weights file saescope knows (sae_weights.safetensors, sae.safetensors, "
                 f"params.safetensors, params.npz): the folder is incomplete (known: {KNOWN})")
