@@ -100,8 +100,7 @@ def test_pipeline_on_cuda(capsys, tiny_gemma_dir, corpus, tmp_path):  # noqa: F8
         ["analyze", run, "--tokens", 500],
         ["inspect", run, "the king of france"],
         ["feature", run, "resid_post/layer_0_width_64_l0_4", 0],
-        ["steer", run, "the king", "--feature", "resid_post/layer_0_width_64_l0_4:3", "--strength", 4,
-         "--max-new-tokens", 5],
+        ["steer", run, "the king", "--feature", "0:3=4", "--max-new-tokens", 5],
     ]
     for args in steps:
         code, _, err = run_cli(capsys, *args, "--device", "cuda")
@@ -149,3 +148,25 @@ def test_nan_input_on_cuda_stops_only_its_sae():
     mt.fit([Chunk({"resid_post/0": x, "resid_post/1": bad}, 1)], progress=False)
     assert not mt.trainers[0].failed and mt.trainers[1].failed
     assert len(mt.failures) == 1
+
+
+@pytest.mark.parametrize("arch", ["jump_relu", "topk", "batchtopk", "relu"])
+def test_dense_step_is_the_sparse_step(arch):
+    """The GPU's dense step and the CPU's sparse-kernel step compute the same update (here both on the CPU),
+    with the auxiliary loss on (dead features after 32 tokens)."""
+    from saescope.sae import SAEConfig
+    from saescope.train import SAETrainer, TrainConfig
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 64, 24) @ torch.randn(24, 24)
+    cfg = SAEConfig(d_in=24, width=512, architecture=arch, l0=3, site="resid_post", layer=0)
+    train = TrainConfig(tokens=6 * 64, batch_size=64, dead_tokens=32, optimizer="adam")
+    sparse, dense = SAETrainer(cfg, train, dense=False), SAETrainer(cfg, train, dense=True)
+    for step in range(6):
+        a, b = sparse.step_on(x[step]), dense.step_on(x[step])
+        assert torch.allclose(a.loss, b.loss, rtol=1e-4, atol=1e-6), (step, float(a.loss), float(b.loss))
+    assert sparse._n_dead > 0 or arch == "relu"  # the auxiliary loss took part (ReLU fires everywhere here)
+    for name in ("w_enc", "w_dec", "b_enc", "b_dec", "threshold"):
+        p, q = getattr(sparse.sae, name).detach(), getattr(dense.sae, name).detach()
+        assert torch.allclose(p, q, rtol=1e-3, atol=1e-5), (name, float((p - q).abs().max()))
+    assert sparse.log_lambda == pytest.approx(dense.log_lambda, rel=1e-6)

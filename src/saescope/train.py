@@ -240,6 +240,16 @@ class ScheduleFree:
         self.weight_sum = d["weight_sum"]
 
 
+class _Forward(NamedTuple):
+    """What a forward pass hands to `SAETrainer._learn`."""
+
+    loss: torch.Tensor
+    recon: torch.Tensor  # mean squared reconstruction error (normalised units)
+    f: torch.Tensor  # the batch's codes (pairs or dense), for L0
+    n_dead: int
+    along: object  # () -> (width,): each decoder row's gradient along itself, after backward
+
+
 class StepStats(NamedTuple):
     """One step's values; the first three are 0-dim tensors on the trainer's device (`float()` reads them)."""
 
@@ -274,6 +284,8 @@ class SAETrainer:
     cfg: SAEConfig
     train: TrainConfig
     device: torch.device = torch.device("cpu")
+    dense: bool | None = None
+    """The step's kernels: sparse (kernels.py; the CPU's) or dense matrix products (a GPU's); None = by device."""
     sae: SAE = None
     opt: torch.optim.Optimizer = None
     scale: float = 0.0
@@ -293,6 +305,7 @@ class SAETrainer:
     def __post_init__(self):
         _keep_freed_memory()
         self.device = torch.device(self.device)
+        self.dense = self.device.type == "cuda" if self.dense is None else self.dense
         gen = torch.Generator().manual_seed(self.train.seed + self.cfg.layer * 1009 + self.cfg.width)
         cfg = SAEConfig.from_json({**self.cfg.to_json(), "pre_bias": True})
         self.sae = SAE.init(cfg, generator=gen).to(self.device)  # the same initial weights on every device
@@ -390,15 +403,34 @@ class SAETrainer:
             raise RuntimeError(self.failed)
         if self.step == 0:
             self._first_batch(x)
-        sae, arch, eps = self.sae, self.cfg.architecture, self.train.eps
         xn = x / self.scale  # (batch, d_in), E‖xn‖² ≈ 1
+        lam = self._log_lambda.exp().float()
+        fwd = self._forward_dense(xn, lam) if self.dense else self._forward_sparse(xn, lam)
+        return self._learn(xn, fwd)
+
+    def _mark_fired(self, fired: torch.Tensor, batch: int) -> tuple[torch.Tensor, int]:
+        """Count tokens since each feature last fired; (dead mask, dead count as last read on the host)."""
+        self.since_fired += batch
+        self.since_fired[fired] = 0
+        dead = self.since_fired >= self.train.dead_after
+        if self.device.type == "cpu":  # free here; on a GPU the count is read every POLL_EVERY steps (`poll`)
+            self._n_dead = int(dead.sum())
+        return dead, self._n_dead
+
+    def _aux_loss(self, err: torch.Tensor, e_hat: torch.Tensor) -> torch.Tensor:
+        """Auxiliary-k: how well the dead features' codes reconstruct the error left on the first rows."""
+        e = err[: e_hat.shape[0]].detach()
+        return (e - e_hat).pow(2).sum(1).mean() / (e - e.mean(0)).pow(2).sum(1).mean().clamp_min(1e-12)
+
+    def _forward_sparse(self, xn: torch.Tensor, lam: torch.Tensor) -> _Forward:
+        """The loss through the sparse kernels (kernels.py): the CPU's path, work only on active pairs."""
+        sae, arch, eps = self.sae, self.cfg.architecture, self.train.eps
         x_in = xn - sae.b_dec.detach()
         b_enc = sae.b_enc.detach()
         biased = arch in ("topk", "batchtopk")  # the others compare x_in·W_enc with b_enc-shifted cut-offs
-        z = self._scratch_z(x)
+        z = self._scratch_z(xn)
         with torch.no_grad():  # (batch, width): the one dense product (without b_enc, it is a pass cheaper)
             torch.addmm(b_enc, x_in, sae.w_enc, out=z) if biased else torch.mm(x_in, sae.w_enc, out=z)
-        lam = self._log_lambda.exp().float()
         below = None  # jump_relu: pairs in the STE window just below θ
         if arch == "topk":
             act = Active.from_topk(z.topk(self.cfg.k, dim=1, sorted=False).indices)
@@ -407,9 +439,7 @@ class SAETrainer:
             top = flat.topk(min(flat.numel(), self.cfg.k * z.shape[0]), sorted=False)
             mask = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, top.indices, True).view_as(z) & (z > 0)
             act = Active.from_mask(mask)
-            kmin = top.values.masked_fill(top.values <= 0, math.inf).min().double()
-            kmin = torch.where(kmin.isfinite(), kmin, 0.0)  # the smallest positive selected value, or 0
-            self._batch_threshold = kmin if self.step == 0 else 0.99 * self._batch_threshold + 0.01 * kmin
+            self._track_batch_threshold(top.values)
         elif arch == "jump_relu":  # active features, and those within the STE window below θ apart
             theta = sae.threshold.detach()
             near = Active.from_mask(z > theta - b_enc - eps / 2)
@@ -422,15 +452,10 @@ class SAETrainer:
             act = Active.from_mask(z > -b_enc)
         if arch != "jump_relu":
             z_sel = act.read(z) if biased else act.read(z) + b_enc.index_select(0, act.cols)
-        B, n_act = x.shape[0], act.cols.numel()
+        B, n_act = xn.shape[0], act.cols.numel()
         fired = torch.zeros(self.cfg.width, dtype=torch.bool, device=self.device)
         fired[act.cols[z_sel > 0]] = True  # where the code f(z) > 0
-        self.since_fired += B
-        self.since_fired[fired] = 0
-        dead = self.since_fired >= self.train.dead_after
-        if self.device.type == "cpu":  # free here; on a GPU the count is read every POLL_EVERY steps (`poll`)
-            self._n_dead = int(dead.sum())
-        n_dead = self._n_dead
+        dead, n_dead = self._mark_fired(fired, B)
         aux_rows = min(B, AUX_ROWS) if self.train.aux_coef > 0 and n_dead > 0 else 0
         pairs, x_pairs = act, x_in
         if aux_rows:
@@ -464,22 +489,71 @@ class SAETrainer:
             x_hat = x_hat + code_grad_probe(f_below, below, sae.w_dec)
         err = xn - x_hat
         recon = err.pow(2).sum(1).mean()
-        total_var = (xn - xn.mean(0)).pow(2).sum(1).mean()
         loss = recon + sparsity
         if aux_rows:
-            e, e_hat = err[:aux_rows].detach(), decoded[B:]
-            aux_loss = (e - e_hat).pow(2).sum(1).mean() / (e - e.mean(0)).pow(2).sum(1).mean().clamp_min(1e-12)
-            loss = loss + self.train.aux_coef * aux_loss
+            loss = loss + self.train.aux_coef * self._aux_loss(err, decoded[B:])
 
+        def along() -> torch.Tensor:  # <∂/∂w_c, w_c> = Σ_(pairs of c) code·∂/∂code
+            return g_codes[0].new_zeros(self.cfg.width).index_add_(0, pairs.cols, codes.detach() * g_codes[0])
+
+        return _Forward(loss, recon, f, n_dead, along)
+
+    def _forward_dense(self, xn: torch.Tensor, lam: torch.Tensor) -> _Forward:
+        """The same loss with dense (batch, width) tensors and no host reads: a GPU's path, where four dense
+        matrix products beat the sparse kernels' scattered reads and many small launches (bench/RESULTS.md)."""
+        sae, arch, eps, k = self.sae, self.cfg.architecture, self.train.eps, self.cfg.k
+        B = xn.shape[0]
+        x_in = xn - sae.b_dec
+        z = torch.addmm(sae.b_enc, x_in, sae.w_enc)  # (batch, width)
+        if arch == "jump_relu":
+            f = JumpReLUFn.apply(z, sae.threshold, eps)
+            sparsity = lam * StepFn.apply(z, sae.threshold, eps).sum() / B / self.cfg.l0
+        elif arch == "topk":
+            f = z.relu() * torch.zeros_like(z).scatter_(1, z.detach().topk(k, dim=1, sorted=False).indices, 1.0)
+            sparsity = z.new_zeros(())
+        elif arch == "batchtopk":
+            top = z.detach().relu().flatten().topk(min(z.numel(), k * B), sorted=False)
+            f = z.relu() * torch.zeros_like(z).view(-1).index_fill_(0, top.indices, 1.0).view_as(z)
+            self._track_batch_threshold(top.values)
+            sparsity = z.new_zeros(())
+        else:  # relu
+            f = z.relu()
+            sparsity = lam * f.sum() / B
+        dead, n_dead = self._mark_fired((f.detach() > 0).any(0), B)
+        x_hat = f @ sae.w_dec + sae.b_dec
+        err = xn - x_hat
+        recon = err.pow(2).sum(1).mean()
+        loss = recon + sparsity
+        aux_rows = min(B, AUX_ROWS) if self.train.aux_coef > 0 and n_dead > 0 else 0
+        if aux_rows:  # the dead features' top pre-activations on the first rows (b_dec gets no gradient here)
+            z_aux = torch.addmm(sae.b_enc, x_in[:aux_rows].detach(), sae.w_enc).masked_fill(~dead, float("-inf"))
+            top = z_aux.topk(min(AUX_K, n_dead), dim=1, sorted=False)
+            vals = top.values.relu() * dead.index_select(0, top.indices.view(-1)).view_as(top.values)
+            aux_f = torch.zeros_like(z_aux).scatter(1, top.indices, vals)
+            loss = loss + self.train.aux_coef * self._aux_loss(err, aux_f @ sae.w_dec)
+
+        def along() -> torch.Tensor:  # <∂/∂w_c, w_c> straight from the dense gradient
+            return (sae.w_dec.grad * sae.w_dec.detach()).sum(1)
+
+        return _Forward(loss, recon, f, n_dead, along)
+
+    def _track_batch_threshold(self, values: torch.Tensor) -> None:
+        """batchtopk: running average of the smallest positive selected value (the saved JumpReLU threshold)."""
+        kmin = values.masked_fill(values <= 0, math.inf).min().double()
+        kmin = torch.where(kmin.isfinite(), kmin, 0.0)
+        self._batch_threshold = kmin if self.step == 0 else 0.99 * self._batch_threshold + 0.01 * kmin
+
+    def _learn(self, xn: torch.Tensor, fwd: _Forward) -> StepStats:
+        """Backward, the decoder-row projection, the optimiser step and the controller, for either path."""
+        sae, loss, B = self.sae, fwd.loss, xn.shape[0]
         if self.device.type == "cpu" and not torch.isfinite(loss):
             self.failed = f"{self.key}: loss became {float(loss)} at step {self.step}; this SAE stopped (the others go on)"
             raise RuntimeError(self.failed)
         self._bad |= ~loss.detach().isfinite()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        with torch.no_grad():  # no gradient along each unit-norm decoder row: <∂/∂w_c, w_c> = Σ_(pairs of c) code·∂/∂code
-            along = g_codes[0].new_zeros(self.cfg.width).index_add_(0, pairs.cols, codes.detach() * g_codes[0])
-            sae.w_dec.grad.addcmul_(along[:, None], sae.w_dec, value=-1.0)
+        with torch.no_grad():  # no gradient along each unit-norm decoder row
+            sae.w_dec.grad.addcmul_(fwd.along()[:, None], sae.w_dec, value=-1.0)
         self._w_enc_t.grad, sae.w_enc.grad = sae.w_enc.grad.T, None  # hand it to Adam (which zeroes only its own)
         for group in self.opt.param_groups:
             group["lr"] = self.lr_now() * group.get("lr_scale", 1.0)
@@ -488,17 +562,18 @@ class SAETrainer:
             sae.w_dec /= sae.w_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
             sae.threshold.clamp_(min=1e-6)
 
-        l0 = (f.detach() > 0).sum().double() / x.shape[0]
-        if arch in ("jump_relu", "relu"):
+        l0 = (fwd.f.detach() > 0).sum().double() / B
+        if self.cfg.architecture in ("jump_relu", "relu"):
             self._log_lambda = (self._log_lambda + self.train.lambda_rate * (l0 / self.cfg.l0 - 1.0)).clamp(
                 math.log(1e-6), math.log(1e3))
-        fvu = (recon.detach() / total_var.clamp_min(1e-12)).double()
+        total_var = (xn - xn.mean(0)).pow(2).sum(1).mean()
+        fvu = (fwd.recon.detach() / total_var.clamp_min(1e-12)).double()
         a = 0.1 if self.step > 0 else 1.0
         for name, v in (("fvu", fvu), ("l0", l0)):
             old = self._ema[name]
             self._ema[name] = torch.where(old.isnan(), v, (1 - a) * old + a * v)
         self.step += 1
-        return StepStats(loss.detach(), fvu, l0, n_dead / self.cfg.width)
+        return StepStats(loss.detach(), fvu, l0, fwd.n_dead / self.cfg.width)
 
     # ------------------------------------------------------------------ results and state
 
