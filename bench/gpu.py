@@ -109,6 +109,29 @@ def harvest_rate(lm, ctxs, sites, batch: int) -> dict:
     return {"tokens": n, "tok_s": round(n / (time.perf_counter() - t0))}
 
 
+def step_rates(lm, sites, width: int, l0: float, batch: int, steps: int = 8) -> dict:
+    """Training alone (no model): 18 SAEs stepping on random activations, dense and sparse kernels."""
+    from saescope.sae import SAEConfig
+
+    out = {}
+    x = torch.randn(batch * (steps + 2), lm.d_model, device=lm.device)
+    for dense in (True, False):
+        cfgs = [SAEConfig(d_in=lm.d_model, width=width, architecture="jump_relu", l0=l0, site="resid_post",
+                          layer=s.layer) for s in sites]
+        mt = MultiTrainer(cfgs, TrainConfig(tokens=10**9, batch_size=batch), device=lm.device)
+        for t in mt.trainers:
+            t.dense = dense
+        for i in range(steps + 2):
+            if i == 2:
+                sync(lm.device)
+                t0 = time.perf_counter()
+            mt._step_all({s.key: x[i * batch:(i + 1) * batch] for s in sites})
+        sync(lm.device)
+        out["dense" if dense else "sparse"] = {"tok_s": round(steps * batch / (time.perf_counter() - t0))}
+        del mt
+    return out
+
+
 def heldout_acts(lm, ctxs, sites) -> dict[str, torch.Tensor]:
     acts: dict[str, list] = {s.key: [] for s in sites}
     for b in harvest(lm, iter(ctxs), sites, batch_size=8, progress=False):
@@ -242,7 +265,8 @@ def run(args) -> None:
     log(f"model on {RESULTS['device']} in {RESULTS['model_load_s']} s; {len(layers)} layers")
     fwd_ctx = contexts(train_tok, args.forward_tokens)
     steps = [("forward", lambda: bare_forward(lm, fwd_ctx, args.harvest_batch)),
-             ("harvest", lambda: harvest_rate(lm, fwd_ctx, sites, args.harvest_batch))]
+             ("harvest", lambda: harvest_rate(lm, fwd_ctx, sites, args.harvest_batch)),
+             ("train_step_only", lambda: step_rates(lm, sites, args.width, args.l0, args.batch))]
     held = heldout_acts(lm, held_tok.astype(np.int64).tolist(), sites)
     RESULTS["heldout_tokens"] = int(next(iter(held.values())).shape[0])
     train_ctx = contexts(train_tok, args.train_tokens * 11 // 10)
@@ -298,7 +322,7 @@ def summary(r: dict) -> str:
         return "ERROR " + r["error"][:300]
     keys = ("tok_s", "tok_s_second_half", "peak_gib", "wall_s")
     parts = [f"{k} {r[k]}" for k in keys if k in r]
-    if "decoder" in r:
+    if "decoder" in r or "dense" in r:
         parts = [f"{k} {v['tok_s']} tok/s" for k, v in r.items() if isinstance(v, dict)]
     if "heldout" in r:
         parts.append(f"held-out FVU {r['heldout']['mean_fvu']} L0 {r['heldout']['mean_l0']}")
