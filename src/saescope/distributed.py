@@ -165,7 +165,7 @@ class World:
         flat = torch.cat([s.reshape(-1) for s in send]).to(self.device)
         out = torch.empty(sum(recv_rows) * width, dtype=flat.dtype, device=self.device)
         dist.all_to_all_single(out, flat, [n * width for n in recv_rows], [s.numel() for s in send])
-        return out.view(sum(recv_rows), width)
+        return out.view(sum(recv_rows), width).to(send[0].device)
 
 
 SINGLE = World()
