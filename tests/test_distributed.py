@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from saescope.distributed import World
+from saescope.errors import SaescopeError
 from saescope.sae import SAEConfig, load_sae
 from saescope.train import Chunk, MultiTrainer, TrainConfig
 
@@ -207,3 +208,23 @@ def test_ranks_killed_after_a_checkpoint_resume_to_the_same_result(mode, request
     for sae, params in ref.items():
         for name, p in params.items():
             assert torch.equal(got[sae][name], p), (sae, name)
+
+
+def test_a_checkpoint_resumes_only_under_the_world_that_wrote_it(tmp_path):
+    single = MultiTrainer(CFGS[:1], TrainConfig(**TC), checkpoint_dir=tmp_path)
+    single.checkpoint()
+    with pytest.raises(SaescopeError, match="written by 1 process.* single mode, not 2 in data mode"):
+        MultiTrainer(CFGS[:1], TrainConfig(**TC), checkpoint_dir=tmp_path, world=World(0, 2, "data")).resume()
+    assert MultiTrainer(CFGS[:1], TrainConfig(**TC), checkpoint_dir=tmp_path).resume()
+
+
+@pytest.mark.parametrize("world,batch,layers,message", [
+    (World(0, 4, "layers"), 128, [0, 1, 2], "--parallel layers with 4 processes needs at least 4 layers"),
+    (World(0, 4, "data"), 6, [0], "--batch-size 6 is too small for 4 processes"),
+])
+def test_worlds_that_cannot_work_are_refused(world, batch, layers, message):
+    from saescope.pipeline import _check_world
+
+    with pytest.raises(SaescopeError, match=message):
+        _check_world(world, TrainConfig(batch_size=batch), layers)
+    _check_world(World(0, 2, world.mode), TrainConfig(batch_size=batch), layers)  # 2 processes can
