@@ -228,3 +228,12 @@ def test_worlds_that_cannot_work_are_refused(world, batch, layers, message):
     with pytest.raises(SaescopeError, match=message):
         _check_world(world, TrainConfig(batch_size=batch), layers)
     _check_world(World(0, 2, world.mode), TrainConfig(batch_size=batch), layers)  # 2 processes can
+
+
+def test_saescope_run_under_torchrun_is_refused(monkeypatch, tmp_path):
+    from saescope.pipeline import run_all
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SaescopeError, match="under torchrun use `saescope train`"):
+        run_all(tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -252,6 +253,9 @@ def run_all(out: str | Path, *, model: str = DEFAULT_MODEL, corpus: str = "defau
 
     if llm_url and not llm_model:
         raise SaescopeError("--llm needs --llm-model NAME (the model's name on that server)")
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise SaescopeError("`saescope run` is one process: under torchrun use `saescope train`, then run the "
+                            "other stages (eval, analyze, label) in one process")
     t0 = time.time()
     lm = load_model(model)
     loaded = f"{model}: {lm.n_layers} layers, d_model {lm.d_model}, loaded in {time.time() - t0:.0f} s"
