@@ -230,10 +230,11 @@ def test_worlds_that_cannot_work_are_refused(world, batch, layers, message):
     _check_world(World(0, 2, world.mode), TrainConfig(batch_size=batch), layers)  # 2 processes can
 
 
-def test_saescope_run_under_torchrun_is_refused(monkeypatch, tmp_path):
-    from saescope.pipeline import run_all
+def test_run_and_harvest_under_torchrun_are_refused(monkeypatch, tmp_path):
+    from saescope.pipeline import harvest_to_cache, run_all
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SaescopeError, match="under torchrun use `saescope train`"):
-        run_all(tmp_path / "run")
-    assert not (tmp_path / "run").exists()
+    for verb, call in (("run", run_all), ("harvest", harvest_to_cache)):
+        with pytest.raises(SaescopeError, match=f"`saescope {verb}` is one process: under torchrun use"):
+            call(tmp_path / "out")
+    assert not (tmp_path / "out").exists()

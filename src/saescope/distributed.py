@@ -207,6 +207,13 @@ def launched(parallel: str = "auto", device: str = "cpu"):
             dist.destroy_process_group()
 
 
+def one_process(verb: str) -> None:
+    """Refuse a verb that writes shared files from every process when torchrun started several."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise SaescopeError(f"`saescope {verb}` is one process: under torchrun use `saescope train`, and run "
+                            f"{verb} in one process")
+
+
 def shard(items, world: World):
     """This rank's share of a stream: items i with i % size == rank."""
     import itertools

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from dataclasses import asdict
 from pathlib import Path
 
 from .corpus import Corpus
-from .distributed import World, exchanged, launched, owner_of, shard, synced
+from .distributed import World, exchanged, launched, one_process, owner_of, shard, synced
 from .errors import SaescopeError
 from .harvest import harvest
 from .models import DEFAULT_MODEL, SITE_KINDS, LoadedModel, load_model, local_ref
@@ -70,6 +69,7 @@ def harvest_to_cache(out: str | Path, *, model: str = DEFAULT_MODEL, corpus: str
     """Cache activations at every requested site; resumes an interrupted cache in `out`."""
     from .store import ActivationCache, CacheWriter
 
+    one_process("harvest")
     if tokens < 1:
         raise SaescopeError("--tokens must be positive")
     lm = lm or load_model(model)
@@ -253,9 +253,7 @@ def run_all(out: str | Path, *, model: str = DEFAULT_MODEL, corpus: str = "defau
 
     if llm_url and not llm_model:
         raise SaescopeError("--llm needs --llm-model NAME (the model's name on that server)")
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        raise SaescopeError("`saescope run` is one process: under torchrun use `saescope train`, then run the "
-                            "other stages (eval, analyze, label) in one process")
+    one_process("run")
     t0 = time.time()
     lm = load_model(model)
     loaded = f"{model}: {lm.n_layers} layers, d_model {lm.d_model}, loaded in {time.time() - t0:.0f} s"
