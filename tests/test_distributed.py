@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,8 @@ TC = dict(tokens=6000, batch_size=250, seed=3, dead_tokens=250)  # dead after on
 
 def _data_rank(rank: int, folder: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))  # a rank left waiting fails instead of hanging
     try:
         mt = MultiTrainer(CFGS, TrainConfig(**TC), world=World(rank, 2, "data"))
         mt.fit(_synthetic_chunks(), progress=False)  # the same chunks on both ranks, as from a cache
@@ -66,6 +68,34 @@ def test_data_parallel_steps_equal_a_single_process_on_the_same_rows(tmp_path):
         for name, p in t.export().state_dict().items():
             assert torch.equal(got[name], other[name]), (t.key, name)  # the ranks hold the same SAE
             torch.testing.assert_close(got[name], p, rtol=1e-4, atol=1e-4, msg=lambda m, k=f"{t.key} {name}": f"{k}: {m}")
+
+
+def _uneven_rank(rank: int, folder: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))  # a rank left waiting fails instead of hanging
+    try:
+        from saescope.distributed import synced
+
+        mine = _synthetic_chunks()[rank::2][: 3 - rank]  # rank 0: 3 chunks of its own, rank 1: 2
+        mt = MultiTrainer(CFGS[:1], TrainConfig(**{**TC, "tokens": 100_000}), world=World(rank, 2, "data"))
+        try:
+            mt.fit(synced(mine, World(rank, 2, "data")), progress=False)
+            outcome = "finished"
+        except SaescopeError as err:
+            outcome = str(err)
+        (Path(folder) / f"rank{rank}.txt").write_text(f"{outcome}|{mt.tokens_done}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_shards_that_end_apart_stop_every_rank_together(tmp_path):
+    """From a live harvest each rank steps through its own rows; when one shard runs out, every rank stops
+    (instead of the others waiting for it forever), having counted both ranks' rows."""
+    mp.spawn(_uneven_rank, args=(str(tmp_path),), nprocs=2)
+    outcomes = [(tmp_path / f"rank{r}.txt").read_text().split("|") for r in range(2)]
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0][0].startswith("the corpus ran out after 4,000 training tokens")  # 2 chunks × 2 ranks
 
 
 # --------------------------------------------------------------------------- torchrun end to end
