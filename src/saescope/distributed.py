@@ -10,6 +10,9 @@ Modes (see README, "Many GPUs"):
   SAE; gradients are summed over ranks, each rank's weighted by its share of the step's rows, so the step is
   the one a single process takes on the union of the ranks' rows. From a cache every rank reads the same
   chunks and takes its slice of every step, so the union is exactly the single-process batch.
+  Not exact: where a step's first 64 rows (the aux-k rows) span ranks (slices under 64 rows) each rank
+  normalises its part of the aux-k loss by its own rows' error variance; ties at the BatchTopK cut may keep a
+  different set of equal values; live harvests read the corpus in another order than one process does.
 - layers: every rank harvests its shard, the activations are exchanged (one all_to_all per chunk, with each
   rank's own row count: nothing trimmed, nothing padded) and each rank trains the SAEs of its own layers on all
   ranks' rows, in rank order.
