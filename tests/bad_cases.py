@@ -156,6 +156,8 @@ CLI_CASES = [
     _c("train-ctx-len-one", r"1 is not in the range", *TRAIN, "--ctx-len", "1"),
     _c("train-arch-unknown", r"'gated' is not one of", *TRAIN, "--arch", "gated"),
     _c("train-optimizer-unknown", r"'sgd' is not one of", *TRAIN, "--optimizer", "sgd"),
+    _c("train-parallel-unknown", r"'ring' is not one of", *TRAIN, "--parallel", "ring"),
+    _c("train-checkpoint-every-zero", r"0 is not in the range", *TRAIN, "--checkpoint-every", "0"),
     _c("train-site-unknown", r"unknown site 'attn'", *TRAIN, "--sites", "attn"),
     _c("train-corpus-empty", r"has no documents", *TRAIN, "--corpus", "{empty}"),
     _c("train-corpus-not-utf8", r"has no documents", *TRAIN, "--corpus", "{binary}"),

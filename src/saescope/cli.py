@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -139,19 +140,27 @@ def harvest(model, corpus, sites, layers, tokens, out, dtype, ctx_len, batch_siz
 @click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default="auto",
               help="auto = schedule-free Adam for TopK short runs, Adam otherwise (see README: the training recipe).")
 @click.option("--seed", default=0, type=NON_NEGATIVE)
+@click.option("--checkpoint-every", default=200, type=POSITIVE, help="Steps between checkpoints.")
 @click.option("--cache", type=click.Path(exists=True), default=None, help="Train from a harvest cache instead of the live model.")
 @click.option("--out", default=DEFAULT_RUN, type=click.Path(), help="Run folder.")
 @click.option("--resume/--no-resume", default=True, help="Continue from the last checkpoint when there is one.")
-def train(model, corpus, sites, layers, widths, l0s, arch, tokens, ctx_len, batch_size, lr, optimizer, seed, cache, out,
-          resume):
+@click.option("--parallel", type=click.Choice(["auto", "data", "layers"]), default="auto",
+              help="Under torchrun: data (auto) = every process trains every SAE on its shard of the corpus, "
+                   "gradients all-reduced; layers = each process trains its layers' SAEs on activations exchanged "
+                   "between processes. Ignored in a single process.")
+def train(model, corpus, sites, layers, widths, l0s, arch, tokens, ctx_len, batch_size, lr, optimizer, seed,
+          checkpoint_every, cache, out, resume, parallel):
     """Train an SAE for every layer × site × width × L0, all from one pass over the corpus."""
     from .pipeline import train_run
     from .train import TrainConfig
 
-    tc = TrainConfig(tokens=tokens, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed)
+    tc = TrainConfig(tokens=tokens, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed,
+                     checkpoint_every=checkpoint_every)
     run = train_run(out, model=model, corpus=corpus, sites=sites, layers=layers, widths=_csv_numbers(widths, int),
-                    l0s=_csv_numbers(l0s), architecture=arch, train=tc, ctx_len=ctx_len, cache=cache, resume=resume)
-    click.echo(f"trained {len(run.sae_ids())} SAEs in {run.root}/saes")
+                    l0s=_csv_numbers(l0s), architecture=arch, train=tc, ctx_len=ctx_len, cache=cache, resume=resume,
+                    parallel=parallel)
+    if os.environ.get("RANK", "0") == "0":  # torchrun: one line for the whole run
+        click.echo(f"trained {len(run.sae_ids())} SAEs in {run.root}/saes")
 
 
 @cli.command("eval")

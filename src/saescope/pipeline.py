@@ -6,12 +6,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import asdict
 from pathlib import Path
 
 from . import devices
 from .corpus import Corpus
+from .distributed import World, exchanged, launched, one_process, owner_of, shard, synced
 from .errors import SaescopeError
 from .harvest import harvest
 from .models import DEFAULT_MODEL, SITE_KINDS, LoadedModel, load_model, local_ref
@@ -68,6 +70,7 @@ def harvest_to_cache(out: str | Path, *, model: str = DEFAULT_MODEL, corpus: str
     """Cache activations at every requested site; resumes an interrupted cache in `out`."""
     from .store import ActivationCache, CacheWriter
 
+    one_process("harvest")
     if tokens < 1:
         raise SaescopeError("--tokens must be positive")
     lm = lm or load_model(model)
@@ -119,52 +122,103 @@ def train_run(out: str | Path, *, model: str = DEFAULT_MODEL, corpus: str = "def
               layers="all", widths=(4096,), l0s=(32.0,), architecture: str = "jump_relu",
               train: TrainConfig | None = None, ctx_len: int = 256, harvest_batch: int = 8,
               cache: str | Path | None = None, heldout_fraction: float = 0.05, resume: bool = True,
-              lm: LoadedModel | None = None, progress: bool = True) -> Run:
-    """Train every SAE (layers × sites × widths × L0s) from one activation stream into run folder `out`."""
+              lm: LoadedModel | None = None, progress: bool = True, parallel: str = "auto") -> Run:
+    """Train every SAE (layers × sites × widths × L0s) from one activation stream into run folder `out`.
+
+    Under torchrun (WORLD_SIZE > 1) every process runs this same call: `parallel` = data (auto) or layers,
+    see distributed.py. In a single process `parallel` changes nothing."""
     train = train or TrainConfig()
-    lm = lm or load_model(model)
-    lm.check_ctx_len(ctx_len)
-    kinds = parse_sites(sites)
-    layer_list = parse_layers(layers, lm.n_layers)
-    model = local_ref(model)  # a run made with a relative path works from any folder
-    cfgs = sae_configs(lm, model, kinds, layer_list, list(widths), list(l0s), architecture)
-    if not cfgs:
-        raise SaescopeError("no SAEs to train: give at least one layer, site, width and L0")
-    corp = Corpus(corpus, heldout_fraction=heldout_fraction, seed=train.seed)
-    if cache:
-        _check_cache(cache, cfgs)
-    else:
-        corp.check("train")  # an empty corpus fails here, before the run folder is made
-    config = {"sites": kinds, "layers": layer_list, "widths": [int(w) for w in widths],
-              "l0s": [float(x) for x in l0s], "architecture": architecture, "ctx_len": int(ctx_len),
-              "train": asdict(train), "cache": local_ref(cache) if cache else None}
-    corpus_desc = {"source": local_ref(corp.source), "heldout_fraction": heldout_fraction, "seed": train.seed}
-    run = Run.create(out, model=model, corpus=corpus_desc, config=config)
-    run.__dict__["model"] = lm  # reuse the loaded model (cached_property slot)
-    if run.is_done("train"):
-        log.info("run %s: training already done", out)
-        return run
-    trainer = MultiTrainer(cfgs, train, checkpoint_dir=run.checkpoint_dir, device=lm.device)
-    if resume and trainer.resume():
-        log.warning("resuming training from %s tokens", f"{trainer.tokens_done:,}")
-    with run.stage("train", n_saes=len(cfgs)):
+    with launched(parallel, device=str(devices.current())) as world:  # nccl on CUDA, gloo on the CPU
+        lm = lm or load_model(model)
+        lm.check_ctx_len(ctx_len)
+        kinds = parse_sites(sites)
+        layer_list = parse_layers(layers, lm.n_layers)
+        _check_world(world, train, layer_list)
+        model = local_ref(model)  # a run made with a relative path works from any folder
+        cfgs = sae_configs(lm, model, kinds, layer_list, list(widths), list(l0s), architecture)
+        if not cfgs:
+            raise SaescopeError("no SAEs to train: give at least one layer, site, width and L0")
+        corp = Corpus(corpus, heldout_fraction=heldout_fraction, seed=train.seed)
         if cache:
-            chunks = _cache_chunks(cache, trainer, train)
+            _check_cache(cache, cfgs)
         else:
-            site_objs = lm.sites(kinds=kinds, layers=layer_list)
-            stream = corp.contexts(lm.tokenizer, part="train", ctx_len=ctx_len)
-            batches = harvest(lm, stream, site_objs, batch_size=harvest_batch, skip_contexts=trainer.contexts_done,
-                              progress=False)
-            chunks = (Chunk(b.acts, b.n_contexts) for b in batches)
-        trainer.fit(chunks, progress=progress)
-        saved = trainer.save(run.saes_dir)
-        trainer.checkpoint()
-        run.update(failures=trainer.failures, tokens_trained=trainer.tokens_done)
-        if not saved:
-            raise SaescopeError("no SAE finished training: " + "; ".join(trainer.failures[:3]))
+            corp.check("train")  # an empty corpus fails here, before the run folder is made
+        config = {"sites": kinds, "layers": layer_list, "widths": [int(w) for w in widths],
+                  "l0s": [float(x) for x in l0s], "architecture": architecture, "ctx_len": int(ctx_len),
+                  "train": asdict(train), "cache": local_ref(cache) if cache else None}
+        if not world.trivial:
+            config["parallel"] = world.describe
+        corpus_desc = {"source": local_ref(corp.source), "heldout_fraction": heldout_fraction, "seed": train.seed}
+        run = _create_run(out, world, model=model, corpus=corpus_desc, config=config)
+        run.__dict__["model"] = lm  # reuse the loaded model (cached_property slot)
+        if run.is_done("train"):
+            log.info("run %s: training already done", out)
+            return run
+        n_saes = len(cfgs)
+        if world.mode == "layers":
+            cfgs = [c for c in cfgs if owner_of(c.layer, layer_list, world) == world.rank]
+        trainer = MultiTrainer(cfgs, train, checkpoint_dir=run.checkpoint_dir, world=world, device=lm.device)
+        if resume and trainer.resume():
+            log.warning("resuming training from %s tokens", f"{trainer.tokens_done:,}")
+        stage = run.stage("train", n_saes=n_saes) if world.rank == 0 else contextlib.nullcontext()
+        with stage:
+            if cache:
+                chunks = _cache_chunks(cache, trainer, train)
+            else:
+                chunks = _harvest_chunks(lm, corp, kinds, layer_list, ctx_len, harvest_batch, trainer)
+            trainer.fit(chunks, progress=progress)
+            _finish(run, trainer)
     for msg in trainer.failures:
         log.error(msg)
     return run
+
+
+def _check_world(world: World, train: TrainConfig, layers: list[int]) -> None:
+    if world.mode == "layers" and world.size > len(layers):
+        raise SaescopeError(f"--parallel layers with {world.size} processes needs at least {world.size} layers "
+                            f"(got {len(layers)}): use fewer processes or --parallel data")
+    if world.mode == "data" and train.batch_size < 2 * world.size:
+        raise SaescopeError(f"--batch-size {train.batch_size} is too small for {world.size} processes: "
+                            f"use at least {2 * world.size}")
+
+
+def _create_run(out, world: World, **identity) -> Run:
+    """Rank 0 creates (or reopens) the run folder; the other ranks reopen it once it is there."""
+    if world.rank == 0:
+        run = Run.create(out, **identity)
+    world.barrier()
+    return run if world.rank == 0 else Run.create(out, **identity)
+
+
+def _harvest_chunks(lm, corp: Corpus, kinds, layer_list, ctx_len: int, harvest_batch: int, trainer: MultiTrainer):
+    """Chunks harvested live: with several ranks, each harvests its shard of the contexts (and, layer
+    parallel, every layer's sites, to exchange them)."""
+    world = trainer.world
+    site_objs = lm.sites(kinds=kinds, layers=layer_list)
+    stream = shard(corp.contexts(lm.tokenizer, part="train", ctx_len=ctx_len), world)
+    batches = harvest(lm, stream, site_objs, batch_size=harvest_batch, skip_contexts=trainer.contexts_done,
+                      progress=False)
+    chunks = (Chunk(b.acts, b.n_contexts) for b in batches)
+    if world.mode == "data":
+        return synced(chunks, world)
+    if world.mode == "layers":
+        return exchanged(chunks, world, {s.key: owner_of(s.layer, layer_list, world) for s in site_objs})
+    return chunks
+
+
+def _finish(run: Run, trainer: MultiTrainer) -> None:
+    """Save the SAEs (data parallel: rank 0; layers: each rank its own) and the last checkpoint; rank 0
+    updates the manifest once every rank has saved."""
+    world = trainer.world
+    saved = trainer.save(run.saes_dir)
+    trainer.checkpoint()
+    failures = [f for fs in world.gather_objects(trainer.failures) for f in fs]
+    world.barrier()
+    if world.rank == 0:
+        run.update(failures=failures if world.mode == "layers" else trainer.failures,
+                   tokens_trained=trainer.tokens_done)
+    if not saved and (world.mode != "data" or world.rank == 0):
+        raise SaescopeError("no SAE finished training: " + "; ".join(trainer.failures[:3]))
 
 
 def _check_cache(cache_dir, cfgs: list[SAEConfig]) -> None:
@@ -201,6 +255,7 @@ def run_all(out: str | Path, *, model: str = DEFAULT_MODEL, corpus: str = "defau
 
     if llm_url and not llm_model:
         raise SaescopeError("--llm needs --llm-model NAME (the model's name on that server)")
+    one_process("run")
     t0 = time.time()
     lm = load_model(model)
     loaded = f"{model}: {lm.n_layers} layers, d_model {lm.d_model}, loaded in {time.time() - t0:.0f} s"

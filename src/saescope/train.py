@@ -41,6 +41,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from .distributed import SINGLE, World
 from .errors import SaescopeError
 from .kernels import Active, code_grad_probe, gather_pre_acts, sparse_decode
 from .sae import SAE, JumpReLUFn, SAEConfig, StepFn
@@ -301,6 +302,7 @@ class SAETrainer:
     _ema: dict = None  # "fvu", "l0": exponential moving averages of the training batches' values
     _bad: torch.Tensor = None  # a loss was NaN/Inf since the last poll
     _n_dead: int = 0  # dead features at the last poll (every step on the CPU)
+    world: World = SINGLE  # data parallel: the ranks that train this same SAE on their own rows
 
     def __post_init__(self):
         _keep_freed_memory()
@@ -320,6 +322,7 @@ class SAETrainer:
         self._bad = torch.zeros((), dtype=torch.bool, device=self.device)
         self.since_fired = torch.zeros(self.cfg.width, device=self.device)
         params = [self._w_enc_t if p is self.sae.w_enc else p for p in self.sae.parameters()]
+        self._grad_params = params  # what the optimiser steps (data parallel: the gradients to all-reduce)
         opt = self.train.optimizer_for(self.cfg.architecture)
         lr = self.base_lr = self.train.lr_for(self.cfg.width, opt)
         groups = [{"params": [p for p in params if p.dim() == 2]},
@@ -360,18 +363,20 @@ class SAETrainer:
 
     # ------------------------------------------------------------------ one step
 
-    def _first_batch(self, x: torch.Tensor) -> None:
-        self.scale = float(x.pow(2).sum(1).mean().sqrt())
+    def _first_batch(self, x: torch.Tensor, n_rows: int) -> None:
+        """Scale, b_dec and thresholds from the first batch (data parallel: the global batch of `n_rows`)."""
+        w = self.world
+        self.scale = float(w.row_mean(x.pow(2).sum(1), n_rows).sqrt())
         xn = x / self.scale
         sae = self.sae
         with torch.no_grad():
-            sae.b_dec.copy_(xn.mean(0))
+            sae.b_dec.copy_(w.row_mean(xn, n_rows))
             if sae.uses_threshold:
                 z = (xn - sae.b_dec) @ sae.w_enc + sae.b_enc
                 # θ = each feature's (1 − L0/width) quantile over the batch: the (m+1)-th largest value, so
                 # that m = L0/width of the batch lie above it (topk: 20× faster than torch.quantile at 4,096)
-                m = round(z.shape[0] * self.cfg.l0 / self.cfg.width)
-                theta = z.topk(min(m + 1, z.shape[0]), dim=0).values[-1]
+                m = round(n_rows * self.cfg.l0 / self.cfg.width)
+                theta = w.kth_largest(z, m + 1, n_rows)
                 sae.threshold.copy_(theta.clamp_min(1e-4))
         if isinstance(self.opt, ScheduleFree):
             self.opt.reset()
@@ -397,32 +402,45 @@ class SAETrainer:
             self.scratch[key] = torch.empty(key[:2], dtype=x.dtype, device=x.device)
         return self.scratch[key]
 
-    def step_on(self, x: torch.Tensor) -> StepStats:
-        """One optimisation step on raw activations x (batch, d_in)."""
+    def step_on(self, x: torch.Tensor, rows: tuple[int, int] | None = None) -> StepStats:
+        """One optimisation step on raw activations x (batch, d_in).
+
+        Data parallel: `rows` = (first_row, n_rows): x is rows first_row.. of the step's global batch of n_rows
+        rows; every `self.world` call makes a batch statistic global (no-ops in a single process)."""
         if self.failed:
             raise RuntimeError(self.failed)
+        rows = rows or (0, x.shape[0])
         if self.step == 0:
-            self._first_batch(x)
+            self._first_batch(x, rows[1])
         xn = x / self.scale  # (batch, d_in), E‖xn‖² ≈ 1
         lam = self._log_lambda.exp().float()
-        fwd = self._forward_dense(xn, lam) if self.dense else self._forward_sparse(xn, lam)
-        return self._learn(xn, fwd)
+        fwd = self._forward_dense(xn, lam, rows) if self.dense else self._forward_sparse(xn, lam, rows)
+        return self._learn(xn, fwd, rows[1])
 
-    def _mark_fired(self, fired: torch.Tensor, batch: int) -> tuple[torch.Tensor, int]:
+    def _mark_fired(self, fired: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, int]:
         """Count tokens since each feature last fired; (dead mask, dead count as last read on the host)."""
-        self.since_fired += batch
-        self.since_fired[fired] = 0
+        self.world.any_(fired)  # [dist] fired on any rank
+        self.since_fired += n_rows
+        self.since_fired.masked_fill_(fired, 0)  # (an index_put with a mask would wait for the GPU)
         dead = self.since_fired >= self.train.dead_after
         if self.device.type == "cpu":  # free here; on a GPU the count is read every POLL_EVERY steps (`poll`)
             self._n_dead = int(dead.sum())
         return dead, self._n_dead
 
-    def _aux_loss(self, err: torch.Tensor, e_hat: torch.Tensor) -> torch.Tensor:
-        """Auxiliary-k: how well the dead features' codes reconstruct the error left on the first rows."""
-        e = err[: e_hat.shape[0]].detach()
-        return (e - e_hat).pow(2).sum(1).mean() / (e - e.mean(0)).pow(2).sum(1).mean().clamp_min(1e-12)
+    def _aux_rows(self, B: int, n_dead: int, rows: tuple[int, int]) -> int:
+        """How many of this batch's rows feed the auxiliary loss: the (global) batch's first AUX_ROWS rows."""
+        return min(B, max(0, AUX_ROWS - rows[0])) if self.train.aux_coef > 0 and n_dead > 0 else 0
 
-    def _forward_sparse(self, xn: torch.Tensor, lam: torch.Tensor) -> _Forward:
+    def _aux_loss(self, err: torch.Tensor, e_hat: torch.Tensor, rows: tuple[int, int]) -> torch.Tensor:
+        """Auxiliary-k: how well the dead features' codes reconstruct the error left on the first rows."""
+        B, aux_rows, n_rows = err.shape[0], e_hat.shape[0], rows[1]
+        e = err[:aux_rows].detach()
+        loss = (e - e_hat).pow(2).sum(1).mean() / (e - e.mean(0)).pow(2).sum(1).mean().clamp_min(1e-12)
+        if n_rows != B:  # [dist] reduce_grads weighs this rank by B/n_rows; its share of the aux rows is its own
+            loss = loss * (n_rows / B) * (aux_rows / min(n_rows, AUX_ROWS))
+        return loss
+
+    def _forward_sparse(self, xn: torch.Tensor, lam: torch.Tensor, rows: tuple[int, int]) -> _Forward:
         """The loss through the sparse kernels (kernels.py): the CPU's path, work only on active pairs."""
         sae, arch, eps = self.sae, self.cfg.architecture, self.train.eps
         x_in = xn - sae.b_dec.detach()
@@ -436,7 +454,7 @@ class SAETrainer:
             act = Active.from_topk(z.topk(self.cfg.k, dim=1, sorted=False).indices)
         elif arch == "batchtopk":
             flat = z.relu().flatten()
-            top = flat.topk(min(flat.numel(), self.cfg.k * z.shape[0]), sorted=False)
+            top = self.world.top_values(flat, self.cfg.k * rows[1])  # [dist] the global batch's top k·n
             mask = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, top.indices, True).view_as(z) & (z > 0)
             act = Active.from_mask(mask)
             self._track_batch_threshold(top.values)
@@ -455,8 +473,8 @@ class SAETrainer:
         B, n_act = xn.shape[0], act.cols.numel()
         fired = torch.zeros(self.cfg.width, dtype=torch.bool, device=self.device)
         fired[act.cols[z_sel > 0]] = True  # where the code f(z) > 0
-        dead, n_dead = self._mark_fired(fired, B)
-        aux_rows = min(B, AUX_ROWS) if self.train.aux_coef > 0 and n_dead > 0 else 0
+        dead, n_dead = self._mark_fired(fired, rows[1])
+        aux_rows = self._aux_rows(B, n_dead, rows)
         pairs, x_pairs = act, x_in
         if aux_rows:
             # auxiliary-k on a slice of the batch: dead features learn to explain the residual error. Their pairs
@@ -491,14 +509,14 @@ class SAETrainer:
         recon = err.pow(2).sum(1).mean()
         loss = recon + sparsity
         if aux_rows:
-            loss = loss + self.train.aux_coef * self._aux_loss(err, decoded[B:])
+            loss = loss + self.train.aux_coef * self._aux_loss(err, decoded[B:], rows)
 
         def along() -> torch.Tensor:  # <∂/∂w_c, w_c> = Σ_(pairs of c) code·∂/∂code
             return g_codes[0].new_zeros(self.cfg.width).index_add_(0, pairs.cols, codes.detach() * g_codes[0])
 
         return _Forward(loss, recon, f, n_dead, along)
 
-    def _forward_dense(self, xn: torch.Tensor, lam: torch.Tensor) -> _Forward:
+    def _forward_dense(self, xn: torch.Tensor, lam: torch.Tensor, rows: tuple[int, int]) -> _Forward:
         """The same loss with dense (batch, width) tensors and no host reads: a GPU's path, where four dense
         matrix products beat the sparse kernels' scattered reads and many small launches (bench/RESULTS.md)."""
         sae, arch, eps, k = self.sae, self.cfg.architecture, self.train.eps, self.cfg.k
@@ -512,25 +530,25 @@ class SAETrainer:
             f = z.relu() * torch.zeros_like(z).scatter_(1, z.detach().topk(k, dim=1, sorted=False).indices, 1.0)
             sparsity = z.new_zeros(())
         elif arch == "batchtopk":
-            top = z.detach().relu().flatten().topk(min(z.numel(), k * B), sorted=False)
+            top = self.world.top_values(z.detach().relu().flatten(), k * rows[1])  # [dist] global top k·n
             f = z.relu() * torch.zeros_like(z).view(-1).index_fill_(0, top.indices, 1.0).view_as(z)
             self._track_batch_threshold(top.values)
             sparsity = z.new_zeros(())
         else:  # relu
             f = z.relu()
             sparsity = lam * f.sum() / B
-        dead, n_dead = self._mark_fired((f.detach() > 0).any(0), B)
+        dead, n_dead = self._mark_fired((f.detach() > 0).any(0), rows[1])
         x_hat = f @ sae.w_dec + sae.b_dec
         err = xn - x_hat
         recon = err.pow(2).sum(1).mean()
         loss = recon + sparsity
-        aux_rows = min(B, AUX_ROWS) if self.train.aux_coef > 0 and n_dead > 0 else 0
+        aux_rows = self._aux_rows(B, n_dead, rows)
         if aux_rows:  # the dead features' top pre-activations on the first rows (b_dec gets no gradient here)
             z_aux = torch.addmm(sae.b_enc, x_in[:aux_rows].detach(), sae.w_enc).masked_fill(~dead, float("-inf"))
             top = z_aux.topk(min(AUX_K, n_dead), dim=1, sorted=False)
             vals = top.values.relu() * dead.index_select(0, top.indices.view(-1)).view_as(top.values)
             aux_f = torch.zeros_like(z_aux).scatter(1, top.indices, vals)
-            loss = loss + self.train.aux_coef * self._aux_loss(err, aux_f @ sae.w_dec)
+            loss = loss + self.train.aux_coef * self._aux_loss(err, aux_f @ sae.w_dec, rows)
 
         def along() -> torch.Tensor:  # <∂/∂w_c, w_c> straight from the dense gradient
             return (sae.w_dec.grad * sae.w_dec.detach()).sum(1)
@@ -539,14 +557,18 @@ class SAETrainer:
 
     def _track_batch_threshold(self, values: torch.Tensor) -> None:
         """batchtopk: running average of the smallest positive selected value (the saved JumpReLU threshold)."""
-        kmin = values.masked_fill(values <= 0, math.inf).min().double()
-        kmin = torch.where(kmin.isfinite(), kmin, 0.0)
+        if self.world.trivial:
+            kmin = values.masked_fill(values <= 0, math.inf).min().double()
+            kmin = torch.where(kmin.isfinite(), kmin, 0.0)
+        else:  # [dist] over every rank's values
+            kmin = torch.tensor(self.world.min_positive(values[values > 0]), dtype=torch.float64, device=self.device)
         self._batch_threshold = kmin if self.step == 0 else 0.99 * self._batch_threshold + 0.01 * kmin
 
-    def _learn(self, xn: torch.Tensor, fwd: _Forward) -> StepStats:
+    def _learn(self, xn: torch.Tensor, fwd: _Forward, n_rows: int) -> StepStats:
         """Backward, the decoder-row projection, the optimiser step and the controller, for either path."""
         sae, loss, B = self.sae, fwd.loss, xn.shape[0]
-        if self.device.type == "cpu" and not torch.isfinite(loss):
+        check = self.device.type == "cpu" or not self.world.trivial  # (data parallel: every rank agrees now)
+        if check and not self.world.all_true(torch.isfinite(loss)):
             self.failed = f"{self.key}: loss became {float(loss)} at step {self.step}; this SAE stopped (the others go on)"
             raise RuntimeError(self.failed)
         self._bad |= ~loss.detach().isfinite()
@@ -555,6 +577,7 @@ class SAETrainer:
         with torch.no_grad():  # no gradient along each unit-norm decoder row
             sae.w_dec.grad.addcmul_(fwd.along()[:, None], sae.w_dec, value=-1.0)
         self._w_enc_t.grad, sae.w_enc.grad = sae.w_enc.grad.T, None  # hand it to Adam (which zeroes only its own)
+        self.world.reduce_grads(self._grad_params, B / n_rows)  # [dist] the global batch's gradients
         for group in self.opt.param_groups:
             group["lr"] = self.lr_now() * group.get("lr_scale", 1.0)
         self.opt.step()
@@ -563,17 +586,29 @@ class SAETrainer:
             sae.threshold.clamp_(min=1e-6)
 
         l0 = (fwd.f.detach() > 0).sum().double() / B
+        recon, total_var = fwd.recon.detach(), (xn - xn.mean(0)).pow(2).sum(1).mean()
+        if not self.world.trivial:  # [dist] L0 (for the λ controller) and FVU of the global batch
+            l0, recon, total_var = self._global_stats(fwd.f, recon, xn, n_rows)
         if self.cfg.architecture in ("jump_relu", "relu"):
             self._log_lambda = (self._log_lambda + self.train.lambda_rate * (l0 / self.cfg.l0 - 1.0)).clamp(
                 math.log(1e-6), math.log(1e3))
-        total_var = (xn - xn.mean(0)).pow(2).sum(1).mean()
-        fvu = (fwd.recon.detach() / total_var.clamp_min(1e-12)).double()
+        fvu = (recon / total_var.clamp_min(1e-12)).double()
         a = 0.1 if self.step > 0 else 1.0
         for name, v in (("fvu", fvu), ("l0", l0)):
             old = self._ema[name]
             self._ema[name] = torch.where(old.isnan(), v, (1 - a) * old + a * v)
         self.step += 1
         return StepStats(loss.detach(), fvu, l0, fwd.n_dead / self.cfg.width)
+
+    def _global_stats(self, f: torch.Tensor, recon: torch.Tensor, xn: torch.Tensor, n_rows: int):
+        """Data parallel: L0, reconstruction error and total variance of the global batch (one all-reduce)."""
+        B = xn.shape[0]
+        sums = self.world.sum_floats(float((f.detach() > 0).sum()), float(recon) * B,
+                                     float(xn.pow(2).sum()), *xn.sum(0).tolist())
+        mean_sq = sum(v * v for v in sums[3:]) / n_rows / n_rows  # ‖mean‖²
+        f64 = {"dtype": torch.float64, "device": self.device}
+        total_var = torch.tensor(max(sums[2] / n_rows - mean_sq, 0.0), **f64)
+        return torch.tensor(sums[0] / n_rows, **f64), torch.tensor(sums[1] / n_rows, **f64), total_var
 
     # ------------------------------------------------------------------ results and state
 
@@ -620,22 +655,41 @@ class Chunk(NamedTuple):
 
     acts: dict[str, torch.Tensor]
     n_contexts: int
+    rows_per_rank: tuple[int, ...] | None = None
+    """Data parallel from a live harvest: every rank's row count of this chunk (each rank holds its own rows).
+    None: the same chunk on every rank (a cache: each rank takes its slice of every step) or a single process."""
 
 
 class MultiTrainer:
-    """Every SAE of a run, trained together from one stream of activation chunks."""
+    """Every SAE of a run, trained together from one stream of activation chunks.
+
+    With several processes (`world`, see distributed.py): in data mode every rank holds every SAE and the
+    trainers all-reduce what must be global; in layers mode each rank holds its own layers' SAEs and steps
+    them alone on the exchanged chunks.
+
+    Checkpoints: checkpoint_dir/state.pt is the commit point (each file written atomically).
+    - single process: state.pt holds every SAE's state and the position in the stream;
+    - data parallel: the SAEs are the same on every rank, so rank 0 alone writes state.pt, with every rank's
+      position in its shard (`positions`);
+    - layer parallel: 1. each rank writes its SAEs' state to rank<R>.step<S>.pt; 2. barrier; 3. rank 0
+      writes state.pt naming step S with every rank's position; 4. barrier; 5. each rank deletes its other
+      rank files. A kill before 3 leaves the last state.pt and its rank files; from 3 on, the new ones.
+    state.pt records the world (size and mode) and a resume under another world is refused.
+    """
 
     def __init__(self, sae_cfgs: list[SAEConfig], train: TrainConfig, checkpoint_dir: Path | None = None,
-                 device: torch.device | str = "cpu"):
+                 world: World = SINGLE, device: torch.device | str = "cpu"):
         if not sae_cfgs:
             raise SaescopeError("no SAEs to train: give at least one layer, site, width and L0")
         self.train = train
+        self.world = world
         self.device = torch.device(device)
         scratch: dict = {}  # one pre-activation buffer per shape for all SAEs: they step one after another
-        self.trainers = [SAETrainer(c, train, device=self.device, scratch=scratch) for c in sae_cfgs]
+        mine = world if world.mode == "data" else SINGLE  # layers: each rank's SAEs are its own
+        self.trainers = [SAETrainer(c, train, device=self.device, scratch=scratch, world=mine) for c in sae_cfgs]
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
-        self.tokens_done = 0
-        self.contexts_done = 0
+        self.tokens_done = 0  # global: every rank's rows
+        self.contexts_done = 0  # this rank's position in its stream (its shard of the corpus, or cache chunks)
         self.steps_done = 0
         self.failures: list[str] = []
 
@@ -646,59 +700,84 @@ class MultiTrainer:
     def _site_key(self, t: SAETrainer) -> str:
         return f"{t.cfg.site}/{t.cfg.layer}"
 
+    def _load(self, path: Path) -> dict:
+        try:
+            return torch.load(path, weights_only=True, map_location=self.device)
+        except Exception as err:
+            raise SaescopeError(f"checkpoint {path} is unreadable ({err}); delete it to start over") from err
+
     def resume(self) -> bool:
         """Load the last checkpoint, if any. Returns whether one was loaded."""
         path = self.checkpoint_dir / "state.pt" if self.checkpoint_dir else None
         if path is None or not path.is_file():
             return False
-        try:
-            state = torch.load(path, weights_only=True, map_location=self.device)
-        except Exception as err:
-            raise SaescopeError(f"checkpoint {path} is unreadable ({err}); delete it to start over") from err
+        state, w = self._load(path), self.world
+        theirs = state.get("world", SINGLE.describe)
+        if theirs != w.describe:
+            raise SaescopeError(f"checkpoint {path} was written by {theirs['world_size']} process(es) in "
+                                f"{theirs['mode']} mode, not {w.size} in {w.mode} mode: launch it as before, or "
+                                "delete the run's checkpoints folder to start over")
+        if w.mode == "layers":
+            state = {**state, **self._load(self.checkpoint_dir / f"rank{w.rank}.step{state['steps_done']}.pt")}
         keys = [t.key for t in self.trainers]
         if state.get("keys") != keys:
             raise SaescopeError(f"checkpoint {path} is for other SAEs ({state.get('keys')}); delete it to start over")
         for t, s in zip(self.trainers, state["trainers"]):
             t.load_state_dict(s)
-        self.tokens_done, self.contexts_done = state["tokens_done"], state["contexts_done"]
-        self.steps_done = state["steps_done"]
+        self.tokens_done, self.steps_done = state["tokens_done"], state["steps_done"]
+        self.contexts_done = state["positions"][w.rank] if "positions" in state else state["contexts_done"]
         return True
 
     def checkpoint(self) -> None:
         if self.checkpoint_dir is None:
             return
+        w = self.world
+        common = {"tokens_done": self.tokens_done, "contexts_done": self.contexts_done, "steps_done": self.steps_done}
+        if not w.trivial:
+            common.update(world=w.describe, positions=w.gather_ints(self.contexts_done))
+        mine = {"keys": [t.key for t in self.trainers], "trainers": [t.state_dict() for t in self.trainers]}
+        if w.mode != "layers":
+            if w.rank == 0:
+                self._save("state.pt", {**mine, **common})
+            return
+        name = f"rank{w.rank}.step{self.steps_done}.pt"
+        self._save(name, mine)
+        w.barrier()
+        if w.rank == 0:
+            self._save("state.pt", common)
+        w.barrier()
+        for old in self.checkpoint_dir.glob(f"rank{w.rank}.step*.pt"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+
+    def _save(self, name: str, state: dict) -> None:
         from .fsio import atomic_path
 
-        state = {"keys": [t.key for t in self.trainers], "trainers": [t.state_dict() for t in self.trainers],
-                 "tokens_done": self.tokens_done, "contexts_done": self.contexts_done, "steps_done": self.steps_done}
-        with atomic_path(self.checkpoint_dir / "state.pt") as tmp:
+        with atomic_path(self.checkpoint_dir / name) as tmp:
             torch.save(state, tmp)
 
     def fit(self, chunks: Iterable[Chunk], progress: bool = True) -> None:
         """Train on chunks until `train.tokens` tokens; each chunk is split into steps of ~batch_size."""
         cfg = self.train
         bar = tqdm(total=cfg.tokens, initial=min(self.tokens_done, cfg.tokens), unit="tok", unit_scale=True,
-                   desc="train", disable=not progress, dynamic_ncols=True)
-        gen = torch.Generator()
+                   desc="train", disable=not progress or self.world.rank != 0, dynamic_ncols=True)
         try:
             for chunk in chunks:
                 if self.tokens_done >= cfg.tokens:
                     break
                 acts = {k: v.to(self.device, torch.float32, non_blocking=True) for k, v in chunk.acts.items()}
-                n = next(iter(acts.values())).shape[0]
-                gen.manual_seed(cfg.seed * 1_000_003 + self.contexts_done)
-                perm = torch.randperm(n, generator=gen).to(self.device)  # the same order on every device
-                n_steps = max(1, round(n / cfg.batch_size))
-                for rows in perm.tensor_split(n_steps):
+                plan = self._plan(chunk)
+                for rows, first_row, n_rows in plan:
                     if self.tokens_done >= cfg.tokens:
                         break
-                    self._step_all({k: v[rows] for k, v in acts.items()})
-                    self.tokens_done += len(rows)
-                    bar.update(max(0, min(len(rows), cfg.tokens - bar.n)))
+                    rows = rows.to(self.device)  # the same order on every device
+                    self._step_all({k: v[rows] for k, v in acts.items()}, (first_row, n_rows))
+                    self.tokens_done += n_rows
+                    bar.update(max(0, min(n_rows, cfg.tokens - bar.n)))
                     self.steps_done += 1
                 self.contexts_done += chunk.n_contexts
                 bar.set_postfix_str(self._postfix(), refresh=False)
-                if self.steps_done // cfg.checkpoint_every != (self.steps_done - n_steps) // cfg.checkpoint_every:
+                if self.steps_done // cfg.checkpoint_every != (self.steps_done - len(plan)) // cfg.checkpoint_every:
                     self.checkpoint()
         finally:
             bar.close()
@@ -709,18 +788,37 @@ class MultiTrainer:
                 "use a larger corpus or a smaller --tokens"
             )
 
-    def _step_all(self, acts: dict[str, torch.Tensor]) -> None:
-        poll = self.device.type == "cpu" or (self.steps_done + 1) % POLL_EVERY == 0
+    def _plan(self, chunk: Chunk) -> list[tuple[torch.Tensor, int, int]]:
+        """The chunk's steps, each (this rank's rows of the chunk, where they start in the step's global batch,
+        the global batch's size): a seeded shuffle cut into steps of ~batch_size rows."""
+        w, n = self.world, next(iter(chunk.acts.values())).shape[0]
+        gen = torch.Generator().manual_seed(self.train.seed * 1_000_003 + self.contexts_done)
+        perm = torch.randperm(n, generator=gen)
+        sizes = chunk.rows_per_rank or (n,)
+        n_steps = max(1, round(sum(sizes) / self.train.batch_size))
+        steps = perm.tensor_split(n_steps)
+        if w.mode != "data":
+            return [(rows, 0, len(rows)) for rows in steps]
+        if chunk.rows_per_rank is None:  # the same chunk on every rank: each takes its slice of every step
+            parts = [rows.tensor_split(w.size) for rows in steps]
+            return [(p[w.rank], sum(len(q) for q in p[: w.rank]), sum(len(q) for q in p)) for p in parts]
+        lens = [[len(p) for p in torch.arange(s).tensor_split(n_steps)] for s in sizes]  # every rank's step sizes
+        return [(rows, sum(r[j] for r in lens[: w.rank]), sum(r[j] for r in lens)) for j, rows in enumerate(steps)]
+
+    def _step_all(self, acts: dict[str, torch.Tensor], rows: tuple[int, int] | None = None) -> None:
+        # host reads are free on the CPU; on a GPU each waits for the queue, so they come every POLL_EVERY steps
+        poll = self.device.type == "cpu" or (self.steps_done + 1) % POLL_EVERY == 0 or not self.world.trivial
         for t in self.trainers:
             if t.failed:
                 continue
             x = acts[self._site_key(t)]
-            if poll and not torch.isfinite(x.sum()):  # NaN/Inf anywhere makes the sum non-finite
+            # NaN/Inf anywhere (on any rank) makes a sum non-finite
+            if poll and not t.world.all_true(torch.isfinite(x.sum())):
                 t.failed = f"{t.key}: NaN/Inf in the input activations; this SAE stopped (the others go on)"
                 self.failures.append(t.failed)
                 continue
             try:
-                t.step_on(x)
+                t.step_on(x, rows)
                 if poll:
                     t.poll()
             except RuntimeError as err:
@@ -748,8 +846,11 @@ class MultiTrainer:
             f" failed {len(self.failures)}" if self.failures else "")
 
     def save(self, saes_dir: Path) -> list[Path]:
-        """Save every SAE that trained without failing, in the Gemma Scope 2 layout."""
+        """Save every SAE that trained without failing, in the Gemma Scope 2 layout (data parallel: rank 0 alone,
+        as every rank holds the same SAEs; layers: each rank its own)."""
         out = []
+        if self.world.mode == "data" and self.world.rank != 0:
+            return out
         for t in self.trainers:
             if t.failed or t.step == 0:
                 continue
