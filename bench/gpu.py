@@ -114,20 +114,25 @@ def step_rates(lm, sites, width: int, l0: float, batch: int, steps: int = 8) -> 
     from saescope.sae import SAEConfig
 
     out = {}
-    x = torch.randn(batch * (steps + 2), lm.d_model, device=lm.device)
-    for dense in (True, False):
+    x = torch.randn(batch * (steps + 3), lm.d_model, device=lm.device)
+    for variant in ("dense", "sparse", "dense_compiled"):
         cfgs = [SAEConfig(d_in=lm.d_model, width=width, architecture="jump_relu", l0=l0, site="resid_post",
                           layer=s.layer) for s in sites]
         mt = MultiTrainer(cfgs, TrainConfig(tokens=10**9, batch_size=batch), device=lm.device)
-        for t in mt.trainers:
-            t.dense = dense
-        for i in range(steps + 2):
-            if i == 2:
-                sync(lm.device)
-                t0 = time.perf_counter()
-            mt._step_all({s.key: x[i * batch:(i + 1) * batch] for s in sites})
-        sync(lm.device)
-        out["dense" if dense else "sparse"] = {"tok_s": round(steps * batch / (time.perf_counter() - t0))}
+        try:
+            for t in mt.trainers:
+                t.dense = variant != "sparse"
+                if variant == "dense_compiled":  # measured here before it is ever a default
+                    t._forward_dense = torch.compile(t._forward_dense)
+            for i in range(steps + 3):
+                if i == 3:
+                    sync(lm.device)
+                    t0 = time.perf_counter()
+                mt._step_all({s.key: x[i * batch:(i + 1) * batch] for s in sites})
+            sync(lm.device)
+            out[variant] = {"tok_s": round(steps * batch / (time.perf_counter() - t0))}
+        except Exception as err:  # a variant that fails (e.g. no compiler) keeps the others
+            out[variant] = {"tok_s": None, "error": f"{type(err).__name__}: {str(err)[:300]}"}
         del mt
     return out
 
@@ -323,7 +328,7 @@ def summary(r: dict) -> str:
     keys = ("tok_s", "tok_s_second_half", "peak_gib", "wall_s")
     parts = [f"{k} {r[k]}" for k in keys if k in r]
     if "decoder" in r or "dense" in r:
-        parts = [f"{k} {v['tok_s']} tok/s" for k, v in r.items() if isinstance(v, dict)]
+        parts = [f"{k} {v.get('tok_s')} tok/s" for k, v in r.items() if isinstance(v, dict)]
     if "heldout" in r:
         parts.append(f"held-out FVU {r['heldout']['mean_fvu']} L0 {r['heldout']['mean_l0']}")
     if "timing" in r:
