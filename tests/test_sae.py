@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from saescope.errors import SaescopeError
+from saescope.formats import load_sae
 from saescope.kernels import Active, code_grad_probe, gather_pre_acts, sparse_decode
-from saescope.sae import SAE, JumpReLUFn, SAEConfig, StepFn, load_sae
+from saescope.sae import SAE, JumpReLUFn, SAEConfig, StepFn
 
 
 def _sae(arch="jump_relu", d=16, w=64, pre_bias=False, seed=0):

@@ -9,11 +9,11 @@ The Python API mirrors the command line:
     saescope.Scope.open(run_dir)         inspect text, read features, labels
 """
 
-__version__ = "0.1.0"
-
-from .errors import SaescopeError  # noqa: E402
-from .models import load_model  # noqa: E402
-from .sae import SAE, SAEConfig, load_sae  # noqa: E402
+from .errors import SaescopeError
+from .formats import load_sae
+from .models import load_model
+from .sae import SAE, SAEConfig
+from .version import __version__  # noqa: F401  (saescope.__version__)
 
 
 def __getattr__(name):  # heavier entry points load on first use

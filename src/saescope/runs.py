@@ -28,7 +28,7 @@ def _versions() -> dict:
     import torch
     import transformers
 
-    from . import __version__
+    from .version import __version__
 
     return {"saescope": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
@@ -213,7 +213,7 @@ class Run:
                             + (" ..." if len(ids) > 8 else ""))
 
     def load_sae(self, sae_id: str):
-        from .sae import load_sae
+        from .formats import load_sae
 
         return load_sae(self.sae_path(sae_id))
 

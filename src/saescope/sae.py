@@ -320,13 +320,6 @@ class SAE(nn.Module):
         return sae
 
 
-def load_sae(folder: str | Path) -> SAE:
-    """Load an SAE folder: ours / Gemma Scope 2 (params.safetensors) or Gemma Scope 1 (params.npz)."""
-    from .formats import read_sae_folder
-
-    return read_sae_folder(Path(folder))
-
-
 def read_config(path: Path) -> dict:
     """An SAE's config.json: a JSON object of bounded size, with clear errors."""
     from .fsio import read_json

@@ -85,3 +85,8 @@ def _unknown(folder: Path) -> str:
         return (f"{folder} has a config but no weights file saescope knows (sae_weights.safetensors, sae.safetensors, "
                 f"params.safetensors, params.npz): the folder is incomplete (known: {KNOWN})")
     return f"{folder} holds no SAE format saescope knows (known: {KNOWN})"
+
+
+def load_sae(folder: str | Path) -> SAE:
+    """Load an SAE folder in any format saescope reads (ours / Gemma Scope 2, Gemma Scope 1, SAELens, sparsify)."""
+    return read_sae_folder(Path(folder))
