@@ -150,7 +150,7 @@ def train_run(out: str | Path, *, model: str = DEFAULT_MODEL, corpus: str = "def
             config["parallel"] = world.describe
         corpus_desc = {"source": local_ref(corp.source), "heldout_fraction": heldout_fraction, "seed": train.seed}
         run = _create_run(out, world, model=model, corpus=corpus_desc, config=config)
-        run.__dict__["model"] = lm  # reuse the loaded model (cached_property slot)
+        run.use_model(lm)
         if run.is_done("train"):
             log.info("run %s: training already done", out)
             return run

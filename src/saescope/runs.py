@@ -253,6 +253,10 @@ class Run:
 
         return load_model(self.model_spec, **self.manifest.get("model_options", {}))
 
+    def use_model(self, lm) -> None:
+        """Reuse a model that is already loaded (the one `model` would load) instead of loading it again."""
+        self.__dict__["model"] = lm  # the cached_property's slot
+
     def db(self, readonly: bool = False):
         from .featuredb import FeatureDB
 
