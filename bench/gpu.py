@@ -17,6 +17,14 @@ Phases, in this order, each written to OUT/gpu.json as soon as it ends (a time-o
    on the same held-out activations;
 5. cache: harvest to an on-disk fp16 cache, then train the 18 JumpReLU SAEs from it (pinned, overlapped
    host→GPU copies), with TF32 matmuls and in strict fp32 side by side.
+
+On this workplace's lent GPU (no network, 64 MiB per call, warm 30 s between calls), as done on 2026-11-26:
+`python bench/gpu_prepare.py` here (writes .gpu/, git-ignored: add `/.gpu/` and `/.whl/` to .git/info/exclude and
+copy sparsify's wheels to .whl/, see bench/gpu_sparsify.py); call 1 carries .gpu/gguf.part00, the tokens and .whl
+and moves them to /tmp (pip-installs gguf into /tmp/site); calls 2–4 carry one part each; call 5 carries the last
+part, concatenates the GGUF (SHA-256 in .gpu/prepared.json) and runs this script with --prepared /tmp/prep
+--model /tmp/gg/gemma-3-270m-q4_k_m.gguf --sparsify-python python3 --sparsify-wheels /tmp/whl/spx. The GGUF's
+conversion takes ~65 s there; run 1's whole call took 440 s.
 """
 
 from __future__ import annotations
