@@ -153,6 +153,29 @@ def test_one_looping_text_makes_a_rung_degenerate_and_a_loop_is_one_mention(monk
     assert cs.words_in(["planets", "orbit"], "Planets planets planets") == {"planet"}
 
 
+def test_the_probe_ranks_features_by_what_the_model_then_writes(tiny_gemma_dir):
+    """A feature at the last layer that writes the unembedding of "music" pulls music; its opposite pushes it away."""
+    from saescope.models import load_model
+    from saescope.sae import SAE, SAEConfig
+
+    lm = load_model(str(tiny_gemma_dir))
+    site = lm.site("resid_post", 2)
+    sae = SAE.init(SAEConfig(d_in=site.width, width=4, l0=2, site="resid_post", layer=2), torch.Generator().manual_seed(0))
+    music = lm.tokenizer.encode(" music", add_special_tokens=False)
+    assert len(music) == 1 and cs._word_tokens(lm.tokenizer, ["music", "no such word"]) == music
+    direction = lm.model.get_output_embeddings().weight[music[0]].detach().float()
+    with torch.no_grad():
+        sae.w_dec[0] = 100 * direction / direction.norm()
+        sae.w_dec[1] = -sae.w_dec[0]
+    pool = [cs.Candidate([("s", i)], [2], f"f{i}", 0.5, 0.5) for i in (1, 2, 0)]
+    cs._probe(lm, {"s": sae}, {("s", i): 1.0 for i in range(4)}, pool, ["music"], cs.ConceptSteerConfig(pool=3))
+    pulls = {c.features[0][1]: c.pull for c in pool}
+    assert pulls[0] > 0.01 and pulls[1] < -0.001 and pulls[1] < pulls[2] < pulls[0]
+    chosen = cs._select(lm, {"s": sae}, {("s", i): 1.0 for i in range(4)}, pool, ["music"],
+                        cs.ConceptSteerConfig(pool=3, candidates=1, combine=1))
+    assert [c.features for c in chosen] == [[("s", 0)]]  # the pull decides, not the order of the pool
+
+
 @pytest.fixture
 def fake_texts(monkeypatch):
     """Calibration without a model: the text depends on the strength per feature and the text length.
@@ -174,9 +197,8 @@ def fake_texts(monkeypatch):
         texts = [[text(min([iv.value for iv in g], default=0.0), tokens)] * len(prompts) for g in groups]
         return texts, [[torch.tensor([i, i + 1]) for i in range(len(prompts))] for _ in groups]
 
-    single = cs.Candidate([(SAE, 0)], [5], "horses", 0.8, 0.5)
-    pair = cs.Candidate([(SAE, 0), (SAE, 1)], [5, 6], "horses + farms", 0.7, 0.5)
-    monkeypatch.setattr(cs, "_candidates", lambda run, concept, cfg: ([single, pair], ["horses"], np.array([1.0, 0])))
+    pool = [cs.Candidate([(SAE, 0)], [5], "horses", 0.8, 0.5), cs.Candidate([(SAE, 1)], [6], "farms", 0.7, 0.5)]
+    monkeypatch.setattr(cs, "_candidates", lambda run, concept, cfg, n: (pool[:n], ["horses"], np.array([1.0, 0])))
     monkeypatch.setattr(cs, "_load", lambda run, features: ({}, {}))
     monkeypatch.setattr(cs, "_generate_groups", generate)
     monkeypatch.setattr(cs, "continuation_ce", lambda lm, prompts, ids: 0.0)
@@ -191,12 +213,13 @@ def test_the_longer_check_steps_down_before_the_text_loops(fake_texts):
     checked = {r.strength: r for r in single.rungs if r.verified}
     assert sorted(checked) == [1.414, 2.0] and checked[2.0].degenerate
     assert choice.calibrated and choice.features == [(SAE, 0)] and choice.strength == pytest.approx(1.414, abs=1e-3)
-    assert [(t, len(groups)) for t, groups in fake_texts] == [(24, 9), (40, 5)]
+    assert [(t, len(groups)) for t, groups in fake_texts] == [(24, 13), (40, 5)]  # 2 features + the pair
 
 
 def test_a_pair_is_steered_at_the_strength_it_was_calibrated_at(fake_texts):
-    choice = cs._calibrate(None, "horses", cs.ConceptSteerConfig(ladder=(1.0, 2.0, 4.0, 8.0)), lm=object())
-    pair = choice.candidates[1]
+    choice = cs._calibrate(None, "horses", cs.ConceptSteerConfig(ladder=(1.0, 2.0, 4.0, 8.0), verify=3), lm=object())
+    pair = choice.candidates[2]
+    assert pair.features == [(SAE, 0), (SAE, 1)]
     assert pair.strength == pytest.approx(2.828, abs=1e-3)  # in all: ×4 on the ladder (×2 each), checked ×2.83
     (_, ladder), (_, check) = fake_texts
     assert [2.0, 2.0] in ladder and [4.0, 4.0] in ladder  # the ladder's ×4 and ×8 split in two

@@ -7,7 +7,11 @@
    with `STEER_WEIGHTS`: the words their decoder direction promotes, a little of their contexts
    and label), over every layer of the run: features picked by what they write steer far
    better than features picked by what makes them fire (2025 results, DESIGN.md §7). When even
-   the best output side is below `min_output`, no feature matches and `choose` says so.
+   the best output side is below `min_output`, no feature matches and `choose` says so. The
+   output side read through the unembedding is only a guess for features of early and middle
+   layers (the later layers transform what they write), so the `pool` best are *probed*: each is
+   steered at ×`probe` on the calibration prompts in one forward pass, and the `candidates` that
+   raise the next-token probability of the concept's words most (their *pull*) go on.
 2. **Strength by a ladder.** Every candidate (and, with `combine`, the top candidates together,
    the strength split evenly between them) is steered at each strength of `ladder` (× the
    feature's max activation) on the library's own neutral calibration prompts, sampled, all rows
@@ -64,8 +68,13 @@ class ConceptSteerConfig:
     ladder: tuple[float, ...] = (1.0, 2.0, 4.0)
     """Strengths tried, × each feature's max activation (split between combined features), smallest first.
     (×8 looped for nearly every feature of the default run, and the check below tries ×2.8 between ×2 and ×4.)"""
+    pool: int = 3
+    """Features (by output match) whose pull on the concept's words is measured (`probe`) when more than
+    `candidates`; off by default until measured on the concept lists (bench/RESULTS.md)."""
     candidates: int = 3
-    """Features (by output match) calibrated per concept."""
+    """Features of the pool that pull most, calibrated per concept."""
+    probe: float = 2.0
+    """The strength at which the pool's pull is measured."""
     combine: int = 2
     """Also try this many top candidates (different layers) together, sharing the strength (1: never)."""
     min_output: float = 0.35
@@ -128,6 +137,7 @@ class Candidate:
     rungs: list[Rung] = field(default_factory=list)
     strength: float | None = None  # the rung taken, None if none passed
     why: str = ""
+    pull: float | None = None  # next-token probability of the concept's words, steered minus unsteered
 
 
 @dataclass
@@ -186,7 +196,9 @@ def choose(run: Run, concept: str, cfg: ConceptSteerConfig = ConceptSteerConfig(
     return choice
 
 
-def _candidates(run: Run, concept: str, cfg: ConceptSteerConfig) -> tuple[list[Candidate], list[str], np.ndarray]:
+def _candidates(run: Run, concept: str, cfg: ConceptSteerConfig, n: int) -> tuple[list[Candidate], list[str],
+                                                                                   np.ndarray]:
+    """The `n` features whose output matches the concept best (single), the concept's words, the query vector."""
     from .conceptindex import as_word, concept_index
     from .search import concept_ranking, encode
 
@@ -199,7 +211,7 @@ def _candidates(run: Run, concept: str, cfg: ConceptSteerConfig) -> tuple[list[C
         best = f"best: layer {layers.get(alive[0].sae_id)} #{alive[0].idx}, output similarity " \
                f"{alive[0].output:.2f}" if alive else "no analysed features"
         raise SaescopeError(f"no feature writes '{concept}' ({best} < {cfg.min_output}): try a more everyday word")
-    picked = alive[:cfg.candidates]
+    picked = alive[:n]
     qvec = encode([concept])[0]
     words = {w for w in (as_word(t) for t in re.findall(r"[A-Za-z]+", concept)) if w}
     words |= set(index.related_words(qvec, 0.5))
@@ -211,9 +223,19 @@ def _candidates(run: Run, concept: str, cfg: ConceptSteerConfig) -> tuple[list[C
         words |= {index.words[i] for i in out_ids if sims[i] >= 0.4}
         label = m.label_row["text"] if m.label_row else "(no label)"
         cands.append(Candidate([(m.sae_id, m.idx)], [layers.get(m.sae_id)], label, m.output, m.contexts))
-    if cfg.combine > 1:
-        cands.append(_combined(cands, cfg.combine))
     return cands, sorted(words), qvec
+
+
+def _select(lm, saes, typical, pool: list[Candidate], words: list[str], cfg: ConceptSteerConfig) -> list[Candidate]:
+    """The `candidates` features of the pool that pull the concept's words most (probed when the pool is larger),
+    and with `combine` the top ones together."""
+    if len(pool) > cfg.candidates:
+        _probe(lm, saes, typical, pool, words, cfg)
+        pool = sorted(pool, key=lambda c: -math.inf if c.pull is None else c.pull, reverse=True)
+    cands = pool[:cfg.candidates]
+    if cfg.combine > 1 and len(cands) > 1:
+        cands.append(_combined(cands, cfg.combine))
+    return cands
 
 
 def _combined(cands: list[Candidate], k: int) -> Candidate:
@@ -231,7 +253,7 @@ def _combined(cands: list[Candidate], k: int) -> Candidate:
 
 def fixed(run: Run, concept: str, strength: float, cfg: ConceptSteerConfig = ConceptSteerConfig()) -> ConceptChoice:
     """The best output-matching feature at a strength the caller chose (no calibration)."""
-    cands, words, _ = _candidates(run, concept, cfg)
+    cands, words, _ = _candidates(run, concept, cfg, cfg.candidates)
     best = cands[0]
     reason = (f"{_name(best)} writes '{concept}' best (output similarity {best.output_match:.2f}); "
               f"strength ×{strength:g} as given")
@@ -239,9 +261,10 @@ def fixed(run: Run, concept: str, strength: float, cfg: ConceptSteerConfig = Con
 
 
 def _calibrate(run: Run, concept: str, cfg: ConceptSteerConfig, lm) -> ConceptChoice:
-    cands, words, qvec = _candidates(run, concept, cfg)
+    pool, words, qvec = _candidates(run, concept, cfg, cfg.pool)
     lm = lm or run.model
-    saes, typical = _load(run, [f for c in cands for f in c.features])
+    saes, typical = _load(run, [f for c in pool for f in c.features])
+    cands = _select(lm, saes, typical, pool, words, cfg)
     measure = _Measure(words, qvec, cfg)
     groups = [[]] + [concept_interventions(c.features, s) for c in cands for s in cfg.ladder]
     texts, ids = _generate_groups(lm, saes, typical, groups, list(CALIBRATION_PROMPTS), cfg.tokens, cfg.seed)
@@ -262,7 +285,8 @@ def _decide(concept: str, cands: list[Candidate], words: list[str], cfg: Concept
     passed = [(c, _taken(c)) for c in cands if c.strength is not None]
     if passed:  # the candidate whose texts mention the concept most often at its smallest passing strength
         best, rung = max(passed, key=lambda cr: _merit(cr[1]))
-        reason = (f"{_name(best)} writes '{concept}' (output similarity {best.output_match:.2f}); ×{best.strength:g} "
+        pull = "" if best.pull is None else f", its words {best.pull:+.1%} likelier at ×{cfg.probe:g}"
+        reason = (f"{_name(best)} writes '{concept}' (output similarity {best.output_match:.2f}{pull}); ×{best.strength:g} "
                   f"is the smallest strength at which {_shown(rung)} (unsteered {rung.shown_unsteered:.0%}) of "
                   f"{rung.texts} sampled texts on {len(CALIBRATION_PROMPTS)} calibration prompts mention the concept "
                   f"with no more loops than unsteered (distinct bigrams {rung.distinct2:.2f}, CE cost {rung.cost:+.2f})")
@@ -364,6 +388,52 @@ def _load(run: Run, features: list[tuple[str, int]]):
     return saes, typical
 
 
+def _probe(lm, saes, typical, pool: list[Candidate], words: list[str], cfg: ConceptSteerConfig) -> None:
+    """Set each candidate's `pull`: steered at ×`probe` on the calibration prompts (one forward pass per
+    candidate, no sampling), how much more probability the next tokens put on the concept's words (those
+    that are one token) than unsteered, averaged over positions. A feature whose unembedded direction names
+    the concept may still not move the model's output once the later layers have read it; this measures
+    that. A difference, not a ratio: a feature that only flattens the distribution gains rare words a
+    large ratio but little probability."""
+    from .steer import steering_rows
+
+    targets = _word_tokens(lm.tokenizer, words)
+    if not targets:
+        return
+    prompts = list(CALIBRATION_PROMPTS)
+    ids, mask = _left_padded(lm, prompts)
+    keep = mask.bool() if lm.bos_id is None else mask.bool() & (ids != lm.bos_id)
+    mass = []
+    for ivs in [[]] + [concept_interventions(c.features, cfg.probe) for c in pool]:
+        with torch.no_grad(), steering_rows(lm, saes, [ivs] * len(prompts), typical):
+            logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (prompts, seq, vocab)
+        mass.append(float(logits.float().softmax(-1)[..., targets].sum(-1)[keep].mean()))
+    for c, m in zip(pool, mass[1:]):
+        c.pull = round(m - mass[0], 5)
+
+
+def _word_tokens(tok, words: list[str]) -> list[int]:
+    """The token ids of the concept words that are one token (with a leading space, lower or capitalised)."""
+    ids, special = set(), set(tok.all_special_ids)  # the unknown token is no concept word
+    for w in words:
+        for form in (w, w.capitalize()):
+            t = tok.encode(" " + form, add_special_tokens=False)
+            if len(t) == 1 and t[0] not in special:
+                ids.add(int(t[0]))
+    return sorted(ids)
+
+
+def _left_padded(lm, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    tok = lm.tokenizer
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        batch = tok(prompts, return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = side
+    return batch["input_ids"].to(lm.device), batch["attention_mask"].to(lm.device)
+
+
 def _generate_groups(lm, saes, typical, groups: list[list], prompts: list[str], tokens: int, seed: int):
     """Texts and new ids per group of interventions, each a list over the prompts (one batched generate)."""
     rows = [g for g in groups for _ in prompts]
@@ -381,13 +451,7 @@ def generate_rows(lm, saes, typical, prompts: list[str], rows: list[list], token
     from .steer import steering_rows
 
     tok = lm.tokenizer
-    side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        batch = tok(prompts, return_tensors="pt", padding=True)
-    finally:
-        tok.padding_side = side
-    ids, mask = batch["input_ids"].to(lm.device), batch["attention_mask"].to(lm.device)
+    ids, mask = _left_padded(lm, prompts)
     gen_cfg = GenerationConfig(max_new_tokens=int(tokens), do_sample=sample, temperature=1.0 if sample else None,
                                top_k=None, top_p=None, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     devices = [lm.device] if lm.device.type == "cuda" else []
