@@ -197,8 +197,11 @@ def fake_texts(monkeypatch):
         texts = [[text(min([iv.value for iv in g], default=0.0), tokens)] * len(prompts) for g in groups]
         return texts, [[torch.tensor([i, i + 1]) for i in range(len(prompts))] for _ in groups]
 
-    pool = [cs.Candidate([(SAE, 0)], [5], "horses", 0.8, 0.5), cs.Candidate([(SAE, 1)], [6], "farms", 0.7, 0.5)]
-    monkeypatch.setattr(cs, "_candidates", lambda run, concept, cfg, n: (pool[:n], ["horses"], np.array([1.0, 0])))
+    def candidates(run, concept, cfg, n):  # fresh candidates for every calibration
+        pool = [cs.Candidate([(SAE, 0)], [5], "horses", 0.8, 0.5), cs.Candidate([(SAE, 1)], [6], "farms", 0.7, 0.5)]
+        return pool[:n], ["horses"], np.array([1.0, 0.0])
+
+    monkeypatch.setattr(cs, "_candidates", candidates)
     monkeypatch.setattr(cs, "_load", lambda run, features: ({}, {}))
     monkeypatch.setattr(cs, "_generate_groups", generate)
     monkeypatch.setattr(cs, "continuation_ce", lambda lm, prompts, ids: 0.0)
@@ -225,6 +228,8 @@ def test_a_pair_is_steered_at_the_strength_it_was_calibrated_at(fake_texts):
     assert [2.0, 2.0] in ladder and [4.0, 4.0] in ladder  # the ladder's ×4 and ×8 split in two
     steered = [iv.value for iv in cs.ConceptChoice("horses", pair.features, pair.strength, "", [], [], True).interventions()]
     assert steered == [pytest.approx(1.414, abs=1e-3)] * 2 and steered in check  # what was checked is what steers
+    single = cs._calibrate(None, "horses", cs.ConceptSteerConfig(ladder=(1.0, 2.0, 4.0, 8.0)), lm=object())
+    assert "×1.414 is the smallest strength" in single.reason and "each" not in single.reason
 
 
 # ---------------------------------------------------------------------------- the cache

@@ -285,8 +285,10 @@ def _decide(concept: str, cands: list[Candidate], words: list[str], cfg: Concept
     passed = [(c, _taken(c)) for c in cands if c.strength is not None]
     if passed:  # the candidate whose texts mention the concept most often at its smallest passing strength
         best, rung = max(passed, key=lambda cr: _merit(cr[1]))
-        pull = "" if best.pull is None else f", its words {best.pull:+.1%} likelier at ×{cfg.probe:g}"
-        reason = (f"{_name(best)} writes '{concept}' (output similarity {best.output_match:.2f}{pull}); ×{best.strength:g} "
+        pull = "" if best.pull is None else f", {best.pull:+.1%} next-token probability on its words at ×{cfg.probe:g}"
+        each = f" (×{best.strength / len(best.features):.3g} each)" if len(best.features) > 1 else ""
+        reason = (f"{_name(best)} writes '{concept}' (output similarity {best.output_match:.2f}{pull}); "
+                  f"×{best.strength:g}{each} "
                   f"is the smallest strength at which {_shown(rung)} (unsteered {rung.shown_unsteered:.0%}) of "
                   f"{rung.texts} sampled texts on {len(CALIBRATION_PROMPTS)} calibration prompts mention the concept "
                   f"with no more loops than unsteered (distinct bigrams {rung.distinct2:.2f}, CE cost {rung.cost:+.2f})")
