@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from saescope import conceptsteer as cs
 from saescope.errors import SaescopeError
@@ -116,35 +117,119 @@ def _r(strength, shows=False, degenerate=False) -> cs.Rung:
     return cs.Rung(strength, 0, 0, 0.1, 0.1, 0.9, 1, shows=shows, degenerate=degenerate)
 
 
-def test_ladder_stops_at_the_first_degenerate_rung(monkeypatch):
-    costs = []
-    monkeypatch.setattr(cs, "continuation_ce", lambda lm, prompts, ids: costs.append(1) or 0.0)
+def test_ladder_stops_at_the_first_degenerate_rung():
     c = _candidate(_r(1), _r(2, degenerate=True), _r(4, shows=True), _r(8, shows=True))
-    cs._climb(None, {}, {}, c, cs.ConceptSteerConfig(), [], {})
-    assert c.strength is None and "degenerates at ×2" in c.why and costs == []
+    assert cs._climb(c) is None and "degenerates at ×2" in c.why
+    c = _candidate(_r(1), _r(2, shows=True), _r(4, shows=True))
+    assert cs._climb(c).strength == 2.0 and c.strength is None  # proposed; taken only after the longer check
 
 
-def test_ladder_takes_the_smallest_rung_that_shows_within_cost(monkeypatch):
-    ce = {"base": 3.0, 1: 3.5, 2: 9.0}
-    monkeypatch.setattr(cs, "continuation_ce", lambda lm, prompts, ids: ce[ids])
-    c = _candidate(_r(1, shows=True), _r(2, shows=True))
-    cs._climb(None, {}, {}, c, cs.ConceptSteerConfig(max_cost=2.5), "base", {0: 1, 1: 2})
-    assert c.strength == 1.0 and c.rungs[0].cost == pytest.approx(0.5)
-    c = _candidate(_r(1), _r(2, shows=True))
-    cs._climb(None, {}, {}, c, cs.ConceptSteerConfig(max_cost=2.5), "base", {0: 1, 1: 2})
-    assert c.strength is None and "over the cap" in c.why
+def _encode(texts):
+    """A stand-in for MiniLM: texts about horses or animals point one way, the rest the other."""
+    return np.array([[1.0, 0.0] if ("horses" in t or "animals" in t) else [0.0, 1.0] for t in texts])
 
 
-def test_repetition_is_degenerate():
-    loop, prose = "Venus Venus Venus Venus Venus Venus", "the planets circle the sun in long slow orbits"
-    assert cs.distinct2(loop) == pytest.approx(1 / 5) and cs.distinct2(prose) == 1.0
-    assert cs.longest_run([5, 7, 7, 7, 2]) == 3 and cs.longest_run([]) == 0
+def test_one_looping_text_makes_a_rung_degenerate_and_a_loop_is_one_mention(monkeypatch):
+    import saescope.search
+
+    monkeypatch.setattr(saescope.search, "encode", _encode)
     cfg = cs.ConceptSteerConfig()
-    base = cs._Texts(words=0, similarity=0.1, distinct2=1.0, longest_run=1)
-    looped = cs._rung(4.0, base, cs._Texts(words=6, similarity=0.5, distinct2=0.2, longest_run=6), cfg, loop)
-    fine = cs._rung(2.0, base, cs._Texts(words=3, similarity=0.3, distinct2=0.95, longest_run=1), cfg, prose)
-    assert looped.degenerate and looped.shows and fine.shows and not fine.degenerate
+    prose = ["the weather was fine and we walked to the market",
+             "she wrote a long letter to her old friend in town",
+             "the train left early so we waited for the next one"]
+    loop = "my dog and animals animals animals animals animals animals animals animals animals animals"
+    assert cs.loops(loop, [7] * 3, cfg) and not any(cs.loops(t, [1, 2, 3], cfg) for t in prose)
+    assert cs.loops("Сол" * 3, [9] * 8, cfg) and not cs.loops("in 1,000,000 years", [5, 0, 0, 0, 0, 0, 0], cfg)
+    qvec = np.array([1.0, 0.0])
+    measure = cs._Measure(["animals", "dog"], qvec, cfg)
+    ids = [torch.tensor([1, 2, 3])] * 4
+    base = measure.texts(prose + [prose[0]], ids)
+    steered = measure.texts(prose + [loop], ids)
+    assert (steered.looped, base.looped) == (1, 0) and steered.distinct2 > cfg.min_distinct2  # the mean hides it
+    assert steered.words == 2 and steered.shown == pytest.approx(0.25)  # "dog", "animals" once each
+    rung = cs._rung(4.0, base, steered, cfg, loop)
+    assert rung.degenerate and not rung.shows
     assert cs.count_words(["planets", "orbit"], "Planet X left its orbital path; planets") == 3
+    assert cs.words_in(["planets", "orbit"], "Planets planets planets") == {"planet"}
+
+
+def test_the_probe_ranks_features_by_what_the_model_then_writes(tiny_gemma_dir):
+    """A feature at the last layer that writes the unembedding of "music" pulls music; its opposite pushes it away."""
+    from saescope.models import load_model
+    from saescope.sae import SAE, SAEConfig
+
+    lm = load_model(str(tiny_gemma_dir))
+    site = lm.site("resid_post", 2)
+    sae = SAE.init(SAEConfig(d_in=site.width, width=4, l0=2, site="resid_post", layer=2), torch.Generator().manual_seed(0))
+    music = lm.tokenizer.encode(" music", add_special_tokens=False)
+    assert len(music) == 1 and cs._word_tokens(lm.tokenizer, ["music", "no such word"]) == music
+    direction = lm.model.get_output_embeddings().weight[music[0]].detach().float()
+    with torch.no_grad():
+        sae.w_dec[0] = 100 * direction / direction.norm()
+        sae.w_dec[1] = -sae.w_dec[0]
+    pool = [cs.Candidate([("s", i)], [2], f"f{i}", 0.5, 0.5) for i in (1, 2, 0)]
+    cs._probe(lm, {"s": sae}, {("s", i): 1.0 for i in range(4)}, pool, ["music"], cs.ConceptSteerConfig(pool=3))
+    pulls = {c.features[0][1]: c.pull for c in pool}
+    assert pulls[0] > 0.01 and pulls[1] < -0.001 and pulls[1] < pulls[2] < pulls[0]
+    chosen = cs._select(lm, {"s": sae}, {("s", i): 1.0 for i in range(4)}, pool, ["music"],
+                        cs.ConceptSteerConfig(pool=3, candidates=1, combine=1))
+    assert [c.features for c in chosen] == [[("s", 0)]]  # the pull decides, not the order of the pool
+
+
+@pytest.fixture
+def fake_texts(monkeypatch):
+    """Calibration without a model: the text depends on the strength per feature and the text length.
+    Up to ×1.2 per feature nothing shows; from ×1.2 the concept shows; 24-token texts loop from ×3 and
+    40-token texts already from ×1.9."""
+    import saescope.search
+
+    calls = []
+
+    def text(value, tokens):
+        if value >= (3.0 if tokens <= 24 else 1.9):
+            return "horses horses horses horses horses horses horses horses"
+        if value >= 1.2:
+            return "the farmer led the horses out to the field at dawn"
+        return "we talked about the weather and went home early"
+
+    def generate(lm, saes, typical, groups, prompts, tokens, seed):
+        calls.append((tokens, [[iv.value for iv in g] for g in groups]))
+        texts = [[text(min([iv.value for iv in g], default=0.0), tokens)] * len(prompts) for g in groups]
+        return texts, [[torch.tensor([i, i + 1]) for i in range(len(prompts))] for _ in groups]
+
+    def candidates(run, concept, cfg, n):  # fresh candidates for every calibration
+        pool = [cs.Candidate([(SAE, 0)], [5], "horses", 0.8, 0.5), cs.Candidate([(SAE, 1)], [6], "farms", 0.7, 0.5)]
+        return pool[:n], ["horses"], np.array([1.0, 0.0])
+
+    monkeypatch.setattr(cs, "_candidates", candidates)
+    monkeypatch.setattr(cs, "_load", lambda run, features: ({}, {}))
+    monkeypatch.setattr(cs, "_generate_groups", generate)
+    monkeypatch.setattr(cs, "continuation_ce", lambda lm, prompts, ids: 0.0)
+    monkeypatch.setattr(saescope.search, "encode", _encode)
+    return calls
+
+
+def test_the_longer_check_steps_down_before_the_text_loops(fake_texts):
+    choice = cs._calibrate(None, "horses", cs.ConceptSteerConfig(ladder=(1.0, 2.0, 4.0, 8.0)), lm=object())
+    single = choice.candidates[0]
+    assert cs._climb(cs.Candidate([], [], "", 0, 0, rungs=[r for r in single.rungs if not r.verified])).strength == 2
+    checked = {r.strength: r for r in single.rungs if r.verified}
+    assert sorted(checked) == [1.414, 2.0] and checked[2.0].degenerate
+    assert choice.calibrated and choice.features == [(SAE, 0)] and choice.strength == pytest.approx(1.414, abs=1e-3)
+    assert [(t, len(groups)) for t, groups in fake_texts] == [(24, 13), (40, 5)]  # 2 features + the pair
+
+
+def test_a_pair_is_steered_at_the_strength_it_was_calibrated_at(fake_texts):
+    choice = cs._calibrate(None, "horses", cs.ConceptSteerConfig(ladder=(1.0, 2.0, 4.0, 8.0), verify=3), lm=object())
+    pair = choice.candidates[2]
+    assert pair.features == [(SAE, 0), (SAE, 1)]
+    assert pair.strength == pytest.approx(2.828, abs=1e-3)  # in all: ×4 on the ladder (×2 each), checked ×2.83
+    (_, ladder), (_, check) = fake_texts
+    assert [2.0, 2.0] in ladder and [4.0, 4.0] in ladder  # the ladder's ×4 and ×8 split in two
+    steered = [iv.value for iv in cs.ConceptChoice("horses", pair.features, pair.strength, "", [], [], True).interventions()]
+    assert steered == [pytest.approx(1.414, abs=1e-3)] * 2 and steered in check  # what was checked is what steers
+    single = cs._calibrate(None, "horses", cs.ConceptSteerConfig(ladder=(1.0, 2.0, 4.0, 8.0)), lm=object())
+    assert "×1.414 is the smallest strength" in single.reason and "each" not in single.reason
 
 
 # ---------------------------------------------------------------------------- the cache

@@ -7,23 +7,35 @@
    with `STEER_WEIGHTS`: the words their decoder direction promotes, a little of their contexts
    and label), over every layer of the run: features picked by what they write steer far
    better than features picked by what makes them fire (2025 results, DESIGN.md §7). When even
-   the best output side is below `min_output`, no feature matches and `choose` says so.
-2. **Strength by a ladder.** Every candidate (and, with `combine`, the top candidates together)
-   is steered at each strength of `ladder` (× the feature's max activation) on the library's
-   own neutral calibration prompts, sampled, all rows in one batched `generate`
-   (`steer.steering_rows`). A rung *shows the concept* when its texts hold at least
-   `min_word_rise` more concept words than the unsteered texts (words: the query's own, the
-   index's words closest to it, the candidate's promoted words close to it) and their
-   embedding moves toward the query; it is *degenerate* when the mean distinct-bigram ratio
-   falls below `min_distinct2` or a token repeats `max_run` times in a row. Walking up the
-   ladder, the first degenerate rung stops the climb; the first rung that shows the concept
-   is checked for cost (cross-entropy of its texts under the unsteered model, at most
-   `max_cost` nats/token above the unsteered texts') and taken. Of the candidates with such
-   a rung, the one whose rung raised the concept's words most wins (single features and the
-   combination compete on the same prompts); the others are reported as runners-up.
-3. **Cache.** The choice is stored per concept in run/steer_calibration.json (atomic write),
+   the best output side is below `min_output`, no feature matches and `choose` says so. The
+   output side read through the unembedding is only a guess for features of early and middle
+   layers (the later layers transform what they write), so the `pool` best are *probed*: each is
+   steered at ×`probe` on the calibration prompts in one forward pass, and the `candidates` that
+   raise the next-token probability of the concept's words most (their *pull*) go on.
+2. **Strength by a ladder.** Every candidate (and, with `combine`, the top candidates together,
+   the strength split evenly between them) is steered at each strength of `ladder` (× the
+   feature's max activation) on the library's own neutral calibration prompts, sampled, all rows
+   in one batched `generate` (`steer.steering_rows`). Each text is judged on its own:
+   - it *mentions the concept* when it holds at least one concept word (the query's own words,
+     the index's words closest to it, the candidate's promoted words close to it); a word
+     repeated counts once, so a loop of "animals animals …" is one mention, not forty;
+   - it *loops* when its distinct-bigram ratio is below `min_distinct2`, one word repeats
+     `max_run` times in a row, or one token 2 × `max_run` times.
+   A rung *shows the concept* when at least `min_shown` of its texts mention it (more than
+   unsteered) and their embedding moves toward the query; it is *degenerate* when more of its
+   texts loop than unsteered. Walking up the ladder, the first degenerate rung stops the climb
+   and the first rung that shows the concept is proposed.
+3. **Check on longer texts.** Loops often start after the short calibration texts, and on other
+   prompts. The `verify` best proposals are steered again, `verify_samples` × each prompt ×
+   `verify_tokens` (the length `steer` writes by default), at the proposed strength and halfway
+   (geometrically) down to the rung below; the smallest that still shows the concept without
+   degenerating, at most `max_cost` nats/token above the unsteered texts' cross-entropy (under
+   the unsteered model), is taken. Of the candidates that pass, the one whose texts mention the
+   concept most often wins; the others are reported as runners-up. When none passes, the
+   largest non-degenerate rise is used and reported as uncalibrated.
+4. **Cache.** The choice is stored per concept in run/steer_calibration.json (atomic write),
    keyed by the concept index (re-analysis invalidates it) and the calibration settings, so a
-   repeated request skips steps 1-2.
+   repeated request skips steps 1-3.
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -52,23 +65,37 @@ CALIBRATION_PROMPTS = ("Here is what I wrote about it:", "Let me tell you someth
 class ConceptSteerConfig:
     """How `choose` picks features and strengths for a concept."""
 
-    ladder: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
-    """Strengths tried, × each feature's max activation, smallest first."""
+    ladder: tuple[float, ...] = (1.0, 2.0, 4.0)
+    """Strengths tried, × each feature's max activation (split between combined features), smallest first.
+    (×8 looped for nearly every feature of the default run, and the check below tries ×2.8 between ×2 and ×4.)"""
+    pool: int = 3
+    """Features (by output match) whose pull on the concept's words is measured (`probe`) when more than
+    `candidates`; off by default until measured on the concept lists (bench/RESULTS.md)."""
     candidates: int = 3
-    """Features (by output match) calibrated per concept."""
+    """Features of the pool that pull most, calibrated per concept."""
+    probe: float = 2.0
+    """The strength at which the pool's pull is measured."""
     combine: int = 2
-    """Also try this many top candidates (different layers) together, each at strength / combine (1: never)."""
+    """Also try this many top candidates (different layers) together, sharing the strength (1: never)."""
     min_output: float = 0.35
     """Below this output-side similarity no feature matches the concept."""
     tokens: int = 24
     """New tokens per calibration text."""
     seed: int = 1234
-    min_word_rise: int = 4
-    """Concept words the steered calibration texts must gain over the unsteered ones (one per prompt)."""
+    min_shown: float = 0.5
+    """A rung shows the concept when at least this share of its texts mention it."""
     min_distinct2: float = 0.6
+    """A text whose distinct-bigram ratio is below this loops."""
     max_run: int = 4
+    """A text where one word repeats this many times in a row (one token: twice as many) loops."""
     max_cost: float = 2.5
     """Largest CE cost (nats/token of the steered texts under the unsteered model, above the unsteered texts)."""
+    verify: int = 2
+    """Proposals checked again on longer texts (the best by how often the concept showed)."""
+    verify_samples: int = 1
+    """Samples per calibration prompt in that check."""
+    verify_tokens: int = 40
+    """New tokens per text in that check."""
 
     def key(self) -> str:
         raw = json.dumps([dataclasses.asdict(self), CALIBRATION_PROMPTS], sort_keys=True)
@@ -77,10 +104,10 @@ class ConceptSteerConfig:
 
 @dataclass
 class Rung:
-    """One strength of the ladder for one candidate, pooled over the calibration prompts."""
+    """One strength for one candidate, pooled over its texts (the ladder's, or the longer check's)."""
 
     strength: float
-    words_unsteered: int
+    words_unsteered: int  # distinct concept words per text, summed over the texts
     words_steered: int
     similarity_unsteered: float
     similarity_steered: float
@@ -89,7 +116,13 @@ class Rung:
     cost: float | None = None  # measured only for the rung that would be taken
     shows: bool = False
     degenerate: bool = False
-    example: str = ""  # the first calibration prompt's steered text
+    example: str = ""  # the first prompt's steered text
+    shown_unsteered: float = 0.0  # share of the texts that mention the concept
+    shown_steered: float = 0.0
+    looped_unsteered: int = 0  # texts that loop
+    looped_steered: int = 0
+    texts: int = 0
+    verified: bool = False  # measured in the check on longer texts
 
 
 @dataclass
@@ -104,6 +137,7 @@ class Candidate:
     rungs: list[Rung] = field(default_factory=list)
     strength: float | None = None  # the rung taken, None if none passed
     why: str = ""
+    pull: float | None = None  # next-token probability of the concept's words, steered minus unsteered
 
 
 @dataclass
@@ -112,7 +146,7 @@ class ConceptChoice:
 
     concept: str
     features: list[tuple[str, int]]
-    strength: float  # × max activation, for each feature
+    strength: float  # × max activation in all, split evenly between the features
     reason: str
     candidates: list[Candidate]
     words: list[str]  # concept words counted
@@ -121,9 +155,14 @@ class ConceptChoice:
     seconds: float = 0.0
 
     def interventions(self):
-        from .steer import Intervention
+        return concept_interventions(self.features, self.strength)
 
-        return [Intervention(sid, idx, "add", self.strength) for sid, idx in self.features]
+
+def concept_interventions(features: list[tuple[str, int]], strength: float):
+    """Add `features` together at `strength` (× max activation) in all: each gets strength / len(features)."""
+    from .steer import Intervention
+
+    return [Intervention(sid, idx, "add", strength / len(features)) for sid, idx in features]
 
 
 def _steer_weights():
@@ -157,7 +196,9 @@ def choose(run: Run, concept: str, cfg: ConceptSteerConfig = ConceptSteerConfig(
     return choice
 
 
-def _candidates(run: Run, concept: str, cfg: ConceptSteerConfig) -> tuple[list[Candidate], list[str], np.ndarray]:
+def _candidates(run: Run, concept: str, cfg: ConceptSteerConfig, n: int) -> tuple[list[Candidate], list[str],
+                                                                                   np.ndarray]:
+    """The `n` features whose output matches the concept best (single), the concept's words, the query vector."""
     from .conceptindex import as_word, concept_index
     from .search import concept_ranking, encode
 
@@ -170,7 +211,7 @@ def _candidates(run: Run, concept: str, cfg: ConceptSteerConfig) -> tuple[list[C
         best = f"best: layer {layers.get(alive[0].sae_id)} #{alive[0].idx}, output similarity " \
                f"{alive[0].output:.2f}" if alive else "no analysed features"
         raise SaescopeError(f"no feature writes '{concept}' ({best} < {cfg.min_output}): try a more everyday word")
-    picked = alive[:cfg.candidates]
+    picked = alive[:n]
     qvec = encode([concept])[0]
     words = {w for w in (as_word(t) for t in re.findall(r"[A-Za-z]+", concept)) if w}
     words |= set(index.related_words(qvec, 0.5))
@@ -182,9 +223,19 @@ def _candidates(run: Run, concept: str, cfg: ConceptSteerConfig) -> tuple[list[C
         words |= {index.words[i] for i in out_ids if sims[i] >= 0.4}
         label = m.label_row["text"] if m.label_row else "(no label)"
         cands.append(Candidate([(m.sae_id, m.idx)], [layers.get(m.sae_id)], label, m.output, m.contexts))
-    if cfg.combine > 1:
-        cands.append(_combined(cands, cfg.combine))
     return cands, sorted(words), qvec
+
+
+def _select(lm, saes, typical, pool: list[Candidate], words: list[str], cfg: ConceptSteerConfig) -> list[Candidate]:
+    """The `candidates` features of the pool that pull the concept's words most (probed when the pool is larger),
+    and with `combine` the top ones together."""
+    if len(pool) > cfg.candidates:
+        _probe(lm, saes, typical, pool, words, cfg)
+        pool = sorted(pool, key=lambda c: -math.inf if c.pull is None else c.pull, reverse=True)
+    cands = pool[:cfg.candidates]
+    if cfg.combine > 1 and len(cands) > 1:
+        cands.append(_combined(cands, cfg.combine))
+    return cands
 
 
 def _combined(cands: list[Candidate], k: int) -> Candidate:
@@ -202,7 +253,7 @@ def _combined(cands: list[Candidate], k: int) -> Candidate:
 
 def fixed(run: Run, concept: str, strength: float, cfg: ConceptSteerConfig = ConceptSteerConfig()) -> ConceptChoice:
     """The best output-matching feature at a strength the caller chose (no calibration)."""
-    cands, words, _ = _candidates(run, concept, cfg)
+    cands, words, _ = _candidates(run, concept, cfg, cfg.candidates)
     best = cands[0]
     reason = (f"{_name(best)} writes '{concept}' best (output similarity {best.output_match:.2f}); "
               f"strength ×{strength:g} as given")
@@ -210,43 +261,123 @@ def fixed(run: Run, concept: str, strength: float, cfg: ConceptSteerConfig = Con
 
 
 def _calibrate(run: Run, concept: str, cfg: ConceptSteerConfig, lm) -> ConceptChoice:
-    cands, words, qvec = _candidates(run, concept, cfg)
+    pool, words, qvec = _candidates(run, concept, cfg, cfg.pool)
     lm = lm or run.model
-    saes, typical = _load(run, [f for c in cands for f in c.features])
-    texts, new_ids = _generate_ladder(lm, saes, typical, cands, cfg)
-    measure = _Measure(words, qvec)
-    base = measure.texts(texts[0], new_ids[0])
+    saes, typical = _load(run, [f for c in pool for f in c.features])
+    cands = _select(lm, saes, typical, pool, words, cfg)
+    measure = _Measure(words, qvec, cfg)
+    groups = [[]] + [concept_interventions(c.features, s) for c in cands for s in cfg.ladder]
+    texts, ids = _generate_groups(lm, saes, typical, groups, list(CALIBRATION_PROMPTS), cfg.tokens, cfg.seed)
+    base = measure.texts(texts[0], ids[0])
+    proposed = {}
     for ci, c in enumerate(cands):
         for si, strength in enumerate(cfg.ladder):
-            steered = measure.texts(texts[1 + ci * len(cfg.ladder) + si], new_ids[1 + ci * len(cfg.ladder) + si])
-            c.rungs.append(_rung(strength, base, steered, cfg, texts[1 + ci * len(cfg.ladder) + si][0]))
-        _climb(lm, saes, typical, c, cfg, new_ids[0],
-               {si: new_ids[1 + ci * len(cfg.ladder) + si] for si in range(len(cfg.ladder))})
+            g = 1 + ci * len(cfg.ladder) + si
+            c.rungs.append(_rung(strength, base, measure.texts(texts[g], ids[g]), cfg, texts[g][0]))
+        rung = _climb(c)
+        if rung is not None:
+            proposed[ci] = rung
+    _verify(lm, saes, typical, [(cands[ci], r) for ci, r in proposed.items()], measure, cfg)
     return _decide(concept, cands, words, cfg)
 
 
 def _decide(concept: str, cands: list[Candidate], words: list[str], cfg: ConceptSteerConfig) -> ConceptChoice:
-    passed = [(c, next(r for r in c.rungs if r.strength == c.strength)) for c in cands if c.strength is not None]
-    if passed:  # the candidate whose smallest passing strength raised the concept most
-        best, rung = max(passed, key=lambda cr: cr[1].words_steered - cr[1].words_unsteered)
-        reason = (f"{_name(best)} writes '{concept}' (output similarity {best.output_match:.2f}); ×{best.strength:g} "
-                  f"is the smallest strength that raised the concept's words {rung.words_unsteered} → "
-                  f"{rung.words_steered} on {len(CALIBRATION_PROMPTS)} calibration prompts with the text still "
-                  f"language (distinct bigrams {rung.distinct2:.2f}, CE cost {rung.cost:+.2f})")
+    passed = [(c, _taken(c)) for c in cands if c.strength is not None]
+    if passed:  # the candidate whose texts mention the concept most often at its smallest passing strength
+        best, rung = max(passed, key=lambda cr: _merit(cr[1]))
+        pull = "" if best.pull is None else f", {best.pull:+.1%} next-token probability on its words at ×{cfg.probe:g}"
+        each = f" (×{best.strength / len(best.features):.3g} each)" if len(best.features) > 1 else ""
+        reason = (f"{_name(best)} writes '{concept}' (output similarity {best.output_match:.2f}{pull}); "
+                  f"×{best.strength:g}{each} "
+                  f"is the smallest strength at which {_shown(rung)} (unsteered {rung.shown_unsteered:.0%}) of "
+                  f"{rung.texts} sampled texts on {len(CALIBRATION_PROMPTS)} calibration prompts mention the concept "
+                  f"with no more loops than unsteered (distinct bigrams {rung.distinct2:.2f}, CE cost {rung.cost:+.2f})")
         return ConceptChoice(concept, best.features, best.strength, reason, cands, words, calibrated=True)
-    best, rung = max(((c, r) for c in cands for r in c.rungs if not r.degenerate),
-                     key=lambda cr: cr[1].words_steered - cr[1].words_unsteered, default=(cands[0], None))
-    strength = rung.strength if rung is not None else cfg.ladder[0]
+    best, rung = max(((c, r) for c in cands for r in _safe(c)), key=lambda cr: _merit(cr[1]), default=(cands[0], None))
+    strength = rung.strength if rung is not None else min(cfg.ladder)
     reason = (f"no strength made '{concept}' show without degenerating the text; steering {_name(best)} "
-              f"(output similarity {best.output_match:.2f}) at ×{strength:g}, its largest rise")
+              f"(output similarity {best.output_match:.2f}) at ×{strength:g}, the strongest showing below its loops")
     return ConceptChoice(concept, best.features, strength, reason, cands, words, calibrated=False)
+
+
+def _taken(c: Candidate) -> Rung:
+    return next(r for r in reversed(c.rungs) if r.strength == c.strength)
+
+
+def _merit(r: Rung) -> tuple[float, float]:
+    """How well a rung shows the concept: more texts mentioning it, then a larger move toward it."""
+    return r.shown_steered - r.shown_unsteered, r.similarity_steered - r.similarity_unsteered
+
+
+def _safe(c: Candidate) -> list[Rung]:
+    """The candidate's rungs below its weakest degenerate strength (ladder or check)."""
+    limit = min((r.strength for r in c.rungs if r.degenerate), default=math.inf)
+    return [r for r in c.rungs if r.strength < limit]
+
+
+def _shown(r: Rung) -> str:
+    return f"{round(r.shown_steered * r.texts)}/{r.texts}"
 
 
 def _name(c: Candidate) -> str:
     return " + ".join(f"layer {layer} #{idx}" for layer, (_, idx) in zip(c.layer, c.features))
 
 
-# ---------------------------------------------------------------------------- the ladder
+# ---------------------------------------------------------------------------- the ladder and the check
+
+
+def _climb(c: Candidate) -> Rung | None:
+    """Walk up the ladder: stop at the first degenerate rung; propose the first that shows the concept."""
+    for r in c.rungs:
+        if r.degenerate:
+            c.why = f"degenerates at ×{r.strength:g} before the concept shows"
+            return None
+        if r.shows:
+            c.why = f"concept shows at ×{r.strength:g} on the ladder"
+            return r
+    c.why = "the concept did not show at any strength of the ladder"
+    return None
+
+
+def _verify(lm, saes, typical, proposals: list[tuple[Candidate, Rung]], measure: _Measure,
+            cfg: ConceptSteerConfig) -> None:
+    """Steer the best proposals again on more, longer texts, at their strength and halfway down to the rung
+    below; each takes the smallest that shows the concept without degenerating, within the cost cap."""
+    proposals = sorted(proposals, key=lambda cr: _merit(cr[1]), reverse=True)
+    for c, _ in proposals[cfg.verify:]:
+        c.why += "; not checked on longer texts (weaker on the ladder than the checked ones)"
+    plan = [(c, s) for c, r in proposals[:cfg.verify] for s in _steps(r.strength, cfg.ladder)]
+    if not plan:
+        return
+    prompts = [p for p in CALIBRATION_PROMPTS for _ in range(cfg.verify_samples)]
+    groups = [[]] + [concept_interventions(c.features, s) for c, s in plan]
+    texts, ids = _generate_groups(lm, saes, typical, groups, prompts, cfg.verify_tokens, cfg.seed + 1)
+    base = measure.texts(texts[0], ids[0])
+    base_ce = None
+    for c, _ in proposals[:cfg.verify]:
+        checked = [(g, _rung(s, base, measure.texts(texts[g], ids[g]), cfg, texts[g][0], verified=True))
+                   for g, (cj, s) in enumerate(plan, 1) if cj is c]
+        c.rungs.extend(r for _, r in checked)
+        for g, r in checked:
+            if r.degenerate:
+                c.why = f"loops at ×{r.strength:g} on {cfg.verify_tokens}-token texts"
+                break
+            if not r.shows:
+                c.why = f"the concept did not show at ×{r.strength:g} on {cfg.verify_tokens}-token texts"
+                continue
+            base_ce = continuation_ce(lm, prompts, ids[0]) if base_ce is None else base_ce
+            r.cost = continuation_ce(lm, prompts, ids[g]) - base_ce
+            if r.cost > cfg.max_cost:
+                c.why = f"costs {r.cost:.2f} nats/token at ×{r.strength:g}, over the cap {cfg.max_cost:g}"
+                break
+            c.strength, c.why = r.strength, f"concept shows at ×{r.strength:g} on {cfg.verify_tokens}-token texts"
+            break
+
+
+def _steps(strength: float, ladder: tuple[float, ...]) -> tuple[float, float]:
+    """The strength halfway (geometrically) down to the ladder's rung below it (or ×1/√2), and itself."""
+    below = max((s for s in ladder if s < strength), default=strength / 2)
+    return round(math.sqrt(below * strength), 3), strength
 
 
 def _load(run: Run, features: list[tuple[str, int]]):
@@ -259,17 +390,56 @@ def _load(run: Run, features: list[tuple[str, int]]):
     return saes, typical
 
 
-def _generate_ladder(lm, saes, typical, cands: list[Candidate], cfg: ConceptSteerConfig):
-    """Texts and new ids per group: [unsteered] + [candidate × rung], each a list over the prompts."""
-    from .steer import Intervention
+def _probe(lm, saes, typical, pool: list[Candidate], words: list[str], cfg: ConceptSteerConfig) -> None:
+    """Set each candidate's `pull`: steered at ×`probe` on the calibration prompts (one forward pass per
+    candidate, no sampling), how much more probability the next tokens put on the concept's words (those
+    that are one token) than unsteered, averaged over positions. A feature whose unembedded direction names
+    the concept may still not move the model's output once the later layers have read it; this measures
+    that. A difference, not a ratio: a feature that only flattens the distribution gains rare words a
+    large ratio but little probability."""
+    from .steer import steering_rows
 
-    groups: list[list] = [[]]
-    for c in cands:
-        for strength in cfg.ladder:
-            groups.append([Intervention(sid, idx, "add", strength / len(c.features)) for sid, idx in c.features])
+    targets = _word_tokens(lm.tokenizer, words)
+    if not targets:
+        return
     prompts = list(CALIBRATION_PROMPTS)
+    ids, mask = _left_padded(lm, prompts)
+    keep = mask.bool() if lm.bos_id is None else mask.bool() & (ids != lm.bos_id)
+    mass = []
+    for ivs in [[]] + [concept_interventions(c.features, cfg.probe) for c in pool]:
+        with torch.no_grad(), steering_rows(lm, saes, [ivs] * len(prompts), typical):
+            logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (prompts, seq, vocab)
+        mass.append(float(logits.float().softmax(-1)[..., targets].sum(-1)[keep].mean()))
+    for c, m in zip(pool, mass[1:]):
+        c.pull = round(m - mass[0], 5)
+
+
+def _word_tokens(tok, words: list[str]) -> list[int]:
+    """The token ids of the concept words that are one token (with a leading space, lower or capitalised)."""
+    ids, special = set(), set(tok.all_special_ids)  # the unknown token is no concept word
+    for w in words:
+        for form in (w, w.capitalize()):
+            t = tok.encode(" " + form, add_special_tokens=False)
+            if len(t) == 1 and t[0] not in special:
+                ids.add(int(t[0]))
+    return sorted(ids)
+
+
+def _left_padded(lm, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    tok = lm.tokenizer
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        batch = tok(prompts, return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = side
+    return batch["input_ids"].to(lm.device), batch["attention_mask"].to(lm.device)
+
+
+def _generate_groups(lm, saes, typical, groups: list[list], prompts: list[str], tokens: int, seed: int):
+    """Texts and new ids per group of interventions, each a list over the prompts (one batched generate)."""
     rows = [g for g in groups for _ in prompts]
-    new = generate_rows(lm, saes, typical, prompts * len(groups), rows, cfg.tokens, cfg.seed)
+    new = generate_rows(lm, saes, typical, prompts * len(groups), rows, tokens, seed)
     texts = [lm.tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
     n = len(prompts)
     return ([texts[i:i + n] for i in range(0, len(texts), n)], [new[i:i + n] for i in range(0, len(new), n)])
@@ -283,13 +453,7 @@ def generate_rows(lm, saes, typical, prompts: list[str], rows: list[list], token
     from .steer import steering_rows
 
     tok = lm.tokenizer
-    side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        batch = tok(prompts, return_tensors="pt", padding=True)
-    finally:
-        tok.padding_side = side
-    ids, mask = batch["input_ids"].to(lm.device), batch["attention_mask"].to(lm.device)
+    ids, mask = _left_padded(lm, prompts)
     gen_cfg = GenerationConfig(max_new_tokens=int(tokens), do_sample=sample, temperature=1.0 if sample else None,
                                top_k=None, top_p=None, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     devices = [lm.device] if lm.device.type == "cuda" else []
@@ -307,28 +471,6 @@ def _strip_pad(ids: torch.Tensor, tok) -> torch.Tensor:
         if t in stop:
             return ids[:i]
     return ids
-
-
-def _climb(lm, saes, typical, c: Candidate, cfg: ConceptSteerConfig, base_ids, rung_ids) -> None:
-    """Walk up the ladder: stop at the first degenerate rung; take the first that shows the concept
-    at an acceptable cost."""
-    base_ce = None
-    for si, r in enumerate(c.rungs):
-        if r.degenerate:
-            c.why = f"degenerates at ×{r.strength:g} before the concept shows"
-            return
-        if not r.shows:
-            continue
-        if base_ce is None:
-            base_ce = continuation_ce(lm, CALIBRATION_PROMPTS, base_ids)
-        r.cost = continuation_ce(lm, CALIBRATION_PROMPTS, rung_ids[si]) - base_ce
-        if r.cost > cfg.max_cost:
-            c.why = f"costs {r.cost:.2f} nats/token at ×{r.strength:g}, over the cap {cfg.max_cost:g}"
-            return
-        c.strength = r.strength
-        c.why = f"concept shows at ×{r.strength:g}"
-        return
-    c.why = "the concept did not show at any strength of the ladder"
 
 
 def continuation_ce(lm, prompts, new_ids: list[torch.Tensor]) -> float:
@@ -357,20 +499,32 @@ def distinct2(text: str) -> float:
     return len(set(pairs)) / len(pairs) if pairs else 1.0
 
 
-def longest_run(ids) -> int:
-    """The longest run of one token repeated back to back."""
+def longest_run(items) -> int:
+    """The longest run of one item (a token id, a word) repeated back to back."""
     best = run = 0
     prev = None
-    for t in list(ids):
+    for t in list(items):
         run = run + 1 if t == prev else 1
         best, prev = max(best, run), t
     return best
+
+
+def loops(text: str, ids, cfg: ConceptSteerConfig) -> bool:
+    """A text loops: few distinct bigrams, one word `max_run` times in a row, or one token twice as many."""
+    return (distinct2(text) < cfg.min_distinct2 or longest_run(re.findall(r"\w+", text.lower())) >= cfg.max_run
+            or longest_run(list(ids)) >= 2 * cfg.max_run)
 
 
 def count_words(words: list[str], text: str) -> int:
     """Occurrences of the concept words in `text`, matched at word starts ("planet" counts "planets")."""
     low = text.lower()
     return sum(len(re.findall(r"\b" + re.escape(_stem(w)), low)) for w in words)
+
+
+def words_in(words: list[str], text: str) -> set[str]:
+    """The concept words `text` holds, each once however often it repeats (matched as `count_words` does)."""
+    low = text.lower()
+    return {_stem(w) for w in words if re.search(r"\b" + re.escape(_stem(w)), low)}
 
 
 def _stem(word: str) -> str:
@@ -383,33 +537,37 @@ def _stem(word: str) -> str:
 
 @dataclass
 class _Texts:
-    words: int
+    words: int  # distinct concept words per text, summed
+    shown: float  # share of texts holding a concept word
     similarity: float
     distinct2: float
     longest_run: int
+    looped: int  # texts that loop
+    n: int
 
 
 class _Measure:
-    def __init__(self, words: list[str], qvec: np.ndarray):
-        self.words, self.qvec = words, qvec
+    def __init__(self, words: list[str], qvec: np.ndarray, cfg: ConceptSteerConfig):
+        self.words, self.qvec, self.cfg = words, qvec, cfg
 
     def texts(self, texts: list[str], ids: list[torch.Tensor]) -> _Texts:
         from .search import encode
 
         sims = encode(texts) @ self.qvec if texts else np.zeros(0)
-        return _Texts(words=sum(count_words(self.words, t) for t in texts), similarity=float(np.mean(sims)),
-                      distinct2=float(np.mean([distinct2(t) for t in texts])),
-                      longest_run=max((longest_run(i.tolist()) for i in ids), default=0))
+        found = [words_in(self.words, t) for t in texts]
+        return _Texts(words=sum(len(f) for f in found), shown=float(np.mean([bool(f) for f in found])),
+                      similarity=float(np.mean(sims)), distinct2=float(np.mean([distinct2(t) for t in texts])),
+                      longest_run=max((longest_run(i.tolist()) for i in ids), default=0),
+                      looped=sum(loops(t, i.tolist(), self.cfg) for t, i in zip(texts, ids)), n=len(texts))
 
 
-def _rung(strength: float, base: _Texts, steered: _Texts, cfg: ConceptSteerConfig, example: str) -> Rung:
-    rise = steered.words - base.words
-    moved = steered.similarity - base.similarity
+def _rung(strength: float, base: _Texts, steered: _Texts, cfg: ConceptSteerConfig, example: str,
+          verified: bool = False) -> Rung:
+    shows = (steered.shown >= cfg.min_shown and steered.shown > base.shown and steered.similarity > base.similarity)
     return Rung(strength, base.words, steered.words, round(base.similarity, 4), round(steered.similarity, 4),
-                round(steered.distinct2, 3), steered.longest_run,
-                shows=(rise >= cfg.min_word_rise and moved > 0) or (rise >= cfg.min_word_rise / 2 and moved >= 0.1),
-                degenerate=steered.distinct2 < cfg.min_distinct2 or steered.longest_run >= cfg.max_run,
-                example=example)
+                round(steered.distinct2, 3), steered.longest_run, shows=shows, degenerate=steered.looped > base.looped,
+                example=example, shown_unsteered=round(base.shown, 4), shown_steered=round(steered.shown, 4),
+                looped_unsteered=base.looped, looped_steered=steered.looped, texts=steered.n, verified=verified)
 
 
 @dataclass
