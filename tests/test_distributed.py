@@ -18,7 +18,8 @@ import torch.multiprocessing as mp
 
 from saescope.distributed import World
 from saescope.errors import SaescopeError
-from saescope.sae import SAEConfig, load_sae
+from saescope.formats import load_sae
+from saescope.sae import SAEConfig
 from saescope.train import Chunk, MultiTrainer, TrainConfig
 
 TESTS = Path(__file__).parent
