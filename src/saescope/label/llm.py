@@ -155,7 +155,7 @@ def unclear_reason(label: str, prompt: str, evidence: Evidence, space=None) -> s
     if content and all(w in set(_frame_words(prompt)) for w in content):
         return "the LLM's answer echoed the prompt"
     if space is not None and content:
-        from ..search import encode
+        from ..embed import encode
         from .concepts import input_auc, output_auc
 
         vector = space.text_vector(encode([label])[0])

@@ -330,7 +330,7 @@ def label_offline(run: Run | str | Path, sae_ids=None, progress: bool = True,
 
 def _space(db, concepts):
     """The concept explainer's vectors, or None (with a warning) without the embedding model."""
-    from ..search import EmbeddingUnavailable
+    from ..embed import EmbeddingUnavailable
     from .concepts import build_space
 
     try:

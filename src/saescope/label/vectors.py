@@ -1,7 +1,7 @@
 """Word and concept-name vectors for the offline concept explainer (concepts.py).
 
 Everything is embedded with the local all-MiniLM-L6-v2 that search.py uses
-(`search.encode`, nothing downloaded), and cached in the user's cache folder
+(`embed.encode`, nothing downloaded), and cached in the user's cache folder
 (`models.cache_root()/concepts/`), written atomically, so a second run embeds
 only what it has not seen:
 
@@ -94,7 +94,7 @@ def concept_vocab(concepts: Sequence[tuple[str, bool]] | None = None) -> Concept
 
 @functools.lru_cache(maxsize=4)
 def _concept_vocab(concepts: tuple[tuple[str, bool], ...]) -> ConceptVocab:
-    from ..search import EMBEDDING_MODEL
+    from ..embed import EMBEDDING_MODEL
 
     names = tuple(n for n, _ in concepts)
     digest = hashlib.sha256(json.dumps([EMBEDDING_MODEL, names]).encode()).hexdigest()[:16]
@@ -123,7 +123,7 @@ def _stored(vectors: np.ndarray) -> np.ndarray:
 
 
 def _encode(texts: list[str], fixed_length: int | None = None) -> np.ndarray:
-    from ..search import encode
+    from ..embed import encode
 
     return encode(texts, batch_size=256, fixed_length=fixed_length)
 
