@@ -6,6 +6,7 @@
     label_llm("runs/demo", base_url="http://localhost:8000/v1", model="qwen3-8b")
 
 evidence.py splits each feature's examples into labelling and held-out halves;
+rules.py finds the token rule that explains where a feature fires;
 concepts.py names what a feature means from its contexts and promoted tokens;
 scoring.py judges a label on the held-out half ("detection-offline") and on the
 promoted tokens ("output-offline"), both in [0, 1] with 0.5 = chance.
@@ -14,7 +15,8 @@ promoted tokens ("output-offline"), both in [0, 1] with 0.5 = chance.
 from .evidence import Context, Evidence, LabelReport, gather
 from .llm import LLMClient, clean_label, label_llm
 from .manual import set_label
-from .offline import Rule, explain, label_offline
+from .offline import label_offline
+from .rules import Rule, explain
 from .scoring import METHOD_OFFLINE, METHOD_OUTPUT, DetectionScore, score_llm, score_offline
 
 __all__ = ["METHOD_OFFLINE", "METHOD_OUTPUT", "Context", "DetectionScore", "Evidence", "LLMClient", "LabelReport", "Rule", "clean_label", "explain",

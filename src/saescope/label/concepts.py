@@ -46,7 +46,7 @@ import numpy as np
 
 from ..featuredb import FeatureDB
 from .evidence import Context, Evidence, display_token
-from .offline import Rule
+from .rules import Rule
 from .vectors import ConceptVocab, WordVectors, concept_vocab, word_key
 
 
@@ -139,7 +139,7 @@ class Space:
     def background_attributes(self, kind: str) -> list[frozenset[str]]:
         """Per background window, the values of one rule attribute anywhere in it (cached)."""
         if kind not in self._bg_attrs:
-            from .offline import context_attributes
+            from .rules import context_attributes
 
             self._bg_attrs[kind] = [frozenset(v for at in context_attributes(toks, (kind,))[kind] for v in at)
                                     for _, toks in self.background]
@@ -260,7 +260,7 @@ def _whole_word(token: str | None) -> str | None:
 
 def _stem_table(ids: np.ndarray, strings: list, vocab_size: int) -> tuple[np.ndarray, tuple[str, ...]]:
     """Token id → index of its crude stem (offline.stem of the lowercase word), for alphabetic tokens."""
-    from .offline import normalise, stem
+    from .rules import normalise, stem
 
     id2stem = np.full(vocab_size, -1, np.int64)
     index: dict[str, int] = {}
@@ -568,7 +568,7 @@ def context_words(space: Space, firing: list[Context], keep: np.ndarray) -> Cont
 
 def _surface(space: Space, firing: list[Context], stem_index: int) -> str:
     """The most common lowercase form of a stem in the firing windows."""
-    from .offline import normalise
+    from .rules import normalise
 
     counts: dict[str, int] = {}
     for c in firing:

@@ -127,7 +127,7 @@ def _words(text: str) -> list[str]:
 def evidence_words(evidence: Evidence) -> tuple[set[str], set[str]]:
     """(stems of the content words in the labelling contexts and the promoted tokens,
     words of the offline token rule's label when it is certain)."""
-    from .offline import explain, normalise, stem
+    from .rules import explain, normalise, stem
 
     out = {stem(normalise(t)) for c in evidence.labelling for t in c.tokens}
     out |= {stem(normalise(str(p[0]))) for p in evidence.logits_pos}
@@ -143,7 +143,7 @@ def unclear_reason(label: str, prompt: str, evidence: Evidence, space=None) -> s
     """Why an answer must be stored as unclear, or None when it is a label of the evidence:
     its content words occur in the evidence, or (without content words) it names the token
     rule's words, or its meaning fits the evidence (`MIN_RELEVANCE`, with `space`)."""
-    from .offline import stem
+    from .rules import stem
 
     if echoes_prompt(label, prompt):
         return "the LLM's answer echoed the prompt"
