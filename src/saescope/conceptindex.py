@@ -118,7 +118,7 @@ def index_key(db: FeatureDB) -> str:
 
 def concept_index(run: Run, db: FeatureDB) -> ConceptIndex:
     """The run's index, from run/concept_index.npz when its key is current, else built and cached."""
-    from .search import EMBEDDING_MODEL, read_embedding_cache
+    from .embed import EMBEDDING_MODEL, read_embedding_cache
 
     key = index_key(db)
     path = run.root / INDEX_FILE
@@ -143,7 +143,7 @@ def _from_npz(f) -> ConceptIndex:
 
 def _build(db: FeatureDB, key: str, old_words: dict[str, np.ndarray]) -> ConceptIndex:
     from .label.evidence import display_token
-    from .search import _embedding_model
+    from .embed import _embedding_model
 
     known = _embedding_model()[0].get_vocab()  # whole words of the embedding model
 
@@ -172,7 +172,7 @@ def _build(db: FeatureDB, key: str, old_words: dict[str, np.ndarray]) -> Concept
 
 def _word_vectors(words: list[str], old: dict[str, np.ndarray]) -> np.ndarray:
     """Embeddings of `words`, reusing `old` ones; only new words go through the model."""
-    from .search import encode
+    from .embed import encode
 
     missing = [w for w in words if w not in old]
     fresh = dict(zip(missing, encode(missing, batch_size=256))) if missing else {}
