@@ -170,7 +170,8 @@ def train(model, corpus, sites, layers, widths, l0s, arch, tokens, ctx_len, batc
 @click.option("--tokens", default=8192, type=POSITIVE, help="Held-out tokens for L0/FVU/dead/dense.")
 @click.option("--ce-tokens", default=CE_TOKENS, type=NON_NEGATIVE,
               help="Scored target tokens per SAE (and per distribution) for ΔLM loss, KL and CE recovered; "
-                   "0 skips them. 16384 separates recipes that differ by a few hundredths of a nat.")
+                   "0 skips them; rounded up to whole contexts of 64 scored targets; the other text gets a third. "
+                   "16384 separates recipes that differ by a few hundredths of a nat.")
 @click.option("--ce-contexts", hidden=True, type=int, default=None, expose_value=True)
 @click.option("--other", default=OTHER, show_default=True,
               help="A second held-out distribution the SAEs never trained on (a corpus source; 'none' skips it).")

@@ -26,9 +26,9 @@ from .models import LoadedModel, Site
 from .sae import SAE
 
 DENSE_FRACTION = 0.1
-CE_TOKENS = 2048  # scored target tokens per SAE and distribution for ΔLM / KL / CE recovered (default run)
+CE_TOKENS = 768  # scored held-out target tokens per SAE for ΔLM / KL / CE recovered (default run; see RESULTS.md)
 PER_CONTEXT = 64  # scored targets drawn per context: more contexts for the same head cost, smaller SE
-ZERO_EVERY = 2  # the zero-ablation pass (for CE recovered only) runs on every 2nd batch of contexts
+ZERO_EVERY = 4  # the zero-ablation pass (for CE recovered only) runs on every 4th batch of 4 contexts
 OTHER = "pydoc"  # the second held-out distribution: a corpus the default run never trains on
 
 
@@ -287,10 +287,13 @@ def other_corpus(run, other: str):
 
 
 def evaluate(run, eval_tokens: int = 8192, ce_tokens: int = CE_TOKENS, other: str | None = OTHER,
-             progress: bool = True) -> dict:
+             other_ce_tokens: int | None = None, progress: bool = True) -> dict:
     """Evaluate every SAE of `run` on held-out tokens of its corpus and, unless `other` is None, on a
-    corpus it never trained on (all of it); write eval.json and eval.png. Returns the metrics."""
+    corpus it never trained on (all of it; `other_ce_tokens` scored targets, by default a third of
+    `ce_tokens`); write eval.json and eval.png. Returns the metrics."""
     check_eval_args(eval_tokens, ce_tokens)
+    if other_ce_tokens is not None:
+        check_eval_args(eval_tokens, other_ce_tokens)
     ids = run.sae_ids()
     if not ids:
         raise SaescopeError(f"run {run.root} has no SAEs to evaluate: train some first")
@@ -310,8 +313,9 @@ def evaluate(run, eval_tokens: int = 8192, ce_tokens: int = CE_TOKENS, other: st
         metrics[i] = {"site": s.cfg.site, "layer": s.cfg.layer, "width": s.cfg.width, "l0_target": s.cfg.l0,
                       "architecture": s.cfg.architecture, **metrics[i]}
     if extra is not None:
+        other_n = math.ceil(ce_tokens / 3) if other_ce_tokens is None else other_ce_tokens
         more, n_other = _measure(lm, saes, extra.contexts(lm.tokenizer, part="all", ctx_len=ctx_len),
-                                 eval_tokens, ce_tokens, progress, other)
+                                 eval_tokens, other_n, progress, other)
         dists["other"] = {"corpus": extra.describe(), "part": "all", "tokens": n_other}
         for i in saes:
             metrics[i]["other"] = more[i]
