@@ -447,7 +447,11 @@ def _extras_documents(skip) -> Iterator[Document]:
 
 
 def _pydoc_documents() -> Iterator[Document]:
-    from pydoc_data.topics import topics  # part of CPython's standard library
+    try:
+        from pydoc_data.topics import topics  # part of CPython's standard library
+    except ImportError as err:
+        raise SaescopeError("this Python has no pydoc_data (its help() topics): give another corpus, "
+                            "or skip the second distribution with --other none") from err
 
     for name in sorted(topics):
         yield Document(f"pydoc/{name}", topics[name])

@@ -1,11 +1,15 @@
-"""Held-out fidelity of every SAE in a run: L0, FVU, dead/dense, ΔLM loss, CE recovered.
+"""Fidelity of every SAE in a run: L0, FVU, dead/dense, ΔLM loss, KL, CE recovered, with standard errors.
 
-Only held-out documents are used (corpus split), and BOS/EOS/pad positions are
-excluded from every metric: the SAE is spliced in only at ordinary positions and
-CE is measured only on ordinary target tokens.
+Two distributions: the held-out split of the run's corpus, and a corpus the run never trained on
+(`--other`, default ``pydoc``: Python's reference manual), side by side in eval.json and eval.png.
+BOS/EOS/pad positions are excluded from every metric: the SAE is spliced in only at ordinary positions
+and CE is measured only on ordinary target tokens.
 
-The ΔLM splice reuses the clean pass: the inputs of every layer are captured once,
-then for each SAE the model runs again only from the SAE's layer on.
+Cost (the 262k-token LM head dominates): per batch of contexts one clean pass, stopped before the head,
+captures every layer's inputs and is shared by all SAEs; each SAE re-runs the model only from its layer
+on; the zero-ablation pass runs once per site (on every ZERO_EVERY-th batch; it only feeds CE recovered);
+the head's log-softmax runs once per variant per scored token, on PER_CONTEXT random targets per context.
+Standard errors are over contexts (a context's tokens are correlated), delta method for ratios.
 """
 
 from __future__ import annotations
