@@ -339,7 +339,7 @@ def numeric_cases() -> list[Case]:
     cases += _numeric(TRAIN, "train", "--seed", NON_NEG)
     cases += _numeric(TRAIN, "train", "--batch-size", NON_NEG)
     cases += _numeric(("eval", "{run}"), "eval", "--tokens", WHOLE)
-    cases += _numeric(("eval", "{run}"), "eval", "--ce-contexts", NON_NEG)
+    cases += _numeric(("eval", "{run}"), "eval", "--ce-tokens", NON_NEG)
     cases += _numeric(("analyze", "{run}"), "analyze", "--tokens", WHOLE)
     cases += _numeric(("analyze", "{run}"), "analyze", "--top-k", {k: WHOLE[k] for k in ("zero", "negative", "nan")})
     cases += _numeric(("analyze", "{run}"), "analyze", "--logits", NON_NEG)

@@ -89,11 +89,20 @@ def test_train_eval_json_and_bad_config(capsys, tiny_gemma_dir, corpus, tmp_path
                              "--out", run)
     assert code == 0, err
     assert "trained 2 SAEs" in out
-    code, out, err = run_cli(capsys, "eval", run, "--tokens", 300, "--ce-contexts", 1, "--json")
+    code, out, err = run_cli(capsys, "eval", run, "--tokens", 300, "--ce-tokens", 256, "--json")
     assert code == 0, err
     metrics = json.loads(out)["saes"]
     assert len(metrics) == 2 and all(m["l0"] == pytest.approx(4, rel=0.01) for m in metrics.values())
     assert (run / "eval.png").stat().st_size > 1000
+    for m in metrics.values():  # ΔLM/KL with standard errors, and the same on text never trained on (pydoc)
+        assert m["n_ce_tokens"] > 0 and m["kl"] > 0  # the tiny held-out split has one context: its SE is NaN
+        assert m["other"]["n_ce_contexts"] == 2 and m["other"]["delta_lm_loss_se"] > 0 and m["other"]["fvu"] > 0
+    saved = (run / "eval.json").read_bytes()
+    for bad, msg in ((["--ce-tokens", "-1"], "-1 is not in the range"), (["--ce-contexts", "2"], "replaced by --ce-tokens"),
+                     (["--other", str(corpus)], "is the corpus this run trained on")):
+        code, out, err = run_cli(capsys, "eval", run, "--tokens", 300, *bad)
+        assert code != 0 and msg in err and len(err.strip().splitlines()) == 1, err
+    assert (run / "eval.json").read_bytes() == saved
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["stages"]["train"]["status"] == "done" and manifest["stages"]["eval"]["status"] == "done"
     # another config into the same run folder is refused; the run is untouched

@@ -122,6 +122,18 @@ needs_wiki = pytest.mark.skipif(
 
 
 @needs_wiki
+def test_pydoc_corpus_is_python_reference_text_with_stable_ids():
+    """The second held-out distribution: CPython's help() topics, one document per topic, sorted ids."""
+    import platform
+
+    c = Corpus("pydoc")
+    docs = list(c.documents("all"))
+    ids = [d.id for d in docs]
+    assert len(docs) > 50 and ids == sorted(ids) and all(i.startswith("pydoc/") for i in ids)
+    assert "for_stmt" in next(d for d in docs if d.id == "pydoc/for").text
+    assert c.describe()["python"] == platform.python_version()
+
+
 def test_default_corpus_loads_wikipedia_leads():
     c = Corpus()
     docs = list(c.documents())

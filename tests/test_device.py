@@ -56,7 +56,7 @@ def test_manifest_records_the_device_of_each_stage(capsys, tiny_gemma_dir, corpu
                            "--widths", 32, "--l0", 4, "--tokens", 600, "--ctx-len", 32, "--out", run,
                            "--device", "cpu")
     assert code == 0, err
-    code, _, err = run_cli(capsys, "eval", run, "--tokens", 200, "--ce-contexts", 1, "--device", "cpu")
+    code, _, err = run_cli(capsys, "eval", run, "--tokens", 200, "--ce-tokens", 64, "--device", "cpu")
     assert code == 0, err
     stages = json.loads((run / "manifest.json").read_text())["stages"]
     assert stages["train"]["device"] == "cpu" and stages["eval"]["device"] == "cpu"
@@ -96,7 +96,7 @@ def test_pipeline_on_cuda(capsys, tiny_gemma_dir, corpus, tmp_path):  # noqa: F8
         ["harvest", *common, "--layers", "0,2", "--tokens", 1500, "--out", cache],
         ["train", *common, "--layers", "0,2", "--widths", 64, "--l0", 4, "--arch", "batchtopk", "--tokens", 1200,
          "--cache", cache, "--out", tmp_path / "run_cache"],
-        ["eval", run, "--tokens", 500, "--ce-contexts", 2],
+        ["eval", run, "--tokens", 500, "--ce-tokens", 128],
         ["analyze", run, "--tokens", 500],
         ["inspect", run, "the king of france"],
         ["feature", run, "resid_post/layer_0_width_64_l0_4", 0],

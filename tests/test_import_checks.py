@@ -232,7 +232,7 @@ def test_bad_sae_folder_already_in_a_run_fails_eval_with_one_line(tmp_path, run,
     gs2_folder(run.saes_dir / "resid_post" / "layer_True_width_24_l0_4", tiny_lm, {"layer": True})
     run.__dict__["model"] = tiny_lm
     with pytest.raises(SaescopeError, match="layer must be a whole number, got true") as err:
-        evaluate(run, eval_tokens=64, delta_contexts=0, progress=False)
+        evaluate(run, eval_tokens=64, ce_tokens=0, other=None, progress=False)
     assert len(str(err.value).splitlines()) == 1
     assert not (run.root / "eval.json").exists()
 

@@ -50,7 +50,7 @@ def _labelled_run(tmp_path, model_dir, lm) -> tuple[Run, str, str, int]:
                     l0s=(4,), architecture="topk", train=TrainConfig(tokens=600, batch_size=100), ctx_len=32,
                     lm=lm, progress=False)
     with run.stage("eval"):
-        evaluate(run, eval_tokens=300, delta_contexts=1, progress=False)
+        evaluate(run, eval_tokens=300, ce_tokens=64, other=None, progress=False)
     with run.stage("analyze"):
         analyze(run, n_tokens=600, progress=False, lm=lm)
     with run.stage("label"):
@@ -146,7 +146,7 @@ def test_overwrite_marks_everything_downstream_and_keeps_human_labels_flagged(
         assert [(lab["is_current"], lab["stale"]) for lab in human] == [(True, False), (False, True)]
 
     # eval puts the SAE back into eval.json
-    code, _, err = _cli(capsys, "eval", run.root, "--tokens", 300, "--ce-contexts", 1)
+    code, _, err = _cli(capsys, "eval", run.root, "--tokens", 300, "--ce-tokens", 64, "--other", "none")
     assert code == 0, err
     result = json.loads((run.root / "eval.json").read_text())
     assert sorted(result["saes"]) == sorted([replaced, kept]) and "replaced" not in result
@@ -192,7 +192,7 @@ def test_saescope_run_redoes_the_stages_of_an_overwritten_sae(tmp_path, tiny_gem
 
     corpus = write_corpus(tmp_path / "corpus")
     kw = dict(model=str(tiny_gemma_dir), corpus=str(corpus), layers="0,1", widths=(16,), l0s=(4,),
-              architecture="topk", tokens=400, eval_tokens=200, ce_contexts=1, analyze_tokens=400)
+              architecture="topk", tokens=400, eval_tokens=200, ce_tokens=64, analyze_tokens=400)
     run = run_all(tmp_path / "run", echo=lambda line: None, **kw)
     replaced, kept = run.sae_ids()
     with run.db() as db:

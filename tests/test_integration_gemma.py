@@ -51,7 +51,7 @@ def test_train_eval_inspect_on_real_model(gemma, tmp_path):
     run = train_run(tmp_path / "run", layers="3,9", widths=(256,), l0s=(16,), architecture="topk",
                     train=TrainConfig(tokens=3000, batch_size=256), lm=gemma, progress=False)
     assert len(run.sae_ids()) == 2
-    result = evaluate(run, eval_tokens=600, delta_contexts=1, progress=False)
+    result = evaluate(run, eval_tokens=600, ce_tokens=64, other=None, progress=False)
     for m in result["saes"].values():
         assert m["l0"] == pytest.approx(16, rel=0.01)
         assert 0 < m["fvu"] < 1.0

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from .errors import SaescopeError
+from .evaluate import CE_TOKENS, OTHER
 from .models import DEFAULT_MODEL, SITE_KINDS
 from .train import OPTIMIZERS
 
@@ -167,24 +168,48 @@ def train(model, corpus, sites, layers, widths, l0s, arch, tokens, ctx_len, batc
 @device_opt
 @click.argument("run_dir", default=DEFAULT_RUN, type=click.Path())
 @click.option("--tokens", default=8192, type=POSITIVE, help="Held-out tokens for L0/FVU/dead/dense.")
-@click.option("--ce-contexts", default=4, type=NON_NEGATIVE, help="Held-out contexts for ΔLM loss (0 skips it).")
+@click.option("--ce-tokens", default=CE_TOKENS, type=NON_NEGATIVE,
+              help="Scored target tokens per SAE (and per distribution) for ΔLM loss, KL and CE recovered; "
+                   "0 skips them; rounded up to whole contexts of 64 scored targets; the other text gets a third. "
+                   "16384 separates recipes that differ by a few hundredths of a nat.")
+@click.option("--ce-contexts", hidden=True, type=int, default=None, expose_value=True)
+@click.option("--other", default=OTHER, show_default=True,
+              help="A second held-out distribution the SAEs never trained on (a corpus source; 'none' skips it).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def eval_cmd(run_dir, tokens, ce_contexts, as_json):
-    """Evaluate every SAE of a run on held-out tokens; writes eval.json and eval.png."""
-    from .evaluate import check_eval_args, evaluate
+def eval_cmd(run_dir, tokens, ce_tokens, ce_contexts, other, as_json):
+    """Evaluate every SAE of a run on held-out tokens (and on text it never trained on); writes eval.json and eval.png."""
+    from .evaluate import check_eval_args, evaluate, other_corpus
 
-    check_eval_args(tokens, ce_contexts)
+    if ce_contexts is not None:
+        raise SaescopeError("--ce-contexts was replaced by --ce-tokens N (scored target tokens per SAE; 0 skips ΔLM)")
+    check_eval_args(tokens, ce_tokens)
+    other = None if other.lower() == "none" else other
     run = _open_for_stage(run_dir)
+    if other:
+        other_corpus(run, other)  # refused before the stage is marked
     with run.stage("eval"):
-        result = evaluate(run, eval_tokens=tokens, delta_contexts=ce_contexts)
+        result = evaluate(run, eval_tokens=tokens, ce_tokens=ce_tokens, other=other)
     if as_json:
         click.echo(json.dumps(result, indent=1))
         return
-    click.echo(f"{'SAE':<44} {'L0':>7} {'target':>6} {'FVU':>7} {'dead':>6} {'dense':>6} {'ΔLM':>7} {'CErec':>6}")
-    for sae_id, m in result["saes"].items():
-        click.echo(f"{sae_id:<44} {m['l0']:>7.1f} {m['l0_target']:>6g} {m['fvu']:>7.3f} {m['dead_fraction']:>6.3f} "
-                   f"{m['dense_fraction']:>6.3f} {m.get('delta_lm_loss', float('nan')):>7.3f} {m.get('ce_recovered', float('nan')):>6.3f}")
+    _print_eval(result)
     click.echo(f"held-out tokens: {result['eval_tokens']:,}; plot: {Path(run_dir) / 'eval.png'}")
+
+
+def _print_eval(result: dict) -> None:
+    """One line per SAE: held-out metrics, ΔLM ± its standard error, and FVU / ΔLM on the other text."""
+    nan = float("nan")
+    click.echo(f"{'SAE':<40} {'L0':>6} {'FVU':>6} {'dead':>5} {'ΔLM ± SE':>13} {'KL':>6} {'CErec':>6} "
+               f"{'FVU*':>6} {'ΔLM*':>6}")
+    for sae_id, m in result["saes"].items():
+        o = m.get("other", {})
+        click.echo(f"{sae_id:<40} {m['l0']:>6.1f} {m['fvu']:>6.3f} {m['dead_fraction']:>5.2f} "
+                   f"{m.get('delta_lm_loss', nan):>6.3f} ± {m.get('delta_lm_loss_se', nan):<5.3f} "
+                   f"{m.get('kl', nan):>6.3f} {m.get('ce_recovered', nan):>6.3f} {o.get('fvu', nan):>6.3f} "
+                   f"{o.get('delta_lm_loss', nan):>6.3f}")
+    other = result.get("distributions", {}).get("other")
+    if other:
+        click.echo(f"* on {other['corpus']['source']} (never trained on), {other['tokens']:,} tokens")
 
 
 @cli.group()

@@ -11,6 +11,10 @@ A `Corpus` reads documents from one source:
   or strings, one record, or JSON lines), a ``.parquet`` file (column
   ``"text"``), or a folder holding any of these (recursive, sorted, hidden
   files and folders ignored);
+- ``"pydoc"``: the 79 topics of the Python reference manual that CPython ships for
+  ``help()`` (``pydoc_data.topics``, ~110k Gemma tokens): technical documentation,
+  unlike the default corpus, and never trained on by the default run; `saescope eval`
+  uses it as its second held-out distribution (its text follows the Python version);
 - ``"hf:NAME"``, ``"hf:NAME:SPLIT"`` or ``"hf:NAME:CONFIG:SPLIT"``: a Hugging
   Face dataset, streamed (needs ``pip install datasets``).
 
@@ -90,6 +94,8 @@ class Corpus:
         self._hf: tuple[str, str | None, str] | None = None
         if self.source == "default":
             self._wiki_file = _wiki_file()
+        elif self.source == "pydoc":
+            pass
         elif self.source.startswith("hf:"):
             self._hf = _parse_hf(self.source)
             _import_datasets()
@@ -98,7 +104,7 @@ class Corpus:
             if not path.exists():
                 raise SaescopeError(
                     f"corpus source '{self.source}' not found: give an existing file or folder "
-                    f"({', '.join(SUFFIXES)}), 'default', or 'hf:NAME[:SPLIT]'"
+                    f"({', '.join(SUFFIXES)}), 'default', 'pydoc', or 'hf:NAME[:SPLIT]'"
                 )
             if path.is_file() and path.suffix.lower() not in SUFFIXES:
                 raise SaescopeError(
@@ -159,6 +165,8 @@ class Corpus:
         if self.source == "default":
             yield from _wiki_documents(self._wiki_file)
             yield from _extras_documents(self._skip)
+        elif self.source == "pydoc":
+            yield from _pydoc_documents()
         elif self._hf is not None:
             yield from _hf_documents(*self._hf)
         elif self._path.is_dir():
@@ -299,6 +307,10 @@ class Corpus:
         }
         if self._path is not None:
             out["path"] = str(self._path)
+        if self.source == "pydoc":
+            import platform
+
+            out["python"] = platform.python_version()
         if self.source == "default":
             out["parts"] = ["wiki"] + [name for name, _, _ in _extras() if (_extras_root() / name).is_dir()]
         if self._counts is not None:
@@ -432,6 +444,17 @@ def _extras_documents(skip) -> Iterator[Document]:
                 continue
             text = path.read_text(encoding="utf-8-sig")
             yield Document(f"{prefix}/{path.name}", detokenize_brown(text) if name == "brown" else text)
+
+
+def _pydoc_documents() -> Iterator[Document]:
+    try:
+        from pydoc_data.topics import topics  # part of CPython's standard library
+    except ImportError as err:
+        raise SaescopeError("this Python has no pydoc_data (its help() topics): give another corpus, "
+                            "or skip the second distribution with --other none") from err
+
+    for name in sorted(topics):
+        yield Document(f"pydoc/{name}", topics[name])
 
 
 def _parse_hf(source: str) -> tuple[str, str | None, str]:

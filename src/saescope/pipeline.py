@@ -246,12 +246,12 @@ def _cache_chunks(cache_dir, trainer: MultiTrainer, train: TrainConfig):
 
 def run_all(out: str | Path, *, model: str = DEFAULT_MODEL, corpus: str = "default", sites="resid_post",
             layers="all", widths=(2048,), l0s=(32.0,), architecture: str = "jump_relu", tokens: int = 100_000,
-            ctx_len: int = 256, eval_tokens: int = 8192, ce_contexts: int = 2, analyze_tokens: int = 8192,
+            ctx_len: int = 256, eval_tokens: int = 8192, ce_tokens: int | None = None, analyze_tokens: int = 8192,
             llm_url: str | None = None, llm_model: str | None = None, echo=log.warning) -> Run:
     """train → eval → analyze → label: every stage that the manifest marks done is skipped."""
     import time
 
-    from .evaluate import evaluate
+    from .evaluate import CE_TOKENS, OTHER, evaluate
 
     if llm_url and not llm_model:
         raise SaescopeError("--llm needs --llm-model NAME (the model's name on that server)")
@@ -273,7 +273,8 @@ def run_all(out: str | Path, *, model: str = DEFAULT_MODEL, corpus: str = "defau
     run = train_run(out, model=model, corpus=corpus, sites=sites, layers=layers, widths=widths, l0s=l0s,
                     architecture=architecture, train=TrainConfig(tokens=tokens), ctx_len=ctx_len, lm=lm)
     echo(f"[train] {len(run.sae_ids())} SAEs ({time.time() - t:.0f} s; model {loaded})")
-    stage("eval", lambda: evaluate(run, eval_tokens=eval_tokens, delta_contexts=ce_contexts))
+    ce = CE_TOKENS if ce_tokens is None else ce_tokens
+    stage("eval", lambda: evaluate(run, eval_tokens=eval_tokens, ce_tokens=ce, other=None if corpus == OTHER else OTHER))
 
     def do_analyze():
         from .analyze import analyze
