@@ -142,8 +142,8 @@ def _from_npz(f) -> ConceptIndex:
 
 
 def _build(db: FeatureDB, key: str, old_words: dict[str, np.ndarray]) -> ConceptIndex:
-    from .label.evidence import display_token
     from .embed import _embedding_model
+    from .label.evidence import display_token
 
     known = _embedding_model()[0].get_vocab()  # whole words of the embedding model
 
