@@ -205,6 +205,8 @@ def launched(parallel: str = "auto", device: str = "cpu"):
     world = from_env(parallel, device)
     try:
         yield world
+        if made and not world.trivial:
+            dist.barrier()  # leave together: a peer that exits first can abort gloo's teardown in the others
     finally:
         if made and not world.trivial and dist.is_initialized():
             dist.destroy_process_group()
