@@ -26,6 +26,10 @@ TESTS = Path(__file__).parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 WORDS = ("the a an of to in is was and on for with as by at it he she they paris france tower city river king queen "
          "war peace music art science water fire earth one two three . , ! ?").split()
+# gloo's teardown (torch 2.13, CPU) now and then aborts a rank after its work is done and written: "terminate called
+# without an active exception" (SIGABRT) from destroy_process_group or interpreter exit; seen in about 1 of 8 runs
+# of this file under load. The tests accept that abort only when every output was written, and then check the outputs.
+TEARDOWN = "terminate called without an active exception"
 TRAIN = ["--layers", "0-2", "--widths", "64", "--l0", "4", "--tokens", "3000", "--batch-size", "128",
          "--ctx-len", "32", "--checkpoint-every", "8"]
 
@@ -61,7 +65,7 @@ def _data_rank(rank: int, folder: str) -> None:
 def test_data_parallel_steps_equal_a_single_process_on_the_same_rows(tmp_path):
     """Every architecture, with the first-batch init, dead-feature mask, aux-k rows, L0 controller and
     batchtopk threshold made global: 2 ranks, each half of every step, = 1 process on whole steps."""
-    mp.spawn(_data_rank, args=(str(tmp_path),), nprocs=2)
+    _spawn(_data_rank, tmp_path, ["rank0.pt", "rank1.pt"])
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     torch.set_num_threads(1)
     ref = MultiTrainer(CFGS, TrainConfig(**TC))
@@ -95,7 +99,7 @@ def _uneven_rank(rank: int, folder: str) -> None:
 def test_data_parallel_shards_that_end_apart_stop_every_rank_together(tmp_path):
     """From a live harvest each rank steps through its own rows; when one shard runs out, every rank stops
     (instead of the others waiting for it forever), having counted both ranks' rows."""
-    mp.spawn(_uneven_rank, args=(str(tmp_path),), nprocs=2)
+    _spawn(_uneven_rank, tmp_path, ["rank0.txt", "rank1.txt"])
     outcomes = [(tmp_path / f"rank{r}.txt").read_text().split("|") for r in range(2)]
     assert outcomes[0] == outcomes[1]
     assert outcomes[0][0].startswith("the corpus ran out after 4,000 training tokens")  # 2 chunks × 2 ranks
@@ -124,8 +128,18 @@ def _torchrun(*args, script=("-m", "saescope"), env=None, wait=True):
     if not wait:
         return proc
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-3000:]
+    finished = "trained " in out and TEARDOWN in out  # the SAEs were written, then gloo's teardown aborted
+    assert proc.returncode == 0 or finished, out[-3000:]
     return out
+
+
+def _spawn(fn, folder: Path, outputs: list[str]) -> None:
+    """mp.spawn 2 ranks of `fn`; a SIGABRT at teardown is accepted once every rank wrote its output."""
+    try:
+        mp.spawn(fn, args=(str(folder),), nprocs=2)
+    except mp.ProcessExitedException as err:
+        if err.signal_name != "SIGABRT" or not all((folder / name).is_file() for name in outputs):
+            raise
 
 
 def _saes(run: Path) -> dict[str, dict[str, torch.Tensor]]:
