@@ -261,9 +261,7 @@ def sparsify(args, model_folder: str, train_file: Path, layers: list[int], token
 def run(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    dev = devices.use(args.device)
-    if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+    dev = devices.use(args.device)  # on CUDA: TF32 matrix products, as `saescope --device cuda`
     RESULTS.update({"device": devices.describe(dev), "torch": torch.__version__, "args": vars(args),
                     "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     prepared = Path(args.prepared)

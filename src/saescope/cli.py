@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -160,7 +159,9 @@ def train(model, corpus, sites, layers, widths, l0s, arch, tokens, ctx_len, batc
     run = train_run(out, model=model, corpus=corpus, sites=sites, layers=layers, widths=_csv_numbers(widths, int),
                     l0s=_csv_numbers(l0s), architecture=arch, train=tc, ctx_len=ctx_len, cache=cache, resume=resume,
                     parallel=parallel)
-    if os.environ.get("RANK", "0") == "0":  # torchrun: one line for the whole run
+    from .distributed import first_process
+
+    if first_process():  # torchrun: one line for the whole run
         click.echo(f"trained {len(run.sae_ids())} SAEs in {run.root}/saes")
 
 

@@ -6,7 +6,7 @@
 
 The CLI sets the process's device once (`use`); everything that loads a model or
 makes tensors asks `current()`. On a GPU the model runs in bf16 and SAEs train in
-fp32 (models.py, train.py). `prefetch` moves host batches to the device through
+fp32 (models.py, train.py) with their fp32 matrix products in TF32 (set by `use`). `prefetch` moves host batches to the device through
 pinned memory on a background thread, so that disk reads and copies overlap the
 GPU's work.
 """
@@ -52,8 +52,10 @@ def use(spec: str | torch.device | None) -> torch.device:
     """Set the device for the rest of this process (what `current()` returns)."""
     global _current
     _current = resolve(spec)
-    if _current.type == "cuda" and _current.index is not None:
-        torch.cuda.set_device(_current)
+    if _current.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 storage and accumulation, TF32 products
+        if _current.index is not None:
+            torch.cuda.set_device(_current)
     return _current
 
 

@@ -205,11 +205,14 @@ def launched(parallel: str = "auto", device: str = "cpu"):
     world = from_env(parallel, device)
     try:
         yield world
-        if made and not world.trivial:
-            dist.barrier()  # leave together: a peer that exits first can abort gloo's teardown in the others
     finally:
         if made and not world.trivial and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def first_process() -> bool:
+    """True in an ordinary process and in torchrun's rank 0 (for what one process should print)."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
 
 
 def one_process(verb: str) -> None:

@@ -246,7 +246,7 @@ class _Forward(NamedTuple):
 
     loss: torch.Tensor
     recon: torch.Tensor  # mean squared reconstruction error (normalised units)
-    f: torch.Tensor  # the batch's codes (pairs or dense), for L0
+    n_active: torch.Tensor  # how many codes of the batch are > 0 (L0 × batch)
     n_dead: int
     along: object  # () -> (width,): each decoder row's gradient along itself, after backward
 
@@ -514,7 +514,7 @@ class SAETrainer:
         def along() -> torch.Tensor:  # <∂/∂w_c, w_c> = Σ_(pairs of c) code·∂/∂code
             return g_codes[0].new_zeros(self.cfg.width).index_add_(0, pairs.cols, codes.detach() * g_codes[0])
 
-        return _Forward(loss, recon, f, n_dead, along)
+        return _Forward(loss, recon, (f.detach() > 0).sum(), n_dead, along)
 
     def _forward_dense(self, xn: torch.Tensor, lam: torch.Tensor, rows: tuple[int, int]) -> _Forward:
         """The same loss with dense (batch, width) tensors and no host reads: a GPU's path, where four dense
@@ -537,7 +537,8 @@ class SAETrainer:
         else:  # relu
             f = z.relu()
             sparsity = lam * f.sum() / B
-        dead, n_dead = self._mark_fired((f.detach() > 0).any(0), rows[1])
+        active = f.detach() > 0  # (batch, width), read once: for the dead-feature clock and for L0
+        dead, n_dead = self._mark_fired(active.any(0), rows[1])
         x_hat = f @ sae.w_dec + sae.b_dec
         err = xn - x_hat
         recon = err.pow(2).sum(1).mean()
@@ -553,7 +554,7 @@ class SAETrainer:
         def along() -> torch.Tensor:  # <∂/∂w_c, w_c> straight from the dense gradient
             return (sae.w_dec.grad * sae.w_dec.detach()).sum(1)
 
-        return _Forward(loss, recon, f, n_dead, along)
+        return _Forward(loss, recon, active.sum(), n_dead, along)
 
     def _track_batch_threshold(self, values: torch.Tensor) -> None:
         """batchtopk: running average of the smallest positive selected value (the saved JumpReLU threshold)."""
@@ -585,10 +586,10 @@ class SAETrainer:
             sae.w_dec /= sae.w_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
             sae.threshold.clamp_(min=1e-6)
 
-        l0 = (fwd.f.detach() > 0).sum().double() / B
+        l0 = fwd.n_active.double() / B
         recon, total_var = fwd.recon.detach(), (xn - xn.mean(0)).pow(2).sum(1).mean()
         if not self.world.trivial:  # [dist] L0 (for the λ controller) and FVU of the global batch
-            l0, recon, total_var = self._global_stats(fwd.f, recon, xn, n_rows)
+            l0, recon, total_var = self._global_stats(fwd.n_active, recon, xn, n_rows)
         if self.cfg.architecture in ("jump_relu", "relu"):
             self._log_lambda = (self._log_lambda + self.train.lambda_rate * (l0 / self.cfg.l0 - 1.0)).clamp(
                 math.log(1e-6), math.log(1e3))
@@ -600,10 +601,10 @@ class SAETrainer:
         self.step += 1
         return StepStats(loss.detach(), fvu, l0, fwd.n_dead / self.cfg.width)
 
-    def _global_stats(self, f: torch.Tensor, recon: torch.Tensor, xn: torch.Tensor, n_rows: int):
+    def _global_stats(self, n_active: torch.Tensor, recon: torch.Tensor, xn: torch.Tensor, n_rows: int):
         """Data parallel: L0, reconstruction error and total variance of the global batch (one all-reduce)."""
         B = xn.shape[0]
-        sums = self.world.sum_floats(float((f.detach() > 0).sum()), float(recon) * B,
+        sums = self.world.sum_floats(float(n_active), float(recon) * B,
                                      float(xn.pow(2).sum()), *xn.sum(0).tolist())
         mean_sq = sum(v * v for v in sums[3:]) / n_rows / n_rows  # ‖mean‖²
         f64 = {"dtype": torch.float64, "device": self.device}
@@ -806,20 +807,22 @@ class MultiTrainer:
         return [(rows, sum(r[j] for r in lens[: w.rank]), sum(r[j] for r in lens)) for j, rows in enumerate(steps)]
 
     def _step_all(self, acts: dict[str, torch.Tensor], rows: tuple[int, int] | None = None) -> None:
-        # host reads are free on the CPU; on a GPU each waits for the queue, so they come every POLL_EVERY steps
-        poll = self.device.type == "cpu" or (self.steps_done + 1) % POLL_EVERY == 0 or not self.world.trivial
+        # host reads are free on the CPU (the step itself reads the dead count and a NaN loss there); on a GPU
+        # each waits for the queue, so they come every POLL_EVERY steps
+        cpu = self.device.type == "cpu"
+        check = cpu or (self.steps_done + 1) % POLL_EVERY == 0 or not self.world.trivial
         for t in self.trainers:
             if t.failed:
                 continue
             x = acts[self._site_key(t)]
             # NaN/Inf anywhere (on any rank) makes a sum non-finite
-            if poll and not t.world.all_true(torch.isfinite(x.sum())):
+            if check and not t.world.all_true(torch.isfinite(x.sum())):
                 t.failed = f"{t.key}: NaN/Inf in the input activations; this SAE stopped (the others go on)"
                 self.failures.append(t.failed)
                 continue
             try:
                 t.step_on(x, rows)
-                if poll:
+                if check and not cpu:
                     t.poll()
             except RuntimeError as err:
                 if not t.failed:
