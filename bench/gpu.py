@@ -118,31 +118,54 @@ def harvest_rate(lm, ctxs, sites, batch: int) -> dict:
 
 
 def step_rates(lm, sites, width: int, l0: float, batch: int, steps: int = 8) -> dict:
-    """Training alone (no model): 18 SAEs stepping on random activations, dense and sparse kernels."""
+    """Training alone (no model): 18 SAEs stepping on random activations. JumpReLU with the dense step (its
+    elementwise work fused by torch.compile, the GPU's default), the same step eagerly (SAESCOPE_COMPILE=0, the
+    2026-11-26 H200 step's arithmetic) and the sparse kernels; BatchTopK fused. Then a profile of the fused step."""
     from saescope.sae import SAEConfig
 
     out = {}
     x = torch.randn(batch * (steps + 3), lm.d_model, device=lm.device)
-    for variant in ("dense", "sparse", "dense_compiled"):
-        cfgs = [SAEConfig(d_in=lm.d_model, width=width, architecture="jump_relu", l0=l0, site="resid_post",
+    variants = (("jump_relu_fused", "jump_relu", True, "1"), ("jump_relu_eager", "jump_relu", True, "0"),
+                ("jump_relu_sparse", "jump_relu", False, "1"), ("batchtopk_fused", "batchtopk", True, "1"))
+    for name, arch, dense, compile_ in variants:
+        os.environ["SAESCOPE_COMPILE"] = compile_
+        cfgs = [SAEConfig(d_in=lm.d_model, width=width, architecture=arch, l0=l0, site="resid_post",
                           layer=s.layer) for s in sites]
         mt = MultiTrainer(cfgs, TrainConfig(tokens=10**9, batch_size=batch), device=lm.device)
         try:
             for t in mt.trainers:
-                t.dense = variant != "sparse"
-                if variant == "dense_compiled":  # measured here before it is ever a default
-                    t._forward_dense = torch.compile(t._forward_dense)
+                t.dense = dense
+            reset_peak(lm.device)
+            t_compile = time.perf_counter()
             for i in range(steps + 3):
                 if i == 3:
                     sync(lm.device)
                     t0 = time.perf_counter()
+                    out.setdefault("warmup_s", {})[name] = round(t0 - t_compile, 1)
                 mt._step_all({s.key: x[i * batch:(i + 1) * batch] for s in sites})
             sync(lm.device)
-            out[variant] = {"tok_s": round(steps * batch / (time.perf_counter() - t0))}
-        except Exception as err:  # a variant that fails (e.g. no compiler) keeps the others
-            out[variant] = {"tok_s": None, "error": f"{type(err).__name__}: {str(err)[:300]}"}
+            out[name] = {"tok_s": round(steps * batch / (time.perf_counter() - t0)), "peak_gib": peak_gib(lm.device)}
+            if name == "jump_relu_fused" and lm.device.type == "cuda":
+                out["profile_fused"] = profile_steps(mt, sites, x[:batch], lm.device)
+        except Exception as err:  # a variant that fails keeps the others
+            out[name] = {"tok_s": None, "error": f"{type(err).__name__}: {str(err)[:300]}"}
+        finally:
+            os.environ.pop("SAESCOPE_COMPILE", None)
         del mt
     return out
+
+
+def profile_steps(mt, sites, x, dev, steps: int = 2) -> list[str]:
+    """The kernels of `steps` steps of every SAE, by GPU time (torch.profiler): where the step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(dev)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            mt._step_all({s.key: x for s in sites})
+        sync(dev)
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60)
+    return table.splitlines()
 
 
 def heldout_acts(lm, ctxs, sites) -> dict[str, torch.Tensor]:
@@ -333,8 +356,8 @@ def summary(r: dict) -> str:
         return "ERROR " + r["error"][:300]
     keys = ("tok_s", "tok_s_second_half", "peak_gib", "wall_s")
     parts = [f"{k} {r[k]}" for k in keys if k in r]
-    if "decoder" in r or "dense" in r:
-        parts = [f"{k} {v.get('tok_s')} tok/s" for k, v in r.items() if isinstance(v, dict)]
+    if "decoder" in r or "jump_relu_fused" in r:
+        parts = [f"{k} {v.get('tok_s')} tok/s" for k, v in r.items() if isinstance(v, dict) and "tok_s" in v]
     if "heldout" in r:
         parts.append(f"held-out FVU {r['heldout']['mean_fvu']} L0 {r['heldout']['mean_l0']}")
     if "timing" in r:

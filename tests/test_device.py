@@ -170,3 +170,64 @@ def test_dense_step_is_the_sparse_step(arch):
         p, q = getattr(sparse.sae, name).detach(), getattr(dense.sae, name).detach()
         assert torch.allclose(p, q, rtol=1e-3, atol=1e-5), (name, float((p - q).abs().max()))
     assert sparse.log_lambda == pytest.approx(dense.log_lambda, rel=1e-6)
+
+
+def test_dense_kernels_match_autograd_through_the_reference_functions():
+    """kernels.dense_pre_acts / dense_jump_relu / dense_gate: the same values and gradients as autograd through
+    addmm, JumpReLUFn + StepFn and relu × mask (the GPU runs them fused by torch.compile; here eagerly)."""
+    from saescope.kernels import dense_gate, dense_jump_relu, dense_pre_acts
+    from saescope.sae import JumpReLUFn, StepFn
+
+    torch.manual_seed(1)
+    B, d, W, eps = 32, 12, 96, 0.5
+    xn = torch.randn(B, d)
+    leaves = [torch.randn(d, dtype=torch.float32).mul_(0.1), torch.randn(d, W) * 0.5, torch.randn(W) * 0.1,
+              torch.rand(W) * 0.8 + 0.05]
+    g_f, g_n = torch.randn(B, W), 0.7
+    keep = torch.rand(B, W) < 0.3
+
+    def grads(fn):
+        ps = [p.clone().requires_grad_() for p in leaves]
+        f, n, per_feature = fn(*ps)
+        ((f * g_f).sum() + g_n * n).backward()
+        return [f.detach(), n.detach(), per_feature] + [p.grad for p in ps]
+
+    def reference_jump(b_dec, w_enc, b_enc, theta):
+        z = torch.addmm(b_enc, xn - b_dec, w_enc)
+        return JumpReLUFn.apply(z, theta, eps), StepFn.apply(z, theta, eps).sum(), (z > theta).sum(0)
+
+    def fused_jump(b_dec, w_enc, b_enc, theta):
+        return dense_jump_relu(dense_pre_acts(xn, b_dec, w_enc, b_enc), theta, eps)
+
+    def reference_gate(b_dec, w_enc, b_enc, theta):
+        z = torch.addmm(b_enc, xn - b_dec, w_enc)
+        f = z.relu() * keep
+        return f, (f * theta).sum(), ((z > 0) & keep).sum(0)  # theta here: a stand-in leaf that sees f
+
+    def fused_gate(b_dec, w_enc, b_enc, theta):
+        f, per_feature = dense_gate(dense_pre_acts(xn, b_dec, w_enc, b_enc), keep)
+        return f, (f * theta).sum(), per_feature
+
+    for ref, new in ((reference_jump, fused_jump), (reference_gate, fused_gate)):
+        for a, b in zip(grads(ref), grads(new)):
+            assert a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-5), \
+                (ref.__name__, float((a.float() - b.float()).abs().max()))
+        z = torch.addmm(leaves[2], xn - leaves[0], leaves[1])
+        window = int(((z - leaves[3]).abs() < eps / 2).sum())
+        assert window > 0  # the θ gradient's STE window is not empty, so it was compared
+
+
+@cuda
+def test_fused_kernels_on_cuda_give_the_eager_values():
+    """On a GPU the gates run compiled by torch.compile (kernels._fuse): the same outputs as the eager functions."""
+    from saescope import kernels
+
+    torch.manual_seed(2)
+    z, g = torch.randn(512, 2048, device="cuda"), torch.randn(512, 2048, device="cuda")
+    theta, keep = torch.rand(2048, device="cuda"), torch.rand(512, 2048, device="cuda") < 0.1
+    eps, g_n = torch.tensor(0.5, device="cuda"), torch.tensor(0.3, device="cuda")
+    for fn, args in ((kernels._jump_forward, (z, theta)), (kernels._jump_backward, (z, theta, g, g_n, eps)),
+                     (kernels._gate_forward, (z, keep)), (kernels._gate_backward, (z, keep, g))):
+        fused, eager = fn(*args), fn.eager(*args)
+        for a, b in zip(fused if isinstance(fused, tuple) else (fused,), eager if isinstance(eager, tuple) else (eager,)):
+            assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-5), fn.__name__

@@ -17,6 +17,7 @@ Naive references are in tests/test_sae.py.
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -128,3 +129,130 @@ def code_grad_probe(vals: torch.Tensor, act: Active, w_dec: torch.Tensor) -> tor
 def sparse_decode(vals: torch.Tensor, act: Active, w_dec: torch.Tensor) -> torch.Tensor:
     """Codes `vals` (nnz,) at the active pairs -> (batch, d_in), without a dense (batch, width) matrix."""
     return F.embedding_bag(act.cols, w_dec, act.offsets, per_sample_weights=vals, mode="sum")
+
+
+# ---------------------------------------------------------------- dense kernels (a GPU's step)
+#
+# On a GPU the step runs on dense (batch, width) tensors: the matrix products are cheap there, and what costs is
+# every elementwise pass over those tensors (64 MB each at 4,096 × 4,096 fp32; 256 MB at width 16,384). Autograd
+# through `z * (z > θ)` and friends makes ~30 such passes per step. The two functions below do the encoder with
+# ~9: the pre-activation's backward skips the (batch × d_in) input gradient (only b_dec needs it, as a sum), and each
+# gate is one pure elementwise function, fused by torch.compile into one pass forward and one backward on a GPU
+# (`_fuse`; eager elsewhere, with the same arithmetic).
+
+
+def _fuse(fn):
+    """`fn` compiled into fused kernels on first use on a GPU; as written on the CPU, where compile fails, and
+    with SAESCOPE_COMPILE=0 (the benchmark's eager baseline)."""
+    compiled = None
+
+    def run(*args):
+        nonlocal compiled
+        if not args[0].is_cuda or os.environ.get("SAESCOPE_COMPILE") == "0":
+            return fn(*args)
+        if compiled is None:
+            try:
+                compiled = torch.compile(fn, dynamic=False, fullgraph=True)
+                return compiled(*args)
+            except Exception as e:  # no Triton, an old GPU: the eager function does the same arithmetic
+                import logging
+                logging.getLogger(__name__).warning("torch.compile of %s failed (%s); running it eagerly",
+                                                    fn.__name__, str(e).splitlines()[0] if str(e) else type(e).__name__)
+                compiled = fn
+        return compiled(*args)
+
+    run.__name__, run.eager = fn.__name__, fn
+    return run
+
+
+class _DensePre(torch.autograd.Function):
+    """z = (xn − b_dec)·W_enc + b_enc. Backward gives W_enc its gradient in W_enc's (feature-major) layout and b_dec
+    its gradient as −W_enc·Σ ∂z: no (batch × d_in) input gradient, which autograd would make with a full product."""
+
+    @staticmethod
+    def forward(ctx, xn, b_dec, w_enc, b_enc):
+        x_in = xn - b_dec
+        ctx.save_for_backward(x_in, w_enc)
+        return torch.addmm(b_enc, x_in, w_enc)
+
+    @staticmethod
+    def backward(ctx, g_z):
+        x_in, w_enc = ctx.saved_tensors
+        g_b_enc = g_z.sum(0)
+        g_w_enc = torch.mm(g_z.T, x_in).T  # (d_in, width) view of a (width, d_in) block, as w_enc is held
+        return None, -(w_enc @ g_b_enc), g_w_enc, g_b_enc
+
+
+def dense_pre_acts(xn: torch.Tensor, b_dec, w_enc, b_enc) -> torch.Tensor:
+    """Pre-activations (batch, width) of normalised inputs xn; gradients to b_dec, w_enc, b_enc (not xn)."""
+    return _DensePre.apply(xn, b_dec, w_enc, b_enc)
+
+
+@_fuse
+def _jump_forward(z: torch.Tensor, theta: torch.Tensor):
+    on = z > theta
+    return torch.where(on, z, 0.0), on.sum(0)
+
+
+@_fuse
+def _jump_backward(z: torch.Tensor, theta: torch.Tensor, g_f: torch.Tensor, g_n: torch.Tensor, eps: torch.Tensor):
+    # ∂f/∂z = H(z−θ); θ: the STE's −(1/ε)·K((z−θ)/ε) times (θ·∂f + ∂n) — JumpReLUFn's and StepFn's together
+    window = (z - theta).abs() < eps / 2
+    g_theta = torch.where(window, theta * g_f + g_n, 0.0).sum(0) * (-1.0 / eps)
+    return torch.where(z > theta, g_f, 0.0), g_theta
+
+
+class _DenseJump(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, theta, eps: float):
+        f, per_feature = _jump_forward(z, theta)
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        ctx.mark_non_differentiable(per_feature)
+        return f, per_feature.sum().to(z.dtype), per_feature
+
+    @staticmethod
+    def backward(ctx, g_f, g_n, _):
+        z, theta = ctx.saved_tensors
+        if g_f is None:
+            g_f = torch.zeros_like(z)
+        g_n = torch.zeros((), dtype=z.dtype, device=z.device) if g_n is None else g_n
+        g_z, g_theta = _jump_backward(z, theta, g_f, g_n, torch.tensor(ctx.eps, dtype=z.dtype, device=z.device))
+        return g_z, g_theta, None
+
+
+def dense_jump_relu(z: torch.Tensor, theta: torch.Tensor, eps: float):
+    """JumpReLU on dense pre-activations: (codes z·H(z−θ), n = Σ H(z−θ) for the L0 penalty, tokens on per feature).
+
+    The same values and gradients as `JumpReLUFn` and `StepFn` (sae.py) together, in one pass each way."""
+    return _DenseJump.apply(z, theta, eps)
+
+
+@_fuse
+def _gate_forward(z: torch.Tensor, keep: torch.Tensor):
+    on = keep & (z > 0)
+    return torch.where(on, z, 0.0), on.sum(0)
+
+
+@_fuse
+def _gate_backward(z: torch.Tensor, keep: torch.Tensor, g_f: torch.Tensor):
+    return torch.where(keep & (z > 0), g_f, 0.0)
+
+
+class _DenseGate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, keep):
+        f, per_feature = _gate_forward(z, keep)
+        ctx.save_for_backward(z, keep)
+        ctx.mark_non_differentiable(per_feature)
+        return f, per_feature
+
+    @staticmethod
+    def backward(ctx, g_f, _):
+        z, keep = ctx.saved_tensors
+        return _gate_backward(z, keep, g_f), None
+
+
+def dense_gate(z: torch.Tensor, keep: torch.Tensor):
+    """ReLU codes where a (batch, width) bool mask keeps them (TopK, BatchTopK): (codes, tokens on per feature)."""
+    return _DenseGate.apply(z, keep)

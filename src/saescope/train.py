@@ -43,7 +43,15 @@ from tqdm.auto import tqdm
 
 from .distributed import SINGLE, World
 from .errors import SaescopeError
-from .kernels import Active, code_grad_probe, gather_pre_acts, sparse_decode
+from .kernels import (
+    Active,
+    code_grad_probe,
+    dense_gate,
+    dense_jump_relu,
+    dense_pre_acts,
+    gather_pre_acts,
+    sparse_decode,
+)
 from .sae import SAE, JumpReLUFn, SAEConfig, StepFn
 
 
@@ -517,35 +525,39 @@ class SAETrainer:
         return _Forward(loss, recon, (f.detach() > 0).sum(), n_dead, along)
 
     def _forward_dense(self, xn: torch.Tensor, lam: torch.Tensor, rows: tuple[int, int]) -> _Forward:
-        """The same loss with dense (batch, width) tensors and no host reads: a GPU's path, where four dense
-        matrix products beat the sparse kernels' scattered reads and many small launches (bench/RESULTS.md)."""
+        """The same loss with dense (batch, width) tensors and no host reads: a GPU's path, where the matrix
+        products beat the sparse kernels' scattered reads and many small launches, and the elementwise work is
+        fused (kernels.py, "dense kernels"; bench/RESULTS.md)."""
         sae, arch, eps, k = self.sae, self.cfg.architecture, self.train.eps, self.cfg.k
         B = xn.shape[0]
-        x_in = xn - sae.b_dec
-        z = torch.addmm(sae.b_enc, x_in, sae.w_enc)  # (batch, width)
+        z = dense_pre_acts(xn, sae.b_dec, sae.w_enc, sae.b_enc)  # (batch, width)
         if arch == "jump_relu":
-            f = JumpReLUFn.apply(z, sae.threshold, eps)
-            sparsity = lam * StepFn.apply(z, sae.threshold, eps).sum() / B / self.cfg.l0
-        elif arch == "topk":
-            f = z.relu() * torch.zeros_like(z).scatter_(1, z.detach().topk(k, dim=1, sorted=False).indices, 1.0)
-            sparsity = z.new_zeros(())
-        elif arch == "batchtopk":
-            top = self.world.top_values(z.detach().relu().flatten(), k * rows[1])  # [dist] global top k·n
-            f = z.relu() * torch.zeros_like(z).view(-1).index_fill_(0, top.indices, 1.0).view_as(z)
-            self._track_batch_threshold(top.values)
+            f, n_on, per_feature = dense_jump_relu(z, sae.threshold, eps)
+            sparsity = lam * n_on / B / self.cfg.l0
+        elif arch in ("topk", "batchtopk"):
+            keep = torch.zeros_like(z, dtype=torch.bool)
+            if arch == "topk":
+                keep.scatter_(1, z.detach().topk(k, dim=1, sorted=False).indices, True)
+            else:
+                top = self.world.top_values(z.detach().relu().flatten(), k * rows[1])  # [dist] global top k·n
+                keep.view(-1).index_fill_(0, top.indices, True)
+                self._track_batch_threshold(top.values)
+            f, per_feature = dense_gate(z, keep)
             sparsity = z.new_zeros(())
         else:  # relu
             f = z.relu()
+            per_feature = (f.detach() > 0).sum(0)
             sparsity = lam * f.sum() / B
-        active = f.detach() > 0  # (batch, width), read once: for the dead-feature clock and for L0
-        dead, n_dead = self._mark_fired(active.any(0), rows[1])
+        # tokens on per feature, counted in the gate's pass: for the dead-feature clock and for L0
+        dead, n_dead = self._mark_fired(per_feature > 0, rows[1])
         x_hat = f @ sae.w_dec + sae.b_dec
         err = xn - x_hat
         recon = err.pow(2).sum(1).mean()
         loss = recon + sparsity
         aux_rows = self._aux_rows(B, n_dead, rows)
         if aux_rows:  # the dead features' top pre-activations on the first rows (b_dec gets no gradient here)
-            z_aux = torch.addmm(sae.b_enc, x_in[:aux_rows].detach(), sae.w_enc).masked_fill(~dead, float("-inf"))
+            x_in = (xn[:aux_rows] - sae.b_dec).detach()
+            z_aux = torch.addmm(sae.b_enc, x_in, sae.w_enc).masked_fill(~dead, float("-inf"))
             top = z_aux.topk(min(AUX_K, n_dead), dim=1, sorted=False)
             vals = top.values.relu() * dead.index_select(0, top.indices.view(-1)).view_as(top.values)
             aux_f = torch.zeros_like(z_aux).scatter(1, top.indices, vals)
@@ -554,7 +566,7 @@ class SAETrainer:
         def along() -> torch.Tensor:  # <∂/∂w_c, w_c> straight from the dense gradient
             return (sae.w_dec.grad * sae.w_dec.detach()).sum(1)
 
-        return _Forward(loss, recon, active.sum(), n_dead, along)
+        return _Forward(loss, recon, per_feature.sum(), n_dead, along)
 
     def _track_batch_threshold(self, values: torch.Tensor) -> None:
         """batchtopk: running average of the smallest positive selected value (the saved JumpReLU threshold)."""
