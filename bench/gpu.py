@@ -124,10 +124,13 @@ def step_rates(lm, sites, width: int, l0: float, batch: int, steps: int = 8) -> 
     from saescope.sae import SAEConfig
 
     out = {}
-    x = torch.randn(batch * (steps + 3), lm.d_model, device=lm.device)
+    x = torch.randn(2 * batch * (steps + 3), lm.d_model, device=lm.device)
     variants = (("jump_relu_fused", "jump_relu", True, "1"), ("jump_relu_eager", "jump_relu", True, "0"),
-                ("jump_relu_sparse", "jump_relu", False, "1"), ("batchtopk_fused", "batchtopk", True, "1"))
+                ("jump_relu_sparse", "jump_relu", False, "1"), ("batchtopk_fused", "batchtopk", True, "1"),
+                (f"jump_relu_fused_batch{2 * batch}", "jump_relu", True, "1"))
+    one_batch = batch
     for name, arch, dense, compile_ in variants:
+        batch = 2 * one_batch if name.endswith(f"batch{2 * one_batch}") else one_batch
         os.environ["SAESCOPE_COMPILE"] = compile_
         cfgs = [SAEConfig(d_in=lm.d_model, width=width, architecture=arch, l0=l0, site="resid_post",
                           layer=s.layer) for s in sites]

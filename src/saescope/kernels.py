@@ -142,24 +142,25 @@ def sparse_decode(vals: torch.Tensor, act: Active, w_dec: torch.Tensor) -> torch
 
 
 def _fuse(fn):
-    """`fn` compiled into fused kernels on first use on a GPU; as written on the CPU, where compile fails, and
-    with SAESCOPE_COMPILE=0 (the benchmark's eager baseline)."""
+    """`fn` compiled into fused kernels on first use on a GPU (the batch dimension symbolic: the live pipeline's
+    batches vary by a few rows); as written on the CPU, with SAESCOPE_COMPILE=0 (the benchmark's eager baseline),
+    and from the first time compiling fails (no Triton, an old GPU): the same arithmetic either way."""
     compiled = None
 
     def run(*args):
         nonlocal compiled
-        if not args[0].is_cuda or os.environ.get("SAESCOPE_COMPILE") == "0":
+        if not args[0].is_cuda or os.environ.get("SAESCOPE_COMPILE") == "0" or compiled is fn:
             return fn(*args)
         if compiled is None:
-            try:
-                compiled = torch.compile(fn, dynamic=False, fullgraph=True)
-                return compiled(*args)
-            except Exception as e:  # no Triton, an old GPU: the eager function does the same arithmetic
-                import logging
-                logging.getLogger(__name__).warning("torch.compile of %s failed (%s); running it eagerly",
-                                                    fn.__name__, str(e).splitlines()[0] if str(e) else type(e).__name__)
-                compiled = fn
-        return compiled(*args)
+            compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+        try:
+            return compiled(*args)
+        except Exception as e:
+            import logging
+            logging.getLogger(__name__).warning("torch.compile of %s failed (%s); running it eagerly from now on",
+                                                fn.__name__, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            compiled = fn
+            return fn(*args)
 
     run.__name__, run.eager = fn.__name__, fn
     return run

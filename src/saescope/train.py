@@ -554,14 +554,17 @@ class SAETrainer:
         err = xn - x_hat
         recon = err.pow(2).sum(1).mean()
         loss = recon + sparsity
-        aux_rows = self._aux_rows(B, n_dead, rows)
+        # auxiliary-k whether or not features are dead, masked on the device: the host's dead count is read only
+        # every POLL_EVERY steps on a GPU, and a stale count would start the auxiliary loss late (or not at all)
+        aux_rows = self._aux_rows(B, 1, rows)
         if aux_rows:  # the dead features' top pre-activations on the first rows (b_dec gets no gradient here)
             x_in = (xn[:aux_rows] - sae.b_dec).detach()
             z_aux = torch.addmm(sae.b_enc, x_in, sae.w_enc).masked_fill(~dead, float("-inf"))
-            top = z_aux.topk(min(AUX_K, n_dead), dim=1, sorted=False)
+            top = z_aux.topk(min(AUX_K, self.cfg.width), dim=1, sorted=False)  # beyond the dead ones: −∞ → 0
             vals = top.values.relu() * dead.index_select(0, top.indices.view(-1)).view_as(top.values)
             aux_f = torch.zeros_like(z_aux).scatter(1, top.indices, vals)
-            loss = loss + self.train.aux_coef * self._aux_loss(err, aux_f @ sae.w_dec, rows)
+            aux = self._aux_loss(err, aux_f @ sae.w_dec, rows) * dead.any()  # 0 (no gradient) when none is dead
+            loss = loss + self.train.aux_coef * aux
 
         def along() -> torch.Tensor:  # <∂/∂w_c, w_c> straight from the dense gradient
             return (sae.w_dec.grad * sae.w_dec.detach()).sum(1)
