@@ -554,9 +554,9 @@ class SAETrainer:
         err = xn - x_hat
         recon = err.pow(2).sum(1).mean()
         loss = recon + sparsity
-        # auxiliary-k whether or not features are dead, masked on the device: the host's dead count is read only
-        # every POLL_EVERY steps on a GPU, and a stale count would start the auxiliary loss late (or not at all)
-        aux_rows = self._aux_rows(B, 1, rows)
+        # auxiliary-k while the host's last dead count (every POLL_EVERY steps on a GPU) is positive, masked on the
+        # device by this step's dead features: a stale count only starts it up to POLL_EVERY steps late
+        aux_rows = self._aux_rows(B, n_dead, rows)
         if aux_rows:  # the dead features' top pre-activations on the first rows (b_dec gets no gradient here)
             x_in = (xn[:aux_rows] - sae.b_dec).detach()
             z_aux = torch.addmm(sae.b_enc, x_in, sae.w_enc).masked_fill(~dead, float("-inf"))
