@@ -85,18 +85,18 @@ def _replace_site(site: Site, fn, keep: torch.Tensor):
 
     if site.io == "output":
 
-        def hook(module, args, output):
+        def out_hook(module, args, output):
             if isinstance(output, tuple):
                 return (swap(output[0]), *output[1:])
             return swap(output)
 
-        h = site.module.register_forward_hook(hook)
+        h = site.module.register_forward_hook(out_hook)
     else:
 
-        def hook(module, args):
+        def in_hook(module, args):
             return (swap(args[0]), *args[1:])
 
-        h = site.module.register_forward_pre_hook(hook)
+        h = site.module.register_forward_pre_hook(in_hook)
     try:
         yield
     finally:
@@ -264,13 +264,13 @@ def _measure(lm: LoadedModel, saes: dict[str, SAE], contexts, eval_tokens: int, 
 
     it = iter(contexts)
     sites = sorted({(s.cfg.site, s.cfg.layer) for s in saes.values()}, key=lambda t: (t[1], t[0]))
-    acts: dict[str, list] = defaultdict(list)
+    parts: dict[str, list[torch.Tensor]] = defaultdict(list)
     for b in harvest(lm, remember(it), [lm.site(k, layer) for k, layer in sites], batch_size=8,
                      max_tokens=eval_tokens, progress=progress, desc=f"eval acts ({desc})"):
         for k, v in b.acts.items():
-            acts[k].append(v)
+            parts[k].append(v)
     kept.extend(itertools.islice(it, want - len(kept)))
-    acts = {k: torch.cat(v) for k, v in acts.items()}
+    acts = {k: torch.cat(v) for k, v in parts.items()}
     metrics = {i: fidelity(s, acts[f"{s.cfg.site}/{s.cfg.layer}"]) for i, s in saes.items()}
     if want > 0:
         for i, d in delta_lm_loss(lm, saes, kept, per_context=PER_CONTEXT, zero_every=ZERO_EVERY,
@@ -319,7 +319,7 @@ def evaluate(run, eval_tokens: int = 8192, ce_tokens: int = CE_TOKENS, other: st
     if extra is not None:
         other_n = math.ceil(ce_tokens / 3) if other_ce_tokens is None else other_ce_tokens
         more, n_other = _measure(lm, saes, extra.contexts(lm.tokenizer, part="all", ctx_len=ctx_len),
-                                 eval_tokens, other_n, progress, other)
+                                 eval_tokens, other_n, progress, str(other))
         dists["other"] = {"corpus": extra.describe(), "part": "all", "tokens": n_other}
         for i in saes:
             metrics[i]["other"] = more[i]

@@ -30,12 +30,16 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from . import devices
 from .errors import SaescopeError
+
+if TYPE_CHECKING:  # transformers is imported only where a model is loaded
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +79,8 @@ class Site:
 class LoadedModel:
     """A causal LM with everything saescope needs to hook it."""
 
-    model: nn.Module
-    tokenizer: object
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
     name: str
     layers: nn.ModuleList
     layers_path: str
@@ -156,6 +160,13 @@ class LoadedModel:
     def lm_head(self) -> nn.Module:
         return self.model.get_output_embeddings()
 
+    def unembedding(self) -> torch.Tensor:
+        """(vocab, d_model) the output embedding matrix."""
+        w = self.lm_head().weight
+        if not isinstance(w, torch.Tensor):
+            raise SaescopeError(f"{self.name}: the output embedding has no weight matrix")
+        return w
+
     def logits_from_resid(self, resid: torch.Tensor) -> torch.Tensor:
         """Logits from the residual stream after the last layer (final norm, head, soft-capping)."""
         logits = self.lm_head()(self.final_norm()(resid))
@@ -199,7 +210,7 @@ def _last_linear(module: nn.Module) -> tuple[str, nn.Module]:
     return found[-1]
 
 
-def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+def _find_layers(model: PreTrainedModel) -> tuple[str, nn.ModuleList]:
     n = model.config.get_text_config().num_hidden_layers
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) == n:
@@ -268,7 +279,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
             f"cannot load model '{spec}': {first[:300]} (give a local model folder, a .gguf file, "
             f"'{DEFAULT_MODEL}', or a Hugging Face id that is cached or reachable)"
         ) from err
-    model.to(dev).eval()
+    model.to(dev).eval()  # type: ignore[arg-type]  # transformers' @wraps(nn.Module.to) hides the bound self
     model.requires_grad_(False)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -286,7 +297,7 @@ def _dtype(dtype: str | None, dev: torch.device) -> torch.dtype:
         raise SaescopeError(f"unknown dtype '{dtype}': use float32, bfloat16 or float16") from None
 
 
-def local_ref(spec: str) -> str:
+def local_ref(spec: str | os.PathLike) -> str:
     """A model or corpus given as an existing local path, made absolute (so a run works from any folder);
     anything else (a hub id, 'default', 'hf:NAME') unchanged."""
     spec = str(spec)
@@ -342,10 +353,13 @@ def _converted_gguf(gguf: Path, name: str | None = None) -> Path:
     try:
         with _Spinner(f"converting {gguf.name}"):
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            )
     except Exception as err:  # the GGUF reader raises many types for bad files
         raise SaescopeError(f"cannot read GGUF file {gguf}: {str(err).splitlines()[0][:200] if str(err) else type(err).__name__}") from err
-    model.hf_quantizer = None  # weights are already dequantised fp32
+    # weights are already dequantised fp32 (an attribute from_pretrained sets; PreTrainedModel does not declare it)
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = out.with_name(out.name + ".partial")
