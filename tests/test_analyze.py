@@ -83,6 +83,14 @@ def analysed(tmp_path_factory, tiny_gemma_dir, tiny_lm):
     return run, report
 
 
+def test_analyze_takes_a_run_or_its_folder(analysed, tmp_path):
+    run, _ = analysed
+    again = analyze(str(run.root), progress=False)  # every SAE is done: skipped, nothing recomputed
+    assert again.analysed == [] and again.skipped == run.sae_ids()
+    with pytest.raises(SaescopeError, match="run not found"):
+        analyze(tmp_path / "nowhere", progress=False)
+
+
 def _brute(run, lm, report):
     """Codes of every analysed held-out token, recomputed directly: sae_id -> (codes (n, w), ctx, pos),
     and the analysed contexts."""

@@ -64,6 +64,7 @@ import functools
 import hashlib
 import logging
 import math
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -75,6 +76,7 @@ from tqdm.auto import tqdm
 from .errors import SaescopeError
 from .featuredb import Example, FeatureDB, FeatureStats, stored_acts
 from .models import LoadedModel, Site
+from .runs import Run, as_run
 from .sae import SAE
 
 log = logging.getLogger(__name__)
@@ -114,7 +116,7 @@ class AnalyzeReport:
 # --------------------------------------------------------------------------- the pass
 
 
-def analyze(run, n_tokens: int = 16_384, *, top_k: int = 20, n_quantiles: int = 5, per_quantile: int = 2,
+def analyze(run: Run | str | os.PathLike, n_tokens: int = 16_384, *, top_k: int = 20, n_quantiles: int = 5, per_quantile: int = 2,
             n_random: int = 4, window: tuple[int, int] = (16, 4), n_logits: int = 10, batch_size: int = 8,
             saes: list[str] | None = None, force: bool = False, seed: int | None = None, progress: bool = True,
             lm: LoadedModel | None = None) -> AnalyzeReport:
@@ -126,6 +128,7 @@ def analyze(run, n_tokens: int = 16_384, *, top_k: int = 20, n_quantiles: int = 
     stream (`batch_stream`), so a resumed analysis writes exactly what an uninterrupted one does.
     """
     _check_args(n_tokens, top_k, n_quantiles, per_quantile, n_random, window, n_logits, batch_size)
+    run = as_run(run)
     ids = [run.resolve_sae(s) for s in saes] if saes is not None else run.sae_ids()
     if not ids:
         raise SaescopeError(f"run {run.root} has no SAEs to analyse: train some first (`saescope train`)")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import os
 from collections import defaultdict
 
 import torch
@@ -27,6 +28,7 @@ from .errors import SaescopeError
 from .fsio import atomic_path, write_json
 from .harvest import capture, keep_mask, run_captured
 from .models import LoadedModel, Site
+from .runs import Run, as_run
 from .sae import SAE
 
 DENSE_FRACTION = 0.1
@@ -290,7 +292,7 @@ def other_corpus(run, other: str):
     return Corpus(other)
 
 
-def evaluate(run, eval_tokens: int = 8192, ce_tokens: int = CE_TOKENS, other: str | None = OTHER,
+def evaluate(run: Run | str | os.PathLike, eval_tokens: int = 8192, ce_tokens: int = CE_TOKENS, other: str | None = OTHER,
              other_ce_tokens: int | None = None, progress: bool = True) -> dict:
     """Evaluate every SAE of `run` on held-out tokens of its corpus and, unless `other` is None, on a
     corpus it never trained on (all of it; `other_ce_tokens` scored targets, by default a third of
@@ -298,6 +300,7 @@ def evaluate(run, eval_tokens: int = 8192, ce_tokens: int = CE_TOKENS, other: st
     check_eval_args(eval_tokens, ce_tokens)
     if other_ce_tokens is not None:
         check_eval_args(eval_tokens, other_ce_tokens)
+    run = as_run(run)
     ids = run.sae_ids()
     if not ids:
         raise SaescopeError(f"run {run.root} has no SAEs to evaluate: train some first")

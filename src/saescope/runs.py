@@ -12,6 +12,7 @@ what is done.
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import time
 from functools import cached_property
@@ -69,7 +70,7 @@ class Run:
         return cls(root, manifest)
 
     @classmethod
-    def open(cls, root: str | Path) -> Run:
+    def open(cls, root: str | os.PathLike) -> Run:
         root = Path(root)
         if not root.is_dir():
             raise SaescopeError(f"run not found: {root} (create one with `saescope train` or `saescope run`)")
@@ -112,9 +113,6 @@ class Run:
                             seconds=round(time.time() - t0, 1))
             raise
         self._set_stage(name, status="done", seconds=round(time.time() - t0, 1), **info)
-
-    def reset_stage(self, name: str) -> None:
-        self._set_stage(name, status="pending")
 
     def weights_replaced(self, sae_id: str) -> list[str]:
         """An SAE's weights are about to be replaced (e.g. `saescope import --overwrite`): mark everything
@@ -283,3 +281,8 @@ def _jsonable(obj):
     import json
 
     return json.loads(json.dumps(obj, default=str))
+
+
+def as_run(run: Run | str | os.PathLike) -> Run:
+    """The one conversion at the API's edge: a Run as it is, a folder opened as a run."""
+    return run if isinstance(run, Run) else Run.open(run)
