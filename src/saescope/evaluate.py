@@ -81,24 +81,11 @@ def _capture_layer_inputs(lm: LoadedModel):
 def _replace_site(site: Site, fn, keep: torch.Tensor):
     """Replace the activation at `site` by fn(activation) at positions where `keep` is True."""
 
-    def swap(t):
+    def swap(t: torch.Tensor) -> torch.Tensor:
         new = fn(t)
         return torch.where(keep[..., None].to(t.device), new.to(t.dtype), t)
 
-    if site.io == "output":
-
-        def out_hook(module, args, output):
-            if isinstance(output, tuple):
-                return (swap(output[0]), *output[1:])
-            return swap(output)
-
-        h = site.module.register_forward_hook(out_hook)
-    else:
-
-        def in_hook(module, args):
-            return (swap(args[0]), *args[1:])
-
-        h = site.module.register_forward_pre_hook(in_hook)
+    h = site.hook(swap)
     try:
         yield
     finally:

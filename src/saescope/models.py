@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,6 +40,7 @@ from . import devices
 from .errors import SaescopeError
 
 if TYPE_CHECKING:  # transformers is imported only where a model is loaded
+    from torch.utils.hooks import RemovableHandle
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,34 @@ class Site:
     @property
     def key(self) -> str:
         return f"{self.kind}/{self.layer}"
+
+    def hook(self, fn: SiteFn) -> RemovableHandle:
+        """Call fn(activation) (batch, seq, width) on every forward through this site; a tensor it returns
+        replaces the activation, None leaves it. Remove the returned handle in a `finally`."""
+        return hook_module(self.module, self.io, fn)
+
+
+SiteFn = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+def hook_module(module: nn.Module, io: str, fn: SiteFn) -> RemovableHandle:
+    """The one way saescope reads or replaces a site: the first input ("input") or the output ("output",
+    the first element when the module returns a tuple) of `module`, passed to `fn` (see `Site.hook`)."""
+    if io == "output":
+
+        def out_hook(module, args, output):
+            new = fn(output[0] if isinstance(output, tuple) else output)
+            if new is None:
+                return None
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        return module.register_forward_hook(out_hook)
+
+    def in_hook(module, args):
+        new = fn(args[0])
+        return None if new is None else (new, *args[1:])
+
+    return module.register_forward_pre_hook(in_hook)
 
 
 @dataclass
@@ -237,14 +267,10 @@ def _measure_widths(lm: LoadedModel) -> dict[str, int]:
         for kind in SITE_KINDS:
             module, io, _ = _locate(lm.layers[layer], kind)
 
-            def grab(t, kind=kind):
-                t = t[0] if isinstance(t, tuple) else t
+            def grab(t: torch.Tensor, kind: str = kind) -> None:
                 widths[kind] = int(t.shape[-1])
 
-            if io == "output":
-                handles.append(module.register_forward_hook(lambda m, a, o, g=grab: g(o)))
-            else:
-                handles.append(module.register_forward_pre_hook(lambda m, a, g=grab: g(a)))
+            handles.append(hook_module(module, io, grab))
         with torch.no_grad():
             ids = torch.tensor([[lm.bos_id or 0, 1, 2]], device=lm.device)
             lm.model(input_ids=ids, use_cache=False)
