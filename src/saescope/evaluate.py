@@ -19,13 +19,14 @@ import itertools
 import math
 import os
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import SaescopeError
-from .fsio import atomic_path, write_json
+from .fsio import atomic_path, read_json, write_json
 from .harvest import capture, keep_mask, run_captured
 from .models import LoadedModel, Site
 from .runs import Run, as_run
@@ -325,6 +326,26 @@ def evaluate(run: Run | str | os.PathLike, eval_tokens: int = 8192, ce_tokens: i
 
 PANELS = [("l0", "L0"), ("fvu", "FVU"), ("delta_lm_loss", "ΔLM loss (nats, ± SE)"), ("kl", "KL(clean ‖ spliced), nats"),
           ("ce_recovered", "CE loss recovered"), ("dead_fraction", "dead fraction"), ("dense_fraction", "dense fraction")]
+
+
+def drop_from_eval(run_root: Path, sae_id: str) -> bool:
+    """Remove an SAE's metrics from the run's eval.json (listed under "replaced") and redraw eval.png
+    without them; False when eval.json has none."""
+    path = run_root / "eval.json"
+    if not path.is_file():
+        return False
+    result = read_json(path, what="eval results")
+    if sae_id not in (result.get("saes") or {}):
+        return False
+    del result["saes"][sae_id]
+    result["replaced"] = sorted({*result.get("replaced", []), sae_id})
+    write_json(path, result)
+    png = run_root / "eval.png"
+    if result["saes"] and png.is_file():
+        plot_eval(result, png)
+    else:
+        png.unlink(missing_ok=True)
+    return True
 
 
 def plot_eval(result: dict, path) -> None:
