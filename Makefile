@@ -1,4 +1,5 @@
 # The two commands of the README. Both do all the set-up first (idempotent).
+# `make test`: lint, type check (mypy over src/, configured in pyproject.toml), then the tests.
 .PHONY: setup setup-test run test lint bench
 
 setup:
@@ -12,6 +13,7 @@ run: setup
 
 test: setup-test
 	.venv/bin/ruff check src tests bench
+	.venv/bin/mypy
 	.venv/bin/pytest -q
 
 bench: setup

@@ -39,6 +39,7 @@ class MockLLMServer:
         self.queue: collections.deque = collections.deque()
         self.requests: list[dict] = []
         self.headers: list[dict] = []
+        self.hanging = 0  # requests being held by a Hang right now
         self._lock = threading.Lock()
         self._stop = threading.Event()
         server = self
@@ -96,7 +97,13 @@ class MockLLMServer:
 
     def _respond(self, handler: BaseHTTPRequestHandler, body: dict, item) -> None:
         if isinstance(item, Hang):
-            self._stop.wait(item.seconds)
+            with self._lock:
+                self.hanging += 1
+            try:
+                self._stop.wait(item.seconds)
+            finally:
+                with self._lock:
+                    self.hanging -= 1
             return  # close without answering
         if isinstance(item, str):
             words = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))

@@ -83,6 +83,14 @@ def analysed(tmp_path_factory, tiny_gemma_dir, tiny_lm):
     return run, report
 
 
+def test_analyze_takes_a_run_or_its_folder(analysed, tmp_path):
+    run, _ = analysed
+    again = analyze(str(run.root), progress=False)  # every SAE is done: skipped, nothing recomputed
+    assert again.analysed == [] and again.skipped == run.sae_ids()
+    with pytest.raises(SaescopeError, match="run not found"):
+        analyze(tmp_path / "nowhere", progress=False)
+
+
 def _brute(run, lm, report):
     """Codes of every analysed held-out token, recomputed directly: sae_id -> (codes (n, w), ctx, pos),
     and the analysed contexts."""
@@ -262,15 +270,52 @@ def test_attn_out_directions_go_through_o_proj(analysed, tiny_lm):
         torch.testing.assert_close(decoder_directions(tiny_lm, sae), sae.w_dec @ o_proj.weight.T)
 
 
-def test_memory_does_not_grow_with_tokens(analysed):
-    """The per-SAE state is fixed-size: (k, width) slots, never (tokens, width)."""
-    from saescope.analyze import _FeatureAtlas
+def _state_bytes(obj, seen: set[int] | None = None) -> int:
+    """Bytes of every tensor and array reachable from `obj` (attributes, lists, dicts), each counted once."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(_state_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, list | tuple | set):
+        return sum(_state_bytes(v, seen) for v in obj)
+    if hasattr(obj, "__dict__") and type(obj).__module__.startswith("saescope"):
+        return sum(_state_bytes(v, seen) for v in vars(obj).values())
+    return 0
 
-    run, _ = analysed
-    sae = run.load_sae(run.sae_ids()[0])
-    atlas = _FeatureAtlas(sae, 5, 12, 3, 9)
-    before = atlas.nbytes()
-    assert before < 100 * WIDTH * 40  # slots × width × a few fields, independent of n_tokens
+
+def test_memory_does_not_grow_with_tokens():
+    """The per-SAE state after 64 batches takes exactly the bytes it took after 1 (fixed (k, width) slots,
+    never (tokens, width)); the context store keeps only the contexts the slots still point to."""
+    from saescope.analyze import _Batch, _ContextStore, _FeatureAtlas, batch_stream
+
+    sae = SAE.init(SAEConfig(d_in=16, width=WIDTH, l0=4), generator=torch.Generator().manual_seed(0))
+    atlas, contexts = _FeatureAtlas(sae, 5, 12, 3, 9), _ContextStore()
+    g = torch.Generator().manual_seed(1)
+    n_ctx, positions = 4, CTX_LEN - 1  # every position but BOS emits a row
+    b, t = torch.arange(n_ctx).repeat_interleave(positions), torch.arange(1, CTX_LEN).repeat(n_ctx)
+
+    def feed(batches: range) -> None:
+        for k in batches:
+            ids = torch.randint(0, 100, (n_ctx, CTX_LEN), generator=g)
+            f = (torch.randn(b.numel(), WIDTH, generator=g) - 1).clamp(min=0)  # ~16% of codes fire
+            atlas.update(f, _Batch(ids, b, t, k * n_ctx, 4, 9, torch.device("cpu")), batch_stream(0, "s", k, f.device))
+            contexts.add(k * n_ctx, ids)
+
+    feed(range(1))
+    one_batch, fired_once = _state_bytes(atlas), int(atlas.n_fired.sum())
+    feed(range(1, 64))
+    assert int(atlas.n_fired.sum()) > 40 * fired_once  # 64× the tokens went in
+    assert _state_bytes(atlas) == one_batch
+    contexts._limit = 0  # collect now (analyze collects once 4096 contexts are stored)
+    contexts.collect([atlas])
+    referenced = {int(c) for s in atlas.keepers() for c in s.ctx.flatten() if c >= 0}
+    assert set(contexts.ids) == referenced and len(referenced) < 64 * n_ctx
 
 
 def test_encode_fast_path_equals_sae_encode():

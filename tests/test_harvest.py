@@ -65,6 +65,32 @@ def test_other_sites_equal_module_io(lm):
         torch.testing.assert_close(got[k], seen[k])
 
 
+@pytest.mark.parametrize("kind, io", [("resid_post", "output"), ("attn_out", "input")])
+def test_site_hook_reads_and_replaces(lm, kind, io):
+    site, ids = lm.site(kind, 0), _ids(lm)
+    assert site.io == io
+    with torch.no_grad():
+        ref = lm.model(input_ids=ids).logits
+    seen, after = [], []
+    h = site.hook(lambda t: seen.append(t.clone()))  # returns None: reads only
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(lm.model(input_ids=ids).logits, ref)
+    finally:
+        h.remove()
+    assert seen[0].shape == (*ids.shape, site.width)
+    handles = [site.hook(lambda t: torch.full_like(t, 0.5)), site.hook(lambda t: after.append(t.clone()))]
+    try:
+        with torch.no_grad():
+            replaced = lm.model(input_ids=ids).logits
+    finally:
+        for h in handles:
+            h.remove()
+    assert bool((after[0] == 0.5).all()) and not torch.allclose(replaced, ref)
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(input_ids=ids).logits, ref)  # handles removed: the model is as before
+
+
 def test_stops_after_last_needed_layer(lm):
     calls = []
     h = lm.layers[-1].register_forward_hook(lambda *a: calls.append(1))

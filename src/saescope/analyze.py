@@ -64,7 +64,9 @@ import functools
 import hashlib
 import logging
 import math
+import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -73,7 +75,8 @@ from tqdm.auto import tqdm
 
 from .errors import SaescopeError
 from .featuredb import Example, FeatureDB, FeatureStats, stored_acts
-from .models import LoadedModel
+from .models import LoadedModel, Site
+from .runs import Run, as_run
 from .sae import SAE
 
 log = logging.getLogger(__name__)
@@ -113,7 +116,7 @@ class AnalyzeReport:
 # --------------------------------------------------------------------------- the pass
 
 
-def analyze(run, n_tokens: int = 16_384, *, top_k: int = 20, n_quantiles: int = 5, per_quantile: int = 2,
+def analyze(run: Run | str | os.PathLike, n_tokens: int = 16_384, *, top_k: int = 20, n_quantiles: int = 5, per_quantile: int = 2,
             n_random: int = 4, window: tuple[int, int] = (16, 4), n_logits: int = 10, batch_size: int = 8,
             saes: list[str] | None = None, force: bool = False, seed: int | None = None, progress: bool = True,
             lm: LoadedModel | None = None) -> AnalyzeReport:
@@ -124,9 +127,8 @@ def analyze(run, n_tokens: int = 16_384, *, top_k: int = 20, n_quantiles: int = 
     training seed) seeds the quantile and random examples: each SAE and batch draws from its own
     stream (`batch_stream`), so a resumed analysis writes exactly what an uninterrupted one does.
     """
-    from .harvest import harvest
-
     _check_args(n_tokens, top_k, n_quantiles, per_quantile, n_random, window, n_logits, batch_size)
+    run = as_run(run)
     ids = [run.resolve_sae(s) for s in saes] if saes is not None else run.sae_ids()
     if not ids:
         raise SaescopeError(f"run {run.root} has no SAEs to analyse: train some first (`saescope train`)")
@@ -142,50 +144,21 @@ def analyze(run, n_tokens: int = 16_384, *, top_k: int = 20, n_quantiles: int = 
             return report
         lm = lm or run.model
         models = {i: run.load_sae(i).to(lm.device) for i in todo}
-        site_objs = _sites(lm, models)
-        _store_vocab(db, lm)
-        db.set_meta("model", run.manifest.get("model"))
-        for sae_id, sae in models.items():
-            site = site_objs[sae_id]
-            db.upsert_sae(sae_id, site=sae.cfg.site, layer=sae.cfg.layer, width=sae.cfg.width, d_in=sae.cfg.d_in,
-                          hook_name=site.hook_name, path=str(run.sae_path(sae_id)), config=sae.cfg.to_json())
-            db.begin_sae(sae_id)
-
+        site_objs = _register(db, run, lm, models)
         corpus = run.corpus()
-        ctx_len = int((run.manifest.get("config") or {}).get("ctx_len", 256))
+        config = run.manifest.get("config") or {}
+        ctx_len = int(config.get("ctx_len", 256))
         before, after = window
         width_w = min(before + 1 + after, ctx_len - 1)
         if seed is None:
-            seed = int(((run.manifest.get("config") or {}).get("train") or {}).get("seed", 0))
+            seed = int((config.get("train") or {}).get("seed", 0))
         atlas = {i: _FeatureAtlas(s, top_k, n_quantiles * per_quantile * 2, n_random, width_w)
                  for i, s in models.items()}
         contexts = _ContextStore()
-        pending: list[list[int]] = []
-
-        def remember(stream):
-            for c in stream:
-                pending.append(c)
-                yield c
-
-        stream = remember(corpus.contexts(lm.tokenizer, part="heldout", ctx_len=ctx_len))
-        sites = list({s.key: s for s in site_objs.values()}.values())
-        ctx0 = 0
         t0 = time.perf_counter()
-        with torch.no_grad():
-            for batch_no, hb in enumerate(harvest(lm, stream, sites, batch_size=batch_size, max_tokens=n_tokens,
-                                                  progress=progress, desc="analyze")):
-                batch_ids = torch.tensor(pending[: hb.n_contexts], dtype=torch.long)
-                del pending[: hb.n_contexts]
-                batch = _Batch(batch_ids, hb.ctx - ctx0, hb.pos, ctx0, before, width_w, lm.device)
-                contexts.add(ctx0, batch_ids)
-                for sae_id, sae in models.items():
-                    f = encode(sae, hb.acts[site_objs[sae_id].key].to(lm.device))
-                    with _bookkeeping_threads(f.device):
-                        atlas[sae_id].update(f, batch, batch_stream(seed, sae_id, batch_no, f.device))
-                report.n_tokens += int(hb.token_ids.numel())
-                ctx0 += hb.n_contexts
-                contexts.collect(atlas.values())
-        report.n_contexts = ctx0
+        stream = corpus.contexts(lm.tokenizer, part="heldout", ctx_len=ctx_len)
+        _pass(lm, stream, models, site_objs, atlas, contexts, report, n_tokens=n_tokens, batch_size=batch_size,
+              before=before, window=width_w, seed=seed, progress=progress)
         report.seconds_pass = time.perf_counter() - t0
         if report.n_tokens == 0:
             raise SaescopeError(f"the held-out part of corpus '{corpus.source}' gave no tokens to analyse: "
@@ -194,23 +167,76 @@ def analyze(run, n_tokens: int = 16_384, *, top_k: int = 20, n_quantiles: int = 
             log.warning("the held-out corpus has only %s tokens (asked for %s): analysed all of them",
                         f"{report.n_tokens:,}", f"{n_tokens:,}")
         t1 = time.perf_counter()
-        bar = tqdm(total=len(models), desc="logits + write", unit="SAE", disable=not progress, dynamic_ncols=True)
-        for sae_id, sae in models.items():
-            alive = atlas[sae_id].n_fired.nonzero().squeeze(1)  # dead features get no logit effects
-            logits = logit_effects(lm, sae, n_logits, features=alive) if n_logits and alive.numel() else None
-            report.examples += _write(db, sae_id, atlas[sae_id], report.n_tokens, contexts, logits,
-                                      n_quantiles, per_quantile)
-            db.finish_sae(sae_id, report.n_tokens)
-            report.analysed.append(sae_id)
-            atlas[sae_id] = None  # free its buffers
-            bar.update(1)
-        bar.close()
+        _write_all(db, lm, models, atlas, contexts, report, n_logits, n_quantiles, per_quantile, progress)
         db.set_meta("analysis", {"n_tokens": report.n_tokens, "n_contexts": report.n_contexts, "ctx_len": ctx_len,
                                  "top_k": top_k, "n_quantiles": n_quantiles, "per_quantile": per_quantile,
                                  "n_random": n_random, "window": [before, after], "n_logits": n_logits,
                                  "part": "heldout", "seed": seed})
         report.seconds_write = time.perf_counter() - t1
     return report
+
+
+def _register(db: FeatureDB, run, lm: LoadedModel, models: dict[str, SAE]) -> dict[str, Site]:
+    """Check every SAE against the model, store the vocabulary, and mark each SAE begun; its site per SAE id."""
+    site_objs = _sites(lm, models)
+    _store_vocab(db, lm)
+    db.set_meta("model", run.manifest.get("model"))
+    for sae_id, sae in models.items():
+        site = site_objs[sae_id]
+        db.upsert_sae(sae_id, site=sae.cfg.site, layer=sae.cfg.layer, width=sae.cfg.width, d_in=sae.cfg.d_in,
+                      hook_name=site.hook_name, path=str(run.sae_path(sae_id)), config=sae.cfg.to_json())
+        db.begin_sae(sae_id)
+    return site_objs
+
+
+def _pass(lm: LoadedModel, stream: Iterable[list[int]], models: dict[str, SAE], site_objs: dict[str, Site],
+          atlas: dict[str, _FeatureAtlas], contexts: _ContextStore, report: AnalyzeReport, *, n_tokens: int,
+          batch_size: int, before: int, window: int, seed: int, progress: bool) -> None:
+    """The one model pass: every batch encoded by every SAE and folded into its atlas."""
+    from .harvest import harvest
+
+    pending: list[list[int]] = []
+
+    def remember(stream):
+        for c in stream:
+            pending.append(c)
+            yield c
+
+    sites = list({s.key: s for s in site_objs.values()}.values())
+    ctx0 = 0
+    with torch.no_grad():
+        for batch_no, hb in enumerate(harvest(lm, remember(stream), sites, batch_size=batch_size,
+                                              max_tokens=n_tokens, progress=progress, desc="analyze")):
+            batch_ids = torch.tensor(pending[: hb.n_contexts], dtype=torch.long)
+            del pending[: hb.n_contexts]
+            batch = _Batch(batch_ids, hb.ctx - ctx0, hb.pos, ctx0, before, window, lm.device)
+            contexts.add(ctx0, batch_ids)
+            for sae_id, sae in models.items():
+                f = encode(sae, hb.acts[site_objs[sae_id].key].to(lm.device))
+                with _bookkeeping_threads(f.device):
+                    atlas[sae_id].update(f, batch, batch_stream(seed, sae_id, batch_no, f.device))
+            report.n_tokens += int(hb.token_ids.numel())
+            ctx0 += hb.n_contexts
+            contexts.collect(atlas.values())
+    report.n_contexts = ctx0
+
+
+def _write_all(db: FeatureDB, lm: LoadedModel, models: dict[str, SAE], atlas: dict[str, _FeatureAtlas],
+               contexts: _ContextStore, report: AnalyzeReport, n_logits: int, n_quantiles: int, per_quantile: int,
+               progress: bool) -> None:
+    """Logit effects and database rows of every SAE, one SAE at a time (its atlas freed once written)."""
+    bar = tqdm(total=len(models), desc="logits + write", unit="SAE", disable=not progress, dynamic_ncols=True)
+    for sae_id, sae in models.items():
+        feature_atlas = atlas.pop(sae_id)  # freed once written
+        alive = feature_atlas.n_fired.nonzero().squeeze(1)  # dead features get no logit effects
+        logits = logit_effects(lm, sae, n_logits, features=alive) if n_logits and alive.numel() else None
+        report.examples += _write(db, sae_id, feature_atlas, report.n_tokens, contexts, logits,
+                                  n_quantiles, per_quantile)
+        db.finish_sae(sae_id, report.n_tokens)
+        report.analysed.append(sae_id)
+        del feature_atlas
+        bar.update(1)
+    bar.close()
 
 
 def batch_stream(seed: int, sae_id: str, batch_no: int, device) -> torch.Generator:
@@ -245,7 +271,7 @@ def _check_args(n_tokens, top_k, n_quantiles, per_quantile, n_random, window, n_
         raise SaescopeError(f"window must be (tokens before, tokens after) with both >= 0, got {window}")
 
 
-def _sites(lm: LoadedModel, models: dict[str, SAE]) -> dict:
+def _sites(lm: LoadedModel, models: dict[str, SAE]) -> dict[str, Site]:
     out = {}
     for sae_id, sae in models.items():
         site = lm.site(sae.cfg.site, sae.cfg.layer)
@@ -418,15 +444,16 @@ class _FeatureAtlas:
             val = _take(f, row.clamp(min=0) * w + torch.arange(w, device=f.device))
             self.sample.offer(key.view(n_ctx, w), val, row, f, batch)
         if self.random is not None and batch.n:
-            self._random(f, batch, gen)
+            self._random(self.random, f, batch, gen)
 
-    def _random(self, f: torch.Tensor, batch: _Batch, gen: torch.Generator) -> None:
+    @staticmethod
+    def _random(slots: _Slots, f: torch.Tensor, batch: _Batch, gen: torch.Generator) -> None:
         n_c = min(RANDOM_CENTRES, batch.n)
         centres = torch.randperm(batch.n, generator=gen, device=f.device)[:n_c]
         wrows = batch.window_rows(centres)  # (m, window)
         silent = f[wrows.clamp(min=0)].masked_fill_((wrows < 0)[..., None], 0.0).amax(1) <= 0  # (m, width)
         keys = torch.rand(silent.shape, generator=gen, device=f.device).masked_fill_(~silent, -math.inf)
-        self.random.offer(keys, torch.zeros_like(keys), centres[:, None].expand_as(keys), f, batch)
+        slots.offer(keys, torch.zeros_like(keys), centres[:, None].expand_as(keys), f, batch)
 
     def keepers(self) -> list[_Slots]:
         return [s for s in (self.top, self.sample, self.random) if s is not None]
@@ -519,7 +546,7 @@ def logit_effects(lm: LoadedModel, sae: SAE, n: int = 10, features: torch.Tensor
     """Top-`n` promoted / suppressed token ids and values of each feature (or of `features`):
     {"features", "pos_ids", "pos", "neg_ids", "neg"}, each (n_features, n). Computed in
     vocabulary chunks (memory: n_features × chunk floats)."""
-    w_u = lm.lm_head().weight  # (vocab, d_model)
+    w_u = lm.unembedding()  # (vocab, d_model)
     vocab = min(w_u.shape[0], len(lm.tokenizer))
     n = min(n, vocab)
     dirs = decoder_directions(lm, sae) * norm_gain(lm)  # (width, d_model)
@@ -566,10 +593,8 @@ def _hist(counts: np.ndarray) -> dict | None:
     return {"edges": [float(f"{e:.6g}") for e in edges], "counts": counts[lo:hi].tolist(), "scale": "log10"}
 
 
-def _slots_np(slots: _Slots | None, descending: bool = True) -> dict | None:
+def _slots_np(slots: _Slots, descending: bool = True) -> dict:
     """Slots as numpy arrays, sorted by key along the slot axis."""
-    if slots is None:
-        return None
     order = slots.key.argsort(dim=0, descending=descending)
     out = {name: getattr(slots, name).gather(0, order).cpu().numpy()
            for name in ("key", "val", "ctx", "pos", "lo")}
@@ -586,24 +611,18 @@ def _write(db: FeatureDB, sae_id: str, atlas: _FeatureAtlas, n_tokens: int, cont
     n_fired = atlas.n_fired.cpu().numpy()
     act_sum = atlas.act_sum.cpu().numpy()
     hist = atlas.hist.view(w, HIST_BINS).cpu().numpy()
-    top, sample, rand = _slots_np(atlas.top), _slots_np(atlas.sample), _slots_np(atlas.random)
+    top = _slots_np(atlas.top)
+    sample = _slots_np(atlas.sample) if atlas.sample is not None else None
+    rand = _slots_np(atlas.random) if atlas.random is not None else None
     max_act = np.where(n_fired > 0, top["val"][0], 0.0)
-    tok_strings, logit_row = {}, {}
-    if logits is not None:
-        logits = {k: v.cpu().numpy() for k, v in logits.items()}
-        logit_row = {int(f): j for j, f in enumerate(logits["features"])}
-        all_ids = np.unique(np.concatenate([logits["pos_ids"].ravel(), logits["neg_ids"].ravel()]))
-        tok_strings = dict(zip(all_ids.tolist(), db.vocab(all_ids.tolist())))
+    logit_lists = _logit_lists(db, logits) if logits is not None else {}
     n_examples = 0
     for start in range(0, w, WRITE_CHUNK):
-        stats, examples = [], []
+        stats: list[FeatureStats] = []
+        examples: list[Example] = []
         for i in range(start, min(start + WRITE_CHUNK, w)):
             fired = int(n_fired[i])
-            lp = ln = None
-            if i in logit_row:
-                j = logit_row[i]
-                lp = [[tok_strings[int(t)], round(float(v), 4)] for t, v in zip(logits["pos_ids"][j], logits["pos"][j])]
-                ln = [[tok_strings[int(t)], round(float(v), 4)] for t, v in zip(logits["neg_ids"][j], logits["neg"][j])]
+            lp, ln = logit_lists.get(i, (None, None))
             stats.append(FeatureStats(sae_id, i, frequency=fired / max(n_tokens, 1), n_fired=fired,
                                       max_act=float(max_act[i]), mean_act=float(act_sum[i] / fired) if fired else 0.0,
                                       hist=_hist(hist[i]), logits_pos=lp, logits_neg=ln))
@@ -619,6 +638,19 @@ def _write(db: FeatureDB, sae_id: str, atlas: _FeatureAtlas, n_tokens: int, cont
     return n_examples
 
 
+def _logit_lists(db: FeatureDB, logits: dict[str, torch.Tensor]) -> dict[int, tuple[list, list]]:
+    """Per feature: its promoted and suppressed [token string, value] lists, as stored."""
+    arr = {k: v.cpu().numpy() for k, v in logits.items()}
+    all_ids = np.unique(np.concatenate([arr["pos_ids"].ravel(), arr["neg_ids"].ravel()]))
+    tok_strings = dict(zip(all_ids.tolist(), db.vocab(all_ids.tolist())))
+
+    def pairs(ids, vals) -> list:
+        return [[tok_strings[int(t)], round(float(v), 4)] for t, v in zip(ids, vals)]
+
+    return {int(f): (pairs(arr["pos_ids"][j], arr["pos"][j]), pairs(arr["neg_ids"][j], arr["neg"][j]))
+            for j, f in enumerate(arr["features"])}
+
+
 def _example(sae_id, i, kind, s, j, rank, quantile, contexts) -> Example:
     ctx, lo = int(s["ctx"][j, i]), int(s["lo"][j, i])
     tokens = contexts.window(ctx, lo, s["window"])
@@ -628,7 +660,7 @@ def _example(sae_id, i, kind, s, j, rank, quantile, contexts) -> Example:
 
 
 def _examples(sae_id, i, kind, s, contexts, slots) -> list[Example]:
-    out = []
+    out: list[Example] = []
     for j in slots:
         if not np.isfinite(s["key"][j, i]):
             break  # sorted: the rest are empty
@@ -643,7 +675,7 @@ def _quantile_examples(sae_id, i, s, contexts, n_quantiles, per_quantile) -> lis
     if m == 0 or per_quantile == 0:
         return []
     by_act = np.argsort(s["val"][:m, i], kind="stable")  # weakest first
-    out = []
+    out: list[Example] = []
     for q in range(n_quantiles):
         members = by_act[q * m // n_quantiles : (q + 1) * m // n_quantiles]
         for rank, j in enumerate(sorted(members)[:per_quantile]):  # sorted slot = random-key order

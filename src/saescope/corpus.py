@@ -169,9 +169,9 @@ class Corpus:
             yield from _pydoc_documents()
         elif self._hf is not None:
             yield from _hf_documents(*self._hf)
-        elif self._path.is_dir():
+        elif self._path is not None and self._path.is_dir():
             yield from self._folder_documents(self._path)
-        else:
+        elif self._path is not None:
             yield from self._file_documents(self._path, self._path.name)
 
     def _folder_documents(self, root: Path) -> Iterator[Document]:

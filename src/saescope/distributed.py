@@ -242,7 +242,7 @@ def synced(chunks, world: World):
         chunk = next(it, None)
         n = next(iter(chunk.acts.values())).shape[0] if chunk is not None else -1
         sizes = world.gather_ints(n)
-        if min(sizes) < 0:
+        if chunk is None or min(sizes) < 0:  # every rank gathered first: a collective call
             return
         yield chunk._replace(rows_per_rank=tuple(sizes))
 

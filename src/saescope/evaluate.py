@@ -17,16 +17,19 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import os
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import SaescopeError
-from .fsio import atomic_path, write_json
+from .fsio import atomic_path, read_json, write_json
 from .harvest import capture, keep_mask, run_captured
 from .models import LoadedModel, Site
+from .runs import Run, as_run
 from .sae import SAE
 
 DENSE_FRACTION = 0.1
@@ -79,24 +82,11 @@ def _capture_layer_inputs(lm: LoadedModel):
 def _replace_site(site: Site, fn, keep: torch.Tensor):
     """Replace the activation at `site` by fn(activation) at positions where `keep` is True."""
 
-    def swap(t):
+    def swap(t: torch.Tensor) -> torch.Tensor:
         new = fn(t)
         return torch.where(keep[..., None].to(t.device), new.to(t.dtype), t)
 
-    if site.io == "output":
-
-        def hook(module, args, output):
-            if isinstance(output, tuple):
-                return (swap(output[0]), *output[1:])
-            return swap(output)
-
-        h = site.module.register_forward_hook(hook)
-    else:
-
-        def hook(module, args):
-            return (swap(args[0]), *args[1:])
-
-        h = site.module.register_forward_pre_hook(hook)
+    h = site.hook(swap)
     try:
         yield
     finally:
@@ -264,13 +254,13 @@ def _measure(lm: LoadedModel, saes: dict[str, SAE], contexts, eval_tokens: int, 
 
     it = iter(contexts)
     sites = sorted({(s.cfg.site, s.cfg.layer) for s in saes.values()}, key=lambda t: (t[1], t[0]))
-    acts: dict[str, list] = defaultdict(list)
+    parts: dict[str, list[torch.Tensor]] = defaultdict(list)
     for b in harvest(lm, remember(it), [lm.site(k, layer) for k, layer in sites], batch_size=8,
                      max_tokens=eval_tokens, progress=progress, desc=f"eval acts ({desc})"):
         for k, v in b.acts.items():
-            acts[k].append(v)
+            parts[k].append(v)
     kept.extend(itertools.islice(it, want - len(kept)))
-    acts = {k: torch.cat(v) for k, v in acts.items()}
+    acts = {k: torch.cat(v) for k, v in parts.items()}
     metrics = {i: fidelity(s, acts[f"{s.cfg.site}/{s.cfg.layer}"]) for i, s in saes.items()}
     if want > 0:
         for i, d in delta_lm_loss(lm, saes, kept, per_context=PER_CONTEXT, zero_every=ZERO_EVERY,
@@ -290,7 +280,7 @@ def other_corpus(run, other: str):
     return Corpus(other)
 
 
-def evaluate(run, eval_tokens: int = 8192, ce_tokens: int = CE_TOKENS, other: str | None = OTHER,
+def evaluate(run: Run | str | os.PathLike, eval_tokens: int = 8192, ce_tokens: int = CE_TOKENS, other: str | None = OTHER,
              other_ce_tokens: int | None = None, progress: bool = True) -> dict:
     """Evaluate every SAE of `run` on held-out tokens of its corpus and, unless `other` is None, on a
     corpus it never trained on (all of it; `other_ce_tokens` scored targets, by default a third of
@@ -298,6 +288,7 @@ def evaluate(run, eval_tokens: int = 8192, ce_tokens: int = CE_TOKENS, other: st
     check_eval_args(eval_tokens, ce_tokens)
     if other_ce_tokens is not None:
         check_eval_args(eval_tokens, other_ce_tokens)
+    run = as_run(run)
     ids = run.sae_ids()
     if not ids:
         raise SaescopeError(f"run {run.root} has no SAEs to evaluate: train some first")
@@ -319,7 +310,7 @@ def evaluate(run, eval_tokens: int = 8192, ce_tokens: int = CE_TOKENS, other: st
     if extra is not None:
         other_n = math.ceil(ce_tokens / 3) if other_ce_tokens is None else other_ce_tokens
         more, n_other = _measure(lm, saes, extra.contexts(lm.tokenizer, part="all", ctx_len=ctx_len),
-                                 eval_tokens, other_n, progress, other)
+                                 eval_tokens, other_n, progress, str(other))
         dists["other"] = {"corpus": extra.describe(), "part": "all", "tokens": n_other}
         for i in saes:
             metrics[i]["other"] = more[i]
@@ -335,6 +326,26 @@ def evaluate(run, eval_tokens: int = 8192, ce_tokens: int = CE_TOKENS, other: st
 
 PANELS = [("l0", "L0"), ("fvu", "FVU"), ("delta_lm_loss", "ΔLM loss (nats, ± SE)"), ("kl", "KL(clean ‖ spliced), nats"),
           ("ce_recovered", "CE loss recovered"), ("dead_fraction", "dead fraction"), ("dense_fraction", "dense fraction")]
+
+
+def drop_from_eval(run_root: Path, sae_id: str) -> bool:
+    """Remove an SAE's metrics from the run's eval.json (listed under "replaced") and redraw eval.png
+    without them; False when eval.json has none."""
+    path = run_root / "eval.json"
+    if not path.is_file():
+        return False
+    result = read_json(path, what="eval results")
+    if sae_id not in (result.get("saes") or {}):
+        return False
+    del result["saes"][sae_id]
+    result["replaced"] = sorted({*result.get("replaced", []), sae_id})
+    write_json(path, result)
+    png = run_root / "eval.png"
+    if result["saes"] and png.is_file():
+        plot_eval(result, png)
+    else:
+        png.unlink(missing_ok=True)
+    return True
 
 
 def plot_eval(result: dict, path) -> None:

@@ -1,7 +1,9 @@
 """Atomic file writes: a file is either the old version or the complete new one.
 
-Every writer in saescope goes through here, so a killed process or a full disk
-never leaves a half-written file under a real name.
+Every single-file writer in saescope goes through here, so a killed process or a full
+disk never leaves a half-written file under a real name. Folders written as a whole (an
+SAE by `SAE.save`, an activation-store shard, a converted model) are filled under a
+temporary name and renamed into place instead.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    tmp = Path(tmp)
+    tmp = Path(tmp_name)
     try:
         yield tmp
         _fsync(tmp)

@@ -42,27 +42,18 @@ def capture(lm: LoadedModel, sites: list[Site], stop_early: bool = True):
     store: dict[str, torch.Tensor] = {}
     handles = []
 
-    def out_hook(key):
-        def hook(module, args, output):
-            store[key] = output[0] if isinstance(output, tuple) else output
+    def keeper(key: str):
+        def keep(t: torch.Tensor) -> None:
+            store[key] = t
 
-        return hook
-
-    def in_hook(key):
-        def hook(module, args):
-            store[key] = args[0]
-
-        return hook
+        return keep
 
     def stop_hook(module, args, output):
         raise _Stop
 
     try:
         for s in sites:
-            if s.io == "output":
-                handles.append(s.module.register_forward_hook(out_hook(s.key)))
-            else:
-                handles.append(s.module.register_forward_pre_hook(in_hook(s.key)))
+            handles.append(s.hook(keeper(s.key)))
         if stop_early and sites:
             last = max(s.layer for s in sites)
             handles.append(lm.layers[last].register_forward_hook(stop_hook))

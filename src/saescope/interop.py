@@ -106,9 +106,33 @@ def _target_folder(run: Run, site: str, folder_name: str, overwrite: bool) -> tu
     if not overwrite:
         raise SaescopeError(f"SAE {sae_id} already exists in {run.root}: give another name (--name), or "
                             "--overwrite to replace it (its analysis, eval and automatic labels are then redone)")
-    marked = run.weights_replaced(sae_id)
+    marked = _weights_replaced(run, sae_id)
     return sae_id, folder, [f"replaced the weights of {sae_id}; marked not done (re-run them): "
                             + ("; ".join(marked) if marked else "nothing had been computed from the old weights")]
+
+
+def _weights_replaced(run: Run, sae_id: str) -> list[str]:
+    """An SAE's weights are about to be replaced: mark everything computed from the old weights as not
+    done, so the next eval / analyze / label (and `saescope run`) redo it. Returns what was marked.
+
+    - features.sqlite: the SAE's statistics and examples are cleared (status 'pending'); its labels and
+      their scores are kept, flagged `stale` (written for the old weights);
+    - eval.json: the SAE's metrics are removed (listed under "replaced"), eval.png redrawn without them;
+    - manifest: the eval, analyze and label stages go back to pending.
+    """
+    from .evaluate import drop_from_eval
+
+    marked = []
+    if run.db_path.is_file():  # never create a database just to mark it
+        with run.db() as db:
+            if db.weights_replaced(sae_id) is not None:
+                marked.append("its analysis (cleared; labels kept, flagged as written for the old weights)")
+    if drop_from_eval(run.root, sae_id):
+        marked.append("its eval metrics (removed from eval.json)")
+    for stage in ("eval", "analyze", "label"):
+        if run.reopen_stage(stage, reason=f"weights of {sae_id} replaced"):
+            marked.append(f"stage {stage} (pending)")
+    return marked
 
 
 def _model_key(name: str) -> str:

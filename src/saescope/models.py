@@ -28,14 +28,20 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from . import devices
 from .errors import SaescopeError
+
+if TYPE_CHECKING:  # transformers is imported only where a model is loaded
+    from torch.utils.hooks import RemovableHandle
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +76,41 @@ class Site:
     def key(self) -> str:
         return f"{self.kind}/{self.layer}"
 
+    def hook(self, fn: SiteFn) -> RemovableHandle:
+        """Call fn(activation) (batch, seq, width) on every forward through this site; a tensor it returns
+        replaces the activation, None leaves it. Remove the returned handle in a `finally`."""
+        return hook_module(self.module, self.io, fn)
+
+
+SiteFn = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+def hook_module(module: nn.Module, io: str, fn: SiteFn) -> RemovableHandle:
+    """The one way saescope reads or replaces a site: the first input ("input") or the output ("output",
+    the first element when the module returns a tuple) of `module`, passed to `fn` (see `Site.hook`)."""
+    if io == "output":
+
+        def out_hook(module, args, output):
+            new = fn(output[0] if isinstance(output, tuple) else output)
+            if new is None:
+                return None
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        return module.register_forward_hook(out_hook)
+
+    def in_hook(module, args):
+        new = fn(args[0])
+        return None if new is None else (new, *args[1:])
+
+    return module.register_forward_pre_hook(in_hook)
+
 
 @dataclass
 class LoadedModel:
     """A causal LM with everything saescope needs to hook it."""
 
-    model: nn.Module
-    tokenizer: object
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
     name: str
     layers: nn.ModuleList
     layers_path: str
@@ -156,6 +190,13 @@ class LoadedModel:
     def lm_head(self) -> nn.Module:
         return self.model.get_output_embeddings()
 
+    def unembedding(self) -> torch.Tensor:
+        """(vocab, d_model) the output embedding matrix."""
+        w = self.lm_head().weight
+        if not isinstance(w, torch.Tensor):
+            raise SaescopeError(f"{self.name}: the output embedding has no weight matrix")
+        return w
+
     def logits_from_resid(self, resid: torch.Tensor) -> torch.Tensor:
         """Logits from the residual stream after the last layer (final norm, head, soft-capping)."""
         logits = self.lm_head()(self.final_norm()(resid))
@@ -199,7 +240,7 @@ def _last_linear(module: nn.Module) -> tuple[str, nn.Module]:
     return found[-1]
 
 
-def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+def _find_layers(model: PreTrainedModel) -> tuple[str, nn.ModuleList]:
     n = model.config.get_text_config().num_hidden_layers
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) == n:
@@ -226,14 +267,10 @@ def _measure_widths(lm: LoadedModel) -> dict[str, int]:
         for kind in SITE_KINDS:
             module, io, _ = _locate(lm.layers[layer], kind)
 
-            def grab(t, kind=kind):
-                t = t[0] if isinstance(t, tuple) else t
+            def grab(t: torch.Tensor, kind: str = kind) -> None:
                 widths[kind] = int(t.shape[-1])
 
-            if io == "output":
-                handles.append(module.register_forward_hook(lambda m, a, o, g=grab: g(o)))
-            else:
-                handles.append(module.register_forward_pre_hook(lambda m, a, g=grab: g(a)))
+            handles.append(hook_module(module, io, grab))
         with torch.no_grad():
             ids = torch.tensor([[lm.bos_id or 0, 1, 2]], device=lm.device)
             lm.model(input_ids=ids, use_cache=False)
@@ -268,7 +305,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
             f"cannot load model '{spec}': {first[:300]} (give a local model folder, a .gguf file, "
             f"'{DEFAULT_MODEL}', or a Hugging Face id that is cached or reachable)"
         ) from err
-    model.to(dev).eval()
+    model.to(dev).eval()  # type: ignore[arg-type]  # transformers' @wraps(nn.Module.to) hides the bound self
     model.requires_grad_(False)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -286,7 +323,7 @@ def _dtype(dtype: str | None, dev: torch.device) -> torch.dtype:
         raise SaescopeError(f"unknown dtype '{dtype}': use float32, bfloat16 or float16") from None
 
 
-def local_ref(spec: str) -> str:
+def local_ref(spec: str | os.PathLike) -> str:
     """A model or corpus given as an existing local path, made absolute (so a run works from any folder);
     anything else (a hub id, 'default', 'hf:NAME') unchanged."""
     spec = str(spec)
@@ -342,10 +379,13 @@ def _converted_gguf(gguf: Path, name: str | None = None) -> Path:
     try:
         with _Spinner(f"converting {gguf.name}"):
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            )
     except Exception as err:  # the GGUF reader raises many types for bad files
         raise SaescopeError(f"cannot read GGUF file {gguf}: {str(err).splitlines()[0][:200] if str(err) else type(err).__name__}") from err
-    model.hf_quantizer = None  # weights are already dequantised fp32
+    # weights are already dequantised fp32 (an attribute from_pretrained sets; PreTrainedModel does not declare it)
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = out.with_name(out.name + ".partial")

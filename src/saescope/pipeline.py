@@ -18,7 +18,7 @@ from .errors import SaescopeError
 from .harvest import harvest
 from .models import DEFAULT_MODEL, SITE_KINDS, LoadedModel, load_model, local_ref
 from .runs import Run
-from .sae import SAEConfig
+from .sae import Architecture, SAEConfig
 from .train import Chunk, MultiTrainer, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def harvest_to_cache(out: str | Path, *, model: str = DEFAULT_MODEL, corpus: str
 
 
 def sae_configs(lm: LoadedModel, model: str, sites: list[str], layers: list[int], widths: list[int],
-                l0s: list[float], architecture: str) -> list[SAEConfig]:
+                l0s: list[float], architecture: Architecture) -> list[SAEConfig]:
     out = []
     for layer in layers:
         for kind in sites:
@@ -119,7 +119,7 @@ def sae_configs(lm: LoadedModel, model: str, sites: list[str], layers: list[int]
 
 
 def train_run(out: str | Path, *, model: str = DEFAULT_MODEL, corpus: str = "default", sites="resid_post",
-              layers="all", widths=(4096,), l0s=(32.0,), architecture: str = "jump_relu",
+              layers="all", widths=(4096,), l0s=(32.0,), architecture: Architecture = "jump_relu",
               train: TrainConfig | None = None, ctx_len: int = 256, harvest_batch: int = 8,
               cache: str | Path | None = None, heldout_fraction: float = 0.05, resume: bool = True,
               lm: LoadedModel | None = None, progress: bool = True, parallel: str = "auto") -> Run:
@@ -245,7 +245,7 @@ def _cache_chunks(cache_dir, trainer: MultiTrainer, train: TrainConfig):
 
 
 def run_all(out: str | Path, *, model: str = DEFAULT_MODEL, corpus: str = "default", sites="resid_post",
-            layers="all", widths=(2048,), l0s=(32.0,), architecture: str = "jump_relu", tokens: int = 100_000,
+            layers="all", widths=(2048,), l0s=(32.0,), architecture: Architecture = "jump_relu", tokens: int = 100_000,
             ctx_len: int = 256, eval_tokens: int = 8192, ce_tokens: int | None = None, analyze_tokens: int = 8192,
             llm_url: str | None = None, llm_model: str | None = None, echo=log.warning) -> Run:
     """train → eval → analyze → label: every stage that the manifest marks done is skipped."""

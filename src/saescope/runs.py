@@ -12,6 +12,7 @@ what is done.
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import time
 from functools import cached_property
@@ -69,7 +70,7 @@ class Run:
         return cls(root, manifest)
 
     @classmethod
-    def open(cls, root: str | Path) -> Run:
+    def open(cls, root: str | os.PathLike) -> Run:
         root = Path(root)
         if not root.is_dir():
             raise SaescopeError(f"run not found: {root} (create one with `saescope train` or `saescope run`)")
@@ -113,49 +114,11 @@ class Run:
             raise
         self._set_stage(name, status="done", seconds=round(time.time() - t0, 1), **info)
 
-    def reset_stage(self, name: str) -> None:
-        self._set_stage(name, status="pending")
-
-    def weights_replaced(self, sae_id: str) -> list[str]:
-        """An SAE's weights are about to be replaced (e.g. `saescope import --overwrite`): mark everything
-        computed from the old weights as not done, so the next eval / analyze / label (and `saescope run`)
-        redo it. Returns what was marked, for the user.
-
-        - features.sqlite: the SAE's statistics and examples are cleared (status 'pending'); its labels and
-          their scores are kept, flagged `stale` (written for the old weights);
-        - eval.json: the SAE's metrics are removed (listed under "replaced"), eval.png redrawn without them;
-        - manifest: the eval, analyze and label stages go back to pending.
-        """
-        marked = []
-        if self.db_path.is_file():  # never create a database just to mark it
-            with self.db() as db:
-                if db.weights_replaced(sae_id) is not None:
-                    marked.append("its analysis (cleared; labels kept, flagged as written for the old weights)")
-        if self._drop_from_eval(sae_id):
-            marked.append("its eval metrics (removed from eval.json)")
-        for stage in ("eval", "analyze", "label"):
-            if self.status(stage) != "pending":
-                self._set_stage(stage, status="pending", reason=f"weights of {sae_id} replaced")
-                marked.append(f"stage {stage} (pending)")
-        return marked
-
-    def _drop_from_eval(self, sae_id: str) -> bool:
-        path = self.root / "eval.json"
-        if not path.is_file():
+    def reopen_stage(self, name: str, reason: str) -> bool:
+        """Mark stage `name` pending again because its inputs changed; False when it already was."""
+        if self.status(name) == "pending":
             return False
-        result = read_json(path, what="eval results")
-        if sae_id not in (result.get("saes") or {}):
-            return False
-        del result["saes"][sae_id]
-        result["replaced"] = sorted({*result.get("replaced", []), sae_id})
-        write_json(path, result)
-        png = self.root / "eval.png"
-        if result["saes"] and png.is_file():
-            from .evaluate import plot_eval
-
-            plot_eval(result, png)
-        else:
-            png.unlink(missing_ok=True)
+        self._set_stage(name, status="pending", reason=reason)
         return True
 
     def _set_stage(self, name: str, **fields) -> None:
@@ -283,3 +246,8 @@ def _jsonable(obj):
     import json
 
     return json.loads(json.dumps(obj, default=str))
+
+
+def as_run(run: Run | str | os.PathLike) -> Run:
+    """The one conversion at the API's edge: a Run as it is, a folder opened as a run."""
+    return run if isinstance(run, Run) else Run.open(run)

@@ -279,6 +279,7 @@ class CacheWriter:
     def _commit(self) -> None:
         """Finish the open shard, rename it into place, then record it in the manifest."""
         shard = self._open
+        assert shard is not None, "_commit called with no open shard"
         name = shard_name(len(self.shards))
         shard.finish()
         os.replace(shard.path, self.folder / name)
@@ -423,7 +424,7 @@ def _write_header(f: BinaryIO, dtype: np.dtype, n: int, width: int | None) -> No
 
 
 def _append(f: BinaryIO, arr: np.ndarray) -> None:
-    f.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
+    f.write(np.ascontiguousarray(arr).data.cast("B"))
 
 
 def _site_files(sites: dict[str, int]) -> dict[str, str]:

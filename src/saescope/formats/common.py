@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from ..errors import SaescopeError
@@ -69,9 +67,3 @@ def build(cfg_fields: dict, params: dict[str, torch.Tensor], where: str, *, pre_
             raise SaescopeError(f"{where}: b_enc has {b_enc.shape[0]} entries but w_enc has {w_enc.shape[1]} columns")
         folded["b_enc"] = b_enc - b_dec @ w_enc
     return SAE.from_params(cfg, folded, where=where)
-
-
-def read_json_small(path: Path) -> dict:
-    from ..sae import read_config
-
-    return read_config(path)

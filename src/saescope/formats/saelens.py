@@ -22,10 +22,13 @@ that the files do not store (``expected_average_only_in``) cannot be folded: the
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from ..errors import SaescopeError
 from ..fsio import atomic_path, write_json
-from ..sae import SAE
+from ..sae import SAE, Architecture
 from .common import build, default_l0, hook_fields, tensor
 from .hooks import tl_hook_name
 from .safe import read_safetensors
@@ -64,16 +67,25 @@ def read_saelens(folder: str | Path) -> SAE:
         raise SaescopeError(f"{where}: the SAE reads a single attention head (hook_head_index); "
                             "saescope SAEs read whole sites: use an SAE trained on all heads")
     _check_normalisation(d, where)
+    out, ours, l0 = _weights(d, params, arch, where)
+    fields = _fields(d, meta, arch, ours, l0, tuple(out["w_enc"].shape), where)
+    return build(fields, out, where, pre_bias=bool(d.get("apply_b_dec_to_input", True)))
 
+
+def _weights(d: dict, params: dict[str, torch.Tensor], arch: str,
+             where: str) -> tuple[dict[str, torch.Tensor], Architecture, Any]:
+    """Our parameters (w_enc, b_enc, w_dec, b_dec, threshold) folded from a SAELens architecture's tensors,
+    with our architecture and the L0 the file gives (None when it gives none)."""
     w_enc, b_dec = tensor(params, "W_enc", where, 2), tensor(params, "b_dec", where, 1)
     w_dec = tensor(params, "W_dec", where, 2)
-    d_in, width = w_enc.shape
+    width = w_enc.shape[1]
     if any("scaling_factor" in n for n in params):
         s = tensor(params, "finetuning_scaling_factor" if "finetuning_scaling_factor" in params
                    else "scaling_factor", where, 1)
         w_dec = w_dec * s[:, None]  # old SAELens scaled features before decoding: (f·s) W_dec = f (s·W_dec)
     out = {"w_dec": w_dec, "b_dec": b_dec}
-    ours, l0 = "relu", None
+    ours: Architecture = "relu"
+    l0 = None
     if arch == "standard":
         out.update(w_enc=w_enc, b_enc=tensor(params, "b_enc", where, 1))
     elif arch in ("jumprelu", "batchtopk"):
@@ -90,7 +102,8 @@ def read_saelens(folder: str | Path) -> SAE:
             w_enc, b_enc, w_dec = w_enc * norm, b_enc * norm, w_dec / norm[:, None]
             out["w_dec"] = w_dec
         out.update(w_enc=w_enc, b_enc=b_enc)
-        kwargs = d.get("activation_fn_kwargs") if isinstance(d.get("activation_fn_kwargs"), dict) else {}
+        given = d.get("activation_fn_kwargs")
+        kwargs = given if isinstance(given, dict) else {}
         ours, l0 = "topk", d.get("k", kwargs.get("k"))
         if isinstance(l0, bool) or not isinstance(l0, int | float) or not l0 >= 1:
             raise SaescopeError(f"{where}: a topk SAE needs a positive 'k' in {CFG}, got {l0!r}")
@@ -99,8 +112,15 @@ def read_saelens(folder: str | Path) -> SAE:
         b_mag, b_gate = tensor(params, "b_mag", where, 1), tensor(params, "b_gate", where, 1)
         out.update(w_enc=w_enc * r, b_enc=b_mag, threshold=(b_mag - b_gate * r).clamp(min=0.0))
         ours = "jump_relu"
+    return out, ours, l0
 
-    ours_meta = meta.get("saescope") if isinstance(meta.get("saescope"), dict) else {}
+
+def _fields(d: dict, meta: dict, arch: str, ours: Architecture, l0: Any, shape: tuple[int, ...],
+            where: str) -> dict:
+    """SAEConfig fields from the config and its metadata; `shape` is W_enc's (d_in, width)."""
+    d_in, width = shape
+    given = meta.get("saescope")
+    ours_meta = given if isinstance(given, dict) else {}
     if ours_meta.get("architecture") == "batchtopk" and ours == "jump_relu":
         ours = "batchtopk"  # written by saescope: keep what it was trained as
     l0_name = "k"
@@ -119,7 +139,7 @@ def read_saelens(folder: str | Path) -> SAE:
         extra["l0_nominal"] = True  # the files do not say; measure it with `saescope eval`
     if meta.get("neuronpedia_id"):
         extra["neuronpedia_id"] = meta["neuronpedia_id"]
-    return build(fields, out, where, pre_bias=bool(d.get("apply_b_dec_to_input", True)))
+    return fields
 
 
 def _architecture(d: dict, params: dict, where: str) -> str:
