@@ -54,6 +54,7 @@ import torch
 from .errors import SaescopeError
 from .fsio import read_json, write_json
 from .runs import Run
+from .splice import Intervention, steering_rows
 
 CALIBRATION_FILE = "steer_calibration.json"
 CALIBRATION_PROMPTS = ("Here is what I wrote about it:", "Let me tell you something.", "It all started when",
@@ -160,8 +161,6 @@ class ConceptChoice:
 
 def concept_interventions(features: list[tuple[str, int]], strength: float):
     """Add `features` together at `strength` (× max activation) in all: each gets strength / len(features)."""
-    from .steer import Intervention
-
     return [Intervention(sid, idx, "add", strength / len(features)) for sid, idx in features]
 
 
@@ -397,8 +396,6 @@ def _probe(lm, saes, typical, pool: list[Candidate], words: list[str], cfg: Conc
     the concept may still not move the model's output once the later layers have read it; this measures
     that. A difference, not a ratio: a feature that only flattens the distribution gains rare words a
     large ratio but little probability."""
-    from .steer import steering_rows
-
     targets = _word_tokens(lm.tokenizer, words)
     if not targets:
         return
@@ -449,8 +446,6 @@ def generate_rows(lm, saes, typical, prompts: list[str], rows: list[list], token
                   sample: bool = True) -> list[torch.Tensor]:
     """Continue every prompt under its own interventions (one batched, left-padded generate)."""
     from transformers import GenerationConfig
-
-    from .steer import steering_rows
 
     tok = lm.tokenizer
     ids, mask = _left_padded(lm, prompts)

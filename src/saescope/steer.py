@@ -1,22 +1,4 @@
-"""Generation with SAE feature interventions, and a measurement of what they did.
-
-Three interventions, each on one feature of one SAE (``w_dec[idx]`` is the feature's
-direction in model activation units; ``f`` are the SAE's codes of the activation x):
-
-    add     x' = x + value · typical · w_dec[idx]            at every position
-    clamp   x' = x + (value − f_idx(x)) · w_dec[idx]         = decode(f') + (x − decode(f)), f'_idx = value
-    ablate  clamp with value 0 (an inactive feature leaves x bit-identical)
-
-``typical`` makes ``add`` strengths comparable between features: it is the feature's
-``max_act`` in features.sqlite (the largest activation seen by the analysis, so
-strength 1 adds the feature "as strongly as it ever fires"), or 1 when the run has
-no statistics for it (then the strength is in activation units). Clamp values are
-always in activation units.
-
-`steering(...)` is a context manager: one hook per site (adds first, then clamps,
-so a clamp holds on the final activation), removed in ``finally`` whatever happens.
-Positions holding the BOS token are never modified (the attention sink). Hooks act
-on every forward, including the one-token forwards of cached generation.
+"""Generation with SAE feature interventions (splice.py), and a measurement of what they did.
 
 `steer(...)` generates the same prompt with and without the interventions (same
 seed) and measures the effect (see `Effect`); `sweep(...)` does it for a list of
@@ -25,236 +7,34 @@ strengths and plots effect against perplexity cost.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from . import conceptsteer
 from .errors import SaescopeError
 from .fsio import atomic_path
 from .harvest import capture
-from .models import LoadedModel, Site
+from .models import LoadedModel
 from .sae import SAE
+from .splice import (  # noqa: F401  (MAX_STRENGTH, steering_rows: re-exported, the public steering API)
+    MAX_STRENGTH,
+    MODES,
+    Intervention,
+    _feature_code,
+    _plans,
+    check_strength,
+    steering,
+    steering_rows,
+)
 from .tokens import token_text
 
-if TYPE_CHECKING:
-    from .conceptsteer import ConceptEffect
-
-Mode = Literal["add", "clamp", "ablate"]
-MODES = ("add", "clamp", "ablate")
-MAX_STRENGTH = 1000.0
-"""Largest |strength| of an `add` (× the feature's typical activation): beyond it the text is noise or NaN."""
-MAX_CLAMP = 1e5
-"""Largest |value| of a clamp (activation units)."""
 TOP_TOKENS = 10
 """How many promoted tokens the probability metric sums over."""
-
-
-@dataclass(frozen=True)
-class Intervention:
-    """Change feature `idx` of SAE `sae_id`: add `value`·typical·w_dec, clamp to `value`, or ablate."""
-
-    sae_id: str
-    idx: int
-    mode: Mode = "add"
-    value: float = 0.0
-    """add: strength (× typical activation); clamp: the feature's value in activation units; ablate: ignored."""
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise SaescopeError(f"unknown intervention mode '{self.mode}': choose from {', '.join(MODES)}")
-        check_strength(self.value, self.mode, f"feature {self.sae_id}:{self.idx}")
-        if self.mode == "ablate" and self.value != 0:
-            object.__setattr__(self, "value", 0.0)
-
-    def __str__(self) -> str:
-        tail = {"add": f"={self.value:g}", "clamp": f"@clamp={self.value:g}", "ablate": "@ablate"}[self.mode]
-        return f"{self.sae_id}:{self.idx}{tail}"
-
-
-def check_strength(value: float, mode: Mode = "add", what: str = "the strength") -> float:
-    """The one check of a steering strength (CLI, API, web): finite and within ±MAX_STRENGTH (±MAX_CLAMP for clamps)."""
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise SaescopeError(f"{what} has strength {value!r}: give a number") from None
-    bound, word = (MAX_CLAMP, "value") if mode == "clamp" else (MAX_STRENGTH, "strength")
-    if not math.isfinite(value):
-        raise SaescopeError(f"{what} has {word} {value}: give a finite number")
-    if abs(value) > bound:
-        raise SaescopeError(f"{what} has {word} {value:g}, beyond ±{bound:g}: give a smaller number")
-    return value
-
-
-# ---------------------------------------------------------------------------- hooks
-
-
-@dataclass
-class _Clamp:
-    sae: SAE
-    idx: int
-    value: float
-    direction: torch.Tensor  # (d_in,) w_dec[idx]
-
-
-@dataclass
-class _SitePlan:
-    site: Site
-    add: torch.Tensor | None = None  # (d_in,) sum of every add vector at this site
-    clamps: list[_Clamp] = field(default_factory=list)
-
-
-def _feature_code(sae: SAE, x: torch.Tensor, idx: int) -> torch.Tensor:
-    """f_idx(x) for (..., d_in) x without computing every code (except for topk, which needs them all)."""
-    if sae.cfg.architecture == "topk":
-        return sae.encode(x)[..., idx]
-    if sae.cfg.pre_bias:
-        x = x - sae.b_dec
-    z = x @ sae.w_enc[:, idx] + sae.b_enc[idx]  # (...,)
-    if sae.cfg.architecture == "relu":
-        return z.relu()
-    return z * (z > sae.threshold[idx])
-
-
-class _Steerer:
-    """The hooks of one `steering` context. `keep` masks the BOS positions of the current forward."""
-
-    def __init__(self, lm: LoadedModel, plans: list[_SitePlan]):
-        self.lm = lm
-        self.plans = plans
-        self.keep: torch.Tensor | None = None  # (batch, seq, 1) True where a position may change
-
-    def record_ids(self, module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        bos = self.lm.bos_id
-        self.keep = None if ids is None or bos is None else (ids != bos).unsqueeze(-1)
-
-    def after_forward(self, module, args, kwargs, output):
-        self.keep = None  # also runs when the forward raised (always_call); output is then None
-        logits = getattr(output, "logits", None)
-        if isinstance(logits, torch.Tensor) and not torch.isfinite(logits).all():
-            raise SaescopeError("steering made the model's output NaN or Inf: lower the strengths")
-
-    def apply(self, plan: _SitePlan, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 3 or x.shape[-1] != plan.site.width:
-            return x  # not the activation we planned for (a direct call of a submodule)
-        new = x.float()
-        if plan.add is not None:
-            new = new + plan.add.to(new.device)
-        for c in plan.clamps:
-            sae_x = new.to(c.sae.w_enc.device)
-            delta = (c.value - _feature_code(c.sae, sae_x, c.idx)).unsqueeze(-1) * c.direction
-            new = new + delta.to(new.device)
-        if not torch.isfinite(new).all():
-            raise SaescopeError(f"steering made the activation at {plan.site.key} NaN or Inf: lower the strengths")
-        new = new.to(x.dtype)
-        keep = self.keep
-        if keep is not None and keep.shape[:2] == x.shape[:2]:
-            new = torch.where(keep.to(x.device), new, x)
-        return new
-
-    def output_hook(self, plan: _SitePlan):
-        def hook(module, args, output):
-            if isinstance(output, tuple):
-                return (self.apply(plan, output[0]), *output[1:])
-            return self.apply(plan, output)
-
-        return hook
-
-    def input_hook(self, plan: _SitePlan):
-        def hook(module, args):
-            if not args:
-                return None
-            return (self.apply(plan, args[0]), *args[1:])
-
-        return hook
-
-
-def _plans(lm: LoadedModel, saes: dict[str, SAE], interventions: Sequence[Intervention],
-           typical: dict | None) -> list[_SitePlan]:
-    """Check every intervention and group them by site (one hook per site)."""
-    by_site: dict[str, _SitePlan] = {}
-    typical = typical or {}
-    for iv in interventions:
-        if not isinstance(iv, Intervention):
-            raise SaescopeError(f"expected an Intervention, got {iv!r}: use parse_feature_spec for strings")
-        sae = saes.get(iv.sae_id)
-        if sae is None:
-            raise SaescopeError(f"no SAE '{iv.sae_id}' was given for feature {iv}: pass it in `saes`")
-        if not 0 <= int(iv.idx) < sae.cfg.width:
-            raise SaescopeError(f"feature index {iv.idx} is out of range: {iv.sae_id} has features "
-                                f"0..{sae.cfg.width - 1}")
-        site = lm.site(sae.cfg.site, sae.cfg.layer)
-        if site.width != sae.cfg.d_in:
-            raise SaescopeError(f"SAE {iv.sae_id} reads {sae.cfg.d_in}-wide activations but {site.key} of "
-                                f"{lm.name} is {site.width} wide: use SAEs trained on this model")
-        plan = by_site.setdefault(site.key, _SitePlan(site))
-        direction = sae.w_dec[int(iv.idx)].detach().float()
-        if iv.mode == "add":
-            vec = float(iv.value) * float(typical.get((iv.sae_id, int(iv.idx)), 1.0)) * direction
-            if not torch.isfinite(vec).all():
-                raise SaescopeError(f"feature {iv} gives a NaN/Inf steering vector: lower the strength")
-            vec = vec.to(lm.device)
-            plan.add = vec if plan.add is None else plan.add + vec
-        else:
-            plan.clamps.append(_Clamp(sae, int(iv.idx), float(iv.value), direction.to(sae.w_enc.device)))
-    return list(by_site.values())
-
-
-@contextlib.contextmanager
-def steering(lm: LoadedModel, saes: dict[str, SAE], interventions: Sequence[Intervention],
-             typical: dict[tuple[str, int], float] | None = None) -> Iterator[None]:
-    """Apply `interventions` to every forward of `lm.model` inside the block.
-
-    `saes` maps each intervention's `sae_id` to its SAE; `typical[(sae_id, idx)]` scales
-    `add` strengths (missing: 1). Hooks are removed on exit, also after an exception.
-    """
-    with _hooked(lm, _plans(lm, saes, interventions, typical)):
-        yield
-
-
-@contextlib.contextmanager
-def steering_rows(lm: LoadedModel, saes: dict[str, SAE], rows: Sequence[Sequence[Intervention]],
-                  typical: dict[tuple[str, int], float] | None = None) -> Iterator[None]:
-    """Like `steering`, but batch row r gets its own `add` interventions `rows[r]` (an empty list:
-    unsteered), so one batched `generate` tries many features and strengths at once."""
-    by_site: dict[str, _SitePlan] = {}
-    per_row = [_plans(lm, saes, ivs, typical) for ivs in rows]
-    for r, plans in enumerate(per_row):
-        for plan in plans:
-            if plan.clamps:
-                raise SaescopeError("steering_rows takes add interventions only")
-            merged = by_site.setdefault(plan.site.key, _SitePlan(plan.site))
-            if merged.add is None:
-                merged.add = torch.zeros(len(rows), 1, plan.site.width, device=lm.device)
-            merged.add[r, 0] += plan.add
-    with _hooked(lm, list(by_site.values())):
-        yield
-
-
-@contextlib.contextmanager
-def _hooked(lm: LoadedModel, plans: list[_SitePlan]) -> Iterator[None]:
-    """One hook per site plan (and the BOS bookkeeping), removed in `finally`."""
-    steerer = _Steerer(lm, plans)
-    handles = []
-    try:
-        if plans:
-            handles.append(lm.model.register_forward_pre_hook(steerer.record_ids, with_kwargs=True))
-            handles.append(lm.model.register_forward_hook(steerer.after_forward, with_kwargs=True, always_call=True))
-        for plan in plans:
-            if plan.site.io == "output":
-                handles.append(plan.site.module.register_forward_hook(steerer.output_hook(plan)))
-            else:
-                handles.append(plan.site.module.register_forward_pre_hook(steerer.input_hook(plan)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 # ---------------------------------------------------------------------------- generation
@@ -349,7 +129,7 @@ class SteerResult:
     effects: list[Effect]
     ce_unsteered: float
     ce_steered: float
-    concept: ConceptEffect | None = None  # steering by concept: the choice and the concept's rise
+    concept: conceptsteer.ConceptEffect | None = None  # steering by concept: the choice and the concept's rise
 
     @property
     def ppl_cost(self) -> float:
@@ -587,23 +367,19 @@ def steer(source, prompt: str, interventions: Sequence[Intervention | str] = (),
     base = _baseline(s, prompt_ids, max_new_tokens, greedy, temperature, seed)
     result = _steered(s, prompt, prompt_ids, base, max_new_tokens, greedy, temperature, seed)
     if choice is not None:
-        from .conceptsteer import measure_effect
-
-        result.concept = measure_effect(choice, result.unsteered, result.steered)
+        result.concept = conceptsteer.measure_effect(choice, result.unsteered, result.steered)
     return result
 
 
 def _concept_choice(run, concept, strength, config):
     if concept is None:
         return None
-    from .conceptsteer import ConceptSteerConfig, choose, fixed
-
     if run is None:
         raise SaescopeError("steering by concept searches a run's features: give a run, not a bare model")
-    cfg = config or ConceptSteerConfig()
+    cfg = config or conceptsteer.ConceptSteerConfig()
     if strength is not None:
-        return fixed(run, concept, check_strength(strength, "add", f"concept '{concept}'"), cfg)
-    return choose(run, concept, cfg, lm=run.model)
+        return conceptsteer.fixed(run, concept, check_strength(strength, "add", f"concept '{concept}'"), cfg)
+    return conceptsteer.choose(run, concept, cfg, lm=run.model)
 
 
 def sweep(source, prompt: str, feature: Intervention | str, strengths: Sequence[float], *,
