@@ -99,6 +99,8 @@ def hook_module(module: nn.Module, io: str, fn: SiteFn) -> RemovableHandle:
         return module.register_forward_hook(out_hook)
 
     def in_hook(module, args):
+        if not args:  # called with keyword arguments only: not the activation we hook
+            return None
         new = fn(args[0])
         return None if new is None else (new, *args[1:])
 

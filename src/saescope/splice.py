@@ -22,6 +22,7 @@ on every forward, including the one-token forwards of cached generation.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -144,22 +145,6 @@ class _Steerer:
             new = torch.where(keep.to(x.device), new, x)
         return new
 
-    def output_hook(self, plan: _SitePlan):
-        def hook(module, args, output):
-            if isinstance(output, tuple):
-                return (self.apply(plan, output[0]), *output[1:])
-            return self.apply(plan, output)
-
-        return hook
-
-    def input_hook(self, plan: _SitePlan):
-        def hook(module, args):
-            if not args:
-                return None
-            return (self.apply(plan, args[0]), *args[1:])
-
-        return hook
-
 
 def _plans(lm: LoadedModel, saes: dict[str, SAE], interventions: Sequence[Intervention],
            typical: dict | None) -> list[_SitePlan]:
@@ -234,10 +219,7 @@ def _hooked(lm: LoadedModel, plans: list[_SitePlan]) -> Iterator[None]:
             handles.append(lm.model.register_forward_pre_hook(steerer.record_ids, with_kwargs=True))
             handles.append(lm.model.register_forward_hook(steerer.after_forward, with_kwargs=True, always_call=True))
         for plan in plans:
-            if plan.site.io == "output":
-                handles.append(plan.site.module.register_forward_hook(steerer.output_hook(plan)))
-            else:
-                handles.append(plan.site.module.register_forward_pre_hook(steerer.input_hook(plan)))
+            handles.append(plan.site.hook(functools.partial(steerer.apply, plan)))
         yield
     finally:
         for h in handles:
