@@ -20,6 +20,7 @@ from .errors import SaescopeError
 from .fsio import atomic_path
 from .harvest import capture
 from .models import LoadedModel
+from .runs import Run, as_run
 from .sae import SAE
 from .splice import (  # noqa: F401  (MAX_STRENGTH, steering_rows: re-exported, the public steering API)
     MAX_STRENGTH,
@@ -250,13 +251,8 @@ class _Setup:
 
 
 def _open_run(source):
-    from .runs import Run
-
-    if isinstance(source, Run):
-        return source
-    if isinstance(source, str | Path):
-        return Run.open(source)
-    return None
+    """A run (`runs.as_run`) when `source` is one or a folder; None for a bare LoadedModel."""
+    return as_run(source) if isinstance(source, Run | str | Path) else None
 
 
 def _setup(source, interventions, saes, typical, concept, typical_stat) -> _Setup:
