@@ -111,28 +111,52 @@ def test_pipeline_on_cuda(capsys, tiny_gemma_dir, corpus, tmp_path):  # noqa: F8
     assert all(0 <= m["fvu"] < 2 for m in metrics.values())
 
 
-@cuda
-def test_cuda_training_matches_the_cpu(tiny_gemma_dir):
-    """The same activations, trained in fp32 on the CPU and on the GPU (TF32 off), give close SAEs."""
+def _step_gradients(device: str, dense: bool, arch: str) -> tuple[float, dict]:
+    """Loss and gradients of one training step of a fresh trainer on `device`, on a batch other than the one its
+    thresholds were set from (on that batch one pre-activation per feature sits exactly on θ, so rounding alone
+    decides whether it fires: 1e-7 relative noise there moves the loss by 2% and the gradients by 5–11%)."""
     from saescope.sae import SAEConfig
-    from saescope.train import Chunk, MultiTrainer, TrainConfig
+    from saescope.train import SAETrainer, TrainConfig
 
-    torch.manual_seed(0)
-    x = torch.randn(4096, 32) @ torch.randn(32, 32)
-    cfg = SAEConfig(d_in=32, width=128, architecture="jump_relu", l0=6, site="resid_post", layer=0)
+    gen = torch.Generator().manual_seed(0)
+    mix = torch.randn(24, 24, generator=gen)
+    x0, x1 = (torch.randn(1024, 24, generator=gen) @ mix for _ in range(2))
+    cfg = SAEConfig(d_in=24, width=512, architecture=arch, l0=6, site="resid_post", layer=0)
+    t = SAETrainer(cfg, TrainConfig(tokens=10**6, batch_size=1024), device=device, dense=dense)
+    t._first_batch(x0.to(device), 1024)
+    xn = x1.to(device) / t.scale
+    fwd = (t._forward_dense if dense else t._forward_sparse)(xn, t._log_lambda.exp().float(), (0, 1024))
+    fwd.loss.backward()
+    grads = {n: getattr(t.sae, n).grad for n in ("w_enc", "w_dec", "b_enc", "b_dec", "threshold")}
+    return float(fwd.loss.detach()), {n: g.detach().cpu() for n, g in grads.items() if g is not None}
+
+
+def _assert_same_step(a: tuple[float, dict], b: tuple[float, dict], tol: float) -> None:
+    assert a[1].keys() == b[1].keys()
+    assert abs(a[0] - b[0]) <= tol * abs(a[0]), (a[0], b[0])
+    for name, g in a[1].items():
+        rel = float((g - b[1][name]).norm() / g.norm().clamp_min(1e-30))
+        assert rel <= tol, (name, rel)
+
+
+@pytest.mark.parametrize("arch", ["jump_relu", "batchtopk", "topk"])
+def test_one_step_dense_and_sparse_give_the_same_gradients(arch):
+    """The comparison the CUDA test below makes, here on the CPU: the dense step's gradients are the sparse step's."""
+    _assert_same_step(_step_gradients("cpu", False, arch), _step_gradients("cpu", True, arch), tol=1e-5)
+
+
+@cuda
+@pytest.mark.parametrize("arch", ["jump_relu", "batchtopk", "topk"])
+def test_cuda_step_gives_the_cpu_gradients(arch):
+    """The GPU's step (dense, fused, TF32 off) gives the CPU's loss and gradients (sparse kernels) on the same
+    activations. (It replaces a comparison of SAEs after 16 steps from the threshold-setting batch, which failed on
+    both H100 machines of 2026-11-26: rounding noise of 1e-7 in the pre-activations fails it on the CPU too.)"""
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        saes = {}
-        for dev in ("cpu", "cuda"):
-            mt = MultiTrainer([cfg], TrainConfig(tokens=4096, batch_size=256), device=dev)
-            mt.fit([Chunk({"resid_post/0": x.to(dev)}, 1)], progress=False)
-            saes[dev] = mt.trainers[0].export()
+        _assert_same_step(_step_gradients("cpu", False, arch), _step_gradients("cuda", True, arch), tol=1e-4)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
-    for name in ("w_enc", "w_dec", "b_enc", "b_dec", "threshold"):
-        a, b = getattr(saes["cpu"], name).detach(), getattr(saes["cuda"], name).detach()
-        assert torch.allclose(a, b, rtol=1e-2, atol=1e-3), (name, float((a.cpu() - b.cpu()).abs().max()))
 
 
 @cuda
