@@ -465,82 +465,10 @@ def label_llm(run: Run | str | Path, base_url: str, model: str, api_key_env: str
         with run.db() as db:
             from .offline import _space
 
-            space = _space(db, None) if concepts else None
-            table = TokenTable(db)
-            done = {(lab["sae_id"], lab["idx"]): lab["id"] for lab in db.current_labels("llm")
-                    if lab["model"] == model and not lab["stale"]}  # stale: written for replaced weights
+            labeller = _LLMLabeller(db, client, report, model, score, _space(db, None) if concepts else None)
             work = [(sae["id"], row) for sae in resolve_saes(db, sae_ids) for row in alive_features(db, sae, limit)]
             report.features = len(work)
-
-            def one(sae_id: str, row: dict) -> str:
-                idx = row["idx"]
-                label_id = done.get((sae_id, idx))
-                if label_id is not None and (not score or any(
-                        s["method"] == METHOD_LLM for s in db.scores(label_id))):
-                    return "skipped"
-                evidence = gather(db, sae_id, idx, table, stats=row)
-                if evidence is None or not evidence.labelling:
-                    raise RejectedAnswer(f"{sae_id} #{idx}: no labelling contexts")
-                if label_id is None:
-                    prompt = label_prompt(evidence)
-                    messages = [{"role": "system", "content": LABEL_SYSTEM}, {"role": "user", "content": prompt}]
-                    text = client.ask(messages, clean_label)
-                    reason = unclear_reason(text, prompt, evidence, space)
-                    text = text if reason is None else f"unclear ({reason})"
-                    label_id = db.set_label(sae_id, idx, text, source="llm", model=model)
-                    outcome = "labelled"
-                else:
-                    text = next(lab["text"] for lab in db.labels(sae_id, idx) if lab["id"] == label_id)
-                    outcome = "skipped"
-                if text.startswith("unclear ("):
-                    with lock:
-                        report.unclear += 1
-                    return outcome
-                if score and space is not None:
-                    from .concepts import text_explanation
-                    from .scoring import score_explanation
-
-                    with lock:  # one encoder call at a time
-                        expl = text_explanation(space, evidence, text)
-                    score_explanation(space, evidence, expl, db=db, label_id=label_id)
-                if score:
-                    try:
-                        result = score_llm(evidence, text, client.ask, db=db, label_id=label_id)
-                    except RejectedAnswer as err:  # the label stays; a re-run retries the score
-                        result = None
-                        with lock:
-                            report.errors.append(f"{sae_id} #{idx} (scoring): {err}")
-                    with lock:
-                        if result is None:
-                            report.unscored += 1
-                        else:
-                            report.scored += 1
-                            report.score_sum += result.value
-                return outcome
-
-            lock = threading.Lock()
-            bar = tqdm(total=len(work), desc=f"llm labels ({model})", unit="feat", disable=not progress,
-                       dynamic_ncols=True)
-            pool = cf.ThreadPoolExecutor(max_workers=int(concurrency))
-            try:
-                futures = {pool.submit(one, s, row): (s, row["idx"]) for s, row in work}
-                for fut in cf.as_completed(futures):
-                    sae_id, idx = futures[fut]
-                    try:
-                        outcome = fut.result()
-                    except RejectedAnswer as err:
-                        report.note_error(f"{sae_id} #{idx}: {err}")
-                    else:
-                        setattr(report, outcome, getattr(report, outcome) + 1)
-                    c = client.counters
-                    bar.set_postfix(tok=c.prompt_tokens + c.completion_tokens, failed=report.failed, refresh=False)
-                    bar.update()
-            except BaseException:
-                client.cancel()  # requests in flight stop at their next try
-                raise
-            finally:
-                pool.shutdown(wait=True, cancel_futures=True)
-                bar.close()
+            _label_all(work, labeller, int(concurrency), progress)
     finally:
         if llm_cache is not None:
             llm_cache.close()
@@ -549,3 +477,92 @@ def label_llm(run: Run | str | Path, base_url: str, model: str, api_key_env: str
         report.prompt_tokens, report.completion_tokens = c.prompt_tokens, c.completion_tokens
         report.seconds = time.time() - t0
     return report
+
+
+class _LLMLabeller:
+    """One `label_llm` call's shared state; `one` labels (and scores) one feature, from any worker thread."""
+
+    def __init__(self, db, client: LLMClient, report: LabelReport, model: str, score: bool, space):
+        self.db, self.client, self.report, self.model, self.score, self.space = db, client, report, model, score, space
+        self.table = TokenTable(db)
+        self.done = {(lab["sae_id"], lab["idx"]): lab["id"] for lab in db.current_labels("llm")
+                     if lab["model"] == model and not lab["stale"]}  # stale: written for replaced weights
+        self.lock = threading.Lock()
+
+    def one(self, sae_id: str, row: dict) -> str:
+        db, idx = self.db, row["idx"]
+        label_id = self.done.get((sae_id, idx))
+        if label_id is not None and (not self.score or any(
+                s["method"] == METHOD_LLM for s in db.scores(label_id))):
+            return "skipped"
+        evidence = gather(db, sae_id, idx, self.table, stats=row)
+        if evidence is None or not evidence.labelling:
+            raise RejectedAnswer(f"{sae_id} #{idx}: no labelling contexts")
+        if label_id is None:
+            prompt = label_prompt(evidence)
+            messages = [{"role": "system", "content": LABEL_SYSTEM}, {"role": "user", "content": prompt}]
+            text = self.client.ask(messages, clean_label)
+            reason = unclear_reason(text, prompt, evidence, self.space)
+            text = text if reason is None else f"unclear ({reason})"
+            label_id = db.set_label(sae_id, idx, text, source="llm", model=self.model)
+            outcome = "labelled"
+        else:
+            text = next(lab["text"] for lab in db.labels(sae_id, idx) if lab["id"] == label_id)
+            outcome = "skipped"
+        if text.startswith("unclear ("):
+            with self.lock:
+                self.report.unclear += 1
+            return outcome
+        if self.score:
+            self._score(sae_id, idx, evidence, text, label_id)
+        return outcome
+
+    def _score(self, sae_id: str, idx: int, evidence, text: str, label_id: int) -> None:
+        """The offline vectors' scores (with the local embedding model) and the LLM's detection score."""
+        report = self.report
+        if self.space is not None:
+            from .concepts import text_explanation
+            from .scoring import score_explanation
+
+            with self.lock:  # one encoder call at a time
+                expl = text_explanation(self.space, evidence, text)
+            score_explanation(self.space, evidence, expl, db=self.db, label_id=label_id)
+        try:
+            result = score_llm(evidence, text, self.client.ask, db=self.db, label_id=label_id)
+        except RejectedAnswer as err:  # the label stays; a re-run retries the score
+            result = None
+            with self.lock:
+                report.errors.append(f"{sae_id} #{idx} (scoring): {err}")
+        with self.lock:
+            if result is None:
+                report.unscored += 1
+            else:
+                report.scored += 1
+                report.score_sum += result.value
+
+
+def _label_all(work: list, labeller: _LLMLabeller, concurrency: int, progress: bool) -> None:
+    """`labeller.one` over `work` in a thread pool, with a progress bar; an interrupt cancels the requests."""
+    report, client = labeller.report, labeller.client
+    bar = tqdm(total=len(work), desc=f"llm labels ({labeller.model})", unit="feat", disable=not progress,
+               dynamic_ncols=True)
+    pool = cf.ThreadPoolExecutor(max_workers=concurrency)
+    try:
+        futures = {pool.submit(labeller.one, s, row): (s, row["idx"]) for s, row in work}
+        for fut in cf.as_completed(futures):
+            sae_id, idx = futures[fut]
+            try:
+                outcome = fut.result()
+            except RejectedAnswer as err:
+                report.note_error(f"{sae_id} #{idx}: {err}")
+            else:
+                setattr(report, outcome, getattr(report, outcome) + 1)
+            c = client.counters
+            bar.set_postfix(tok=c.prompt_tokens + c.completion_tokens, failed=report.failed, refresh=False)
+            bar.update()
+    except BaseException:
+        client.cancel()  # requests in flight stop at their next try
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
