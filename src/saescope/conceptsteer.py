@@ -284,6 +284,7 @@ def _decide(concept: str, cands: list[Candidate], words: list[str], cfg: Concept
     passed = [(c, _taken(c)) for c in cands if c.strength is not None]
     if passed:  # the candidate whose texts mention the concept most often at its smallest passing strength
         best, rung = max(passed, key=lambda cr: _merit(cr[1]))
+        assert best.strength is not None
         pull = "" if best.pull is None else f", {best.pull:+.1%} next-token probability on its words at ×{cfg.probe:g}"
         each = f" (×{best.strength / len(best.features):.3g} each)" if len(best.features) > 1 else ""
         reason = (f"{_name(best)} writes '{concept}' (output similarity {best.output_match:.2f}{pull}); "
@@ -292,8 +293,12 @@ def _decide(concept: str, cands: list[Candidate], words: list[str], cfg: Concept
                   f"{rung.texts} sampled texts on {len(CALIBRATION_PROMPTS)} calibration prompts mention the concept "
                   f"with no more loops than unsteered (distinct bigrams {rung.distinct2:.2f}, CE cost {rung.cost:+.2f})")
         return ConceptChoice(concept, best.features, best.strength, reason, cands, words, calibrated=True)
-    best, rung = max(((c, r) for c in cands for r in _safe(c)), key=lambda cr: _merit(cr[1]), default=(cands[0], None))
-    strength = rung.strength if rung is not None else min(cfg.ladder)
+    safe = [(c, r) for c in cands for r in _safe(c)]
+    if safe:
+        best, last = max(safe, key=lambda cr: _merit(cr[1]))
+        strength = last.strength
+    else:
+        best, strength = cands[0], min(cfg.ladder)
     reason = (f"no strength made '{concept}' show without degenerating the text; steering {_name(best)} "
               f"(output similarity {best.output_match:.2f}) at ×{strength:g}, the strongest showing below its loops")
     return ConceptChoice(concept, best.features, strength, reason, cands, words, calibrated=False)

@@ -162,7 +162,8 @@ def _fuse(fn):
             compiled = fn
             return fn(*args)
 
-    run.__name__, run.eager = fn.__name__, fn
+    run.__name__ = fn.__name__
+    run.eager = fn  # type: ignore[attr-defined]  # the eager form, for tests
     return run
 
 

@@ -353,7 +353,8 @@ class LLMClient:
             self._count(requests=1)
             try:
                 resp = self._client.chat.completions.create(
-                    model=self.model, messages=messages, temperature=self.temperature, max_tokens=self.max_tokens)
+                    model=self.model, messages=messages,  # type: ignore[arg-type]  # plain role/content dicts
+                    temperature=self.temperature, max_tokens=self.max_tokens)
             except openai.NotFoundError as err:
                 raise SaescopeError(f"model {self.model!r} not found at {self.base_url} (HTTP 404: "
                                     f"{_server_message(err)}): check --model, and that the URL ends in /v1") from err
@@ -370,8 +371,8 @@ class LLMClient:
                 if err.status_code not in (408, 409, 429) and err.status_code < 500:
                     raise RejectedAnswer(f"HTTP {err.status_code}: {_server_message(err)}") from err
                 last = err
-                wait = _retry_after(err)
-                wait = self._backoff(attempt) if wait is None else wait
+                asked = _retry_after(err)
+                wait = self._backoff(attempt) if asked is None else asked
             except openai.APIError as err:  # e.g. a 200 whose body is not a completion
                 raise RejectedAnswer(f"malformed response: {err}") from err
             else:
@@ -501,7 +502,7 @@ class _LLMLabeller:
         if label_id is None:
             prompt = label_prompt(evidence)
             messages = [{"role": "system", "content": LABEL_SYSTEM}, {"role": "user", "content": prompt}]
-            text = self.client.ask(messages, clean_label)
+            text = str(self.client.ask(messages, clean_label))
             reason = unclear_reason(text, prompt, evidence, self.space)
             text = text if reason is None else f"unclear ({reason})"
             label_id = db.set_label(sae_id, idx, text, source="llm", model=self.model)
