@@ -159,7 +159,7 @@ def test_feature_code_matches_encode():
             sae.threshold.fill_(0.3)
         x = torch.randn(2, 5, 16, generator=g)
         for idx in (0, 7, 31):
-            torch.testing.assert_close(st._feature_code(sae, x, idx), sae.encode(x)[..., idx])
+            torch.testing.assert_close(sae.feature_code(x, idx), sae.encode(x)[..., idx])
 
 
 # ---------------------------------------------------------------------------- bad input

@@ -294,13 +294,8 @@ def _store_vocab(db: FeatureDB, lm: LoadedModel) -> None:
 
 
 def encode(sae: SAE, x: torch.Tensor) -> torch.Tensor:
-    """SAE codes (n, width), negative codes set to 0 (only positive codes count as firing);
-    an in-place fast path of `SAE.encode` for thresholded SAEs."""
-    cfg = sae.cfg
-    if cfg.architecture in ("jump_relu", "batchtopk") and not cfg.pre_bias:
-        z = torch.addmm(sae.b_enc, x, sae.w_enc)  # (n, width)
-        return z.masked_fill_(z <= sae.threshold.clamp(min=0), 0.0)
-    return sae.encode(x).clamp_(min=0)
+    """SAE codes (n, width), negative codes set to 0: `SAE.codes`."""
+    return sae.codes(x)
 
 
 # --------------------------------------------------------------------------- per-batch state

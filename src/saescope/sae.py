@@ -242,6 +242,26 @@ class SAE(nn.Module):
         """(batch, d_in) -> (batch, width) codes."""
         return self.activate(self.pre_acts(x))
 
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, d_in) -> (n, width) codes with negatives set to 0 (only positive codes count as firing): the
+        atlas's encoding, in place for thresholded SAEs (no autograd, one (n × width) buffer)."""
+        cfg = self.cfg
+        if cfg.architecture in ("jump_relu", "batchtopk") and not cfg.pre_bias:
+            z = torch.addmm(self.b_enc, x, self.w_enc)  # (n, width)
+            return z.masked_fill_(z <= self.threshold.clamp(min=0), 0.0)
+        return self.encode(x).clamp_(min=0)
+
+    def feature_code(self, x: torch.Tensor, idx: int) -> torch.Tensor:
+        """Code `idx` of (..., d_in) x without computing every code (except for topk, which needs them all)."""
+        if self.cfg.architecture == "topk":
+            return self.encode(x)[..., idx]
+        if self.cfg.pre_bias:
+            x = x - self.b_dec
+        z = x @ self.w_enc[:, idx] + self.b_enc[idx]  # (...,)
+        if self.cfg.architecture == "relu":
+            return z.relu()
+        return z * (z > self.threshold[idx])
+
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         return f @ self.w_dec + self.b_dec  # (batch, d_in)
 

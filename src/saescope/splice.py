@@ -96,18 +96,6 @@ class _SitePlan:
     clamps: list[_Clamp] = field(default_factory=list)
 
 
-def _feature_code(sae: SAE, x: torch.Tensor, idx: int) -> torch.Tensor:
-    """f_idx(x) for (..., d_in) x without computing every code (except for topk, which needs them all)."""
-    if sae.cfg.architecture == "topk":
-        return sae.encode(x)[..., idx]
-    if sae.cfg.pre_bias:
-        x = x - sae.b_dec
-    z = x @ sae.w_enc[:, idx] + sae.b_enc[idx]  # (...,)
-    if sae.cfg.architecture == "relu":
-        return z.relu()
-    return z * (z > sae.threshold[idx])
-
-
 class _Steerer:
     """The hooks of one `steering` context. `keep` masks the BOS positions of the current forward."""
 
@@ -135,7 +123,7 @@ class _Steerer:
             new = new + plan.add.to(new.device)
         for c in plan.clamps:
             sae_x = new.to(c.sae.w_enc.device)
-            delta = (c.value - _feature_code(c.sae, sae_x, c.idx)).unsqueeze(-1) * c.direction
+            delta = (c.value - c.sae.feature_code(sae_x, c.idx)).unsqueeze(-1) * c.direction
             new = new + delta.to(new.device)
         if not torch.isfinite(new).all():
             raise SaescopeError(f"steering made the activation at {plan.site.key} NaN or Inf: lower the strengths")

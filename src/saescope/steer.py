@@ -26,7 +26,6 @@ from .splice import (  # noqa: F401  (MAX_STRENGTH, steering_rows: re-exported, 
     MAX_STRENGTH,
     MODES,
     Intervention,
-    _feature_code,
     _plans,
     check_strength,
     steering,
@@ -168,7 +167,7 @@ def _forward_measure(lm: LoadedModel, prompt_ids: torch.Tensor, new_ids: torch.T
         for t in targets:
             sae = saes[t.sae_id]
             x = store[sites[t.sae_id].key][0, p:].float().to(sae.w_enc.device)  # (n, d_in)
-            acts[(t.sae_id, t.idx)] = float(_feature_code(sae, x, t.idx).mean())
+            acts[(t.sae_id, t.idx)] = float(sae.feature_code(x, t.idx).mean())
     logp = logits.log_softmax(-1)
     ce = float(-logp.gather(1, new_ids.to(logp.device)[:, None]).mean())
     probs = {}
