@@ -351,7 +351,7 @@ def test_sae_page_paging_sort_and_filters(server, page, atlas_dir):
     from saescope.runs import Run
 
     sae_id = Run.open(atlas_dir).sae_ids()[1]
-    page.goto(f"{server.url}/#/sae/{quote(sae_id, safe='')}?order=idx&dir=asc&n=10")
+    page.goto(f"{server.url}/#/sae/{quote(sae_id, safe='')}?order=idx&dir=asc&n=10&state=all")
     page.wait_for_selector("#sae-features")
 
     def shown():
@@ -374,12 +374,18 @@ def test_sae_page_paging_sort_and_filters(server, page, atlas_dir):
     assert shown() == sorted(dead, reverse=True)[:10]
     page.select_option("#sae-state", "all")
     until(page, "document.getElementById('sae-range').textContent.endsWith('of 32')")
+    assert page.input_value("#sae-state") == "all"
     page.fill("#sae-minfreq", "1")
     page.fill("#sae-maxfreq", "20")
     page.click("#sae-filter-go")
     band = [f["idx"] for f in every if 0.01 <= f["frequency"] <= 0.2]
     until(page, f"document.getElementById('sae-range').textContent.endsWith('of {len(band)}')")
     assert set(shown()) <= set(band)
+    page.goto(f"{server.url}/#/sae/{quote(sae_id, safe='')}")  # by default: alive, not dense
+    sparse = [f["idx"] for f in every if f["n_fired"] and f["frequency"] <= 0.1]
+    until(page, f"location.hash.indexOf('state') < 0 && "
+                f"document.getElementById('sae-range').textContent.endsWith('of {len(sparse)}')")
+    assert page.input_value("#sae-state") == "sparse" and sorted(shown()) == sorted(sparse)
 
 
 def test_steering_streams_with_progress_and_cancels(server, page, fired, shots):

@@ -236,7 +236,8 @@ def test_feature_pages_sort_and_filters(client, sae_ids):
     assert [f["frequency"] for f in up] == sorted(freqs)
     by = {f["idx"]: f for f in everything["features"]}
     for state, keep in (("dead", lambda f: not f["n_fired"]), ("alive", lambda f: f["n_fired"] > 0),
-                        ("dense", lambda f: f["frequency"] > 0.1)):
+                        ("dense", lambda f: f["frequency"] > 0.1),
+                        ("sparse", lambda f: f["n_fired"] > 0 and f["frequency"] <= 0.1)):
         got = client.get(path, params={"state": state, "limit": 500}).json()
         assert {f["idx"] for f in got["features"]} == {i for i, f in by.items() if keep(f)}, state
         assert got["total"] == len(got["features"])
@@ -678,3 +679,21 @@ def test_cli_serve(atlas_dir, monkeypatch):
     res = CliRunner().invoke(cli, ["serve", str(atlas_dir), "--host", "0.0.0.0", "--token", TOKEN])
     assert res.exit_code == 0 and f"?token={TOKEN}" in res.output
     assert calls[-1][1]["host"] == "0.0.0.0"
+
+
+def test_cli_feature_shows_similar_features(atlas_dir, fired):
+    from click.testing import CliRunner
+
+    from saescope.cli import cli
+    from saescope.scope import Scope
+
+    sae_id, idx = fired
+    res = CliRunner().invoke(cli, ["feature", str(atlas_dir), sae_id, str(idx)])
+    assert res.exit_code == 0, res.output
+    with Scope.open(atlas_dir) as scope:
+        groups = scope.similar(sae_id, idx, k=5)
+    for g in groups:
+        line = next(x for x in res.output.splitlines() if x.startswith(f"similar in layer {g['layer']} "))
+        assert [int(m) for m in re.findall(r"#(\d+) -?\d\.\d\d", line)] == [f["idx"] for f in g["features"]]
+    card = json.loads(CliRunner().invoke(cli, ["feature", str(atlas_dir), sae_id, str(idx), "--json"]).output)
+    assert card["similar"] == groups

@@ -50,7 +50,7 @@ SOURCES = ("human", "llm", "offline")
 ORDERS = {"frequency": "frequency DESC", "max_act": "max_act DESC", "mean_act": "mean_act DESC",
           "n_fired": "n_fired DESC", "idx": "idx ASC"}
 PAGE_ORDERS = ("frequency", "max_act", "mean_act", "n_fired", "idx", "score")
-STATES = ("all", "alive", "dead", "dense")
+STATES = ("all", "alive", "dead", "dense", "sparse")
 DENSE_FREQUENCY = 0.1
 """A feature that fires on more than this fraction of tokens is dense (DESIGN.md §5)."""
 MAX_LABEL_CHARS = 500
@@ -551,8 +551,8 @@ class FeatureDB:
         """One page of an SAE's features and how many match the filters.
 
         Rows: idx, frequency, n_fired, max_act, mean_act, score (the best detection score among the
-        feature's current labels; None when unscored). `state`: all, alive (fired), dead (never fired)
-        or dense (fires on more than DENSE_FREQUENCY of tokens). A score filter drops unscored features.
+        feature's current labels; None when unscored). `state`: all, alive (fired), dead (never fired),
+        dense (fires on more than DENSE_FREQUENCY of tokens) or sparse (alive and not dense). A score filter drops unscored features.
         Unscored features sort last in both directions; ties by idx.
         """
         if order_by not in PAGE_ORDERS:
@@ -561,7 +561,8 @@ class FeatureDB:
             raise SaescopeError(f"unknown feature state {state!r}: use one of {', '.join(STATES)}")
         where, args = ["f.sae_id = ?"], [sae_id, sae_id]
         where += {"all": [], "alive": ["f.n_fired > 0"], "dead": ["COALESCE(f.n_fired, 0) = 0"],
-                  "dense": [f"f.frequency > {DENSE_FREQUENCY}"]}[state]
+                  "dense": [f"f.frequency > {DENSE_FREQUENCY}"],
+                  "sparse": ["f.n_fired > 0", f"f.frequency <= {DENSE_FREQUENCY}"]}[state]
         for column, op, value in (("f.frequency", ">=", min_frequency), ("f.frequency", "<=", max_frequency),
                                   ("s.score", ">=", min_score), ("s.score", "<=", max_score)):
             if value is not None:

@@ -357,6 +357,9 @@ def feature_card(card: dict, n_examples: int = 8, style=None) -> str:
     if card.get("logits_neg"):
         lines.append("suppresses: " + "  ".join(f"{visible(d['token'])} {d['value']:+.3g}"
                                                  for d in card["logits_neg"]))
+    for group in card.get("similar") or []:  # Scope.similar: decoder-cosine neighbours
+        lines.append(f"similar in layer {group['layer']} (decoder cosine): " + "  ".join(
+            f"#{f['idx']} {f['cosine']:.2f}" + (f" {f['label'][:40]!r}" if f["label"] else "") for f in group["features"]))
     examples = card.get("examples") or []
     scale = max((e["max_act"] for e in examples), default=0.0)
     for kind, title in (("top", "top contexts"), ("quantile", "quantile examples (weakest bin first)"),

@@ -141,7 +141,7 @@ class FeaturePageQuery(BaseModel):
     desc: bool = True
     offset: int = Field(0, ge=0, le=10**7)
     limit: int = Field(50, ge=1, le=500)
-    state: str = Field("all", pattern="^(all|alive|dead|dense)$")
+    state: str = Field("all", pattern="^(all|alive|dead|dense|sparse)$")
     min_freq: float | None = Field(None, ge=0, le=1)
     max_freq: float | None = Field(None, ge=0, le=1)
     min_score: float | None = Field(None, ge=0, le=1)

@@ -228,7 +228,7 @@ function axisTicks(values, most) {
   const step = Math.ceil((values.length - 1) / (most - 1));
   const out = values.filter((_, i) => i % step === 0);
   if (out[out.length - 1] !== values[values.length - 1]) {
-    if ((values.length - 1) % step < step / 2) out.pop();  // too close to the last: make room for it
+    if ((values.length - 1) % step < 0.7 * step) out.pop();  // too close to the last: make room for it
     out.push(values[values.length - 1]);
   }
   return out;
@@ -249,7 +249,7 @@ function saeQuery(r) {
   const p = r.params;
   return {order_by: p.get("order") || "frequency", desc: p.get("dir") !== "asc", offset: Math.max(0, Number(p.get("offset")) || 0),
           n: Math.min(500, Math.max(1, Number(p.get("n")) || PAGE)),
-          state: p.get("state") || "all", min_freq: p.get("min_freq") || "", max_freq: p.get("max_freq") || "",
+          state: p.get("state") || "sparse", min_freq: p.get("min_freq") || "", max_freq: p.get("max_freq") || "",
           min_score: p.get("min_score") || ""};
 }
 
@@ -275,7 +275,8 @@ async function pageSae(r) {
   const dir = el("button", {id: "sae-dir", type: "button", text: q.desc ? "largest first ↓" : "smallest first ↑",
     title: "reverse the order", onclick: () => go({desc: !q.desc})});
   const state = el("select", {id: "sae-state", onchange: e => go({state: e.target.value})},
-    ...[["all", "all"], ["alive", "alive (fired)"], ["dead", "dead (never fired)"], ["dense", "dense (> 10% of tokens)"]]
+    ...[["sparse", "alive, not dense"], ["all", "all"], ["alive", "alive (fired)"], ["dead", "dead (never fired)"],
+        ["dense", "dense (> 10% of tokens)"]]
       .map(([v, t]) => el("option", {value: v, text: t, selected: v === q.state})));
   const num = (id, value, ph, max) => el("input", {type: "number", id, value, placeholder: ph, min: 0, max, step: "any"});
   const minF = num("sae-minfreq", q.min_freq, "0", 100), maxF = num("sae-maxfreq", q.max_freq, "100", 100);
@@ -304,7 +305,7 @@ async function pageSae(r) {
     el("div", {class: "card"}, filters), pager,
     data.features.length ? scroller(el("table", {id: "sae-features"}, el("tr", {},
       ...["feature", "label", "label score", "frequency", "max act", "mean act"].map(h => el("th", {text: h}))), ...rows))
-      : el("p", {class: "muted", text: data.total === 0 && q.state === "all" && !q.min_freq && !q.max_freq && !q.min_score
+      : el("p", {class: "muted", text: data.total === 0 && ["all", "sparse"].includes(q.state) && !q.min_freq && !q.max_freq && !q.min_score
           ? "No analysed features yet: run `saescope analyze`." : "No feature matches these filters."}));
 }
 
@@ -658,7 +659,7 @@ function labelsCard(f) {
       el("td", {class: "label-text", text: lab.text}), el("td", {text: lab.author || lab.model || ""}),
       el("td", {text: (lab.is_current ? "✓" : "") + (lab.stale ? " (old weights)" : "")}))));
   return el("div", {class: "card"}, el("h2", {text: "Labels"}), current, form,
-    el("details", {open: f.label_history.length > 1}, el("summary", {text: `history (${f.label_history.length})`}), hist));
+    el("details", {open: f.label_history.length > 1}, el("summary", {text: `history (${f.label_history.length})`}), scroller(hist)));
 }
 
 // ------------------------------------------------------------------ search
