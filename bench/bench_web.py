@@ -84,6 +84,20 @@ def bench_inspect(c: httpx.Client, calls: int) -> dict:
     return out
 
 
+def bench_forward(app, calls: int) -> float:
+    """The floor under POST /api/inspect: the model's forward pass alone on the same tokens, capturing
+    every SAE's site (no SAEs, no JSON)."""
+    from saescope.harvest import activations
+
+    scope = app.state.atlas.scope
+    lm = scope.model
+    ids, _, _ = scope._prompt(prompt())
+    sites = list({s.key: s for s in (lm.site(scope.saes[i].cfg.site, scope.saes[i].cfg.layer)
+                                     for i in scope.run.sae_ids())}.values())
+    with app.state.atlas.compute:
+        return timed(lambda: activations(lm, ids, sites), calls)[0]
+
+
 def alive_features(app, n: int = 6) -> list[tuple[str, int]]:
     db = app.state.atlas.scope.db
     ids = app.state.atlas.run.sae_ids()
@@ -136,6 +150,30 @@ def bench_stream(c: httpx.Client, feature: tuple[str, int], calls: int, tokens: 
                 stop = time.perf_counter() - t_cancel
     return {"first": statistics.median(firsts), "total": statistics.median(totals), "tokens": tokens,
             "cancel": stop}
+
+
+def browser_feature_page(url: str, feats, calls: int) -> dict:
+    """Time in headless Chromium from following a link to a feature page until its examples are drawn
+    (`#top-examples`), and until its similar features are (`#similar .similar-group`, a second request)."""
+    from playwright.sync_api import sync_playwright
+
+    drawn, similar = [], []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(f"{url}/#/")
+        page.wait_for_selector("#sae-table")
+        for _ in range(calls):
+            for sae_id, idx in feats:
+                t0 = time.perf_counter()
+                page.evaluate("h => { location.hash = h; }", f"#/feature/{quote(sae_id, safe='')}/{idx}")
+                page.wait_for_selector(f"h1:has-text('feature #{idx}')")
+                page.wait_for_selector("#top-examples")
+                drawn.append(time.perf_counter() - t0)
+                page.wait_for_selector("#similar .similar-group")
+                similar.append(time.perf_counter() - t0)
+        browser.close()
+    return {"drawn": statistics.median(drawn), "similar": statistics.median(similar)}
 
 
 def screenshots(url: str, feature: tuple[str, int], folder: Path) -> list[str]:
@@ -196,27 +234,35 @@ def main() -> None:
     app.state.atlas.warm_up()
     warm = time.perf_counter() - t0
     with Server(app) as srv, httpx.Client(base_url=srv.url, timeout=600) as c:
+        load = os.getloadavg()[0]
         ins = bench_inspect(c, args.calls)
+        forward = bench_forward(app, args.calls)
         feats = alive_features(app)
         fea = bench_feature(c, feats, args.calls)
         stream = bench_stream(c, feats[len(feats) // 2], args.stream_calls)
+        shown = browser_feature_page(srv.url, feats, args.calls)
         shots = screenshots(srv.url, feats[len(feats) // 2], args.shots) if args.shots else []
+        load = f"{load:.1f} → {os.getloadavg()[0]:.1f}"
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
                f"{torch.get_num_threads()} threads")
     lines = [
         f"## Web app on {Path(args.run).name} over HTTP (issue 20, {datetime.date.today()})", "",
         f"Machine: {machine}. Command: `PYTHONPATH=src .venv/bin/python bench/bench_web.py --run {args.run} "
-        f"--calls {args.calls}`. Medians; model + SAEs warmed up first ({warm:.0f} s).", "",
+        f"--calls {args.calls}`. Medians; model + SAEs warmed up first ({warm:.0f} s). Load average (1 min) at "
+        f"start → end: {load}.", "",
         "| call | time | response |", "|---|---|---|",
     ]
     for top, r in ins.items():
         lines.append(f"| POST /api/inspect, {PROMPT_CHARS} chars ({r['tokens']} tokens), top {top} | {r['s']:.2f} s | "
                      f"{r['bytes'] / 1e6:.2f} MB |")
     lines += [
+        f"| the model's forward pass alone on those tokens (the floor under inspect) | {forward:.2f} s | |",
         f"| GET /api/feature (feature page data), {len(feats)} alive features of layers "
         f"{', '.join(str(s.split('layer_')[1].split('_')[0]) for s, _ in feats)} | {fea['page'] * 1e3:.0f} ms "
         f"(worst {fea['page_max'] * 1e3:.0f} ms; first read {fea['first'] * 1e3:.0f} ms) | |",
         f"| GET …/similar (k 6, this and adjacent layers) | {fea['similar'] * 1e3:.0f} ms | |",
+        f"| feature page in Chromium, hash change → examples drawn / → similar features drawn | "
+        f"{shown['drawn'] * 1e3:.0f} ms / {shown['similar'] * 1e3:.0f} ms | |",
         f"| POST …/activations (activation testing, {len(TEXT)} chars) | {fea['acts'] * 1e3:.0f} ms | |",
         f"| POST /api/steer/stream, {stream['tokens']} new tokens: first steered token | {stream['first']:.2f} s | |",
         f"| the same, to the end (steered + unsteered + measurement) | {stream['total']:.1f} s | |",

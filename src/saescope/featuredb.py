@@ -628,6 +628,20 @@ class FeatureDB:
             rows = conn.execute(sql + " ORDER BY id DESC", (sae_id, int(idx))).fetchall()
         return [_label_dict(r) for r in rows]
 
+    def labels_of(self, sae_id: str, idxs: Sequence[int]) -> dict[int, list[dict]]:
+        """Current labels of several features of one SAE: idx → labels (all sources), newest first."""
+        out: dict[int, list[dict]] = {int(i): [] for i in idxs}
+        ids = sorted(out)
+        with self._read() as conn:
+            for k in range(0, len(ids), 500):  # SQLite's default limit on bound parameters is 999
+                chunk = ids[k:k + 500]
+                rows = conn.execute(f"SELECT {_LABEL_COLUMNS} FROM labels WHERE sae_id = ? AND is_current = 1 "
+                                    f"AND idx IN ({','.join('?' * len(chunk))}) ORDER BY id DESC",
+                                    (sae_id, *chunk)).fetchall()
+                for r in rows:
+                    out[r["idx"]].append(_label_dict(r))
+        return out
+
     def current_labels(self, source: LabelSource | None = None) -> list[dict]:
         """Every current label (optionally of one source), ordered by SAE and feature."""
         sql = f"SELECT {_LABEL_COLUMNS} FROM labels WHERE is_current = 1"

@@ -174,13 +174,10 @@ class Scope:
                 f = sae.encode(acts[sites[sae_id].key][0].float().to(sae.w_enc.device))  # (T, width)
                 vals, idx = f.topk(min(int(top), sae.cfg.width), dim=1)
                 l0 = ((f > 0) & keep.to(f.device)[:, None]).sum(1).tolist()
-            per_token = []
-            for p in range(ids.shape[1]):
-                if not keep[p]:
-                    per_token.append([])
-                    continue
-                per_token.append([{"idx": int(i), "act": float(v), "label": labels.get(sae_id, int(i))}
-                                  for v, i in zip(vals[p].tolist(), idx[p].tolist()) if v > 0])
+            vals, idx, kept = vals.tolist(), idx.tolist(), keep.tolist()
+            labels.prefetch(sae_id, {i for p, row in enumerate(idx) if kept[p] for i in row})
+            per_token = [[{"idx": i, "act": v, "label": labels.get(sae_id, i)} for v, i in zip(vals[p], idx[p]) if v > 0]
+                         if kept[p] else [] for p in range(len(kept))]
             layers.append({"sae_id": sae_id, "layer": sae.cfg.layer, "site": sae.cfg.site, "features": per_token,
                            "l0": l0})
         return {"text": text, "tokens": tokens, "layers": layers}
@@ -281,6 +278,14 @@ class _LabelCache:
     def __init__(self, db: FeatureDB | None):
         self.db = db
         self.cache: dict[tuple[str, int], str | None] = {}
+
+    def prefetch(self, sae_id: str, idxs) -> None:
+        """Read the labels of many features of one SAE in a few queries (`get` then finds them cached)."""
+        if self.db is None:
+            return
+        missing = [int(i) for i in idxs if (sae_id, int(i)) not in self.cache]
+        for i, labels in self.db.labels_of(sae_id, missing).items():
+            self.cache[(sae_id, i)] = best_label(labels)
 
     def get(self, sae_id: str, idx: int) -> str | None:
         if self.db is None:

@@ -195,11 +195,12 @@ function metricChart(ev, key, title) {
   let [x0, x1] = [Math.min(...xs), Math.max(...xs)], [y0, y1] = [Math.min(...ys, 0), Math.max(...ys)];
   if (x0 === x1) { x0 -= 1; x1 += 1; }
   if (y0 === y1) { y1 = y0 + 1; }
+  const yt = niceTicks(y0, y1, 4);
+  [y0, y1] = [yt[0], yt[yt.length - 1]];
   const px = x => L + 6 + (x - x0) / (x1 - x0) * (W - L - R - 6), py = y => H - B - (y - y0) / (y1 - y0) * (H - T - B);
-  for (let i = 0; i <= 4; i++) {
-    const y = y0 + (y1 - y0) * i / 4;
+  for (const y of yt) {
     s.append(svg("line", {class: "grid", x1: L, x2: W - R, y1: py(y), y2: py(y)}));
-    s.append(svg("text", {x: L - 4, y: py(y) + 3, "text-anchor": "end"}, fmt(y, 2)));
+    s.append(svg("text", {class: "ytick", x: L - 4, y: py(y) + 3, "text-anchor": "end"}, +y.toPrecision(6)));
   }
   s.append(svg("line", {class: "axis", x1: L, x2: W - R, y1: H - B, y2: H - B}));
   s.append(svg("line", {class: "axis", x1: L, x2: L, y1: T, y2: H - B}));
@@ -220,6 +221,16 @@ function metricChart(ev, key, title) {
     }
   });
   return wrapChart(s);
+}
+
+// Round axis values (steps of 1, 2, 2.5 or 5 × 10^k) covering [lo, hi] in about `n` steps.
+function niceTicks(lo, hi, n) {
+  const raw = (hi - lo) / n, mag = 10 ** Math.floor(Math.log10(raw));
+  const step = mag * ([1, 2, 2.5, 5, 10].find(m => m * mag >= raw) || 10);
+  const out = [];
+  for (let v = Math.floor(lo / step) * step; v < hi + step * 0.999; v += step) out.push(v);
+  if (out[out.length - 1] < hi) out.push(out[out.length - 1] + step);
+  return out;
 }
 
 // At most `most` of the sorted values, evenly spaced, always the first and the last.
