@@ -783,8 +783,8 @@ async function runSteer(out, btn, cancel) {
   const results = el("div", {id: "steer-results"});
   out.replaceChildren(el("div", {class: "row"}, progress, status),
     el("div", {class: "two", id: "steer-live"},
-      el("div", {class: "card"}, el("h2", {text: "steered"}), live.steered),
-      el("div", {class: "card"}, el("h2", {text: "unsteered"}), live.unsteered)), results);
+      el("div", {class: "card"}, el("h2", {text: "unsteered (generated second)"}), live.unsteered),
+      el("div", {class: "card"}, el("h2", {text: "steered (generated first)"}), live.steered)), results);
   const abort = new AbortController();
   let cancelled = false, done = 0;
   cancel.hidden = false; btn.disabled = true;
