@@ -559,7 +559,8 @@ class FeatureDB:
             raise SaescopeError(f"cannot order features by {order_by!r}: use one of {', '.join(PAGE_ORDERS)}")
         if state not in STATES:
             raise SaescopeError(f"unknown feature state {state!r}: use one of {', '.join(STATES)}")
-        where, args = ["f.sae_id = ?"], [sae_id, sae_id]
+        where: list[str] = ["f.sae_id = ?"]
+        args: list[Any] = [sae_id, sae_id]
         where += {"all": [], "alive": ["f.n_fired > 0"], "dead": ["COALESCE(f.n_fired, 0) = 0"],
                   "dense": [f"f.frequency > {DENSE_FREQUENCY}"],
                   "sparse": ["f.n_fired > 0", f"f.frequency <= {DENSE_FREQUENCY}"]}[state]

@@ -3,6 +3,8 @@
     scope = Scope.open("runs/gemma-3-270m")
     scope.feature("resid_post/6", 123)      # stats, examples, logit effects, labels
     scope.inspect("The Eiffel Tower", top=5)  # per token, per SAE: the top features and their labels
+    scope.activations("The Eiffel Tower", "resid_post/6", 123)  # one feature on every token of your text
+    scope.similar("resid_post/6", 123)      # decoder-cosine neighbours in this and adjacent layers
     scope.search("farm animals")            # features about a concept, over every layer
 
 The web app calls these same functions, so both return plain JSON-able data.
@@ -174,10 +176,10 @@ class Scope:
                 f = sae.encode(acts[sites[sae_id].key][0].float().to(sae.w_enc.device))  # (T, width)
                 vals, idx = f.topk(min(int(top), sae.cfg.width), dim=1)
                 l0 = ((f > 0) & keep.to(f.device)[:, None]).sum(1).tolist()
-            vals, idx, kept = vals.tolist(), idx.tolist(), keep.tolist()
-            labels.prefetch(sae_id, {i for p, row in enumerate(idx) if kept[p] for i in row})
-            per_token = [[{"idx": i, "act": v, "label": labels.get(sae_id, i)} for v, i in zip(vals[p], idx[p]) if v > 0]
-                         if kept[p] else [] for p in range(len(kept))]
+            top_v, top_i, kept = vals.tolist(), idx.tolist(), keep.tolist()
+            labels.prefetch(sae_id, {i for p, row in enumerate(top_i) if kept[p] for i in row})
+            per_token = [[{"idx": i, "act": v, "label": labels.get(sae_id, i)} for v, i in zip(top_v[p], top_i[p])
+                          if v > 0] if kept[p] else [] for p in range(len(kept))]
             layers.append({"sae_id": sae_id, "layer": sae.cfg.layer, "site": sae.cfg.site, "features": per_token,
                            "l0": l0})
         return {"text": text, "tokens": tokens, "layers": layers}

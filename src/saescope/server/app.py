@@ -160,7 +160,7 @@ class Atlas:
         self.scope = Scope.open(run_dir)
         self.run = self.scope.run
         self.compute = threading.Lock()
-        self.steer_job = None  # the steering job running now (cancellable), set under `compute`
+        self.steer_job: _SteerJob | None = None  # the steering job running now (cancellable), set under `compute`
         self._max_acts: dict[str, dict[int, float]] = {}
 
     # ---------------------------------------------------------------- lookups
@@ -679,13 +679,12 @@ async def _stream(atlas: Atlas, job: _SteerJob):
         finally:
             emit(None)
 
-    worker = loop.run_in_executor(None, work)
+    loop.run_in_executor(None, work)  # not awaited: after a cancel it ends on its own at the next token
     try:
         while (item := await queue.get()) is not None:
             yield json.dumps(_finite(item), ensure_ascii=False, allow_nan=False) + "\n"
     finally:
         job.cancel.set()  # a no-op when finished; stops the model at its next token when the client went away
-        del worker  # it ends on its own (at the next token when cancelled) and releases the model lock
 
 
 def _with_strength(spec: str, strength: float) -> str:
