@@ -127,6 +127,15 @@ def until(page, expression: str, timeout: float = TIMEOUT_MS / 1000):
         time.sleep(0.05)
 
 
+def tab_to(page, selector: str, most: int = 40) -> None:
+    """Press Tab until the focused element matches `selector` (keyboard-only navigation)."""
+    for _ in range(most):
+        page.keyboard.press("Tab")
+        if page.evaluate("(s) => document.activeElement && document.activeElement.matches(s)", selector):
+            return
+    raise AssertionError(f"Tab never reached {selector}")
+
+
 def feature_url(server, sae_id: str, idx: int) -> str:
     return f"{server.url}/#/feature/{quote(sae_id, safe='')}/{idx}"
 
@@ -326,7 +335,7 @@ def test_inspector_keyboard_cells_and_feature_highlight(server, page, shots):
     assert page.locator("table.heat td.cell[tabindex='0']").count() == 1  # one tab stop for the grid
     # keyboard only: Tab into the grid, arrows to token 3 at layer 1, Enter
     page.focus("#inspect-go")
-    page.keyboard.press("Tab")
+    tab_to(page, "table.heat td.cell", most=5)  # past the highlight form, into the grid
     assert page.evaluate("document.activeElement.dataset.t") == "1"
     for key in ("ArrowDown", "ArrowDown", "ArrowRight", "Enter"):
         page.keyboard.press(key)
@@ -345,6 +354,20 @@ def test_inspector_keyboard_cells_and_feature_highlight(server, page, shots):
     page.screenshot(path=str(shots / "inspect-highlight.png"), full_page=True)
     page.click("#highlight-clear")
     assert page.locator("table.heat td.cell.hl").count() == 0
+    # or typed as LAYER:INDEX
+    page.fill("#hl-spec", f"1:{top}")
+    page.click("#hl-go")
+    page.wait_for_selector("#highlight-tokens")
+    assert page.locator("#highlight-tokens span.on").count() == sum(a > 0 for a in acts)
+    page.fill("#hl-spec", "nonsense")
+    page.click("#hl-go")
+    page.wait_for_selector("#highlight .error")
+    assert "LAYER:INDEX" in page.text_content("#highlight .error")
+    page.fill("#hl-spec", "1:999")
+    page.click("#hl-go")
+    page.wait_for_selector("#highlight .error")
+    until(page, "document.querySelector('#highlight .error').textContent.includes('out of range')")
+    page.watch.errors.clear()  # the 404 of feature 999 was the point
 
 
 def test_sae_page_paging_sort_and_filters(server, page, atlas_dir):
@@ -449,25 +472,18 @@ def test_keyboard_only_search_to_feature_to_steering(server, page, fired, atlas_
     page.keyboard.press("Enter")
     page.wait_for_selector("#search-results .feat-link")
 
-    def tab_to(selector, most=40):
-        for _ in range(most):
-            page.keyboard.press("Tab")
-            if page.evaluate("(s) => document.activeElement && document.activeElement.matches(s)", selector):
-                return
-        raise AssertionError(f"Tab never reached {selector}")
-
-    tab_to("#search-results .feat-link")
+    tab_to(page, "#search-results .feat-link")
     page.keyboard.press("Enter")
     page.wait_for_selector("#labels")
     assert "keyboard walrus label" in page.text_content("#labels")
-    tab_to("#steer-link")
+    tab_to(page, "#steer-link")
     page.keyboard.press("Enter")
     page.wait_for_selector("#steer-features")
     assert page.input_value("#steer-features") == f"{sae_id}:{idx}=2"
     page.focus("#steer-max")
     page.keyboard.press("Control+A")
     page.keyboard.type("4")
-    tab_to("#steer-go")
+    tab_to(page, "#steer-go")
     page.keyboard.press("Enter")
     page.wait_for_selector("#steer-steered")
     assert page.text_content("#steer-steered").startswith("The city of")

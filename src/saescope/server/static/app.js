@@ -386,7 +386,7 @@ function drawHeat(out, res, ms) {
   keyboardGrid(table, grid, select);
   out.replaceChildren(
     ms !== undefined ? el("p", {class: "muted", text: `${tokens.length} tokens × ${layers.length} SAEs in ${(ms / 1000).toFixed(2)} s`}) : "",
-    strip, el("div", {class: "inspect-layout"}, el("div", {class: "heat-wrap"}, table), details));
+    pickFeatureForm(strip, res), strip, el("div", {class: "inspect-layout"}, el("div", {class: "heat-wrap"}, table), details));
   if (inspectState.highlight) highlightFeature(strip, res, inspectState.highlight.saeId, inspectState.highlight.idx);
 }
 
@@ -425,6 +425,18 @@ function showCell(details, strip, res, t, li) {
       " ", el("button", {type: "button", class: "small hl-btn", text: "highlight", title: "show this feature's activation on every token",
                          onclick: () => highlightFeature(strip, res, L.sae_id, i)}))))
       : el("p", {class: "muted", text: "No feature fires here."}));
+}
+
+// "LAYER:INDEX" (or "SAE_ID:INDEX") typed by the user → highlight that feature across the prompt.
+function pickFeatureForm(strip, res) {
+  const input = el("input", {type: "text", id: "hl-spec", placeholder: "e.g. 6:123", maxLength: 200});
+  return el("form", {class: "row", id: "hl-form", onsubmit: e => {
+    e.preventDefault();
+    const m = /^\s*(.+):(\d+)\s*$/.exec(input.value);
+    const L = m && res.layers.find(x => x.sae_id === m[1] || String(x.layer) === m[1]);
+    if (!L) { strip.hidden = false; strip.replaceChildren(errorBox(`cannot read '${input.value}': write LAYER:INDEX, e.g. ${res.layers[0] ? res.layers[0].layer : 0}:123`)); return; }
+    highlightFeature(strip, res, L.sae_id, Number(m[2]));
+  }}, el("label", {}, "highlight one feature across the prompt", input), el("button", {id: "hl-go", text: "Highlight"}));
 }
 
 // One feature's activation on every token of the prompt: a coloured strip above the grid, and the cells of
