@@ -117,6 +117,25 @@ def page(browser):
     p.close()
 
 
+def until(page, expression: str, timeout: float = TIMEOUT_MS / 1000):
+    """Poll a JS expression until it is truthy (page.wait_for_function evaluates strings with eval,
+    which the app's Content-Security-Policy forbids)."""
+    deadline = time.time() + timeout
+    while not page.evaluate(expression):
+        if time.time() > deadline:
+            raise AssertionError(f"still false after {timeout:.0f} s: {expression}")
+        time.sleep(0.05)
+
+
+def tab_to(page, selector: str, most: int = 40) -> None:
+    """Press Tab until the focused element matches `selector` (keyboard-only navigation)."""
+    for _ in range(most):
+        page.keyboard.press("Tab")
+        if page.evaluate("(s) => document.activeElement && document.activeElement.matches(s)", selector):
+            return
+    raise AssertionError(f"Tab never reached {selector}")
+
+
 def feature_url(server, sae_id: str, idx: int) -> str:
     return f"{server.url}/#/feature/{quote(sae_id, safe='')}/{idx}"
 
@@ -128,6 +147,12 @@ def test_overview(server, page, shots):
     assert page.locator("#charts svg.chart").count() == 6
     assert page.locator("#charts svg[data-metric=fvu] circle").count() == 3  # one point per layer
     assert "tiny-gemma" in page.text_content("#run-name") or "run" in page.text_content("#run-name")
+    ticks = page.locator("#charts svg[data-metric=fvu] text.xtick").all_text_contents()
+    assert ticks == ["0", "1", "2"]  # every layer, the last one included
+    inside = page.evaluate("""() => [...document.querySelectorAll('#charts svg.chart')].every(s => {
+        const c = s.closest('.card').getBoundingClientRect(), r = s.getBoundingClientRect();
+        return r.left >= c.left && r.right <= c.right + 0.5; })""")
+    assert inside, "a chart is wider than its card"
     page.screenshot(path=str(shots / "overview.png"), full_page=True)
 
 
@@ -139,8 +164,8 @@ def test_inspect_feature_label_search_steer(server, page, shots):
     page.wait_for_selector("table.heat td.cell")
     rows = page.locator("table.heat tr")
     assert rows.count() == 1 + 13  # header + one row per token (word-level tokenizer, with BOS)
-    assert page.locator("table.heat th").count() == 1 + 3  # token column + 3 layers
-    cell = page.locator("table.heat td.cell:not(:empty)").first
+    assert page.locator("table.heat tr:first-child th").count() == 1 + 3  # token column + 3 layers
+    cell = page.locator("table.heat td.cell").filter(has_text=re.compile(r"^[1-9]\d*$")).first
     cell.click()
     page.wait_for_selector("#inspect-details .feat-link")
     page.screenshot(path=str(shots / "inspect.png"), full_page=True)
@@ -230,6 +255,297 @@ def test_token_login_in_browser(atlas_dir, browser):
         page.goto(f"{s.url}/?token={TOKEN}#/search")
         assert "token=" not in page.url  # redirected: the token lives in an HttpOnly cookie
         page.wait_for_selector("#search-q")
-        page.wait_for_function("document.getElementById('run-name').textContent.length > 0")
+        until(page, "document.getElementById('run-name').textContent.length > 0")
         assert page.evaluate("document.cookie") == ""  # HttpOnly: scripts cannot read it
         page.close()
+
+
+# --------------------------------------------------------------------------- issue #20: a researcher's workbench
+
+
+def api_json(page, path, body=None):
+    """The JSON answer of an API call made from the page (same origin, same cookies)."""
+    return page.evaluate("""async ([path, body]) => {
+        const opts = body === null ? {} : {method: 'POST', headers: {'Content-Type': 'application/json'},
+                                            body: JSON.stringify(body)};
+        const r = await fetch(path, opts); return await r.json(); }""", [path, body])
+
+
+@pytest.fixture(scope="module")
+def fired(server, atlas_dir):
+    """(sae_id, idx) of the most frequent feature of layer 1."""
+    from saescope.runs import Run
+
+    with Run.open(atlas_dir).db(readonly=True) as db:
+        sae_id = Run.open(atlas_dir).sae_ids()[1]
+        return sae_id, db.top_features(sae_id, limit=1)[0]["idx"]
+
+
+def test_activation_testing_on_the_feature_page(server, page, fired, shots):
+    sae_id, idx = fired
+    text = "the king is in paris and the queen is in france ."
+    page.goto(feature_url(server, sae_id, idx))
+    page.fill("#act-text", text)
+    page.click("#act-go")
+    page.wait_for_selector("#act-tokens")
+    expected = api_json(page, f"/api/feature/{sae_id}/{idx}/activations", {"text": text})
+    spans = page.locator("#act-tokens span.t")
+    assert spans.count() == len(expected["tokens"])
+    shown = [float(v) for v in spans.evaluate_all("els => els.map(e => e.dataset.act)")]
+    assert shown == pytest.approx(expected["acts"])
+    assert page.locator("#act-tokens span.on").count() == sum(a > 0 for a in expected["acts"]) > 0
+    assert f"fires on {sum(a > 0 for a in expected['acts'])} of {len(expected['acts'])} tokens" in \
+        page.text_content("#act-summary")
+    page.screenshot(path=str(shots / "feature-activation-test.png"), full_page=True)
+
+
+def test_similar_features_quantiles_random_and_histogram(server, page, fired):
+    sae_id, idx = fired
+    page.goto(feature_url(server, sae_id, idx))
+    page.wait_for_selector("#similar .similar-group")
+    expected = api_json(page, f"/api/feature/{sae_id}/{idx}/similar?k=6")["groups"]
+    groups = page.locator("#similar .similar-group")
+    assert groups.count() == len(expected) == 3
+    for g, want in zip(groups.all(), expected):
+        links = g.locator("a.feat-link").all_text_contents()
+        assert links == [f"#{f['idx']}" for f in want["features"]]
+    assert "(this SAE)" in page.text_content("#similar")
+    # quantile groups show their activation range; random examples are shown
+    ranges = page.locator("#quantile-examples .q-range").all_text_contents()
+    assert ranges and all(re.search(r"activation [\d.]+–[\d.]+", r) for r in ranges)
+    assert "(strongest)" in ranges[0]
+    assert page.locator("#random-examples .ctx").count() > 0
+    assert page.locator("#histogram text.xtick").count() >= 2 and page.locator("#histogram text.ytick").count() >= 1
+    # following a similar feature opens its page
+    page.locator("#similar .similar-group").nth(0).locator("a.feat-link").first.click()
+    page.wait_for_selector("#labels")
+    assert f"{quote(expected[0]['sae_id'], safe='')}/{expected[0]['features'][0]['idx']}" in page.url
+
+
+def test_inspector_keyboard_cells_and_feature_highlight(server, page, shots):
+    text = "the king is in paris and the queen is in france ."
+    page.goto(server.url + "/#/inspect")
+    page.fill("#inspect-text", text)
+    page.click("#inspect-go")
+    page.wait_for_selector("table.heat td.cell")
+    res = api_json(page, "/api/inspect", {"text": text, "top": 5})
+    for li, layer in enumerate(res["layers"]):  # each cell shows L0 at that token
+        cells = page.locator(f"table.heat td.cell[data-li='{li}']").all_text_contents()
+        assert cells == ["" if t["bos"] else str(n) for t, n in zip(res["tokens"], layer["l0"])]
+    assert page.locator("table.heat td.cell[tabindex='0']").count() == 1  # one tab stop for the grid
+    # keyboard only: Tab into the grid, arrows to token 3 at layer 1, Enter
+    page.focus("#inspect-go")
+    tab_to(page, "table.heat td.cell", most=5)  # past the highlight form, into the grid
+    assert page.evaluate("document.activeElement.dataset.t") == "1"
+    for key in ("ArrowDown", "ArrowDown", "ArrowRight", "Enter"):
+        page.keyboard.press(key)
+    assert page.evaluate("[document.activeElement.dataset.t, document.activeElement.dataset.li]") == ["3", "1"]
+    page.wait_for_selector("#inspect-details .feat-link")
+    top = res["layers"][1]["idx"][3][0]
+    assert page.locator("#inspect-details .feat-link").first.text_content() == f"#{top}"
+    page.locator("#inspect-details .hl-btn").first.focus()
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#highlight-tokens")
+    acts = api_json(page, f"/api/feature/{res['layers'][1]['sae_id']}/{top}/activations", {"text": text})["acts"]
+    assert page.locator("#highlight-tokens span.t").count() == len(res["tokens"])
+    assert page.locator("#highlight-tokens span.on").count() == sum(a > 0 for a in acts) >= 1
+    marked = page.locator("table.heat td.cell.hl").evaluate_all("els => els.map(e => [e.dataset.t, e.dataset.li])")
+    assert sorted(marked) == sorted([str(t), "1"] for t, a in enumerate(acts) if a > 0)
+    page.screenshot(path=str(shots / "inspect-highlight.png"), full_page=True)
+    page.click("#highlight-clear")
+    assert page.locator("table.heat td.cell.hl").count() == 0
+    # or typed as LAYER:INDEX
+    page.fill("#hl-spec", f"1:{top}")
+    page.click("#hl-go")
+    page.wait_for_selector("#highlight-tokens")
+    assert page.locator("#highlight-tokens span.on").count() == sum(a > 0 for a in acts)
+    page.fill("#hl-spec", "nonsense")
+    page.click("#hl-go")
+    page.wait_for_selector("#highlight .error")
+    assert "LAYER:INDEX" in page.text_content("#highlight .error")
+    page.fill("#hl-spec", "1:999")
+    page.click("#hl-go")
+    page.wait_for_selector("#highlight .error")
+    until(page, "document.querySelector('#highlight .error').textContent.includes('out of range')")
+    page.watch.errors.clear()  # the 404 of feature 999 was the point
+
+
+def test_sae_page_paging_sort_and_filters(server, page, atlas_dir):
+    from saescope.runs import Run
+
+    sae_id = Run.open(atlas_dir).sae_ids()[1]
+    page.goto(f"{server.url}/#/sae/{quote(sae_id, safe='')}?order=idx&dir=asc&n=10&state=all")
+    page.wait_for_selector("#sae-features")
+
+    def shown():
+        return [int(t[1:]) for t in page.locator("#sae-features a.feat-link").all_text_contents()]
+
+    assert shown() == list(range(10)) and page.text_content("#sae-range") == "features 1–10 of 32"
+    assert page.locator("#sae-prev").is_disabled()
+    page.click("#sae-next")
+    until(page, "document.getElementById('sae-range').textContent.startsWith('features 11–20')")
+    assert shown() == list(range(10, 20))
+    page.click("#sae-dir")  # largest index first, back to the first page
+    until(page, "document.getElementById('sae-range').textContent.startsWith('features 1–10')")
+    assert shown() == list(range(31, 21, -1))
+    page.select_option("#sae-state", "dead")
+    page.wait_for_selector("#sae-range")
+    every = api_json(page, f"/api/features/{sae_id}?order_by=idx&desc=false&limit=500")["features"]
+    dead = [f["idx"] for f in every if not f["n_fired"]]
+    until(page, f"document.getElementById('sae-range') && "
+                           f"document.getElementById('sae-range').textContent.endsWith('of {len(dead)}')")
+    assert shown() == sorted(dead, reverse=True)[:10]
+    page.select_option("#sae-state", "all")
+    until(page, "document.getElementById('sae-range').textContent.endsWith('of 32')")
+    assert page.input_value("#sae-state") == "all"
+    page.fill("#sae-minfreq", "1")
+    page.fill("#sae-maxfreq", "20")
+    page.click("#sae-filter-go")
+    band = [f["idx"] for f in every if 0.01 <= f["frequency"] <= 0.2]
+    until(page, f"document.getElementById('sae-range').textContent.endsWith('of {len(band)}')")
+    assert set(shown()) <= set(band)
+    page.goto(f"{server.url}/#/sae/{quote(sae_id, safe='')}")  # by default: alive, not dense
+    sparse = [f["idx"] for f in every if f["n_fired"] and f["frequency"] <= 0.1]
+    until(page, f"location.hash.indexOf('state') < 0 && "
+                f"document.getElementById('sae-range').textContent.endsWith('of {len(sparse)}')")
+    assert page.input_value("#sae-state") == "sparse" and sorted(shown()) == sorted(sparse)
+
+
+def test_steering_streams_with_progress_and_cancels(server, page, fired, shots):
+    sae_id, idx = fired
+    page.goto(server.url + "/#/steer")
+    assert page.locator("#steer-seed").is_disabled() and page.locator("#steer-temp").is_disabled()
+    page.uncheck("#steer-greedy")
+    assert page.locator("#steer-seed").is_enabled() and page.locator("#steer-n").is_enabled()
+    page.fill("#steer-features", f"{sae_id}:{idx}=4")
+    page.fill("#steer-prompt", "the king is")
+    page.fill("#steer-max", "200")
+    page.fill("#steer-n", "4")
+    page.click("#steer-go")
+    until(page, "document.getElementById('steer-progress').value >= 3")
+    assert page.locator("#steer-cancel").is_visible()
+    page.click("#steer-cancel")
+    until(page, "document.getElementById('steer-status').textContent === 'Cancelled.'")
+    page.wait_for_selector("#steer-cancel", state="hidden")
+    assert page.evaluate("document.getElementById('steer-progress').value") < 1600
+    assert page.locator("#steer-go").is_enabled()
+    page.watch.errors.clear()  # the aborted fetch is logged by some Chromium versions
+    # the model is free again: two sampled pairs complete, with a progress bar that reaches the end
+    page.fill("#steer-max", "6")
+    page.fill("#steer-n", "2")
+    page.fill("#steer-temp", "1.3")
+    page.click("#steer-go")
+    page.wait_for_selector("#steer-steered-1")
+    until(page, "document.getElementById('steer-status').textContent === 'Done.'")
+    assert page.evaluate("[document.getElementById('steer-progress').value, "
+                         "document.getElementById('steer-progress').max]") == [24, 24]
+    assert page.locator("section.sample").count() == 2
+    page.screenshot(path=str(shots / "steer-samples.png"), full_page=True)
+
+
+def test_concept_candidates_are_listed_to_choose_from(server, page):
+    page.goto(server.url + "/#/steer")
+    page.fill("#steer-concept", "music")
+    page.click("#steer-concept-list")
+    page.wait_for_selector("#steer-candidate-table .add-candidate")
+    expected = api_json(page, "/api/concept?q=music")["candidates"]
+    assert page.locator("#steer-candidate-table tr").count() == 1 + len(expected)
+    page.fill("#steer-strength", "3")
+    page.locator("#steer-candidate-table .add-candidate").first.click()
+    sid, i = expected[0]["features"][0]
+    assert page.input_value("#steer-features") == f"{sid}:{i}=3"
+
+
+def test_keyboard_only_search_to_feature_to_steering(server, page, fired, atlas_dir):
+    from saescope.label.manual import set_label
+    from saescope.runs import Run
+
+    sae_id, idx = fired
+    set_label(Run.open(atlas_dir), sae_id, idx, "keyboard walrus label")
+    page.goto(server.url + "/#/search")
+    page.focus("#search-q")
+    page.keyboard.type("walrus")
+    page.keyboard.press("Tab")
+    page.keyboard.press("ArrowDown")  # mode select: concept → hybrid → fts
+    page.keyboard.press("ArrowDown")
+    page.keyboard.press("Tab")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#search-results .feat-link")
+
+    tab_to(page, "#search-results .feat-link")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#labels")
+    assert "keyboard walrus label" in page.text_content("#labels")
+    tab_to(page, "#steer-link")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#steer-features")
+    assert page.input_value("#steer-features") == f"{sae_id}:{idx}=2"
+    page.focus("#steer-max")
+    page.keyboard.press("Control+A")
+    page.keyboard.type("4")
+    tab_to(page, "#steer-go")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#steer-steered")
+    assert page.text_content("#steer-steered").startswith("The city of")
+
+
+NARROW = 400
+
+
+@pytest.mark.parametrize("where", ["overview", "inspect", "feature", "sae", "steer", "search"])
+def test_nothing_overflows_at_400_px(server, browser, fired, shots, where):
+    sae_id, idx = fired
+    page = browser.new_page()
+    page.set_viewport_size({"width": NARROW, "height": 800})
+    watch = Watch(page)
+    urls = {"overview": "/#/", "inspect": "/#/inspect", "feature": feature_url(server, sae_id, idx)[len(server.url):],
+            "sae": f"/#/sae/{quote(sae_id, safe='')}", "steer": f"/#/steer?f={quote(f'{sae_id}:{idx}=4')}",
+            "search": "/#/search?q=king&mode=fts"}
+    page.goto(server.url + urls[where])
+    ready = {"overview": "#charts svg", "inspect": "#inspect-go", "feature": "#similar .similar-group",
+             "sae": "#sae-features", "steer": "#steer-go", "search": "#search-out"}
+    page.wait_for_selector(ready[where])
+    if where == "inspect":
+        page.click("#inspect-go")
+        page.wait_for_selector("table.heat td.cell")
+        page.locator("table.heat td.cell").filter(has_text=re.compile(r"^[1-9]\d*$")).first.click()
+        page.wait_for_selector("#inspect-details .feat-link")
+    if where == "steer":
+        page.fill("#steer-max", "4")
+        page.click("#steer-go")
+        page.wait_for_selector("#steer-effects")
+    page.screenshot(path=str(shots / f"narrow-{where}.png"), full_page=True)
+    widths = page.evaluate("[document.documentElement.scrollWidth, document.body.scrollWidth, window.innerWidth]")
+    assert widths[0] <= NARROW and widths[1] <= NARROW, widths
+    if where == "inspect":  # the heat map keeps readable columns and scrolls inside its box
+        assert page.locator("table.heat td.cell").first.bounding_box()["width"] >= 20
+    assert watch.dialogs == [] and watch.errors == []
+    page.close()
+
+
+def test_failures_show_the_servers_reason(server, page, fired, monkeypatch):
+    sae_id, idx = fired
+
+    def broken(*a, **kw):
+        raise RuntimeError("the label store fell over")
+
+    monkeypatch.setattr("saescope.label.manual.set_label", broken)
+    page.goto(feature_url(server, sae_id, idx))
+    page.fill("#label-input", "anything")
+    page.click("#label-save")
+    page.wait_for_selector("#label-msg .error")
+    assert page.text_content("#label-msg .error") == \
+        "internal error (RuntimeError: the label store fell over); see the server log"
+    page.fill("#act-text", "   ")
+    page.click("#act-go")
+    page.wait_for_selector("#act-out .error")
+    assert "empty" in page.text_content("#act-out .error")
+    page.goto(server.url + "/#/steer")
+    page.fill("#steer-features", "1:99=2")
+    page.click("#steer-go")
+    page.wait_for_selector("#steer-out .error")
+    assert "out of range" in page.text_content("#steer-out .error")
+    page.goto(f"{server.url}/#/sae/{quote(sae_id, safe='')}?min_score=7")
+    page.wait_for_selector("main .error")
+    assert "min_score" in page.text_content("main .error")
+    page.watch.errors.clear()  # the 4xx/5xx answers above were the point

@@ -136,15 +136,122 @@ def test_inspect(client, sae_ids):
     assert len(out["tokens"]) >= 6
     assert [layer["sae_id"] for layer in out["layers"]] == sae_ids
     for layer in out["layers"]:
-        assert len(layer["features"]) == len(out["tokens"])
-        for feats in layer["features"]:
-            assert len(feats) <= 3
-            acts = [f["act"] for f in feats]
+        assert len(layer["idx"]) == len(layer["act"]) == len(layer["l0"]) == len(layer["rel"]) == len(out["tokens"])
+        for ids, acts, l0 in zip(layer["idx"], layer["act"], layer["l0"]):
+            assert len(ids) == len(acts) == min(3, l0)
             assert acts == sorted(acts, reverse=True) and all(a > 0 for a in acts)
-            assert all(0 <= f["idx"] < 32 for f in feats)
-    assert any(feats for layer in out["layers"] for feats in layer["features"])
+            assert all(0 <= i < 32 for i in ids)
+    assert any(ids for layer in out["layers"] for ids in layer["idx"])
     assert "paris" in [t["text"].strip() for t in out["tokens"]]
-    assert out["tokens"][0]["bos"] and all(layer["features"][0] == [] for layer in out["layers"])
+    assert out["tokens"][0]["bos"] and all(layer["idx"][0] == [] and layer["l0"][0] == 0 for layer in out["layers"])
+
+
+def test_inspect_cells_l0_rel_and_labels(app, client, sae_ids):
+    """Each cell's number is the count of active features (checked against the SAE on the same text);
+    `rel` is the top feature's activation ÷ its analysed max; each label is sent once."""
+    text = "the queen was in france with music ."
+    out = post(client, "/api/inspect", {"text": text, "top": 20}).json()
+    full = app.state.atlas.scope.inspect(text, top=32)  # width 32: every active feature
+    for layer, ref in zip(out["layers"], full["layers"]):
+        assert layer["l0"] == [len(feats) for feats in ref["features"]]
+        assert layer["l0"] == [len(ids) for ids in layer["idx"]]  # l0 <= 20 on this text
+        db_max = app.state.atlas.scope.db.max_acts(layer["sae_id"])
+        for ids, acts, rel in zip(layer["idx"], layer["act"], layer["rel"]):
+            if ids and db_max.get(ids[0]):
+                assert rel == pytest.approx(acts[0] / db_max[ids[0]], rel=2e-3, abs=2e-3)
+            else:
+                assert rel is None
+        labels = out["labels"][layer["sae_id"]]
+        shown = {i for ids in layer["idx"] for i in ids}
+        for i in shown:
+            lab = app.state.atlas.scope.db.labels(layer["sae_id"], i)
+            assert (str(i) in labels) == bool(lab)
+
+
+def test_activation_testing_matches_inspect(client, fired):
+    sae_id, idx = fired
+    text = "the king is in paris and the queen is in france ."
+    r = post(client, f"/api/feature/{sae_id}/{idx}/activations", {"text": text})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert (out["sae_id"], out["idx"]) == (sae_id, idx)
+    assert len(out["acts"]) == len(out["tokens"]) and out["tokens"][0]["bos"] and out["acts"][0] == 0
+    assert out["max_act"] == max(out["acts"]) and out["max_act_analysed"] > 0
+    ins = post(client, "/api/inspect", {"text": text, "top": 20}).json()
+    layer = next(lay for lay in ins["layers"] if lay["sae_id"] == sae_id)
+    for t, (ids, acts) in enumerate(zip(layer["idx"], layer["act"])):
+        expected = acts[ids.index(idx)] if idx in ids else 0.0
+        assert out["acts"][t] == pytest.approx(expected, rel=1e-3, abs=1e-3)
+    assert any(a > 0 for a in out["acts"]), "the most frequent feature fires somewhere in this text"
+
+
+@pytest.mark.parametrize("suffix, body, status, words", [
+    ("3/activations", {"text": ""}, 422, "text"),
+    ("3/activations", {"text": "   "}, 400, "empty"),
+    ("3/activations", {"text": "the " * 600}, 422, "text"),
+    ("3/activations", {"text": "the", "top": 1}, 422, "top"),
+    ("32/activations", {"text": "the king"}, 404, "out of range"),
+])
+def test_activation_testing_bad_input(client, sae_ids, suffix, body, status, words):
+    r = post(client, f"/api/feature/{sae_ids[1]}/{suffix}", body)
+    assert r.status_code == status, r.text
+    assert words in detail(r).lower()
+
+
+def test_similar_features_are_decoder_cosines(client, atlas_dir, sae_ids, fired):
+    from saescope.runs import Run
+
+    sae_id, idx = fired
+    r = client.get(f"/api/feature/{sae_id}/{idx}/similar", params={"k": 5})
+    assert r.status_code == 200, r.text
+    groups = r.json()["groups"]
+    assert [g["sae_id"] for g in groups] == sae_ids  # layer 1: layers 0, 1 and 2
+    run = Run.open(atlas_dir)
+    me = run.load_sae(sae_id).w_dec[idx].detach()
+    for g in groups:
+        w = run.load_sae(g["sae_id"]).w_dec.detach()
+        cos = (w @ me) / (w.norm(dim=1) * me.norm())
+        if g["sae_id"] == sae_id:
+            cos[idx] = -2
+        expected = cos.topk(5)
+        assert [f["idx"] for f in g["features"]] == expected.indices.tolist()
+        assert [f["cosine"] for f in g["features"]] == pytest.approx(expected.values.tolist(), abs=1e-3)
+    assert idx not in [f["idx"] for f in groups[1]["features"]]
+    only = client.get(f"/api/feature/{sae_ids[0]}/{idx}/similar", params={"span": 0}).json()["groups"]
+    assert [g["sae_id"] for g in only] == [sae_ids[0]] and len(only[0]["features"]) == 8
+    assert client.get(f"/api/feature/{sae_id}/32/similar").status_code == 404
+    assert client.get(f"/api/feature/{sae_id}/{idx}/similar", params={"k": 0}).status_code == 422
+
+
+def test_feature_pages_sort_and_filters(client, sae_ids):
+    path = f"/api/features/{sae_ids[1]}"
+    everything = client.get(path, params={"order_by": "idx", "desc": False, "limit": 500}).json()
+    assert everything["total"] == 32 and [f["idx"] for f in everything["features"]] == list(range(32))
+    pages = [client.get(path, params={"order_by": "frequency", "offset": o, "limit": 10}).json() for o in (0, 10, 20, 30)]
+    seen = [f["idx"] for p in pages for f in p["features"]]
+    assert sorted(seen) == list(range(32)) and all(p["total"] == 32 for p in pages)
+    freqs = [f["frequency"] for p in pages for f in p["features"]]
+    assert freqs == sorted(freqs, reverse=True)
+    up = client.get(path, params={"order_by": "frequency", "desc": False, "limit": 500}).json()["features"]
+    assert [f["frequency"] for f in up] == sorted(freqs)
+    by = {f["idx"]: f for f in everything["features"]}
+    for state, keep in (("dead", lambda f: not f["n_fired"]), ("alive", lambda f: f["n_fired"] > 0),
+                        ("dense", lambda f: f["frequency"] > 0.1),
+                        ("sparse", lambda f: f["n_fired"] > 0 and f["frequency"] <= 0.1)):
+        got = client.get(path, params={"state": state, "limit": 500}).json()
+        assert {f["idx"] for f in got["features"]} == {i for i, f in by.items() if keep(f)}, state
+        assert got["total"] == len(got["features"])
+    band = client.get(path, params={"min_freq": 0.01, "max_freq": 0.2, "limit": 500}).json()["features"]
+    assert {f["idx"] for f in band} == {i for i, f in by.items() if 0.01 <= f["frequency"] <= 0.2}
+    scored = [f for f in by.values() if f["score"] is not None]
+    assert scored, "label_offline scored some labels"
+    cut = sorted(f["score"] for f in scored)[len(scored) // 2]
+    good = client.get(path, params={"min_score": cut, "order_by": "score", "limit": 500}).json()["features"]
+    assert {f["idx"] for f in good} == {f["idx"] for f in scored if f["score"] >= cut}
+    assert [f["score"] for f in good] == sorted((f["score"] for f in good), reverse=True)
+    assert all(f["dead"] == (not f["n_fired"]) and f["dense"] == (f["frequency"] > 0.1) for f in by.values())
+    for bad in ({"order_by": "drop table"}, {"state": "zombie"}, {"limit": 0}, {"min_score": 2}, {"offset": -1}):
+        assert client.get(path, params=bad).status_code == 422, bad
 
 
 @pytest.mark.parametrize("body, status, words", [
@@ -379,6 +486,94 @@ def test_steer_by_concept(client, fired):
     assert r.status_code == 400 and "no feature writes" in detail(r)
 
 
+def stream_lines(client, body) -> list[dict]:
+    with client.stream("POST", "/api/steer/stream", json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+        return [json.loads(line) for line in r.iter_lines() if line]
+
+
+def test_steer_stream_sends_tokens_then_the_same_result(client, fired):
+    sae_id, idx = fired
+    body = {"prompt": "the king is", "features": [f"{sae_id}:{idx}=8"], "max_new_tokens": 6}
+    lines = stream_lines(client, body)
+    tokens = [x for x in lines if x["type"] == "token"]
+    assert [x["which"] for x in tokens] == ["steered"] * 6 + ["unsteered"] * 6  # steered first
+    assert [x["n"] for x in tokens] == [1, 2, 3, 4, 5, 6] * 2
+    assert [x["type"] for x in lines[-2:]] == ["result", "done"]
+    result = lines[-2]["result"]
+    assert tokens[5]["text"] == result["steered"] and tokens[-1]["text"] == result["unsteered"]
+    plain = post(client, "/api/steer", body).json()
+    assert (plain["steered"], plain["unsteered"]) == (result["steered"], result["unsteered"])
+    assert plain["effects"][0]["act_during"] == pytest.approx(result["effects"][0]["act_during"])
+
+
+def test_steer_samples_temperature_and_seeds(client, fired):
+    sae_id, idx = fired
+    body = {"prompt": "the king is", "features": [f"{sae_id}:{idx}=4"], "max_new_tokens": 8, "greedy": False,
+            "temperature": 1.5, "seed": 3, "n": 3}
+    out = post(client, "/api/steer", body).json()
+    assert len(out["samples"]) == 3
+    lines = stream_lines(client, body)
+    results = [x for x in lines if x["type"] == "result"]
+    assert [x["sample"] for x in results] == [0, 1, 2]
+    assert [x["result"]["steered"] for x in results] == [s["steered"] for s in out["samples"]]
+    one = post(client, "/api/steer", {**body, "n": 1, "seed": 4}).json()  # sample 1 used seed 3 + 1
+    assert (one["steered"], one["unsteered"]) == (out["samples"][1]["steered"], out["samples"][1]["unsteered"])
+    assert len({s["unsteered"] for s in out["samples"]}) > 1, "three seeds at temperature 1.5 drew one text"
+    r = post(client, "/api/steer", {**body, "greedy": True})
+    assert r.status_code == 400 and "greedy" in detail(r)
+
+
+def test_steer_stream_cancel_stops_the_model(app, client, fired):
+    sae_id, idx = fired
+    body = {"prompt": "the king is", "features": [f"{sae_id}:{idx}=4"], "max_new_tokens": 200, "n": 4,
+            "greedy": False}
+    lines = []
+    with client.stream("POST", "/api/steer/stream", json=body) as r:
+        for line in r.iter_lines():
+            lines.append(json.loads(line))
+            if len(lines) == 1:
+                assert post(client, "/api/steer/cancel", {}).json() == {"cancelled": True}
+    assert lines[-1] == {"type": "cancelled"}
+    assert len([x for x in lines if x["type"] == "token"]) < 20  # 1,600 tokens were asked for
+    assert not app.state.atlas.compute.locked() and app.state.atlas.steer_job is None
+    assert post(client, "/api/steer/cancel", {}).json() == {"cancelled": False}
+    assert post(client, "/api/inspect", {"text": "the king"}).status_code == 200
+
+
+def test_steer_stream_bad_input_is_a_400_before_streaming(client):
+    r = post(client, "/api/steer/stream", {"prompt": "the king", "features": ["nonsense"]})
+    assert r.status_code == 400 and "cannot read feature" in detail(r)
+    r = post(client, "/api/steer/stream", {"prompt": "the king", "features": ["1:99=2"]})
+    assert r.status_code == 400 and "out of range" in detail(r)
+
+
+def test_concept_candidates(client):
+    r = client.get("/api/concept", params={"q": "music"})
+    assert r.status_code == 200, r.text
+    cands = r.json()["candidates"]
+    assert cands and all(len(c["features"][0]) == 2 for c in cands)
+    steered = post(client, "/api/steer", {"prompt": "the queen", "concept": "music", "concept_strength": 2,
+                                          "max_new_tokens": 3}).json()
+    assert [list(f) for f in steered["concept"]["choice"]["features"]] == [list(cands[0]["features"][0])]
+    assert client.get("/api/concept", params={"q": " "}).status_code == 400
+    r = client.get("/api/concept", params={"q": "quantum chromodynamics"})
+    assert r.status_code == 400 and "no feature writes" in detail(r)
+
+
+def test_unexpected_error_shows_its_reason(app, client, fired, monkeypatch):
+    sae_id, idx = fired
+
+    def broken(*a, **kw):
+        raise RuntimeError("the label store fell over\nsecond line")
+
+    monkeypatch.setattr("saescope.label.manual.set_label", broken)
+    with TestClient(app, base_url=BASE, raise_server_exceptions=False) as c:
+        r = post(c, f"/api/feature/{sae_id}/{idx}/label", {"text": "x"})
+    assert r.status_code == 500
+    assert detail(r) == "internal error (RuntimeError: the label store fell over); see the server log"
+
+
 @pytest.mark.parametrize("body, status, words", [
     ({"prompt": "the king"}, 400, "nothing to steer"),
     ({"prompt": "the king", "features": ["nonsense"]}, 400, "cannot read feature"),
@@ -394,6 +589,9 @@ def test_steer_by_concept(client, fired):
     ({"prompt": "the", "features": ["1:1=2"], "strength": 1e9}, 422, "strength"),
     ({"prompt": "the", "features": ["1:1=2"], "seed": -1}, 422, "seed"),
     ({"prompt": "the", "features": "1:1=2"}, 422, "features"),
+    ({"prompt": "the", "features": ["1:1=2"], "temperature": 0}, 422, "temperature"),
+    ({"prompt": "the", "features": ["1:1=2"], "n": 5}, 422, "n"),
+    ({"prompt": "the", "features": ["1:1=2"], "n": 2}, 400, "greedy"),
 ])
 def test_steer_bad_input(client, body, status, words):
     r = post(client, "/api/steer", body)
@@ -481,3 +679,21 @@ def test_cli_serve(atlas_dir, monkeypatch):
     res = CliRunner().invoke(cli, ["serve", str(atlas_dir), "--host", "0.0.0.0", "--token", TOKEN])
     assert res.exit_code == 0 and f"?token={TOKEN}" in res.output
     assert calls[-1][1]["host"] == "0.0.0.0"
+
+
+def test_cli_feature_shows_similar_features(atlas_dir, fired):
+    from click.testing import CliRunner
+
+    from saescope.cli import cli
+    from saescope.scope import Scope
+
+    sae_id, idx = fired
+    res = CliRunner().invoke(cli, ["feature", str(atlas_dir), sae_id, str(idx)])
+    assert res.exit_code == 0, res.output
+    with Scope.open(atlas_dir) as scope:
+        groups = scope.similar(sae_id, idx, k=5)
+    for g in groups:
+        line = next(x for x in res.output.splitlines() if x.startswith(f"similar in layer {g['layer']} "))
+        assert [int(m) for m in re.findall(r"#(\d+) -?\d\.\d\d", line)] == [f["idx"] for f in g["features"]]
+    card = json.loads(CliRunner().invoke(cli, ["feature", str(atlas_dir), sae_id, str(idx), "--json"]).output)
+    assert card["similar"] == groups

@@ -16,7 +16,7 @@ SRC = ROOT / "src" / "saescope"
 MAX_FUNCTION_LINES = 60
 
 # Modules the type checker skipped in session 9 (pyproject.toml, `ignore_errors`): other helpers were editing them.
-UNCHECKED_TODAY = {"train", "steer", "sae", "scope", "featuredb", "conceptindex", "search", "embed",
+UNCHECKED_TODAY = {"train", "sae", "scope", "featuredb", "conceptindex", "search", "embed",
                    "label", "label.concepts", "label.rules", "label.evidence", "label.scoring",
                    "label.offline", "label.manual", "label.vectors", "server", "server.app"}
 
@@ -25,7 +25,6 @@ IMPORT_CYCLES_TODAY: list[set[str]] = []
 
 # Functions over the limit in session 9, in files other helpers were editing then: name -> lines then.
 LONG_FUNCTIONS_TODAY = {
-    "server/app.py:_install_routes": 146,
     "train.py:_forward_sparse": 75,
 }
 

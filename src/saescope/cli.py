@@ -525,6 +525,8 @@ def feature(run_dir, sae, index, n_examples, as_json):
 
     with Scope.open(run_dir) as scope:
         card = scope.feature(sae, index)
+        if card is not None:
+            card["similar"] = scope.similar(card["sae_id"], card["idx"], k=5)
     if card is None:
         raise SaescopeError(f"feature {index} of SAE {sae} has not been analysed: run `saescope analyze {run_dir}`")
     if as_json:

@@ -49,6 +49,10 @@ KINDS = ("top", "quantile", "random")
 SOURCES = ("human", "llm", "offline")
 ORDERS = {"frequency": "frequency DESC", "max_act": "max_act DESC", "mean_act": "mean_act DESC",
           "n_fired": "n_fired DESC", "idx": "idx ASC"}
+PAGE_ORDERS = ("frequency", "max_act", "mean_act", "n_fired", "idx", "score")
+STATES = ("all", "alive", "dead", "dense", "sparse")
+DENSE_FREQUENCY = 0.1
+"""A feature that fires on more than this fraction of tokens is dense (DESIGN.md §5)."""
 MAX_LABEL_CHARS = 500
 BUSY_TIMEOUT_MS = 5000
 _FP16_MAX = float(np.finfo(np.float16).max)
@@ -540,6 +544,48 @@ class FeatureDB:
                                 "LIMIT ?", (sae_id, _positive(limit))).fetchall()
         return [_feature_dict(r) for r in rows]
 
+    def feature_page(self, sae_id: str, *, order_by: str = "frequency", descending: bool = True, offset: int = 0,
+                     limit: int = 50, state: str = "all", min_frequency: float | None = None,
+                     max_frequency: float | None = None, min_score: float | None = None,
+                     max_score: float | None = None) -> tuple[list[dict], int]:
+        """One page of an SAE's features and how many match the filters.
+
+        Rows: idx, frequency, n_fired, max_act, mean_act, score (the best detection score among the
+        feature's current labels; None when unscored). `state`: all, alive (fired), dead (never fired),
+        dense (fires on more than DENSE_FREQUENCY of tokens) or sparse (alive and not dense). A score filter drops unscored features.
+        Unscored features sort last in both directions; ties by idx.
+        """
+        if order_by not in PAGE_ORDERS:
+            raise SaescopeError(f"cannot order features by {order_by!r}: use one of {', '.join(PAGE_ORDERS)}")
+        if state not in STATES:
+            raise SaescopeError(f"unknown feature state {state!r}: use one of {', '.join(STATES)}")
+        where: list[str] = ["f.sae_id = ?"]
+        args: list[Any] = [sae_id, sae_id]
+        where += {"all": [], "alive": ["f.n_fired > 0"], "dead": ["COALESCE(f.n_fired, 0) = 0"],
+                  "dense": [f"f.frequency > {DENSE_FREQUENCY}"],
+                  "sparse": ["f.n_fired > 0", f"f.frequency <= {DENSE_FREQUENCY}"]}[state]
+        for column, op, value in (("f.frequency", ">=", min_frequency), ("f.frequency", "<=", max_frequency),
+                                  ("s.score", ">=", min_score), ("s.score", "<=", max_score)):
+            if value is not None:
+                where.append(f"{column} {op} ?")
+                args.append(float(value))
+        sql = ("SELECT f.idx, f.frequency, f.n_fired, f.max_act, f.mean_act, s.score FROM features f LEFT JOIN "
+               "(SELECT l.idx, MAX(sc.value) AS score FROM labels l JOIN scores sc ON sc.label_id = l.id "
+               "WHERE l.sae_id = ? AND l.is_current = 1 AND sc.method LIKE 'detection%' GROUP BY l.idx) s "
+               "ON s.idx = f.idx WHERE " + " AND ".join(where))
+        column = "s.score" if order_by == "score" else f"f.{order_by}"
+        order = f" ORDER BY {column} IS NULL, {column} {'DESC' if descending else 'ASC'}, f.idx LIMIT ? OFFSET ?"
+        with self._read() as conn:
+            total = conn.execute(f"SELECT COUNT(*) FROM ({sql})", args).fetchone()[0]
+            rows = conn.execute(sql + order, [*args, _positive(limit), max(0, int(offset))]).fetchall()
+        return [dict(r) for r in rows], int(total)
+
+    def max_acts(self, sae_id: str) -> dict[int, float]:
+        """idx → max activation over the analysed tokens, for every analysed feature of one SAE."""
+        with self._read() as conn:
+            rows = conn.execute("SELECT idx, max_act FROM features WHERE sae_id = ?", (sae_id,)).fetchall()
+        return {int(i): float(m or 0.0) for i, m in rows}
+
     # ---------------------------------------------------------------- labels and scores
 
     def set_label(self, sae_id: str, idx: int, text: str, source: LabelSource = "human",
@@ -582,6 +628,20 @@ class FeatureDB:
         with self._read() as conn:
             rows = conn.execute(sql + " ORDER BY id DESC", (sae_id, int(idx))).fetchall()
         return [_label_dict(r) for r in rows]
+
+    def labels_of(self, sae_id: str, idxs: Sequence[int]) -> dict[int, list[dict]]:
+        """Current labels of several features of one SAE: idx → labels (all sources), newest first."""
+        out: dict[int, list[dict]] = {int(i): [] for i in idxs}
+        ids = sorted(out)
+        with self._read() as conn:
+            for k in range(0, len(ids), 500):  # SQLite's default limit on bound parameters is 999
+                chunk = ids[k:k + 500]
+                rows = conn.execute(f"SELECT {_LABEL_COLUMNS} FROM labels WHERE sae_id = ? AND is_current = 1 "
+                                    f"AND idx IN ({','.join('?' * len(chunk))}) ORDER BY id DESC",
+                                    (sae_id, *chunk)).fetchall()
+                for r in rows:
+                    out[r["idx"]].append(_label_dict(r))
+        return out
 
     def current_labels(self, source: LabelSource | None = None) -> list[dict]:
         """Every current label (optionally of one source), ordered by SAE and feature."""

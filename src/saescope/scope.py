@@ -3,6 +3,8 @@
     scope = Scope.open("runs/gemma-3-270m")
     scope.feature("resid_post/6", 123)      # stats, examples, logit effects, labels
     scope.inspect("The Eiffel Tower", top=5)  # per token, per SAE: the top features and their labels
+    scope.activations("The Eiffel Tower", "resid_post/6", 123)  # one feature on every token of your text
+    scope.similar("resid_post/6", 123)      # decoder-cosine neighbours in this and adjacent layers
     scope.search("farm animals")            # features about a concept, over every layer
 
 The web app calls these same functions, so both return plain JSON-able data.
@@ -150,34 +152,21 @@ class Scope:
         the `top` most active features with their activation and current label.
 
         Returns {"text", "tokens": [{"id", "text", "bos"}], "layers": [{"sae_id", "layer",
-        "site", "features": [[{"idx", "act", "label"}, ...] per token]}]}. The BOS position
-        is included in tokens (bos=True) and gets no features.
+        "site", "features": [[{"idx", "act", "label"}, ...] per token], "l0": [active features
+        per token]}]}. The BOS position is included in tokens (bos=True) and gets no features.
         """
-        from .harvest import activations, keep_mask
+        from .harvest import activations
 
         if int(top) < 1:
             raise SaescopeError(f"top must be at least 1, got {top}")
         lm = self.model
-        tok = lm.tokenizer
-        if not isinstance(text, str):
-            raise SaescopeError(f"text must be a string, not {type(text).__name__}")
-        body = tok(text, add_special_tokens=False)["input_ids"]
-        special = lm.special_ids
-        if not any(i not in special for i in body):
-            raise SaescopeError("the text tokenises to nothing: type some words to inspect")
-        bos = lm.bos_id
-        ids = torch.tensor([([bos] if bos is not None else []) + list(body)], dtype=torch.long)
-        lm.check_fits(ids.shape[1])
-        keep = keep_mask(lm, ids)[0]
+        ids, keep, tokens = self._prompt(text)
         sae_ids = [self.run.resolve_sae(s) for s in saes] if saes is not None else self.run.sae_ids()
         if not sae_ids:
             raise SaescopeError(f"run {self.run.root} has no SAEs: train some first (`saescope train`)")
         models = {i: self.saes[i] for i in sae_ids}
         sites = {i: lm.site(s.cfg.site, s.cfg.layer) for i, s in models.items()}
         acts = activations(lm, ids, list({s.key: s for s in sites.values()}.values()))
-        strings = texts([str(s) for s in tok.convert_ids_to_tokens(ids[0].tolist())])
-        tokens = [{"id": int(i), "text": s, "bos": p == 0 and bos is not None}
-                  for p, (i, s) in enumerate(zip(ids[0].tolist(), strings))]
         labels = _LabelCache(self._db_if_any())
         layers = []
         order = sorted(sae_ids, key=lambda i: (models[i].cfg.layer, models[i].cfg.site, i))
@@ -186,15 +175,90 @@ class Scope:
             with torch.no_grad():
                 f = sae.encode(acts[sites[sae_id].key][0].float().to(sae.w_enc.device))  # (T, width)
                 vals, idx = f.topk(min(int(top), sae.cfg.width), dim=1)
-            per_token = []
-            for p in range(ids.shape[1]):
-                if not keep[p]:
-                    per_token.append([])
-                    continue
-                per_token.append([{"idx": int(i), "act": float(v), "label": labels.get(sae_id, int(i))}
-                                  for v, i in zip(vals[p].tolist(), idx[p].tolist()) if v > 0])
-            layers.append({"sae_id": sae_id, "layer": sae.cfg.layer, "site": sae.cfg.site, "features": per_token})
+                l0 = ((f > 0) & keep.to(f.device)[:, None]).sum(1).tolist()
+            top_v, top_i, kept = vals.tolist(), idx.tolist(), keep.tolist()
+            labels.prefetch(sae_id, {i for p, row in enumerate(top_i) if kept[p] for i in row})
+            per_token = [[{"idx": i, "act": v, "label": labels.get(sae_id, i)} for v, i in zip(top_v[p], top_i[p])
+                          if v > 0] if kept[p] else [] for p in range(len(kept))]
+            layers.append({"sae_id": sae_id, "layer": sae.cfg.layer, "site": sae.cfg.site, "features": per_token,
+                           "l0": l0})
         return {"text": text, "tokens": tokens, "layers": layers}
+
+    def _prompt(self, text: str) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+        """`text` as model input: ids (1, T) with BOS first, the keep mask (T,) of ordinary tokens,
+        and the tokens [{"id", "text", "bos"}]. Refuses text that is not a string, tokenises to
+        nothing, or passes the model's context."""
+        from .harvest import keep_mask
+
+        lm = self.model
+        tok = lm.tokenizer
+        if not isinstance(text, str):
+            raise SaescopeError(f"text must be a string, not {type(text).__name__}")
+        body = tok(text, add_special_tokens=False)["input_ids"]
+        if not any(i not in lm.special_ids for i in body):
+            raise SaescopeError("the text tokenises to nothing: type some words to inspect")
+        bos = lm.bos_id
+        ids = torch.tensor([([bos] if bos is not None else []) + list(body)], dtype=torch.long)
+        lm.check_fits(ids.shape[1])
+        keep = keep_mask(lm, ids)[0]
+        strings = texts([str(s) for s in tok.convert_ids_to_tokens(ids[0].tolist())])
+        tokens = [{"id": int(i), "text": s, "bos": p == 0 and bos is not None}
+                  for p, (i, s) in enumerate(zip(ids[0].tolist(), strings))]
+        return ids, keep, tokens
+
+    def activations(self, text: str, sae: str | int, index: int) -> dict:
+        """One feature's activation on every token of `text` (activation testing).
+
+        Returns {"sae_id", "idx", "tokens": [{"id", "text", "bos"}], "acts": [float per token]
+        (0 at BOS/EOS/pad), "max_act": the largest here, "max_act_analysed": the feature's
+        max over the analysed tokens (None before `saescope analyze`)}.
+        """
+        from .harvest import activations
+
+        info = self.sae_info(sae)
+        idx = _index(index, info)
+        ids, keep, tokens = self._prompt(text)
+        model = self.saes[info["id"]]
+        site = self.model.site(model.cfg.site, model.cfg.layer)
+        x = activations(self.model, ids, [site])[site.key][0]  # (T, d_in)
+        with torch.no_grad():
+            f = model.encode(x.float().to(model.w_enc.device))[:, idx].cpu()  # (T,)
+        acts = [round(float(a), 4) if k else 0.0 for a, k in zip(f.tolist(), keep.tolist())]
+        db = self._db_if_any()
+        row = db.feature_stats(info["id"], idx) if db is not None else None
+        return {"sae_id": info["id"], "idx": idx, "tokens": tokens, "acts": acts, "max_act": max(acts),
+                "max_act_analysed": row["max_act"] if row else None}
+
+    def similar(self, sae: str | int, index: int, k: int = 8, span: int = 1) -> list[dict]:
+        """Features whose decoder direction is closest (cosine) to this one's, in the same SAE and
+        in the SAEs of the same site `span` layers above and below (same d_in only).
+
+        Returns one group per SAE, by layer: [{"sae_id", "layer", "features": [{"idx", "cosine",
+        "label"}, ...]}], `k` per group, highest cosine first (the feature itself left out).
+        """
+        info = self.sae_info(sae)
+        idx = _index(index, info)
+        if int(k) < 1 or int(span) < 0:
+            raise SaescopeError(f"k must be at least 1 and span at least 0, got k={k}, span={span}")
+        me = self.saes[info["id"]]
+        with torch.no_grad():
+            d = torch.nn.functional.normalize(me.w_dec[idx].float(), dim=0)  # (d_in,)
+        labels = _LabelCache(self._db_if_any())
+        groups = []
+        for other_id in self.run.sae_ids():
+            other = self.saes[other_id]
+            if other.cfg.site != me.cfg.site or abs(other.cfg.layer - me.cfg.layer) > span \
+                    or other.cfg.d_in != me.cfg.d_in:
+                continue
+            with torch.no_grad():
+                cos = torch.nn.functional.normalize(other.w_dec.float(), dim=1) @ d.to(other.w_dec.device)
+                if other_id == info["id"]:
+                    cos[idx] = -2.0
+                vals, top = cos.topk(min(int(k), cos.numel() - (other_id == info["id"])))
+            groups.append({"sae_id": other_id, "layer": other.cfg.layer, "features": [
+                {"idx": int(i), "cosine": round(float(v), 4), "label": labels.get(other_id, int(i))}
+                for v, i in zip(vals.tolist(), top.tolist())]})
+        return sorted(groups, key=lambda g: (g["layer"], g["sae_id"]))
 
 
 def _index(index, info: dict) -> int:
@@ -216,6 +280,14 @@ class _LabelCache:
     def __init__(self, db: FeatureDB | None):
         self.db = db
         self.cache: dict[tuple[str, int], str | None] = {}
+
+    def prefetch(self, sae_id: str, idxs) -> None:
+        """Read the labels of many features of one SAE in a few queries (`get` then finds them cached)."""
+        if self.db is None:
+            return
+        missing = [int(i) for i in idxs if (sae_id, int(i)) not in self.cache]
+        for i, labels in self.db.labels_of(sae_id, missing).items():
+            self.cache[(sae_id, i)] = best_label(labels)
 
     def get(self, sae_id: str, idx: int) -> str | None:
         if self.db is None:
@@ -292,6 +364,9 @@ def feature_card(card: dict, n_examples: int = 8, style=None) -> str:
     if card.get("logits_neg"):
         lines.append("suppresses: " + "  ".join(f"{visible(d['token'])} {d['value']:+.3g}"
                                                  for d in card["logits_neg"]))
+    for group in card.get("similar") or []:  # Scope.similar: decoder-cosine neighbours
+        lines.append(f"similar in layer {group['layer']} (decoder cosine): " + "  ".join(
+            f"#{f['idx']} {f['cosine']:.2f}" + (f" {f['label'][:40]!r}" if f["label"] else "") for f in group["features"]))
     examples = card.get("examples") or []
     scale = max((e["max_act"] for e in examples), default=0.0)
     for kind, title in (("top", "top contexts"), ("quantile", "quantile examples (weakest bin first)"),

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -26,6 +27,7 @@ from .splice import (  # noqa: F401  (MAX_STRENGTH, steering_rows: re-exported, 
     MAX_STRENGTH,
     MODES,
     Intervention,
+    Mode,
     _plans,
     check_strength,
     steering,
@@ -51,8 +53,12 @@ def _encode_prompt(lm: LoadedModel, prompt: str, max_new_tokens: int) -> torch.T
 
 
 def generate_ids(lm: LoadedModel, input_ids: torch.Tensor, max_new_tokens: int = 40, greedy: bool = True,
-                 temperature: float = 1.0, seed: int = 0) -> torch.Tensor:
-    """New token ids (n,) continuing `input_ids` (1, P). Sampling is seeded and leaves the global RNG alone."""
+                 temperature: float = 1.0, seed: int = 0, on_token: Callable[[int], None] | None = None
+                 ) -> torch.Tensor:
+    """New token ids (n,) continuing `input_ids` (1, P). Sampling is seeded and leaves the global RNG alone.
+
+    `on_token(id)` is called with each new token as it is generated; an exception it raises stops
+    the generation and propagates (how a caller cancels)."""
     from transformers import GenerationConfig
 
     if not greedy and not (math.isfinite(temperature) and temperature > 0):
@@ -63,10 +69,31 @@ def generate_ids(lm: LoadedModel, input_ids: torch.Tensor, max_new_tokens: int =
                                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     devices = [lm.device] if lm.device.type == "cuda" else []
     ids = input_ids.to(lm.device)
+    streamer = _TokenStreamer(on_token) if on_token is not None else None
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.manual_seed(seed)
-        out = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen_cfg)
+        out = lm.model.generate(  # type: ignore[operator]  # transformers' stubs type `generate` as a Tensor
+            input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen_cfg, streamer=streamer)
     return out[0, ids.shape[1]:].cpu()
+
+
+class _TokenStreamer:
+    """The streamer interface of transformers' `generate` (put/end): the first put is the prompt, each
+    later put one new token (batch of one)."""
+
+    def __init__(self, on_token: Callable[[int], None]):
+        self.on_token = on_token
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for t in value.reshape(-1).tolist():
+            self.on_token(int(t))
+
+    def end(self) -> None:
+        pass
 
 
 def generate(lm: LoadedModel, prompt: str, max_new_tokens: int = 40, greedy: bool = True,
@@ -74,7 +101,12 @@ def generate(lm: LoadedModel, prompt: str, max_new_tokens: int = 40, greedy: boo
     """The model's continuation of `prompt` (the new text only). Steer it by calling inside `steering`."""
     ids = _encode_prompt(lm, prompt, max_new_tokens)
     new = generate_ids(lm, ids, max_new_tokens, greedy, temperature, seed)
-    return lm.tokenizer.decode(new, skip_special_tokens=True)
+    return _text(lm, new)
+
+
+def _text(lm: LoadedModel, ids: torch.Tensor) -> str:
+    """The text of new token ids (special tokens dropped)."""
+    return str(lm.tokenizer.decode(ids, skip_special_tokens=True))
 
 
 # ---------------------------------------------------------------------------- measurement
@@ -183,8 +215,8 @@ def promoted_token_ids(lm: LoadedModel, sae: SAE, idx: int, db_tokens: list | No
     else the top-k of the direct logit effect of w_dec[idx] through the final norm and unembedding."""
     if db_tokens:
         tok = lm.tokenizer
-        ids = [tok.convert_tokens_to_ids(str(t[0])) for t in db_tokens[:k] if t]
-        ids = [i for i in ids if isinstance(i, int) and i != tok.unk_token_id]
+        found = [tok.convert_tokens_to_ids(str(t[0])) for t in db_tokens[:k] if t]
+        ids = [i for i in found if isinstance(i, int) and i != tok.unk_token_id]
         if len(ids) * 2 >= min(k, len(db_tokens)):
             return ids
     d = sae.w_dec[idx].detach().float().to(lm.device)
@@ -212,16 +244,17 @@ def _promoted_strings(lm: LoadedModel, ids: list[int]) -> list[str]:
 _SPEC = re.compile(r"^(?P<sae>[^:]+):(?P<idx>-?\d+)(?:@(?P<mode>[a-z]+))?(?:=(?P<value>[^=]+))?$")
 
 
-def parse_feature_spec(spec: str) -> tuple[str, int, str, float]:
+def parse_feature_spec(spec: str) -> tuple[str, int, Mode, float]:
     """'LAYER:INDEX=STRENGTH', 'site/LAYER:INDEX=S', '...:INDEX@clamp=V', '...:INDEX@ablate' →
     (sae_ref, idx, mode, value). `sae_ref` is what `Run.resolve_sae` accepts."""
     hint = "write LAYER:INDEX=STRENGTH, site/LAYER:INDEX=STRENGTH, ...:INDEX@clamp=VALUE or ...:INDEX@ablate"
     m = _SPEC.match(str(spec).strip().replace(" ", ""))
     if not m:
         raise SaescopeError(f"cannot read feature '{spec}': {hint}")
-    sae_ref, idx, mode, raw = m["sae"], int(m["idx"]), m["mode"] or "add", m["value"]
-    if mode not in MODES:
-        raise SaescopeError(f"unknown mode '@{mode}' in '{spec}': use @clamp or @ablate (no @ means add)")
+    sae_ref, idx, name, raw = m["sae"], int(m["idx"]), m["mode"] or "add", m["value"]
+    if name not in MODES:
+        raise SaescopeError(f"unknown mode '@{name}' in '{spec}': use @clamp or @ablate (no @ means add)")
+    mode = cast(Mode, name)
     if idx < 0:
         raise SaescopeError(f"feature index {idx} in '{spec}' is negative: indices start at 0")
     if mode == "ablate":
@@ -315,17 +348,28 @@ class _Baseline:
     measured: _Pass
 
 
-def _baseline(s: _Setup, prompt_ids, max_new_tokens, greedy, temperature, seed) -> _Baseline:
-    new = generate_ids(s.lm, prompt_ids, max_new_tokens, greedy, temperature, seed)
+def _baseline(s: _Setup, prompt_ids, max_new_tokens, greedy, temperature, seed, on_token=None) -> _Baseline:
+    new = generate_ids(s.lm, prompt_ids, max_new_tokens, greedy, temperature, seed, on_token)
     measured = _forward_measure(s.lm, prompt_ids, new, s.saes, s.interventions, s.promoted)
-    return _Baseline(s.lm.tokenizer.decode(new, skip_special_tokens=True), new, measured)
+    return _Baseline(_text(s.lm, new), new, measured)
+
+
+def _generate_steered(s: _Setup, prompt_ids, max_new_tokens, greedy, temperature, seed,
+                      on_token=None) -> tuple[torch.Tensor, _Pass]:
+    """The steered continuation's ids, and its measures while steering."""
+    with steering(s.lm, s.saes, s.interventions, s.typical):
+        new = generate_ids(s.lm, prompt_ids, max_new_tokens, greedy, temperature, seed, on_token)
+        during = _forward_measure(s.lm, prompt_ids, new, s.saes, s.interventions, s.promoted)
+    return new, during
 
 
 def _steered(s: _Setup, prompt: str, prompt_ids, base: _Baseline, max_new_tokens, greedy, temperature,
              seed) -> SteerResult:
-    with steering(s.lm, s.saes, s.interventions, s.typical):
-        new = generate_ids(s.lm, prompt_ids, max_new_tokens, greedy, temperature, seed)
-        during = _forward_measure(s.lm, prompt_ids, new, s.saes, s.interventions, s.promoted)
+    new, during = _generate_steered(s, prompt_ids, max_new_tokens, greedy, temperature, seed)
+    return _result(s, prompt, prompt_ids, base, new, during)
+
+
+def _result(s: _Setup, prompt: str, prompt_ids, base: _Baseline, new: torch.Tensor, during: _Pass) -> SteerResult:
     as_text = _forward_measure(s.lm, prompt_ids, new, s.saes, s.interventions, s.promoted)
     effects = []
     for iv in s.interventions:
@@ -335,7 +379,7 @@ def _steered(s: _Setup, prompt: str, prompt_ids, base: _Baseline, max_new_tokens
                               act_during=during.acts[key],
                               promoted_tokens=_promoted_strings(s.lm, s.promoted.get(key, [])),
                               prob_unsteered=base.measured.probs[key], prob_steered=during.probs[key]))
-    return SteerResult(prompt, base.text, s.lm.tokenizer.decode(new, skip_special_tokens=True),
+    return SteerResult(prompt, base.text, _text(s.lm, new),
                        list(s.interventions), effects, ce_unsteered=base.measured.ce, ce_steered=as_text.ce)
 
 
@@ -343,7 +387,7 @@ def steer(source, prompt: str, interventions: Sequence[Intervention | str] = (),
           saes: dict[str, SAE] | None = None, typical: dict[tuple[str, int], float] | None = None,
           max_new_tokens: int = 40, greedy: bool = True, temperature: float = 1.0, seed: int = 0,
           concept: str | None = None, concept_strength: float | None = None, concept_config=None,
-          typical_stat: str = "max_act") -> SteerResult:
+          typical_stat: str = "max_act", on_token: Callable[[str, int], None] | None = None) -> SteerResult:
     """Continue `prompt` without and with `interventions` (same seed) and measure the difference.
 
     `source` is a run (folder or `Run`: SAEs, typical activations and promoted tokens come
@@ -352,6 +396,9 @@ def steer(source, prompt: str, interventions: Sequence[Intervention | str] = (),
     strength `conceptsteer.choose` calibrates (cached per concept in the run), or at
     `concept_strength` × their max activation when given; `result.concept` says what was chosen
     and why, and how much the concept rose in the text.
+
+    `on_token(which, id)` sees each new token as it is generated, which = "steered" (generated
+    first) then "unsteered"; an exception it raises stops the call (how a caller cancels).
     """
     run = _open_run(source)
     source = run if run is not None else source  # open a folder once: choose and _setup share its model
@@ -359,8 +406,10 @@ def steer(source, prompt: str, interventions: Sequence[Intervention | str] = (),
     s = _setup(source, interventions, saes, typical, choice, typical_stat)
     prompt_ids = _encode_prompt(s.lm, prompt, max_new_tokens)
     _plans(s.lm, s.saes, s.interventions, s.typical)  # fail on bad input before generating anything
-    base = _baseline(s, prompt_ids, max_new_tokens, greedy, temperature, seed)
-    result = _steered(s, prompt, prompt_ids, base, max_new_tokens, greedy, temperature, seed)
+    stream = {which: (lambda t, w=which: on_token(w, t)) if on_token else None for which in ("steered", "unsteered")}
+    new, during = _generate_steered(s, prompt_ids, max_new_tokens, greedy, temperature, seed, stream["steered"])
+    base = _baseline(s, prompt_ids, max_new_tokens, greedy, temperature, seed, stream["unsteered"])
+    result = _result(s, prompt, prompt_ids, base, new, during)
     if choice is not None:
         result.concept = conceptsteer.measure_effect(choice, result.unsteered, result.steered)
     return result

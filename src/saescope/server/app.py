@@ -8,11 +8,21 @@ API (every response is JSON; errors are {"detail": "..."} with a 4xx status):
     GET  /api/run                               manifest facts, SAE count, what the run has
     GET  /api/saes                              every SAE with its analysis status and eval metrics
     GET  /api/eval                              eval.json (404 before `saescope eval`)
-    POST /api/inspect   {text, top}             per-token top features of every SAE
+    POST /api/inspect   {text, top}             per token, per SAE: L0, the top features (parallel arrays),
+                                                the top one's activation ÷ its analysed max; labels once
     GET  /api/feature/{sae_id}/{idx}            stats, examples, logit effects, labels + history
+    GET  /api/feature/{sae_id}/{idx}/similar?k=&span=   decoder-cosine neighbours, this and adjacent layers
+    POST /api/feature/{sae_id}/{idx}/activations {text}  this feature's activation on every token of text
     POST /api/feature/{sae_id}/{idx}/label      {text, author} → new human label
+    GET  /api/top/{sae_id}?order_by=&limit=     the SAE's features, largest first
+    GET  /api/features/{sae_id}?order_by=&desc=&offset=&limit=&state=&min_freq=&max_freq=&min_score=&max_score=
+                                                one page of the SAE's features, sorted and filtered, + total
     GET  /api/search?q=&limit=&mode=            labels → features
-    POST /api/steer     {prompt, features, concept, concept_strength, strength, max_new_tokens, greedy, seed}
+    GET  /api/concept?q=                        the features steering by concept chooses from
+    POST /api/steer     {prompt, features, concept, concept_strength, strength, max_new_tokens, greedy,
+                         temperature, seed, n}  → one result, or {"samples": [...]} when n > 1
+    POST /api/steer/stream  (same body)         NDJSON: tokens as generated, then each result (see _stream)
+    POST /api/steer/cancel                      stop the running steering job
 
 Security: all data reaches the page through textContent (see static/app.js) and every
 response carries a strict Content-Security-Policy. Model calls run in a worker thread,
@@ -24,19 +34,20 @@ POSTs must be JSON and same-origin, so another web page cannot post to the app.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
 import math
 import threading
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
@@ -51,6 +62,8 @@ MAX_PROMPT_CHARS = 2000
 MAX_TOP = 20
 MAX_NEW_TOKENS = 200
 MAX_FEATURES = 16
+MAX_SAMPLES = 4
+PAGE_ORDERS = "^(frequency|max_act|mean_act|n_fired|idx|score)$"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 COOKIE = "saescope_token"
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
@@ -109,7 +122,30 @@ class SteerIn(_Body):
     strength: float = Field(2.0, ge=-MAX_STRENGTH, le=MAX_STRENGTH, allow_inf_nan=False)
     max_new_tokens: int = Field(24, ge=1, le=MAX_NEW_TOKENS)
     greedy: bool = True
+    temperature: float = Field(1.0, gt=0, le=10, allow_inf_nan=False)
+    """Sampling temperature (ignored when greedy)."""
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    n: int = Field(1, ge=1, le=MAX_SAMPLES)
+    """Samples to draw (seeds seed, seed+1, ...); more than one needs sampling (greedy false)."""
+
+
+class ActivationsIn(_Body):
+    text: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+
+
+class FeaturePageQuery(BaseModel):
+    """Query of GET /api/features/{sae}: one page of an SAE's features, sorted and filtered."""
+
+    model_config = ConfigDict(extra="ignore")
+    order_by: str = Field("frequency", pattern=PAGE_ORDERS)
+    desc: bool = True
+    offset: int = Field(0, ge=0, le=10**7)
+    limit: int = Field(50, ge=1, le=500)
+    state: str = Field("all", pattern="^(all|alive|dead|dense|sparse)$")
+    min_freq: float | None = Field(None, ge=0, le=1)
+    max_freq: float | None = Field(None, ge=0, le=1)
+    min_score: float | None = Field(None, ge=0, le=1)
+    max_score: float | None = Field(None, ge=0, le=1)
 
 
 # --------------------------------------------------------------------------- state
@@ -124,6 +160,8 @@ class Atlas:
         self.scope = Scope.open(run_dir)
         self.run = self.scope.run
         self.compute = threading.Lock()
+        self.steer_job: _SteerJob | None = None  # the steering job running now (cancellable), set under `compute`
+        self._max_acts: dict[str, dict[int, float]] = {}
 
     # ---------------------------------------------------------------- lookups
 
@@ -142,6 +180,16 @@ class Atlas:
         if not 0 <= idx < sae["width"]:
             raise HTTPException(404, f"feature {idx} is out of range for SAE {sae['id']} "
                                      f"(width {sae['width']}): use 0..{sae['width'] - 1}")
+
+    def require_db(self) -> None:
+        if not self.run.db_path.is_file():
+            raise HTTPException(404, "this run has no feature database yet: run the analysis and label features")
+
+    def max_acts(self, sae_id: str) -> dict[int, float]:
+        """idx → max activation over the analysed tokens (read once per SAE; empty before analysis)."""
+        if sae_id not in self._max_acts:
+            self._max_acts[sae_id] = self.scope.db.max_acts(sae_id) if self.run.db_path.is_file() else {}
+        return self._max_acts[sae_id]
 
     def warm_up(self) -> None:
         """Load the model and every SAE and run them once: the first calls after loading are
@@ -278,13 +326,27 @@ def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, err: Exception):
         log.exception("unexpected error serving %s", request.url.path)
-        return SafeJSON({"detail": f"internal error ({type(err).__name__}); see the server log"}, status_code=500)
+        return SafeJSON({"detail": _internal(err)}, status_code=500)
+
+
+def _internal(err: BaseException) -> str:
+    """One line for an unexpected error: its type and the first line of its message."""
+    first = (str(err).strip().splitlines() or [""])[0][:300]
+    return f"internal error ({type(err).__name__}{': ' + first if first else ''}); see the server log"
 
 
 def _install_routes(app: FastAPI, atlas: Atlas) -> None:
-    run = atlas.run
+    _page_routes(app, atlas)
+    _run_routes(app, atlas)
+    _inspect_routes(app, atlas)
+    _feature_routes(app, atlas)
+    _feature_list_routes(app, atlas)
+    _search_routes(app, atlas)
+    _steer_routes(app, atlas)
 
-    # ---------------------------------------------------------------- pages
+
+def _page_routes(app: FastAPI, atlas: Atlas) -> None:
+    run = atlas.run
 
     @app.get("/", include_in_schema=False)
     async def index():
@@ -301,7 +363,9 @@ def _install_routes(app: FastAPI, atlas: Atlas) -> None:
             raise HTTPException(404, "this run has no eval.png yet: run `saescope eval`")
         return FileResponse(path, media_type="image/png")
 
-    # ---------------------------------------------------------------- run
+
+def _run_routes(app: FastAPI, atlas: Atlas) -> None:
+    run = atlas.run
 
     @app.get("/api/run")
     def run_info():
@@ -313,7 +377,7 @@ def _install_routes(app: FastAPI, atlas: Atlas) -> None:
                 "has_eval_png": (run.root / "eval.png").is_file(), "has_features": run.db_path.is_file(),
                 "eval_tokens": ev.get("eval_tokens") if ev else None,
                 "limits": {"prompt_chars": MAX_PROMPT_CHARS, "top": MAX_TOP, "max_new_tokens": MAX_NEW_TOKENS,
-                           "features": MAX_FEATURES}}
+                           "features": MAX_FEATURES, "samples": MAX_SAMPLES}}
 
     @app.get("/api/saes")
     def saes():
@@ -336,18 +400,66 @@ def _install_routes(app: FastAPI, atlas: Atlas) -> None:
             raise HTTPException(404, "this run has no eval.json yet: run `saescope eval`")
         return ev
 
-    # ---------------------------------------------------------------- inspect
 
+def _inspect_routes(app: FastAPI, atlas: Atlas) -> None:
     @app.post("/api/inspect")
     async def inspect(body: InspectIn):
         def work():
             with atlas.compute:
                 atlas.check_prompt(body.text)
-                return atlas.scope.inspect(body.text, top=body.top)
+                result = atlas.scope.inspect(body.text, top=body.top)
+            return _compact_inspect(atlas, result)
 
         return await run_in_threadpool(work)
 
-    # ---------------------------------------------------------------- features
+
+def _compact_inspect(atlas: Atlas, res: dict) -> dict:
+    """`Scope.inspect` as parallel arrays, each label once: per SAE, per token `l0` (active features),
+    `idx` / `act` (the top features, strongest first) and `rel` (the top feature's activation ÷ its
+    max over the analysed tokens; None without analysis); `labels` maps sae_id → idx → label."""
+    labels: dict[str, dict[str, str]] = {}
+    layers = []
+    for lay in res["layers"]:
+        maxes = atlas.max_acts(lay["sae_id"])
+        names = labels.setdefault(lay["sae_id"], {})
+        idx, act, rel = [], [], []
+        for feats in lay["features"]:
+            idx.append([f["idx"] for f in feats])
+            act.append([float(f"{f['act']:.4g}") for f in feats])
+            names.update((str(f["idx"]), f["label"]) for f in feats if f["label"])
+            top_max = maxes.get(feats[0]["idx"]) if feats else None
+            rel.append(round(feats[0]["act"] / top_max, 3) if top_max else None)
+        layers.append({"sae_id": lay["sae_id"], "layer": lay["layer"], "site": lay["site"], "l0": lay["l0"],
+                       "idx": idx, "act": act, "rel": rel})
+    return {"text": res["text"], "tokens": res["tokens"], "layers": layers, "labels": labels}
+
+
+def _feature_routes(app: FastAPI, atlas: Atlas) -> None:
+    run = atlas.run
+
+    @app.get("/api/feature/{sae_id:path}/{idx}/similar")  # before /api/feature/{sae_id}/{idx}, which would match
+    async def similar(sae_id: str, idx: int, k: Annotated[int, Query(ge=1, le=50)] = 8,
+                      span: Annotated[int, Query(ge=0, le=4)] = 1):
+        sae = atlas.sae_info(sae_id)
+        atlas.check_idx(sae, idx)
+
+        def work():
+            with atlas.compute:  # loads SAEs on first use
+                return atlas.scope.similar(sae["id"], idx, k=k, span=span)
+
+        return {"sae_id": sae["id"], "idx": idx, "groups": await run_in_threadpool(work)}
+
+    @app.post("/api/feature/{sae_id:path}/{idx}/activations")
+    async def activations(sae_id: str, idx: int, body: ActivationsIn):
+        sae = atlas.sae_info(sae_id)
+        atlas.check_idx(sae, idx)
+
+        def work():
+            with atlas.compute:
+                atlas.check_prompt(body.text)
+                return atlas.scope.activations(body.text, sae["id"], idx)
+
+        return await run_in_threadpool(work)
 
     @app.get("/api/feature/{sae_id:path}/{idx}")
     def feature(sae_id: str, idx: int):
@@ -360,20 +472,6 @@ def _install_routes(app: FastAPI, atlas: Atlas) -> None:
         out["labels"] = _labels(atlas, sae["id"], idx, history=False)
         out["label_history"] = _labels(atlas, sae["id"], idx, history=True)
         return out
-
-    @app.get("/api/top/{sae_id:path}")
-    def top_features(sae_id: str, order_by: Annotated[str, Query(pattern="^(frequency|max_act|mean_act|n_fired|idx)$")]
-                     = "frequency", limit: Annotated[int, Query(ge=1, le=1000)] = 100):
-        sae = atlas.sae_info(sae_id)
-        if not run.db_path.is_file():
-            return {"sae": sae, "features": []}
-        db = atlas.scope.db
-        rows = db.top_features(sae["id"], order_by=order_by, limit=limit)
-        for r in rows:
-            r.pop("hist", None)
-            r["label"] = _best_label(atlas, sae["id"], r["idx"])
-            r["dead"] = not r["n_fired"]
-        return {"sae": sae, "features": rows}
 
     @app.post("/api/feature/{sae_id:path}/{idx}/label")
     def label(sae_id: str, idx: int, body: LabelIn):
@@ -388,7 +486,42 @@ def _install_routes(app: FastAPI, atlas: Atlas) -> None:
                 "labels": _labels(atlas, sae["id"], idx, history=False),
                 "label_history": _labels(atlas, sae["id"], idx, history=True)}
 
-    # ---------------------------------------------------------------- search
+
+def _feature_list_routes(app: FastAPI, atlas: Atlas) -> None:
+    run = atlas.run
+
+    @app.get("/api/top/{sae_id:path}")
+    def top_features(sae_id: str, order_by: Annotated[str, Query(pattern="^(frequency|max_act|mean_act|n_fired|idx)$")]
+                     = "frequency", limit: Annotated[int, Query(ge=1, le=1000)] = 100):
+        sae = atlas.sae_info(sae_id)
+        if not run.db_path.is_file():
+            return {"sae": sae, "features": []}
+        rows = atlas.scope.db.top_features(sae["id"], order_by=order_by, limit=limit)
+        for r in rows:
+            r.pop("hist", None)
+            r["label"] = _best_label(atlas, sae["id"], r["idx"])
+            r["dead"] = not r["n_fired"]
+        return {"sae": sae, "features": rows}
+
+    @app.get("/api/features/{sae_id:path}")
+    def feature_page(sae_id: str, q: Annotated[FeaturePageQuery, Query()]):
+        from ..featuredb import DENSE_FREQUENCY
+
+        sae = atlas.sae_info(sae_id)
+        if not run.db_path.is_file():
+            return {"sae": sae, "features": [], "total": 0, "offset": q.offset, "limit": q.limit}
+        rows, total = atlas.scope.db.feature_page(
+            sae["id"], order_by=q.order_by, descending=q.desc, offset=q.offset, limit=q.limit, state=q.state,
+            min_frequency=q.min_freq, max_frequency=q.max_freq, min_score=q.min_score, max_score=q.max_score)
+        for r in rows:
+            r["label"] = _best_label(atlas, sae["id"], r["idx"])
+            r["dead"] = not r["n_fired"]
+            r["dense"] = (r["frequency"] or 0) > DENSE_FREQUENCY
+        return {"sae": sae, "features": rows, "total": total, "offset": q.offset, "limit": q.limit}
+
+
+def _search_routes(app: FastAPI, atlas: Atlas) -> None:
+    run = atlas.run
 
     @app.get("/api/search")
     async def search_labels(q: Annotated[str, Query(max_length=200)] = "",
@@ -398,8 +531,7 @@ def _install_routes(app: FastAPI, atlas: Atlas) -> None:
 
         if not q.strip():
             raise HTTPException(400, "empty search query: type a word to search the labels for")
-        if not run.db_path.is_file():
-            raise HTTPException(404, "this run has no feature database yet: run the analysis and label features")
+        atlas.require_db()
 
         def work():
             with atlas.compute:  # concept and semantic search run the embedding model
@@ -408,25 +540,151 @@ def _install_routes(app: FastAPI, atlas: Atlas) -> None:
         hits = await run_in_threadpool(work)
         return {"query": q, "mode": mode, "hits": [asdict(h) for h in hits]}
 
-    # ---------------------------------------------------------------- steer
+    @app.get("/api/concept")
+    async def concept_candidates(q: Annotated[str, Query(max_length=200)] = ""):
+        """The features steering by concept chooses from (ranked by what they write), uncalibrated."""
+        from ..conceptsteer import fixed
 
-    @app.post("/api/steer")
-    async def steer_api(body: SteerIn):
-        from ..steer import steer
-
-        features = [_with_strength(f.strip(), body.strength) for f in body.features if f.strip()]
-        concept = (body.concept or "").strip() or None
-        if not features and not concept:
-            raise HTTPException(400, "nothing to steer: give a feature (e.g. 6:123=4) or a concept")
+        if not q.strip():
+            raise HTTPException(400, "empty concept: name a topic, e.g. the sea")
+        atlas.require_db()
 
         def work():
             with atlas.compute:
-                atlas.check_prompt(body.prompt, extra=body.max_new_tokens)
-                return steer(run, body.prompt, features, concept=concept, concept_strength=body.concept_strength,
-                             max_new_tokens=body.max_new_tokens, greedy=body.greedy, seed=body.seed)
+                return fixed(run, q, 1.0)
 
-        result = await run_in_threadpool(work)
-        return _steer_json(atlas, result)
+        choice = await run_in_threadpool(work)
+        return {"concept": choice.concept, "candidates": [
+            {"features": c.features, "layer": c.layer, "label": c.label, "output_match": c.output_match,
+             "context_match": c.context_match} for c in choice.candidates]}
+
+
+def _steer_routes(app: FastAPI, atlas: Atlas) -> None:
+    @app.post("/api/steer")
+    async def steer_api(body: SteerIn):
+        job = _steer_job(atlas, body)
+        try:
+            results = await run_in_threadpool(lambda: job.run(lambda *_: None))
+        except _Cancelled:
+            raise HTTPException(409, "the steering was cancelled (POST /api/steer/cancel)") from None
+        return _steer_json(atlas, results[0]) if body.n == 1 else {"samples": [_steer_json(atlas, r) for r in results]}
+
+    @app.post("/api/steer/stream")
+    async def steer_stream(body: SteerIn):
+        job = _steer_job(atlas, body)
+        return StreamingResponse(_stream(atlas, job), media_type="application/x-ndjson",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    @app.post("/api/steer/cancel")
+    def steer_cancel():
+        """Stop the steering job that is running (its stream ends with a 'cancelled' line)."""
+        job = atlas.steer_job
+        if job is None:
+            return {"cancelled": False}
+        job.cancel.set()
+        return {"cancelled": True}
+
+
+class _Cancelled(Exception):
+    """Raised from the token callback to stop a steering job."""
+
+
+@dataclass
+class _SteerJob:
+    """One steering request, checked: `n` samples (seeds seed, seed+1, ...) of steer(); cancellable."""
+
+    atlas: Atlas
+    body: SteerIn
+    features: list[str]
+    concept: str | None
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    def run(self, on_token) -> list:
+        """The results, one per sample; `on_token(sample, which, id)` sees every new token."""
+        from ..steer import steer
+
+        b, atlas = self.body, self.atlas
+        results = []
+        with atlas.compute:
+            atlas.steer_job = self
+            try:
+                atlas.check_prompt(b.prompt, extra=b.max_new_tokens)
+                for i in range(b.n):
+                    def tick(which, t, i=i):
+                        if self.cancel.is_set():
+                            raise _Cancelled()
+                        on_token(i, which, t)
+
+                    results.append(steer(atlas.run, b.prompt, self.features, concept=self.concept,
+                                         concept_strength=b.concept_strength, max_new_tokens=b.max_new_tokens,
+                                         greedy=b.greedy, temperature=b.temperature, seed=b.seed + i,
+                                         on_token=tick))
+            finally:
+                atlas.steer_job = None
+        return results
+
+
+def _steer_job(atlas: Atlas, body: SteerIn) -> _SteerJob:
+    """The request checked before anything runs (a bad feature spec is a 400, not a broken stream)."""
+    from ..steer import parse_feature_spec
+
+    features = [_with_strength(f.strip(), body.strength) for f in body.features if f.strip()]
+    concept = (body.concept or "").strip() or None
+    if not features and not concept:
+        raise HTTPException(400, "nothing to steer: give a feature (e.g. 6:123=4) or a concept")
+    atlas.check_prompt(body.prompt, extra=body.max_new_tokens)
+    if body.greedy and body.n > 1:
+        raise HTTPException(400, "greedy decoding gives the same text every time: untick greedy to draw "
+                                 f"{body.n} samples")
+    for spec in features:
+        ref, idx, _, _ = parse_feature_spec(spec)  # SaescopeError: answered with 400
+        sae_id = atlas.run.resolve_sae(ref)
+        width = atlas.sae_info(sae_id)["width"]
+        if idx >= width:
+            raise HTTPException(400, f"feature {idx} in '{spec}' is out of range for SAE {sae_id} (width {width}): "
+                                     f"use 0..{width - 1}")
+    return _SteerJob(atlas, body, features, concept)
+
+
+async def _stream(atlas: Atlas, job: _SteerJob):
+    """NDJSON lines: {"type": "token", "sample", "which", "text", "n"} as tokens arrive (the text so far),
+    {"type": "result", "sample", "result"} per sample, then {"type": "done"}, {"type": "cancelled"} or
+    {"type": "error", "detail"}. A client that disconnects cancels the job."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    tok = atlas.scope.model.tokenizer
+    ids: dict[tuple[int, str], list[int]] = {}
+
+    def emit(item: dict | None) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def on_token(sample: int, which: str, t: int) -> None:
+        got = ids.setdefault((sample, which), [])
+        got.append(t)
+        emit({"type": "token", "sample": sample, "which": which, "n": len(got),
+              "text": tok.decode(got, skip_special_tokens=True)})
+
+    def work() -> None:
+        try:
+            for i, r in enumerate(job.run(on_token)):
+                emit({"type": "result", "sample": i, "result": _steer_json(atlas, r)})
+            emit({"type": "done"})
+        except _Cancelled:
+            emit({"type": "cancelled"})
+        except (SaescopeError, HTTPException) as err:
+            emit({"type": "error", "detail": str(getattr(err, "detail", err))})
+        except Exception as err:  # noqa: BLE001 - reported in the stream, logged here
+            log.exception("steering failed")
+            emit({"type": "error", "detail": _internal(err)})
+        finally:
+            emit(None)
+
+    loop.run_in_executor(None, work)  # not awaited: after a cancel it ends on its own at the next token
+    try:
+        while (item := await queue.get()) is not None:
+            yield json.dumps(_finite(item), ensure_ascii=False, allow_nan=False) + "\n"
+    finally:
+        job.cancel.set()  # a no-op when finished; stops the model at its next token when the client went away
 
 
 def _with_strength(spec: str, strength: float) -> str:
