@@ -51,7 +51,7 @@ def build_run(base: Path, model_dir) -> Path:
     run = train_run(base / "run", model=str(model_dir), corpus=str(corpus), layers="0,1,2", widths=(32,),
                     l0s=(4,), train=TrainConfig(tokens=2000, batch_size=128), ctx_len=32, progress=False)
     with run.stage("eval"):
-        evaluate(run, eval_tokens=500, ce_tokens=128, other=None, progress=False)
+        evaluate(run, eval_tokens=500, ce_tokens=128, other="pydoc", progress=False)
     analyze(run, n_tokens=3000, progress=False)
     label_offline(run, progress=False)
     _BUILT[key] = run.root

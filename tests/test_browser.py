@@ -144,8 +144,14 @@ def test_overview(server, page, shots):
     page.goto(server.url + "/")
     page.wait_for_selector("#sae-table tr:nth-child(4)")
     assert page.locator("#sae-table tr").count() == 4  # header + 3 SAEs
-    assert page.locator("#charts svg.chart").count() == 6
-    assert page.locator("#charts svg[data-metric=fvu] circle").count() == 3  # one point per layer
+    assert page.locator("#charts svg.chart").count() == 7
+    assert page.locator("#charts svg[data-metric=fvu] circle:not(.other)").count() == 3  # one point per layer
+    # the never-trained-on text (pydoc) beside the held-out split, and ± SE bars where eval.json has SEs
+    assert page.locator("#charts svg[data-metric=fvu] circle.other").count() == 3
+    assert page.locator("#charts svg[data-metric=fvu] polyline.other").count() == 1
+    assert page.locator("#charts svg[data-metric=delta_lm_loss] line.se").count() == 3
+    assert page.locator("#charts svg[data-metric=kl] circle:not(.other)").count() == 3
+    assert "never trained on" in page.text_content(".legend")
     assert "tiny-gemma" in page.text_content("#run-name") or "run" in page.text_content("#run-name")
     ticks = page.locator("#charts svg[data-metric=fvu] text.xtick").all_text_contents()
     assert ticks == ["0", "1", "2"]  # every layer, the last one included

@@ -121,8 +121,8 @@ window.addEventListener("DOMContentLoaded", async () => {
 // ------------------------------------------------------------------ overview
 
 const METRICS = [["l0", "L0 (held-out)"], ["fvu", "FVU"], ["delta_lm_loss", "ΔLM loss (nats)"],
-                 ["ce_recovered", "CE loss recovered"], ["dead_fraction", "dead fraction"],
-                 ["dense_fraction", "dense fraction"]];
+                 ["kl", "KL to the clean model (nats)"], ["ce_recovered", "CE loss recovered"],
+                 ["dead_fraction", "dead fraction"], ["dense_fraction", "dense fraction"]];
 const COLORS = ["#1f6feb", "#e8590c", "#2f9e44", "#9c36b5", "#c2255c", "#0c8599", "#5c940d", "#495057"];
 
 async function pageOverview() {
@@ -143,7 +143,8 @@ async function pageOverview() {
       el("td", {class: "num", text: s.layer}), el("td", {text: s.site}), el("td", {class: "num", text: fmt(s.width)}),
       el("td", {class: "num", text: fmt(e.l0, 1)}), el("td", {class: "num", text: fmt(s.l0_target, 0)}),
       el("td", {class: "num", text: fmt(e.fvu)}), el("td", {class: "num", text: fmt(e.dead_fraction)}),
-      el("td", {class: "num", text: fmt(e.dense_fraction)}), el("td", {class: "num", text: fmt(e.delta_lm_loss)}),
+      el("td", {class: "num", text: fmt(e.dense_fraction)}), el("td", {class: "num", text: fmt(e.delta_lm_loss) +
+        (typeof e.delta_lm_loss_se === "number" ? ` ± ${fmt(e.delta_lm_loss_se, 2)}` : "")}),
       el("td", {class: "num", text: fmt(e.ce_recovered)}), el("td", {text: s.status}));
   });
   const table = el("table", {id: "sae-table"},
@@ -174,18 +175,34 @@ function groupsOf(ev) {
 }
 
 function legend(ev) {
+  const hasOther = ev.distributions && ev.distributions.other;
+  const hasSe = Object.values(ev.saes || {}).some(m => typeof m.delta_lm_loss_se === "number");
   return el("div", {class: "legend"}, ...groupsOf(ev).map(([name], i) => {
     const sw = el("i"); sw.style.background = COLORS[i % COLORS.length];
     return el("span", {}, sw, name);
-  }));
+  }), el("span", {class: "muted", text: "solid: the corpus's held-out split" +
+    (hasSe ? " (bars: ± one standard error)" : "") + (hasOther ? ` · dashed, hollow: ${otherName(ev)}` : "")}));
+}
+
+function otherName(ev) {
+  const o = ev.distributions && ev.distributions.other;
+  const c = o && o.corpus;
+  return "text never trained on" + (c ? `: ${typeof c === "string" ? c : (c.source || c.name || "")}` : "");
 }
 
 // A line chart of one metric by layer (one line per site/width/target group), inline SVG that scales
 // with its card (viewBox; CSS width 100%).
+
 function metricChart(ev, key, title) {
   const W = 330, H = 190, L = 46, R = 18, T = 22, B = 28;
   const groups = groupsOf(ev);
-  const pts = groups.flatMap(([, ms]) => ms.map(m => [m.layer, m[key]])).filter(p => typeof p[1] === "number");
+  // each point: the held-out split, ± its standard error (bars) where eval.json has one, and the never-trained-on
+  // text ("other", dashed, hollow points)
+  const se = m => (typeof m[key] === "number" && typeof m[key + "_se"] === "number") ? m[key + "_se"] : 0;
+  const other = m => m.other && typeof m.other[key] === "number" ? m.other[key] : null;
+  const pts = groups.flatMap(([, ms]) => ms.flatMap(m => [[m.layer, m[key] - se(m)], [m.layer, m[key] + se(m)],
+                                                           [m.layer, other(m)]]))
+    .filter(p => typeof p[1] === "number" && !Number.isNaN(p[1]));
   if (key === "l0") groups.forEach(([, ms]) => ms.forEach(m => pts.push([m.layer, m.l0_target])));
   const s = svg("svg", {class: "chart", viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": title,
                         "data-metric": key});
@@ -214,9 +231,20 @@ function metricChart(ev, key, title) {
     if (key === "l0") s.append(svg("polyline", {class: "target", points: ms.map(m => `${px(m.layer)},${py(m.l0_target)}`).join(" ")}));
     const good = ms.filter(m => typeof m[key] === "number");
     s.append(svg("polyline", {stroke: color, points: good.map(m => `${px(m.layer)},${py(m[key])}`).join(" ")}));
+    const far = ms.filter(m => other(m) !== null);
+    if (far.length) s.append(svg("polyline", {class: "other", stroke: color,
+                                              points: far.map(m => `${px(m.layer)},${py(other(m))}`).join(" ")}));
     for (const m of good) {
+      if (se(m) > 0) s.append(svg("line", {class: "se", stroke: color, x1: px(m.layer), x2: px(m.layer),
+                                           y1: py(m[key] - se(m)), y2: py(m[key] + se(m))}));
       const c = svg("circle", {cx: px(m.layer), cy: py(m[key]), r: 3, fill: color});
-      c.append(svg("title", {}, `${name} · layer ${m.layer}: ${title} = ${fmt(m[key], 4)}`));
+      const pm = se(m) > 0 ? ` ± ${fmt(se(m), 3)}` : "";
+      c.append(svg("title", {}, `${name} · layer ${m.layer}: ${title} = ${fmt(m[key], 4)}${pm} (held-out split)`));
+      s.append(c);
+    }
+    for (const m of far) {
+      const c = svg("circle", {class: "other", cx: px(m.layer), cy: py(other(m)), r: 3, stroke: color});
+      c.append(svg("title", {}, `${name} · layer ${m.layer}: ${title} = ${fmt(other(m), 4)} (${otherName(ev)})`));
       s.append(c);
     }
   });
