@@ -510,7 +510,7 @@ class FeatureDB:
         """The token ids of every example window of every feature (of one `kind`), in table order."""
         if kind is not None and kind not in KINDS:
             raise SaescopeError(f"unknown example kind {kind!r}: use one of {', '.join(KINDS)}")
-        sql, args = "SELECT tokens FROM examples", ()
+        sql, args = "SELECT tokens FROM examples", tuple[str, ...]()
         if kind is not None:
             sql, args = sql + " WHERE kind = ?", (kind,)
         with self._read() as conn:
@@ -618,7 +618,7 @@ class FeatureDB:
                                       weights_version) VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?, ?)""",
                 (sae_id, idx, text, source, model, author, time.time(), None if old is None else old["id"],
                  version))
-            return cur.lastrowid
+            return _row_id(cur)
 
     def labels(self, sae_id: str, idx: int, history: bool = False) -> list[dict]:
         """Current labels of a feature (all sources), newest first; with history, old ones too."""
@@ -664,9 +664,9 @@ class FeatureDB:
         with self._write() as conn:
             if conn.execute("SELECT 1 FROM labels WHERE id = ?", (int(label_id),)).fetchone() is None:
                 raise SaescopeError(f"no label with id {label_id} in {self.path.name}: score an existing label")
-            return [conn.execute(
+            return [_row_id(conn.execute(
                 "INSERT INTO scores(label_id, method, value, details_json, created) VALUES (?, ?, ?, ?, ?)",
-                (int(label_id), method, float(value), _dumps(details), time.time())).lastrowid
+                (int(label_id), method, float(value), _dumps(details), time.time())))
                 for method, value, details in scores]
 
     def scores(self, label_id: int) -> list[dict]:
@@ -918,6 +918,12 @@ def _json_default(obj):
     if hasattr(obj, "tolist"):  # numpy arrays and scalars
         return obj.tolist()
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _row_id(cur: sqlite3.Cursor) -> int:
+    """The id of the row an INSERT just wrote (sqlite3 types `lastrowid` as optional)."""
+    assert cur.lastrowid is not None
+    return cur.lastrowid
 
 
 def _dumps(obj) -> str | None:

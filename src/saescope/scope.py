@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +25,9 @@ from .featuredb import FeatureDB
 from .runs import Run
 from .sae import SAE, read_config
 from .tokens import one_line, texts, token_text, visible
+
+if TYPE_CHECKING:
+    from .search import Mode as SearchMode
 
 LABEL_PREFERENCE = ("human", "llm", "offline")
 """Which current label `inspect` shows when a feature has several."""
@@ -114,7 +118,7 @@ class Scope:
         idx = _index(index, info)
         db = self._db_if_any()
         row = db.feature(info["id"], idx) if db is not None else None
-        if row is None:
+        if db is None or row is None:
             return None
         from .label.evidence import TokenTable
 
@@ -138,7 +142,7 @@ class Scope:
 
     # ---------------------------------------------------------------- inspect
 
-    def search(self, query: str, limit: int = 20, mode: str = "concept") -> list[dict]:
+    def search(self, query: str, limit: int = 20, mode: SearchMode = "concept") -> list[dict]:
         """Features about `query` over every layer, best first (`saescope.search.search`), as plain dicts:
         sae_id, layer, idx, label, score (detection), output, frequency, snippet, evidence, steer, ..."""
         from dataclasses import asdict

@@ -42,7 +42,7 @@ import math
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, cast
 from urllib.parse import urlencode
 
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -54,6 +54,9 @@ from starlette.concurrency import run_in_threadpool
 
 from ..errors import SaescopeError
 from ..steer import MAX_STRENGTH
+
+if TYPE_CHECKING:
+    from ..search import Mode as SearchMode
 
 log = logging.getLogger(__name__)
 
@@ -535,7 +538,7 @@ def _search_routes(app: FastAPI, atlas: Atlas) -> None:
 
         def work():
             with atlas.compute:  # concept and semantic search run the embedding model
-                return search(run, q, limit=limit, mode=mode)
+                return search(run, q, limit=limit, mode=cast("SearchMode", mode))  # the Query pattern checked it
 
         hits = await run_in_threadpool(work)
         return {"query": q, "mode": mode, "hits": [asdict(h) for h in hits]}
