@@ -22,7 +22,7 @@ import torch
 
 from .errors import SaescopeError
 from .featuredb import FeatureDB
-from .runs import Run
+from .runs import Run, as_run
 from .sae import SAE, read_config
 from .tokens import one_line, texts, token_text, visible
 
@@ -66,7 +66,7 @@ class Scope:
 
     @classmethod
     def open(cls, run_dir: str | Path | Run) -> Scope:
-        return cls(run_dir if isinstance(run_dir, Run) else Run.open(run_dir))
+        return cls(as_run(run_dir))
 
     @cached_property
     def model(self):
