@@ -154,8 +154,19 @@ def concept_ranking(run: Run, db: FeatureDB, query: str,
 
 
 def is_token_list(text: str) -> bool:
-    """A label that lists tokens rather than naming a concept (e.g. '"gas", "planets" (tokens)')."""
-    return bool(_TOKEN_LIST.search(text or ""))
+    """A label that lists tokens rather than naming a concept (e.g. '"gas", "planets" (tokens)'). Only
+    the label's head counts: 'Planet (venus, mars) · "the" (token)' names a concept, with token detail."""
+    return bool(_TOKEN_LIST.search(label_head(text or "")))
+
+
+def label_head(text: str) -> str:
+    """What a label says before its detail (offline labels: 'concept · token rule')."""
+    return text.partition(" · ")[0]
+
+
+def concept_labels(labels: list[dict]) -> list[dict]:
+    """The labels whose head is no token list: the ones a concept search reads."""
+    return [lab for lab in labels if not is_token_list(lab["text"])]
 
 
 def _label_side(run: Run, db: FeatureDB, index, qvec) -> tuple[np.ndarray, dict[int, dict]]:
@@ -168,13 +179,17 @@ def _label_side(run: Run, db: FeatureDB, index, qvec) -> tuple[np.ndarray, dict[
                 enumerate(zip(index.feat_sae.tolist(), index.feat_idx.tolist()))}
     best: dict[int, dict] = {}
     shown: dict[int, dict] = {}
-    for lab, sim in zip(labels, (label_embeddings(run, labels) @ qvec).tolist()):
+    readable = concept_labels(labels)  # token lists are not embedded: letters in them are no evidence
+    current = {lab["id"] for lab in labels}
+    matrix = label_embeddings(run, readable, current) if readable else np.zeros((0, len(qvec)), np.float32)
+    for lab, sim in zip(readable, (matrix @ qvec).tolist()):
         n = position.get((lab["sae_id"], int(lab["idx"])))
-        if n is None:
-            continue
-        if not is_token_list(lab["text"]) and sim > sims[n]:
+        if n is not None and sim > sims[n]:
             sims[n], best[n] = sim, lab
-        if n not in shown or _PREFERENCE.get(lab["source"], 9) < _PREFERENCE.get(shown[n]["source"], 9):
+    for lab in labels:
+        n = position.get((lab["sae_id"], int(lab["idx"])))
+        if n is not None and (n not in shown or
+                              _PREFERENCE.get(lab["source"], 9) < _PREFERENCE.get(shown[n]["source"], 9)):
             shown[n] = lab
     return sims, {n: best.get(n, lab) for n, lab in shown.items()}
 
@@ -233,7 +248,7 @@ def _semantic(run: Run, db: FeatureDB, query: str, limit: int) -> list[tuple[dic
     labels = db.current_labels()
     if not labels:
         return []
-    matrix = label_embeddings(run, labels)
+    matrix = label_embeddings(run, labels, {lab["id"] for lab in labels})
     sims = matrix @ encode([query])[0]  # (n_labels,)
     order = np.argsort(-sims, kind="stable")[:limit]
     return [(labels[i], float(sims[i])) for i in order if sims[i] >= MIN_SIMILARITY]
@@ -275,26 +290,31 @@ def index_labels(run: Run | str | Path) -> int:
     with run.reader_db() as db:
         labels = db.current_labels()
         concept_index(run, db)
-    return len(label_embeddings(run, labels)) if labels else 0
+    readable = concept_labels(labels)
+    return len(label_embeddings(run, readable, {lab["id"] for lab in labels})) if readable else 0
 
 
-def label_embeddings(run: Run, labels: list[dict]) -> np.ndarray:
+def label_embeddings(run: Run, labels: list[dict], current: set[int] | None = None) -> np.ndarray:
     """Unit-norm embeddings of `labels` (rows in the same order), from the cache where possible.
 
-    The cache keeps only the labels given, so it never grows beyond the current labels.
+    A label is embedded by its head (`label_head`: the concept, without the token detail), each
+    distinct head once. The cache keeps the labels given and, with `current` (the ids of the
+    current labels), the cached ones still current; it never grows beyond the current labels.
     """
     path = run.root / EMBEDDINGS_FILE
     f = read_embedding_cache(path, ("ids", "vectors"))
     cached: dict[int, np.ndarray] = dict(zip(f["ids"].tolist(), f["vectors"])) if f else {}
     missing = [lab for lab in labels if lab["id"] not in cached]
-    if missing:  # many labels share a text (offline labels like "digits"): embed each text once
-        texts = sorted({lab["text"] for lab in missing})
+    if missing:  # many labels share a head (offline labels like "digits"): embed each head once
+        texts = sorted({label_head(lab["text"]) for lab in missing})
         by_text = dict(zip(texts, encode(texts)))
-        cached.update((lab["id"], by_text[lab["text"]]) for lab in missing)
+        cached.update((lab["id"], by_text[label_head(lab["text"])]) for lab in missing)
     ids = np.array([lab["id"] for lab in labels], dtype=np.int64)
     matrix = np.stack([cached[i] for i in ids.tolist()]).astype(np.float32)
-    if missing or len(cached) != len(labels):
-        _save_embeddings(path, ids, matrix)
+    keep = set(ids.tolist()) | (set(cached) & current if current is not None else set())
+    if missing or len(cached) != len(keep):
+        kept = sorted(keep)
+        _save_embeddings(path, np.array(kept, np.int64), np.stack([cached[i] for i in kept]).astype(np.float32))
     return matrix
 
 

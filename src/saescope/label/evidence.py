@@ -25,7 +25,7 @@ from pathlib import Path
 from ..errors import SaescopeError
 from ..featuredb import FeatureDB
 from ..runs import Run
-from ..tokens import one_line, texts
+from ..tokens import _BYTE_PIECE, one_line, texts, token_text
 from ..tokens import token_text as display_token  # noqa: F401  (labellers import it from here)
 
 MARK_OPEN, MARK_CLOSE = "<<", ">>"
@@ -37,18 +37,28 @@ def as_run(run: Run | str | Path) -> Run:
 
 class TokenTable:
     """Token id → vocabulary string, fetched from the DB once per id (thread-safe enough: a lost race
-    only fetches an id twice); `display` turns a sequence of ids into text (see saescope.tokens)."""
+    only fetches an id twice); `display` turns a sequence of ids into text (see saescope.tokens).
+
+    Each id's display text is computed once; a window without byte-fallback pieces is shown from
+    those, and only a window holding byte pieces goes through `texts` (which merges them)."""
 
     def __init__(self, db: FeatureDB):
         self._db = db
         self._cache: dict[int, str] = {}
+        self._shown: dict[int, str] = {}  # id → token_text, for ids that are not byte pieces
 
     def display(self, ids: Sequence[int]) -> list[str]:
-        cache = self._cache
-        missing = sorted({i for i in ids if i not in cache})
+        key = tuple(ids)
+        cache, shown = self._cache, self._shown
+        missing = sorted({i for i in key if i not in cache})
         if missing:
             cache.update((i, f"<unk:{i}>" if s is None else s) for i, s in zip(missing, self._db.vocab(missing)))
-        return texts([cache[i] for i in ids])
+            for i in missing:
+                if not _BYTE_PIECE.match(cache[i]):
+                    shown[i] = token_text(cache[i])
+        if all(i in shown for i in key):
+            return [shown[i] for i in key]
+        return texts([cache[i] for i in key])
 
 
 @dataclass(frozen=True)
