@@ -10,8 +10,8 @@ import torch
 from atlas_run import build_run
 
 from saescope.analyze import analyze, encode
-from saescope.label import label_offline
 from saescope.harvest import activations, keep_mask
+from saescope.label import label_offline
 from saescope.label.detection import PROTOCOL_FRESH, DetectionConfig, detection_set, held_out_windows
 from saescope.label.evidence import TokenTable, gather
 from saescope.runs import Run

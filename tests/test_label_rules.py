@@ -59,3 +59,9 @@ def test_byte_fallback_no_break_space_is_merged_and_named():
     rule = explain(_evidence(contexts))
     assert rule.label == "no-break space (token)"
     assert "<0x" not in rule.label and "\xa0" not in rule.label
+
+
+def test_a_firing_whitespace_token_is_marked_visibly():
+    ctx = _context(["▁about", "▁", "3", "5", "0", "0"], {1}, 0)
+    assert ctx.marked() == " about<<␣>>3500"
+    assert _context(["▁the", "▁Paris"], {1}, 0).marked() == " the <<Paris>>"

@@ -25,7 +25,7 @@ from pathlib import Path
 from ..errors import SaescopeError
 from ..featuredb import FeatureDB
 from ..runs import Run
-from ..tokens import _BYTE_PIECE, one_line, texts, token_text
+from ..tokens import _BYTE_PIECE, one_line, texts, token_text, visible
 from ..tokens import token_text as display_token  # noqa: F401  (labellers import it from here)
 
 MARK_OPEN, MARK_CLOSE = "<<", ">>"
@@ -87,8 +87,12 @@ class Context:
         for tok, act in zip(self.tokens, self.acts):
             if act > 0 and not inside:  # " Paris" → " <<Paris": the word, not its space, is marked
                 core = tok.lstrip()
-                out.append(tok[: len(tok) - len(core)] + MARK_OPEN)
-                tok = core
+                if core:
+                    out.append(tok[: len(tok) - len(core)] + MARK_OPEN)
+                    tok = core
+                else:  # a whitespace token fires (Gemma's lone space before digits): shown as ␣
+                    out.append(MARK_OPEN)
+                    tok = visible(tok)
             elif act <= 0 and inside:
                 out.append(MARK_CLOSE)
             inside = act > 0

@@ -211,7 +211,7 @@ def explain(evidence: Evidence) -> Rule:
     if best.fit >= MIN_FIT:
         return best
     top = sorted(stats["tokens"].items(), key=lambda kv: -kv[1].mass)[:3]
-    words = [_top_form(s) for _, s in top]
+    words = [_plain(_top_form(s)) for _, s in top]
     label = "unclear (top tokens: " + ", ".join(words) + ")" if words else "unclear"
     return Rule("tokens", tuple(k for k, _ in top), label, round(best.fit, 4), certain=False)
 
@@ -248,6 +248,11 @@ def _best_set(table: dict[str, _Stat], total_mass: float, max_values: int) -> tu
 
 def _top_form(s: _Stat) -> str:
     return max(s.forms.items(), key=lambda kv: kv[1])[0] if s.forms else "?"
+
+
+def _plain(form: str) -> str:
+    """A token form in a list without quotes: a whitespace token by its name ("space")."""
+    return form[1:-1] if is_named_whitespace(form) else form
 
 
 def _quote(text: str) -> str:
