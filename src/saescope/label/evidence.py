@@ -220,6 +220,7 @@ class LabelReport:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
+    seconds_setup: float = 0.0  # offline: building the concept space and the fresh detection windows
     score_sum: float = 0.0
     errors: list[str] = field(default_factory=list)  # first few failure reasons
 
@@ -246,5 +247,6 @@ class LabelReport:
         if self.requests or self.cache_hits:
             parts.append(f"{self.requests} requests ({self.cache_hits} cached, {self.retries} retries), "
                          f"{self.prompt_tokens}+{self.completion_tokens} tokens")
+        setup = f" ({self.seconds_setup:.1f}s of it setting up)" if self.seconds_setup else ""
         return f"{self.source} labels for {self.features} features: " + ", ".join(parts) + \
-            f" in {self.seconds:.1f}s"
+            f" in {self.seconds:.1f}s" + setup

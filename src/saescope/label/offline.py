@@ -90,11 +90,12 @@ def label_offline(run: Run | str | Path, sae_ids=None, progress: bool = True,
     fresh = None
     if detection is not False:
         fresh = detection_set(run, ids, detection if isinstance(detection, DetectionConfig) else None)
+    setup = time.time() - t0
     if workers > 1 and len(ids) > 1:
         report = _label_in_processes(run, ids, workers, progress, limit, space, fresh)
     else:
         report = _label_saes(run, ids, progress, limit, space, fresh)
-    report.seconds = time.time() - t0
+    report.seconds, report.seconds_setup = time.time() - t0, setup
     return report
 
 
