@@ -53,7 +53,8 @@ RRF_K = 60
 MODES = ("concept", "hybrid", "fts", "semantic")
 STEER_MIN = 0.45
 """Output-side similarity from which a feature counts as good for steering toward the query."""
-_TOKEN_LIST = re.compile(r'^\s*(unclear\b|["\'“])|\(tokens?\b', re.IGNORECASE)
+_TOKEN_LIST = re.compile(r'^\s*(unclear\b|["\'“]|words? (after|like) ["\'“]|punctuation:)|\(tokens?\b', re.IGNORECASE)
+_NAMED = re.compile(r"^(.+?) \((?:promotes )?[^()]*\)$")  # "Planet (venus, mars)", "Planet (promotes venus)"
 _PREFERENCE = {"human": 0, "llm": 1, "offline": 2}
 
 Mode = Literal["concept", "hybrid", "fts", "semantic"]
@@ -306,9 +307,8 @@ def label_embeddings(run: Run, labels: list[dict], current: set[int] | None = No
     cached: dict[int, np.ndarray] = dict(zip(f["ids"].tolist(), f["vectors"])) if f else {}
     missing = [lab for lab in labels if lab["id"] not in cached]
     if missing:  # many labels share a head (offline labels like "digits"): embed each head once
-        texts = sorted({label_head(lab["text"]) for lab in missing})
-        by_text = dict(zip(texts, encode(texts)))
-        cached.update((lab["id"], by_text[label_head(lab["text"])]) for lab in missing)
+        by_text = _embed_heads(sorted({embedding_text(lab["text"]) for lab in missing}))
+        cached.update((lab["id"], by_text[embedding_text(lab["text"])]) for lab in missing)
     ids = np.array([lab["id"] for lab in labels], dtype=np.int64)
     matrix = np.stack([cached[i] for i in ids.tolist()]).astype(np.float32)
     keep = set(ids.tolist()) | (set(cached) & current if current is not None else set())
@@ -316,6 +316,25 @@ def label_embeddings(run: Run, labels: list[dict], current: set[int] | None = No
         kept = sorted(keep)
         _save_embeddings(path, np.array(kept, np.int64), np.stack([cached[i] for i in kept]).astype(np.float32))
     return matrix
+
+
+def embedding_text(text: str) -> str:
+    """What a label is embedded as: its head, and for an offline concept label ("Planet (venus,
+    mars) · ...") the concept's name alone (its example words are evidence words, which the
+    concept index already matches)."""
+    head = label_head(text)
+    named = _NAMED.match(head) if " · " in text else None  # offline concept labels always have detail
+    return named.group(1) if named else head
+
+
+def _embed_heads(texts: list[str]) -> dict[str, np.ndarray]:
+    """Vectors of `texts`: concept names from the labeller's cache, the rest embedded now."""
+    from .label.vectors import cached_concept_vectors
+
+    known = cached_concept_vectors() if texts else {}
+    todo = [t for t in texts if t not in known]
+    fresh = dict(zip(todo, encode(todo))) if todo else {}
+    return {t: known[t] if t in known else fresh[t] for t in texts}
 
 
 def _save_embeddings(path: Path, ids: np.ndarray, matrix: np.ndarray) -> None:
