@@ -166,8 +166,11 @@ def label_head(text: str) -> str:
 
 
 def concept_labels(labels: list[dict]) -> list[dict]:
-    """The labels whose head is no token list: the ones a concept search reads."""
-    return [lab for lab in labels if not is_token_list(lab["text"])]
+    """The labels a concept search reads on its label side: heads that are no token list, and not
+    named from the promoted tokens ("Sea (promotes sea, ocean) · ..."): those say what the output
+    side already measures, and counting them twice ranks weak output features over features
+    whose contexts are about the query."""
+    return [lab for lab in labels if not is_token_list(lab["text"]) and "(promotes " not in label_head(lab["text"])]
 
 
 def _label_side(run: Run, db: FeatureDB, index, qvec) -> tuple[np.ndarray, dict[int, dict]]:
