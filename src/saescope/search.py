@@ -6,8 +6,11 @@
   each side a cosine similarity with the query embedded by all-MiniLM-L6-v2 (below):
     contexts  the share of its top contexts holding a word close to the query (`conceptindex`);
     output    the words it promotes through the unembedding (mean of its 5 best promoted words);
-    label     its current labels, except token lists ('"x", "y" (tokens)', 'unclear (...)'):
-              letters inside a token list are not evidence of a concept.
+    label     its current labels, except token lists ('"x", "y" (tokens)', 'unclear (...)', judged
+              by the head before " · "): letters inside a token list are not evidence of a concept;
+              and except labels named from the promoted tokens ('Sea (promotes sea, ocean)'), which
+              the output side already measures. A label is embedded by its head (an offline concept
+              label by its concept's name).
   `match` = Σ weight × side (`ConceptWeights`). A feature needs no label to be found. The
   output side says whether steering the feature should write the concept (`steer`).
 - fts: every word must match a current label (porter stemming, last word as prefix).

@@ -24,8 +24,12 @@ held-out ones): balanced accuracy ≥ `min_fit` with a threshold fitted there.
     label: "Planet (venus, mars, pluto) · "Venus" / "Mars" (tokens)"
 
 The concept comes first with the evidence words closest to it; the token rule
-(offline.py) follows as detail. Without a concept the rule is the label, and
-without either the feature is "unclear".
+(offline.py) follows as detail. Where the input side names no concept, the output
+side alone may (`find_output_concepts`): the concept closest to the promoted English
+words, when those words sit closer to its name than random words do (AUC ≥
+`min_output_only`): "Planet (promotes planets, mars, venus) · fires on "the", ",""
+(late-layer features often fire on function words but write one topic). Without a
+concept the rule is the label, and without either the feature is "unclear".
 
 Two scores per label, both in [0, 1] with 0.5 = chance (scoring.py stores them):
 

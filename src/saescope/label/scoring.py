@@ -1,8 +1,10 @@
 """Detection scoring (as in EleutherAI's delphi): does a label predict where a feature fires?
 
 Each held-out context (see evidence.py: odd-ranked top/quantile examples, which
-fire, and random examples, which do not) gets a prediction "the feature fires
-somewhere in here" from the label, compared with the truth (`max_act > 0`):
+fire, and random examples, which do not; for offline scores also fresh windows of
+held-out text no labeller read, up to 20 firing and 60 silent, with their real
+activations: detection.py) gets a prediction "the feature fires somewhere in here"
+from the label, compared with the truth (`max_act > 0`):
 
     detection-offline   the offline rule's predicate, applied to every position
     detection-llm       an LLM reads the label and a shuffled batch of plain-text
@@ -19,7 +21,9 @@ best; the details say which ("predictor"). A second score judges the output side
                         random word); details: n_promoted, n_random
 
 The stored value is the balanced accuracy (mean of the true-positive and
-true-negative rates; 0.5 = chance), with n, tp, fp, tn, fn and F1 in the details.
+true-negative rates; 0.5 = chance), with n, tp, fp, tn, fn and F1 in the details,
+and for offline scores the protocol ("fresh" or "stored"), the class counts and
+the balanced accuracy on the stored windows alone (the earlier protocol).
 A feature without both activating and non-activating held-out contexts is not
 scored: its accuracy would say nothing about the label.
 """
