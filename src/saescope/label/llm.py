@@ -440,6 +440,16 @@ def _retry_after(err) -> float | None:
 # --------------------------------------------------------------------------- the labelling pass
 
 
+def _fresh_windows(run: Run, work: list, table: TokenTable):
+    """The fresh held-out windows (detection.py) for the offline score of LLM labels, or None."""
+    from .detection import detection_set
+
+    fresh = detection_set(run, sorted({sae_id for sae_id, _ in work}))
+    if fresh is not None:
+        fresh.attach_tokens(table)
+    return fresh
+
+
 def label_llm(run: Run | str | Path, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY",
               sae_ids=None, concurrency: int = 4, timeout: float = 30, max_retries: int = 4,
               limit: int | None = None, progress: bool = True, score: bool = True, cache: bool = True,
@@ -471,6 +481,7 @@ def label_llm(run: Run | str | Path, base_url: str, model: str, api_key_env: str
                     if lab["model"] == model and not lab["stale"]}  # stale: written for replaced weights
             work = [(sae["id"], row) for sae in resolve_saes(db, sae_ids) for row in alive_features(db, sae, limit)]
             report.features = len(work)
+            fresh = _fresh_windows(run, work, table) if score and space is not None else None
 
             def one(sae_id: str, row: dict) -> str:
                 idx = row["idx"]
@@ -502,7 +513,7 @@ def label_llm(run: Run | str | Path, base_url: str, model: str, api_key_env: str
 
                     with lock:  # one encoder call at a time
                         expl = text_explanation(space, evidence, text)
-                    score_explanation(space, evidence, expl, db=db, label_id=label_id)
+                    score_explanation(space, evidence, expl, db=db, label_id=label_id, fresh=fresh)
                 if score:
                     try:
                         result = score_llm(evidence, text, client.ask, db=db, label_id=label_id)
