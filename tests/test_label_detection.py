@@ -77,3 +77,13 @@ def test_labelled_run_records_the_protocol(run):
     fresh = [d for d in details if d["protocol"] == "fresh"]
     assert fresh and max(d["n_silent"] for d in fresh) > 4  # more than the analysis's 4 random windows
     assert all(d["n_firing"] + d["n_silent"] == d["n"] for d in details)
+
+
+def test_no_fresh_windows_when_the_weights_cannot_be_read(run, monkeypatch, caplog):
+    """Scoring falls back to the stored windows (and says so) rather than failing the labelling."""
+    def broken(sae_id):
+        raise RuntimeError("header too large: corrupt safetensors file")
+
+    monkeypatch.setattr(run, "load_sae", broken)
+    assert detection_set(run, run.sae_ids()[:1]) is None
+    assert "stored held-out windows only" in caplog.text and "corrupt" in caplog.text

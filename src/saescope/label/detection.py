@@ -32,7 +32,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import SaescopeError
 from .evidence import Context, Evidence, TokenTable
 
 log = logging.getLogger(__name__)
@@ -105,8 +104,9 @@ def detection_set(run, sae_ids: list[str], config: DetectionConfig | None = None
     config = config or DetectionConfig()
     try:
         return _detection_set(run, sae_ids, config)
-    except (SaescopeError, OSError, ValueError, KeyError) as err:
-        log.warning("detection uses the stored held-out windows only (no fresh windows: %s)", err)
+    except Exception as err:  # noqa: BLE001 (optional: labels never fail for it; e.g. a corrupt SAE file)
+        log.warning("detection uses the stored held-out windows only (no fresh windows: %s: %s)",
+                    type(err).__name__, err)
         return None
 
 
