@@ -3,9 +3,13 @@
     .venv/bin/python bench/label_quality.py RUN                      # per-layer table
     .venv/bin/python bench/label_quality.py RUN --sample 20 --old OLD_RUN   # + evidence of 20 features
 
-Per layer (current offline labels): alive features, median detection-offline,
+Per layer (current offline labels): alive features, median detection-offline (as stored:
+on fresh held-out windows where the labeller had them, label/detection.py), the median of
+the same labels scored on the analysis's stored held-out windows alone (the earlier
+protocol, from the score's details), the median number of silent windows a score used,
 median output-offline (over the labels that have one), share of "unclear" labels,
-share of labels that name a concept (they hold " · "). With --sample, prints for
+share of labels that name a concept (they hold " · ") and of those named from the output
+side ("(promotes ...)"). With --sample, prints for
 N random alive features (seeded) the new label, the label of the same feature in
 OLD_RUN (e.g. a copy labelled by the previous labeller), a few top contexts with
 the firing tokens marked, and the promoted tokens: the material to judge right /
@@ -39,10 +43,17 @@ def per_layer(run: Run) -> list[dict]:
     rows = []
     for sae_id, sae in sorted(saes.items(), key=lambda kv: (kv[1]["layer"], kv[0])):
         labs = [lab for (s, _), lab in labels.items() if s == sae_id]
-        det = [lab["scores"]["detection-offline"]["value"] for lab in labs if "detection-offline" in lab["scores"]]
+        dets = [lab["scores"]["detection-offline"] for lab in labs if "detection-offline" in lab["scores"]]
+        det = [d["value"] for d in dets]
+        stored = [d["details"].get("stored_balanced_accuracy", d["value"]) for d in dets]
+        stored = [v for v in stored if v is not None]
+        silent = [d["details"].get("n_silent", d["details"].get("tn", 0) + d["details"].get("fp", 0)) for d in dets]
         out = [lab["scores"]["output-offline"]["value"] for lab in labs if "output-offline" in lab["scores"]]
         rows.append({"layer": sae["layer"], "alive": len(labs),
                      "detection": statistics.median(det) if det else None,
+                     "stored": statistics.median(stored) if stored else None,
+                     "silent": statistics.median(silent) if silent else None,
+                     "promotes": sum("(promotes " in lab["text"] for lab in labs) / max(len(labs), 1),
                      "output": statistics.median(out) if out else None, "n_output": len(out),
                      "unclear": sum(lab["text"].startswith("unclear") for lab in labs) / max(len(labs), 1),
                      "concepts": sum(" · " in lab["text"] for lab in labs) / max(len(labs), 1)})
@@ -82,11 +93,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=18)
     args = p.parse_args()
     run = Run.open(args.run)
-    print("| layer | alive | median detection | median output (n) | unclear | concept labels |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| layer | alive | median detection | same, stored windows only | silent windows (median) | "
+          "median output (n) | unclear | concept labels | of which from the output side |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in per_layer(run):
-        print(f"| {r['layer']} | {r['alive']} | {_fmt(r['detection'])} | {_fmt(r['output'])} ({r['n_output']}) | "
-              f"{r['unclear']:.1%} | {r['concepts']:.1%} |")
+        print(f"| {r['layer']} | {r['alive']} | {_fmt(r['detection'])} | {_fmt(r['stored'])} | {_fmt(r['silent'], '.0f')} | "
+              f"{_fmt(r['output'])} ({r['n_output']}) | {r['unclear']:.1%} | {r['concepts']:.1%} | {r['promotes']:.1%} |")
     if args.sample:
         sample(run, Run.open(args.old) if args.old else None, args.sample, args.seed)
 

@@ -1,6 +1,7 @@
 """The offline concept explainer (label/concepts.py) on a hand-made atlas with planted features:
 one fires on planet names (and promotes planet words), one on farm animals, one on digits,
-one on nothing in particular. The concept vocabulary is a short list, embedded with the
+one on nothing in particular, and one that fires on nothing in particular but writes planet
+words (a late-layer output feature). The concept vocabulary is a short list, embedded with the
 local MiniLM (skipped when it is not installed)."""
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ PLANETS = ["▁Venus", "▁Mars", "▁Jupiter", "▁Saturn", "▁Mercury", "▁N
 ANIMALS = ["▁horses", "▁goats", "▁cows", "▁sheep", "▁pigs", "▁cattle"]
 DIGIT_TOKENS = ["1", "2", "7", "9"]
 PROMOTES = {0: ["▁planets", "▁orbit", "▁Venus", "▁Mars", "▁Pluto"], 1: ["▁livestock", "▁horse", "▁goat", "▁farm"],
-            2: ["▁percent", "▁years"], 3: ["▁the", "▁and"]}
+            2: ["▁percent", "▁years"], 3: ["▁the", "▁and"],
+            4: ["▁planets", "▁Jupiter", "▁orbit", "▁Mars", "▁Pluto", "▁Saturn"]}
 VOCAB = ["<bos>"] + FILLER + PLANETS + ANIMALS + DIGIT_TOKENS + sorted({t for v in PROMOTES.values() for t in v}
                                                                        - set(FILLER + PLANETS + ANIMALS))
 TOK = {t: i for i, t in enumerate(VOCAB)}
-PLANET, ANIMAL, DIGITS, NOISE = 0, 1, 2, 3
+PLANET, ANIMAL, DIGITS, NOISE, WRITES_PLANETS = 0, 1, 2, 3, 4
 PLANTED = {PLANET: PLANETS, ANIMAL: ANIMALS, DIGITS: DIGIT_TOKENS}
 CONCEPTS = [("Planet", True), ("Venus", False), ("Livestock", False), ("Horse", True), ("Music", True),
             ("Law", True), ("Ocean", True), ("Family", True), ("Food", True), ("Religion", True),
@@ -51,7 +53,7 @@ def _window(rng, planted=None, k=2):
 
 
 def _examples(idx, rng):
-    if idx == NOISE:  # fires on arbitrary filler words
+    if idx in (NOISE, WRITES_PLANETS):  # fires on arbitrary filler words
         pos = []
         for _ in range(30):
             toks, _ = _window(rng)
@@ -73,7 +75,7 @@ def build_run(root) -> Run:
         db.set_vocab(VOCAB)
         db.begin_sae(SAE)
         stats, examples = [], []
-        for idx in (PLANET, ANIMAL, DIGITS, NOISE):
+        for idx in (PLANET, ANIMAL, DIGITS, NOISE, WRITES_PLANETS):
             pos, neg = _examples(idx, rng)
             for kind, group in (("top", pos[:20]), ("quantile", pos[20:]), ("random", neg)):
                 for rank, (toks, acts) in enumerate(group):
@@ -118,7 +120,7 @@ def test_planted_concepts_are_named_and_scored(run):
     assert animal["text"].startswith(("Livestock (", "Horse ("))
     assert scores["output-offline"]["value"] >= 0.8
     assert labels[DIGITS][0]["text"].startswith(("digits", "Number"))
-    assert report.concepts >= 2 and report.labelled == 4
+    assert report.concepts >= 2 and report.labelled == 5
     for _, scores in labels.values():
         for s in scores.values():
             assert 0.0 <= s["value"] <= 1.0
@@ -149,3 +151,14 @@ def test_wrong_concept_scores_fail(run, space):
     assert right_out >= 0.9 and wrong_out <= 0.7
     assert right_det.value > wrong_det.value
     assert output_auc(space, ev, None) is None  # a label without words has no output score
+
+
+def test_output_side_names_what_a_feature_writes(run):
+    """A feature firing on arbitrary words that promotes planet words is labelled by what it writes;
+    one promoting function words ("the", "and") gets no concept from them."""
+    label_offline(run, progress=False, concepts=CONCEPTS)
+    labels = current_labels(run)
+    writes, scores = labels[WRITES_PLANETS]
+    assert writes["text"].startswith("Planet (promotes ")
+    assert scores["output-offline"]["value"] >= 0.9
+    assert not labels[NOISE][0]["text"].startswith(tuple(n for n, _ in CONCEPTS))

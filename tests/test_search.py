@@ -146,3 +146,17 @@ def test_fixed_length_embeddings_do_not_depend_on_the_batch():
     crowded = encode(["photosynthesis", "city", "a much longer text than a word"] + [f"w{i}" for i in range(40)],
                      batch_size=32, fixed_length=16)[1]
     assert np.array_equal(alone, crowded)
+
+
+def test_concept_labels_with_token_detail_are_read_by_their_concept():
+    """An offline concept label keeps its token rule as detail: the label still names a concept
+    (the detail's quotes do not make it a token list), and it is embedded as the concept's name."""
+    from saescope.search import embedding_text, is_token_list
+
+    label = 'Planet (venus, mars, pluto) · "the", "of" (tokens)'
+    assert not is_token_list(label) and embedding_text(label) == "Planet"
+    assert embedding_text('Planet (promotes venus, mars) · fires on "the"') == "Planet"
+    assert embedding_text("Capital (of France)") == "Capital (of France)"  # a person's label stays whole
+    for token_level in ('"gas", "planets" (tokens)', 'word after "of"', 'words like "king"', "unclear (top tokens: a)",
+                        'space, "\'" (tokens)'):
+        assert is_token_list(token_level)

@@ -84,7 +84,7 @@ def test_offline_label_names_a_whitespace_token(tmp_path):
     label_offline(run, progress=False, concepts=False)
     with run.db() as db:
         text = db.labels(SAE, 0)[0]["text"]
-    assert text in ('"no-break space" (token)', "whitespace"), text  # was "''" (token): repr of ""
+    assert text in ('"no-break space" (token)', "no-break space (token)", "whitespace"), text  # was "''" (token)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,9 @@ similarities for 11 (bench/RESULTS.md, 2026-11-26).
 
 The index is cached in run/concept_index.npz with a key made from the analysis state of
 every SAE (id, status, tokens, time), so a re-analysed SAE rebuilds it; word vectors of an
-older index are reused, so only new words are embedded. Written atomically.
+older index are reused, and so are those of the offline labeller's word cache (the same
+model; after labelling, nearly every word is there), so only new words are embedded.
+Written atomically.
 """
 
 from __future__ import annotations
@@ -171,11 +173,17 @@ def _build(db: FeatureDB, key: str, old_words: dict[str, np.ndarray]) -> Concept
 
 
 def _word_vectors(words: list[str], old: dict[str, np.ndarray]) -> np.ndarray:
-    """Embeddings of `words`, reusing `old` ones; only new words go through the model."""
-    from .embed import encode
+    """Embeddings of `words`, reusing `old` ones and the offline labeller's word cache (label/vectors.py:
+    the same MiniLM, which has embedded the evidence words of this run already); only words in
+    neither go through the model (and into that cache)."""
+    from .label.vectors import WordVectors
 
     missing = [w for w in words if w not in old]
-    fresh = dict(zip(missing, encode(missing, batch_size=256))) if missing else {}
+    fresh: dict[str, np.ndarray] = {}
+    if missing:
+        cache = WordVectors()
+        cache.ensure(missing)
+        fresh = dict(zip(missing, cache.matrix[cache.rows(missing)]))
     if not words:
         return np.zeros((0, 384), np.float32)
     return np.stack([old[w] if w in old else fresh[w] for w in words]).astype(np.float32)

@@ -6,8 +6,11 @@
   each side a cosine similarity with the query embedded by all-MiniLM-L6-v2 (below):
     contexts  the share of its top contexts holding a word close to the query (`conceptindex`);
     output    the words it promotes through the unembedding (mean of its 5 best promoted words);
-    label     its current labels, except token lists ('"x", "y" (tokens)', 'unclear (...)'):
-              letters inside a token list are not evidence of a concept.
+    label     its current labels, except token lists ('"x", "y" (tokens)', 'unclear (...)', judged
+              by the head before " · "): letters inside a token list are not evidence of a concept;
+              and except labels named from the promoted tokens ('Sea (promotes sea, ocean)'), which
+              the output side already measures. A label is embedded by its head (an offline concept
+              label by its concept's name).
   `match` = Σ weight × side (`ConceptWeights`). A feature needs no label to be found. The
   output side says whether steering the feature should write the concept (`steer`).
 - fts: every word must match a current label (porter stemming, last word as prefix).
@@ -53,7 +56,8 @@ RRF_K = 60
 MODES = ("concept", "hybrid", "fts", "semantic")
 STEER_MIN = 0.45
 """Output-side similarity from which a feature counts as good for steering toward the query."""
-_TOKEN_LIST = re.compile(r'^\s*(unclear\b|["\'“])|\(tokens?\b', re.IGNORECASE)
+_TOKEN_LIST = re.compile(r'^\s*(unclear\b|["\'“]|words? (after|like) ["\'“]|punctuation:)|\(tokens?\b', re.IGNORECASE)
+_NAMED = re.compile(r"^(.+?) \((?:promotes )?[^()]*\)$")  # "Planet (venus, mars)", "Planet (promotes venus)"
 _PREFERENCE = {"human": 0, "llm": 1, "offline": 2}
 
 Mode = Literal["concept", "hybrid", "fts", "semantic"]
@@ -154,8 +158,22 @@ def concept_ranking(run: Run, db: FeatureDB, query: str,
 
 
 def is_token_list(text: str) -> bool:
-    """A label that lists tokens rather than naming a concept (e.g. '"gas", "planets" (tokens)')."""
-    return bool(_TOKEN_LIST.search(text or ""))
+    """A label that lists tokens rather than naming a concept (e.g. '"gas", "planets" (tokens)'). Only
+    the label's head counts: 'Planet (venus, mars) · "the" (token)' names a concept, with token detail."""
+    return bool(_TOKEN_LIST.search(label_head(text or "")))
+
+
+def label_head(text: str) -> str:
+    """What a label says before its detail (offline labels: 'concept · token rule')."""
+    return text.partition(" · ")[0]
+
+
+def concept_labels(labels: list[dict]) -> list[dict]:
+    """The labels a concept search reads on its label side: heads that are no token list, and not
+    named from the promoted tokens ("Sea (promotes sea, ocean) · ..."): those say what the output
+    side already measures, and counting them twice ranks weak output features over features
+    whose contexts are about the query."""
+    return [lab for lab in labels if not is_token_list(lab["text"]) and "(promotes " not in label_head(lab["text"])]
 
 
 def _label_side(run: Run, db: FeatureDB, index, qvec) -> tuple[np.ndarray, dict[int, dict]]:
@@ -168,13 +186,17 @@ def _label_side(run: Run, db: FeatureDB, index, qvec) -> tuple[np.ndarray, dict[
                 enumerate(zip(index.feat_sae.tolist(), index.feat_idx.tolist()))}
     best: dict[int, dict] = {}
     shown: dict[int, dict] = {}
-    for lab, sim in zip(labels, (label_embeddings(run, labels) @ qvec).tolist()):
+    readable = concept_labels(labels)  # token lists are not embedded: letters in them are no evidence
+    current = {lab["id"] for lab in labels}
+    matrix = label_embeddings(run, readable, current) if readable else np.zeros((0, len(qvec)), np.float32)
+    for lab, sim in zip(readable, (matrix @ qvec).tolist()):
         n = position.get((lab["sae_id"], int(lab["idx"])))
-        if n is None:
-            continue
-        if not is_token_list(lab["text"]) and sim > sims[n]:
+        if n is not None and sim > sims[n]:
             sims[n], best[n] = sim, lab
-        if n not in shown or _PREFERENCE.get(lab["source"], 9) < _PREFERENCE.get(shown[n]["source"], 9):
+    for lab in labels:
+        n = position.get((lab["sae_id"], int(lab["idx"])))
+        if n is not None and (n not in shown or
+                              _PREFERENCE.get(lab["source"], 9) < _PREFERENCE.get(shown[n]["source"], 9)):
             shown[n] = lab
     return sims, {n: best.get(n, lab) for n, lab in shown.items()}
 
@@ -233,7 +255,7 @@ def _semantic(run: Run, db: FeatureDB, query: str, limit: int) -> list[tuple[dic
     labels = db.current_labels()
     if not labels:
         return []
-    matrix = label_embeddings(run, labels)
+    matrix = label_embeddings(run, labels, {lab["id"] for lab in labels})
     sims = matrix @ encode([query])[0]  # (n_labels,)
     order = np.argsort(-sims, kind="stable")[:limit]
     return [(labels[i], float(sims[i])) for i in order if sims[i] >= MIN_SIMILARITY]
@@ -275,27 +297,50 @@ def index_labels(run: Run | str | Path) -> int:
     with run.reader_db() as db:
         labels = db.current_labels()
         concept_index(run, db)
-    return len(label_embeddings(run, labels)) if labels else 0
+    readable = concept_labels(labels)
+    return len(label_embeddings(run, readable, {lab["id"] for lab in labels})) if readable else 0
 
 
-def label_embeddings(run: Run, labels: list[dict]) -> np.ndarray:
+def label_embeddings(run: Run, labels: list[dict], current: set[int] | None = None) -> np.ndarray:
     """Unit-norm embeddings of `labels` (rows in the same order), from the cache where possible.
 
-    The cache keeps only the labels given, so it never grows beyond the current labels.
+    A label is embedded by its head (`label_head`: the concept, without the token detail), each
+    distinct head once. The cache keeps the labels given and, with `current` (the ids of the
+    current labels), the cached ones still current; it never grows beyond the current labels.
     """
     path = run.root / EMBEDDINGS_FILE
     f = read_embedding_cache(path, ("ids", "vectors"))
     cached: dict[int, np.ndarray] = dict(zip(f["ids"].tolist(), f["vectors"])) if f else {}
     missing = [lab for lab in labels if lab["id"] not in cached]
-    if missing:  # many labels share a text (offline labels like "digits"): embed each text once
-        texts = sorted({lab["text"] for lab in missing})
-        by_text = dict(zip(texts, encode(texts)))
-        cached.update((lab["id"], by_text[lab["text"]]) for lab in missing)
+    if missing:  # many labels share a head (offline labels like "digits"): embed each head once
+        by_text = _embed_heads(sorted({embedding_text(lab["text"]) for lab in missing}))
+        cached.update((lab["id"], by_text[embedding_text(lab["text"])]) for lab in missing)
     ids = np.array([lab["id"] for lab in labels], dtype=np.int64)
     matrix = np.stack([cached[i] for i in ids.tolist()]).astype(np.float32)
-    if missing or len(cached) != len(labels):
-        _save_embeddings(path, ids, matrix)
+    keep = set(ids.tolist()) | (set(cached) & current if current is not None else set())
+    if missing or len(cached) != len(keep):
+        kept = sorted(keep)
+        _save_embeddings(path, np.array(kept, np.int64), np.stack([cached[i] for i in kept]).astype(np.float32))
     return matrix
+
+
+def embedding_text(text: str) -> str:
+    """What a label is embedded as: its head, and for an offline concept label ("Planet (venus,
+    mars) · ...") the concept's name alone (its example words are evidence words, which the
+    concept index already matches)."""
+    head = label_head(text)
+    named = _NAMED.match(head) if " · " in text else None  # offline concept labels always have detail
+    return named.group(1) if named else head
+
+
+def _embed_heads(texts: list[str]) -> dict[str, np.ndarray]:
+    """Vectors of `texts`: concept names from the labeller's cache, the rest embedded now."""
+    from .label.vectors import cached_concept_vectors
+
+    known = cached_concept_vectors() if texts else {}
+    todo = [t for t in texts if t not in known]
+    fresh = dict(zip(todo, encode(todo))) if todo else {}
+    return {t: known[t] if t in known else fresh[t] for t in texts}
 
 
 def _save_embeddings(path: Path, ids: np.ndarray, matrix: np.ndarray) -> None:

@@ -24,8 +24,12 @@ held-out ones): balanced accuracy ≥ `min_fit` with a threshold fitted there.
     label: "Planet (venus, mars, pluto) · "Venus" / "Mars" (tokens)"
 
 The concept comes first with the evidence words closest to it; the token rule
-(offline.py) follows as detail. Without a concept the rule is the label, and
-without either the feature is "unclear".
+(offline.py) follows as detail. Where the input side names no concept, the output
+side alone may (`find_output_concepts`): the concept closest to the promoted English
+words, when those words sit closer to its name than random words do (AUC ≥
+`min_output_only`): "Planet (promotes planets, mars, venus) · fires on "the", ",""
+(late-layer features often fire on function words but write one topic). Without a
+concept the rule is the label, and without either the feature is "unclear".
 
 Two scores per label, both in [0, 1] with 0.5 = chance (scoring.py stores them):
 
@@ -68,6 +72,8 @@ class ConceptConfig:
     min_label_fit: float = 0.65  # below this on the labelling side (every predictor), the feature is unclear
     n_vocab: int = 256  # random vocabulary words for the output score
     n_examples: int = 3  # evidence words shown after the concept
+    min_output_words: int = 4  # promoted English words needed to name a concept from the output side alone
+    min_output_only: float = 0.9  # output AUC of the concept's name alone (output_agreement) to name it so
     seed: int = 0
 
 
@@ -139,10 +145,9 @@ class Space:
     def background_attributes(self, kind: str) -> list[frozenset[str]]:
         """Per background window, the values of one rule attribute anywhere in it (cached)."""
         if kind not in self._bg_attrs:
-            from .rules import context_attributes
+            from .rules import window_values
 
-            self._bg_attrs[kind] = [frozenset(v for at in context_attributes(toks, (kind,))[kind] for v in at)
-                                    for _, toks in self.background]
+            self._bg_attrs[kind] = [window_values(tuple(toks), kind) for _, toks in self.background]
         return self._bg_attrs[kind]
 
     # ---------------------------------------------------------------- vectors
@@ -347,6 +352,7 @@ class Concept:
     vector: np.ndarray  # label vector (concept and examples), unit, centred space
     threshold: float  # similarity above which a window is predicted to fire
     fit: float  # balanced accuracy of that prediction on labelling vs background windows
+    index: int | None = None  # row in the concept vocabulary (None for a free text, e.g. an LLM label)
 
 
 def find_concepts(space: Space, evidences: Sequence[Evidence]) -> list[Concept | None]:
@@ -375,6 +381,51 @@ def find_concepts(space: Space, evidences: Sequence[Evidence]) -> list[Concept |
     return out
 
 
+def find_output_concepts(space: Space, evidences: Sequence[Evidence]) -> list[Concept | None]:
+    """The best concept of each feature's output side alone (the words its decoder direction
+    promotes), or None when too few promoted tokens are English words (`min_output_words`).
+    Late-layer features often fire on function words across unrelated texts yet write one
+    topic ("of", "the" → Venus, Mars, planets): what such a feature means is what it writes."""
+    cfg = space.config
+    out: list[Concept | None] = [None] * len(evidences)
+    rows_of = [space.promoted_rows(ev)[0] for ev in evidences]
+    keep = [i for i, rows in enumerate(rows_of) if len(rows) >= cfg.min_output_words]
+    if not keep:
+        return out
+    f_out = np.stack([space.output_vector(evidences[i]) for i in keep])
+    z_out = (f_out @ space.centred.T - space.base_out[0]) / space.base_out[1]
+    scores = z_out + cfg.general_bonus * space.concepts.general
+    for k, i in enumerate(keep):
+        c = int(np.argmax(scores[k]))
+        examples = _output_examples(space, rows_of[i], c)
+        vector = space.centred[c]
+        if examples:
+            vector = _unit(vector + _unit(space.words[[space._by_name[w] for w in examples]].mean(0) - space.mu_vocab))
+        threshold, fit = fit_threshold(space, evidences[i], vector)
+        out[i] = Concept(space.concepts.names[c], tuple(examples), float(scores[k, c]), vector, threshold, fit, c)
+    return out
+
+
+def _output_examples(space: Space, rows: np.ndarray, c: int) -> list[str]:
+    """Up to n_examples promoted words closest to concept c (cosine > 0.3), best first; function
+    words ("your", "its") show no concept, so they are never examples."""
+    from ..conceptindex import STOP_WORDS
+
+    rows = np.array([r for r in dict.fromkeys(rows.tolist()) if space.names[r] not in STOP_WORDS], np.int64)
+    if not len(rows):
+        return []
+    sims = space.words[rows] @ space.concepts.vectors[c]
+    order = np.argsort(-sims, kind="stable")
+    return [space.names[int(rows[j])] for j in order[: space.config.n_examples] if sims[j] > 0.3]
+
+
+def output_agreement(space: Space, ev: Evidence, concept: Concept) -> float:
+    """Output AUC of the concept's *name* alone (not its example words, which are promoted words
+    themselves): do the feature's promoted words sit closer to the name than random words?"""
+    found = output_auc(space, ev, space.centred[concept.index]) if concept.index is not None else None
+    return found[0] if found else 0.5
+
+
 def _concept(space: Space, ev: Evidence, c: int, score: float) -> Concept:
     examples = _examples(space, ev, c)
     vector = space.centred[c]
@@ -382,7 +433,7 @@ def _concept(space: Space, ev: Evidence, c: int, score: float) -> Concept:
         rows = [space._by_name[w] for w in examples]
         vector = _unit(vector + _unit(space.words[rows].mean(0) - space.mu_vocab))
     threshold, fit = fit_threshold(space, ev, vector)
-    return Concept(space.concepts.names[c], tuple(examples), score, vector, threshold, fit)
+    return Concept(space.concepts.names[c], tuple(examples), score, vector, threshold, fit, c)
 
 
 def _examples(space: Space, ev: Evidence, c: int) -> list[str]:
@@ -467,17 +518,21 @@ class Explanation:
     vector: np.ndarray | None  # the label's words as one vector (output score), None without words
     context: ContextWords | None = None
     fit: float = 0.5  # the predictor's balanced accuracy on labelling vs background windows
+    side: str = ""  # which side named the concept: "input" (both sides agree), "output" (promoted words), ""
 
 
 PREDICTORS = ("concept", "rule", "context", "rule|context", "concept|rule", "concept|context")
 
 
-def explain_feature(space: Space, ev: Evidence, rule: Rule, concept: Concept | None) -> Explanation:
+def explain_feature(space: Space, ev: Evidence, rule: Rule, concept: Concept | None,
+                    output_concept: Concept | None = None) -> Explanation:
     """Choose the label and how it predicts firing, from the labelling side only: the concept
     heads the label when it separates labelling from background windows (`min_fit`) and the
-    promoted words agree (`min_output_agreement`), with two evidence words to show; the
+    promoted words agree (`min_output_agreement`), with two evidence words to show; failing
+    that, the output side's concept (`find_output_concepts`) heads it when the promoted words
+    sit close to its name (`min_output_only`), as "Planet (promotes venus, mars)". The
     predictor is whichever of concept, token rule and context words (or two of them) fits
-    best; below `min_label_fit` the feature is unclear."""
+    best; below `min_label_fit`, with no token rule and no concept, the feature is unclear."""
     cfg = space.config
     keep = space.keep_mask(ev)
     firing = [c for c in ev.labelling if c.fires]
@@ -485,6 +540,10 @@ def explain_feature(space: Space, ev: Evidence, rule: Rule, concept: Concept | N
     hits = {"rule": _rule_hits(space, firing, keep, rule), "context": _context_hits(space, firing, keep, context)}
     named = (concept is not None and concept.fit >= cfg.min_fit and len(concept.examples) >= 2
              and (output_auc(space, ev, concept.vector) or (0.0,))[0] >= cfg.min_output_agreement)
+    side = "input"
+    if not named and output_concept is not None and len(output_concept.examples) >= 2 \
+            and output_agreement(space, ev, output_concept) >= cfg.min_output_only:
+        concept, named, side = output_concept, True, "output"
     if concept is not None:
         hits["concept"] = _concept_hits(space, firing, keep, concept)
     fits = {p: _fit(hits, p) for p in PREDICTORS if all(k in hits for k in p.split("|"))}
@@ -493,18 +552,29 @@ def explain_feature(space: Space, ev: Evidence, rule: Rule, concept: Concept | N
     if rule.certain:  # context words only stand in for a missing token rule: they overfit more
         fits = {p: f for p, f in fits.items() if "context" not in p}
     predictor = max(fits, key=lambda p: fits[p] - cfg.simpler_margin * (p.count("|") + (p != "rule")))
-    if fits[predictor] < cfg.min_label_fit and not rule.certain:
+    if fits[predictor] < cfg.min_label_fit and not rule.certain and not named:
         return Explanation(rule.label, False, rule, None, "rule", None, fit=fits["rule"])
-    parts = [concept.name + (f" ({', '.join(concept.examples)})" if concept.examples else "")] if named else []
-    if "rule" in predictor or (rule.certain and "context" not in predictor):
-        parts.append(rule.label)
-    if "context" in predictor:
-        parts.append("context: " + ", ".join(context.words))
-    if len(parts) == 1 and named:
-        parts.append("on " + ", ".join(_top_words(rule)))
+    text = " · ".join(_label_parts(concept if named else None, side, rule, predictor, context))
     vector = concept.vector if named else rule_vector(space, rule)
-    return Explanation(" · ".join(parts), True, rule, concept if named else None, predictor, vector, context,
-                       fits[predictor])
+    return Explanation(text, True, rule, concept if named else None, predictor, vector, context,
+                       fits[predictor], side if named else "")
+
+
+def _label_parts(concept: Concept | None, side: str, rule: Rule, predictor: str,
+                 context: ContextWords | None) -> list[str]:
+    """The label's parts: the concept (with its evidence words), then what the feature fires on."""
+    parts = []
+    if concept is not None:
+        words = ", ".join(concept.examples)
+        parts.append(concept.name + (f" (promotes {words})" if side == "output" else f" ({words})" if words else ""))
+    fires_on = ("fires on " if side == "output" else "on ") + ", ".join(_top_words(rule))
+    if "rule" in predictor or (rule.certain and "context" not in predictor):
+        parts.append(rule.label if rule.certain or concept is None else fires_on)
+    if "context" in predictor and context is not None:
+        parts.append("context: " + ", ".join(context.words))
+    if concept is not None and len(parts) == 1:
+        parts.append(fires_on)
+    return parts
 
 
 def _fit(hits: dict, predictor: str) -> float:

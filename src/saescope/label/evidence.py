@@ -25,7 +25,7 @@ from pathlib import Path
 from ..errors import SaescopeError
 from ..featuredb import FeatureDB
 from ..runs import Run
-from ..tokens import one_line, texts
+from ..tokens import _BYTE_PIECE, one_line, texts, token_text, visible
 from ..tokens import token_text as display_token  # noqa: F401  (labellers import it from here)
 
 MARK_OPEN, MARK_CLOSE = "<<", ">>"
@@ -37,18 +37,28 @@ def as_run(run: Run | str | Path) -> Run:
 
 class TokenTable:
     """Token id → vocabulary string, fetched from the DB once per id (thread-safe enough: a lost race
-    only fetches an id twice); `display` turns a sequence of ids into text (see saescope.tokens)."""
+    only fetches an id twice); `display` turns a sequence of ids into text (see saescope.tokens).
+
+    Each id's display text is computed once; a window without byte-fallback pieces is shown from
+    those, and only a window holding byte pieces goes through `texts` (which merges them)."""
 
     def __init__(self, db: FeatureDB):
         self._db = db
         self._cache: dict[int, str] = {}
+        self._shown: dict[int, str] = {}  # id → token_text, for ids that are not byte pieces
 
     def display(self, ids: Sequence[int]) -> list[str]:
-        cache = self._cache
-        missing = sorted({i for i in ids if i not in cache})
+        key = tuple(ids)
+        cache, shown = self._cache, self._shown
+        missing = sorted({i for i in key if i not in cache})
         if missing:
             cache.update((i, f"<unk:{i}>" if s is None else s) for i, s in zip(missing, self._db.vocab(missing)))
-        return texts([cache[i] for i in ids])
+            for i in missing:
+                if not _BYTE_PIECE.match(cache[i]):
+                    shown[i] = token_text(cache[i])
+        if all(i in shown for i in key):
+            return [shown[i] for i in key]
+        return texts([cache[i] for i in key])
 
 
 @dataclass(frozen=True)
@@ -77,8 +87,12 @@ class Context:
         for tok, act in zip(self.tokens, self.acts):
             if act > 0 and not inside:  # " Paris" → " <<Paris": the word, not its space, is marked
                 core = tok.lstrip()
-                out.append(tok[: len(tok) - len(core)] + MARK_OPEN)
-                tok = core
+                if core:
+                    out.append(tok[: len(tok) - len(core)] + MARK_OPEN)
+                    tok = core
+                else:  # a whitespace token fires (Gemma's lone space before digits): shown as ␣
+                    out.append(MARK_OPEN)
+                    tok = visible(tok)
             elif act <= 0 and inside:
                 out.append(MARK_CLOSE)
             inside = act > 0
@@ -206,6 +220,7 @@ class LabelReport:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
+    seconds_setup: float = 0.0  # offline: building the concept space and the fresh detection windows
     score_sum: float = 0.0
     errors: list[str] = field(default_factory=list)  # first few failure reasons
 
@@ -232,5 +247,6 @@ class LabelReport:
         if self.requests or self.cache_hits:
             parts.append(f"{self.requests} requests ({self.cache_hits} cached, {self.retries} retries), "
                          f"{self.prompt_tokens}+{self.completion_tokens} tokens")
+        setup = f" ({self.seconds_setup:.1f}s of it setting up)" if self.seconds_setup else ""
         return f"{self.source} labels for {self.features} features: " + ", ".join(parts) + \
-            f" in {self.seconds:.1f}s"
+            f" in {self.seconds:.1f}s" + setup

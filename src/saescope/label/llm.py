@@ -441,6 +441,16 @@ def _retry_after(err) -> float | None:
 # --------------------------------------------------------------------------- the labelling pass
 
 
+def _fresh_windows(run: Run, work: list, table: TokenTable):
+    """The fresh held-out windows (detection.py) for the offline score of LLM labels, or None."""
+    from .detection import detection_set
+
+    fresh = detection_set(run, sorted({sae_id for sae_id, _ in work}))
+    if fresh is not None:
+        fresh.attach_tokens(table)
+    return fresh
+
+
 def label_llm(run: Run | str | Path, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY",
               sae_ids=None, concurrency: int = 4, timeout: float = 30, max_retries: int = 4,
               limit: int | None = None, progress: bool = True, score: bool = True, cache: bool = True,
@@ -469,6 +479,8 @@ def label_llm(run: Run | str | Path, base_url: str, model: str, api_key_env: str
             labeller = _LLMLabeller(db, client, report, model, score, _space(db, None) if concepts else None)
             work = [(sae["id"], row) for sae in resolve_saes(db, sae_ids) for row in alive_features(db, sae, limit)]
             report.features = len(work)
+            if score and labeller.space is not None:
+                labeller.fresh = _fresh_windows(run, work, labeller.table)
             _label_all(work, labeller, int(concurrency), progress)
     finally:
         if llm_cache is not None:
@@ -489,6 +501,7 @@ class _LLMLabeller:
         self.done = {(lab["sae_id"], lab["idx"]): lab["id"] for lab in db.current_labels("llm")
                      if lab["model"] == model and not lab["stale"]}  # stale: written for replaced weights
         self.lock = threading.Lock()
+        self.fresh = None  # fresh held-out windows for the offline score (detection.py), when scoring
 
     def one(self, sae_id: str, row: dict) -> str:
         db, idx = self.db, row["idx"]
@@ -527,7 +540,7 @@ class _LLMLabeller:
 
             with self.lock:  # one encoder call at a time
                 expl = text_explanation(self.space, evidence, text)
-            score_explanation(self.space, evidence, expl, db=self.db, label_id=label_id)
+            score_explanation(self.space, evidence, expl, db=self.db, label_id=label_id, fresh=self.fresh)
         try:
             result = score_llm(evidence, text, self.client.ask, db=self.db, label_id=label_id)
         except RejectedAnswer as err:  # the label stays; a re-run retries the score

@@ -29,6 +29,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..runs import Run
+from .detection import DetectionConfig, detection_set
 from .evidence import (
     Evidence,
     LabelReport,
@@ -50,7 +51,7 @@ from .rules import (  # noqa: F401  (re-exported: the rules' names as labellers 
     stem,
 )
 
-MODEL_NAME = "saescope-offline-2"  # stored in labels.model; bump when the rules or concepts change
+MODEL_NAME = "saescope-offline-3"  # stored in labels.model; bump when the rules or concepts change
 
 
 # --------------------------------------------------------------------------- the labelling pass
@@ -61,7 +62,8 @@ _SUMMED = ("features", "labelled", "skipped", "failed", "scored", "unscored", "u
 
 def label_offline(run: Run | str | Path, sae_ids=None, progress: bool = True,
                   limit: int | None = None, workers: int | None = None,
-                  concepts: bool | Sequence[tuple[str, bool]] = True) -> LabelReport:
+                  concepts: bool | Sequence[tuple[str, bool]] = True,
+                  detection: bool | DetectionConfig = True) -> LabelReport:
     """Label every alive feature (n_fired > 0) with source "offline", and score each label.
 
     The label names a concept where the evidence has one (concepts.py: contexts and
@@ -73,6 +75,9 @@ def label_offline(run: Run | str | Path, sae_ids=None, progress: bool = True,
     concepts: True = name concepts from the Wikipedia titles, a list of (name, general)
     pairs = from those names, False = token rules only (also the fallback, with a
     warning, when the embedding model is not installed).
+    detection: True = score on fresh held-out windows too (detection.py: the run's model is
+    run over held-out text the analysis did not read), a DetectionConfig = with those
+    settings, False = on the analysis's stored held-out windows only (the earlier protocol).
     Re-running is cheap and idempotent: an unchanged label keeps its id and is not
     scored twice.
     """
@@ -82,11 +87,15 @@ def label_offline(run: Run | str | Path, sae_ids=None, progress: bool = True,
     with run.db() as db:
         ids = [sae["id"] for sae in resolve_saes(db, sae_ids)]
         space = _space(db, None if concepts is True else concepts) if concepts is not False else None
+    fresh = None
+    if detection is not False:
+        fresh = detection_set(run, ids, detection if isinstance(detection, DetectionConfig) else None)
+    setup = time.time() - t0
     if workers > 1 and len(ids) > 1:
-        report = _label_in_processes(run, ids, workers, progress, limit, space)
+        report = _label_in_processes(run, ids, workers, progress, limit, space, fresh)
     else:
-        report = _label_saes(run, ids, progress, limit, space)
-    report.seconds = time.time() - t0
+        report = _label_saes(run, ids, progress, limit, space, fresh)
+    report.seconds, report.seconds_setup = time.time() - t0, setup
     return report
 
 
@@ -102,32 +111,37 @@ def _space(db, concepts):
         return None
 
 
-def _label_saes(run: Run | str, ids: list[str], progress: bool, limit: int | None, space) -> LabelReport:
+def _label_saes(run: Run | str, ids: list[str], progress: bool, limit: int | None, space,
+                fresh=None) -> LabelReport:
     report = LabelReport(source="offline", model=MODEL_NAME)
     with as_run(run).db() as db:
         table = TokenTable(db)
+        if fresh is not None:
+            fresh.attach_tokens(table)
         saes = [sae for sae in resolve_saes(db, ids)]
         bar = tqdm(total=sum(int(s["width"] or 0) for s in saes), desc="offline labels", unit="feat",
                    disable=not progress, dynamic_ncols=True)
         for sae in saes:
             rows = alive_features(db, sae, limit)
             evidences = [gather(db, sae["id"], row["idx"], table, stats=row) for row in rows]
-            _label_sae(db, space, evidences, report)
+            _label_sae(db, space, evidences, report, fresh)
             bar.update(int(sae["width"] or 0))
         bar.close()
     return report
 
 
-def _label_sae(db, space, evidences: list[Evidence], report: LabelReport) -> None:
+def _label_sae(db, space, evidences: list[Evidence], report: LabelReport, fresh=None) -> None:
     """Explain, store and score the labels of one SAE's features."""
-    from .concepts import explain_feature, find_concepts
+    from .concepts import explain_feature, find_concepts, find_output_concepts
     from .scoring import METHOD_OFFLINE, METHOD_OUTPUT, score_explanation, score_offline
 
     report.features += len(evidences)
     rules = [explain(ev) for ev in evidences]
-    concepts = find_concepts(space, evidences) if space is not None else [None] * len(evidences)
-    for ev, rule, concept in zip(evidences, rules, concepts):
-        expl = explain_feature(space, ev, rule, concept) if space is not None else None
+    none = [None] * len(evidences)
+    concepts = find_concepts(space, evidences) if space is not None else none
+    outputs = find_output_concepts(space, evidences) if space is not None else none
+    for ev, rule, concept, output in zip(evidences, rules, concepts, outputs):
+        expl = explain_feature(space, ev, rule, concept, output) if space is not None else None
         text, certain = (expl.text, expl.certain) if expl else (rule.label, rule.certain)
         label_id = db.set_label(ev.sae_id, ev.idx, text, source="offline", model=MODEL_NAME)
         report.labelled += 1
@@ -136,9 +150,9 @@ def _label_sae(db, space, evidences: list[Evidence], report: LabelReport) -> Non
         if any(s["method"] in (METHOD_OFFLINE, METHOD_OUTPUT) for s in db.scores(label_id)):  # scored (all at once)
             continue
         if expl is None:
-            score, output = score_offline(ev, rule, db=db, label_id=label_id), None
+            score, output = score_offline(ev, rule, db=db, label_id=label_id, fresh=fresh), None
         else:
-            score, output = score_explanation(space, ev, expl, db=db, label_id=label_id)
+            score, output = score_explanation(space, ev, expl, db=db, label_id=label_id, fresh=fresh)
         if score is None:
             report.unscored += 1
         else:
@@ -150,7 +164,7 @@ def _label_sae(db, space, evidences: list[Evidence], report: LabelReport) -> Non
 
 
 def _label_in_processes(run: Run, ids: list[str], workers: int, progress: bool, limit: int | None,
-                        space) -> LabelReport:
+                        space, fresh=None) -> LabelReport:
     """Label SAEs in parallel processes (the labeller is pure Python); SQLite's WAL serialises the writes.
 
     The workers die with this process (`process_pool`): a killed `label auto` leaves no worker
@@ -162,7 +176,7 @@ def _label_in_processes(run: Run, ids: list[str], workers: int, progress: bool, 
     shards = [ids[i::workers] for i in range(workers)]
     total = LabelReport(source="offline", model=MODEL_NAME)
     with process_pool(workers) as pool:
-        futures = [pool.submit(_label_saes, str(run.root), shard, progress and i == 0, limit, space)
+        futures = [pool.submit(_label_saes, str(run.root), shard, progress and i == 0, limit, space, fresh)
                    for i, shard in enumerate(shards) if shard]
         for fut in futures:
             part = fut.result()

@@ -37,8 +37,18 @@ _SUFFIXES = (("ingly", ""), ("edly", ""), ("ations", "ate"), ("ation", "ate"), (
 
 @functools.lru_cache(maxsize=200_000)
 def normalise(tok: str) -> str:
-    """Lowercased token text without word-start markers or surrounding whitespace."""
-    return display_token(tok).strip().lower()
+    """Lowercased token text without word-start markers or surrounding whitespace; a token that is
+    only whitespace (Gemma's lone "▁" before digits, a no-break space merged from its byte pieces,
+    newlines) or the empty first bytes of a merged character is named in brackets ("[space]",
+    "[no-break space]", "[2 newlines]"), so rules can name it and no bracket name is a word."""
+    text = display_token(tok)
+    key = text.strip().lower()
+    return key if key else f"[{describe(text)}]"
+
+
+def is_named_whitespace(key: str) -> bool:
+    """A `normalise` key that names a whitespace token rather than spelling it."""
+    return key.startswith("[") and key.endswith("]") and len(key) > 2
 
 
 @functools.lru_cache(maxsize=200_000)
@@ -78,11 +88,11 @@ def context_attributes(tokens: Sequence[str], kinds: Sequence[str] = tuple(KIND_
     out: dict[str, list[tuple[str, ...]]] = {}
     for kind in kinds:
         if kind == "tokens":
-            out[kind] = [(k,) if k else () for k in keys]
+            out[kind] = [(k,) for k in keys]
         elif kind == "stems":
-            out[kind] = [(stem(k),) if k else () for k in keys]
+            out[kind] = [(stem(k),) for k in keys]
         elif kind == "prev":
-            out[kind] = ([()] + [(k,) if k else () for k in keys[:-1]])[:n]
+            out[kind] = ([()] + [(k,) for k in keys[:-1]])[:n]
         elif kind == "prev2":
             out[kind] = [(), ()][:n] + [(f"{a} {b}",) if a and b else () for a, b in zip(keys, keys[1:-1])]
         elif kind == "class":
@@ -92,6 +102,13 @@ def context_attributes(tokens: Sequence[str], kinds: Sequence[str] = tuple(KIND_
         else:
             raise ValueError(f"unknown rule kind {kind!r}")
     return out
+
+
+@functools.lru_cache(maxsize=20_000)
+def window_values(tokens: tuple[str, ...], kind: str) -> frozenset[str]:
+    """Every value of one attribute anywhere in a window (cached: scoring windows, such as the
+    fresh held-out ones, are the same for every feature of a run)."""
+    return frozenset(v for at in context_attributes(tokens, (kind,))[kind] for v in at)
 
 
 @functools.lru_cache(maxsize=64)
@@ -123,8 +140,7 @@ class Rule:
 
     def fires_in(self, tokens: Sequence[str]) -> bool:
         """Does the rule predict the feature fires somewhere in this context?"""
-        values = self.values_set
-        return any(not values.isdisjoint(at) for at in context_attributes(tokens, (self.kind,))[self.kind])
+        return not self.values_set.isdisjoint(window_values(tuple(tokens), self.kind))
 
     @property
     def values_set(self) -> frozenset[str]:
@@ -172,7 +188,7 @@ def explain(evidence: Evidence) -> Rule:
                         s.n_fire += 1
                         s.mass += act
                         if keep_forms:
-                            form = toks[pos].strip() or describe(toks[pos])
+                            form = toks[pos].strip() or f"[{describe(toks[pos])}]"
                             s.forms = s.forms or {}
                             s.forms[form] = s.forms.get(form, 0.0) + act
     if total_mass <= 0:
@@ -195,7 +211,7 @@ def explain(evidence: Evidence) -> Rule:
     if best.fit >= MIN_FIT:
         return best
     top = sorted(stats["tokens"].items(), key=lambda kv: -kv[1].mass)[:3]
-    words = [_top_form(s) for _, s in top]
+    words = [_plain(_top_form(s)) for _, s in top]
     label = "unclear (top tokens: " + ", ".join(words) + ")" if words else "unclear"
     return Rule("tokens", tuple(k for k, _ in top), label, round(best.fit, 4), certain=False)
 
@@ -234,7 +250,15 @@ def _top_form(s: _Stat) -> str:
     return max(s.forms.items(), key=lambda kv: kv[1])[0] if s.forms else "?"
 
 
+def _plain(form: str) -> str:
+    """A token form in a list without quotes: a whitespace token by its name ("space")."""
+    return form[1:-1] if is_named_whitespace(form) else form
+
+
 def _quote(text: str) -> str:
+    """A token form in a label: quoted text, or a whitespace token by name (`normalise`), unquoted."""
+    if is_named_whitespace(text):
+        return text[1:-1]
     return '"' + text.replace("\n", "↵") + '"'
 
 

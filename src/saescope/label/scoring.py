@@ -1,8 +1,10 @@
 """Detection scoring (as in EleutherAI's delphi): does a label predict where a feature fires?
 
 Each held-out context (see evidence.py: odd-ranked top/quantile examples, which
-fire, and random examples, which do not) gets a prediction "the feature fires
-somewhere in here" from the label, compared with the truth (`max_act > 0`):
+fire, and random examples, which do not; for offline scores also fresh windows of
+held-out text no labeller read, up to 20 firing and 60 silent, with their real
+activations: detection.py) gets a prediction "the feature fires somewhere in here"
+from the label, compared with the truth (`max_act > 0`):
 
     detection-offline   the offline rule's predicate, applied to every position
     detection-llm       an LLM reads the label and a shuffled batch of plain-text
@@ -19,7 +21,9 @@ best; the details say which ("predictor"). A second score judges the output side
                         random word); details: n_promoted, n_random
 
 The stored value is the balanced accuracy (mean of the true-positive and
-true-negative rates; 0.5 = chance), with n, tp, fp, tn, fn and F1 in the details.
+true-negative rates; 0.5 = chance), with n, tp, fp, tn, fn and F1 in the details,
+and for offline scores the protocol ("fresh" or "stored"), the class counts and
+the balanced accuracy on the stored windows alone (the earlier protocol).
 A feature without both activating and non-activating held-out contexts is not
 scored: its accuracy would say nothing about the label.
 """
@@ -84,36 +88,56 @@ def confusion(predicted: Sequence[bool], truth: Sequence[bool]) -> DetectionScor
 
 
 def score_offline(evidence: Evidence, rule, db: FeatureDB | None = None,
-                  label_id: int | None = None) -> DetectionScore | None:
-    """Score an offline rule (a predicate on (tokens, position)) on the held-out contexts;
-    with `db` and `label_id`, store it as "detection-offline" (details include the rule)."""
-    contexts = evidence.held_out
+                  label_id: int | None = None, fresh=None) -> DetectionScore | None:
+    """Score an offline rule (a predicate on (tokens, position)) on the held-out contexts (with
+    `fresh`, a detection.DetectionSet, its fresh windows too); with `db` and `label_id`, store it
+    as "detection-offline" (details include the rule and the protocol)."""
+    from .detection import held_out_windows
+
+    contexts, protocol = held_out_windows(evidence, fresh)
     predicted = [rule.fires_in(ctx.tokens) for ctx in contexts]
-    score = confusion(predicted, [ctx.fires for ctx in contexts])
+    score, extra = _with_protocol(predicted, contexts, protocol)
     if score is not None and db is not None and label_id is not None:
-        db.add_score(label_id, METHOD_OFFLINE, score.value, score.details(rule=rule.to_dict()))
+        db.add_score(label_id, METHOD_OFFLINE, score.value, score.details(rule=rule.to_dict(), **extra))
     return score
 
 
-def score_explanation(space, evidence: Evidence, expl, db: FeatureDB | None = None, label_id: int | None = None,
-                      detection: bool = True) -> tuple[DetectionScore | None, float | None]:
-    """Score a concepts.Explanation: detection on the held-out contexts (with `detection`)
-    and output (promoted tokens); with `db` and `label_id`, store both."""
-    from .concepts import output_auc, predict
+def _with_protocol(predicted: Sequence[bool], contexts: Sequence[Context], protocol: str
+                   ) -> tuple[DetectionScore | None, dict]:
+    """The score on every scoring context, and the details that say how it was measured: the
+    protocol, the class counts, and the same label's score on the stored windows alone (the
+    earlier protocol, kept for comparison)."""
+    score = confusion(predicted, [ctx.fires for ctx in contexts])
+    stored = [(p, c.fires) for p, c in zip(predicted, contexts) if c.kind != "fresh"]
+    old = confusion([p for p, _ in stored], [t for _, t in stored])
+    n_pos = sum(c.fires for c in contexts)
+    extra = {"protocol": protocol, "n_firing": n_pos, "n_silent": len(contexts) - n_pos,
+             "stored_balanced_accuracy": None if old is None else round(old.balanced_accuracy, 4)}
+    return score, extra
 
-    score = None
+
+def score_explanation(space, evidence: Evidence, expl, db: FeatureDB | None = None, label_id: int | None = None,
+                      detection: bool = True, fresh=None) -> tuple[DetectionScore | None, float | None]:
+    """Score a concepts.Explanation: detection on the held-out contexts (with `detection`; with
+    `fresh`, a detection.DetectionSet, its fresh windows too) and output (promoted tokens); with
+    `db` and `label_id`, store both."""
+    from .concepts import output_auc, predict
+    from .detection import held_out_windows
+
+    score, extra = None, {}
     if detection:
-        contexts = evidence.held_out
-        score = confusion(predict(space, expl, contexts), [ctx.fires for ctx in contexts])
+        contexts, protocol = held_out_windows(evidence, fresh)
+        score, extra = _with_protocol(predict(space, expl, contexts), contexts, protocol)
     output = output_auc(space, evidence, expl.vector)
     if db is not None and label_id is not None:
         rows = []  # both in one transaction: a resumed run skips labels that have a detection score
         if score is not None:
-            extra = {"predictor": expl.predictor, "fit": round(expl.fit, 4), "rule": expl.rule.to_dict()}
+            extra |= {"predictor": expl.predictor, "fit": round(expl.fit, 4), "rule": expl.rule.to_dict()}
             if expl.context is not None:
                 extra["context_words"] = list(expl.context.words)
             if expl.concept is not None:
-                extra |= {"concept": expl.concept.name, "threshold": round(expl.concept.threshold, 4),
+                extra |= {"concept": expl.concept.name, "concept_side": expl.side,
+                          "threshold": round(expl.concept.threshold, 4),
                           "concept_fit": round(expl.concept.fit, 4)}
             rows.append((METHOD_OFFLINE, score.value, score.details(**extra)))
         if output is not None:

@@ -107,6 +107,22 @@ def _concept_vocab(concepts: tuple[tuple[str, bool], ...]) -> ConceptVocab:
     return ConceptVocab(names, np.array([g for _, g in concepts], bool), vectors.astype(np.float32))
 
 
+def cached_concept_vectors() -> dict[str, np.ndarray]:
+    """Name → vector of the default concept names when their cache exists (the offline labeller
+    wrote it), else {}: search reuses them for labels that are a concept name, never embedding
+    the 8,000 names just for that."""
+    try:
+        concepts = tuple(wiki_concepts())
+    except SaescopeError:
+        return {}
+    from ..embed import EMBEDDING_MODEL
+
+    names = tuple(n for n, _ in concepts)
+    digest = hashlib.sha256(json.dumps([EMBEDDING_MODEL, names]).encode()).hexdigest()[:16]
+    vectors = _load_array(cache_folder() / f"names-{digest}.npz", len(names))
+    return {} if vectors is None else dict(zip(names, vectors.astype(np.float32)))
+
+
 def _load_array(path: Path, n: int) -> np.ndarray | None:
     try:
         with np.load(path, allow_pickle=False) as f:
