@@ -164,7 +164,7 @@ def _build(db: FeatureDB, key: str, old_words: dict[str, np.ndarray]) -> Concept
             feats.append((si, idx))
             ctx_rows.append([lut[r] for r in contexts.get(idx, [])])
             out = [as_word(display_token(str(tok[0]))) for tok in (logits_pos or []) if tok]
-            out_rows.append([words.setdefault(w, len(words)) if w in known else -1 for w in out])
+            out_rows.append([words.setdefault(w, len(words)) if w is not None and w in known else -1 for w in out])
     return ConceptIndex(key=key, sae_ids=[s["id"] for s in saes],
                         feat_sae=np.array([f[0] for f in feats], np.int32),
                         feat_idx=np.array([f[1] for f in feats], np.int32), words=list(words),

@@ -389,10 +389,13 @@ def find_output_concepts(space: Space, evidences: Sequence[Evidence]) -> list[Co
     cfg = space.config
     out: list[Concept | None] = [None] * len(evidences)
     rows_of = [space.promoted_rows(ev)[0] for ev in evidences]
-    keep = [i for i, rows in enumerate(rows_of) if len(rows) >= cfg.min_output_words]
+    vectors = [(i, space.output_vector(evidences[i])) for i, rows in enumerate(rows_of)
+               if len(rows) >= cfg.min_output_words]
+    found = [(i, v) for i, v in vectors if v is not None]
+    keep = [i for i, _ in found]
     if not keep:
         return out
-    f_out = np.stack([space.output_vector(evidences[i]) for i in keep])
+    f_out = np.stack([v for _, v in found])
     z_out = (f_out @ space.centred.T - space.base_out[0]) / space.base_out[1]
     scores = z_out + cfg.general_bonus * space.concepts.general
     for k, i in enumerate(keep):
@@ -555,7 +558,7 @@ def explain_feature(space: Space, ev: Evidence, rule: Rule, concept: Concept | N
     if fits[predictor] < cfg.min_label_fit and not rule.certain and not named:
         return Explanation(rule.label, False, rule, None, "rule", None, fit=fits["rule"])
     text = " · ".join(_label_parts(concept if named else None, side, rule, predictor, context))
-    vector = concept.vector if named else rule_vector(space, rule)
+    vector = concept.vector if named and concept is not None else rule_vector(space, rule)
     return Explanation(text, True, rule, concept if named else None, predictor, vector, context,
                        fits[predictor], side if named else "")
 
@@ -646,7 +649,7 @@ def _surface(space: Space, firing: list[Context], stem_index: int) -> str:
             if 0 <= tid < len(space.id2stem) and space.id2stem[tid] == stem_index:
                 key = normalise(tok)
                 counts[key] = counts.get(key, 0) + 1
-    return max(counts, key=counts.get) if counts else space.stems[stem_index]
+    return max(counts, key=lambda k: counts[k]) if counts else space.stems[stem_index]
 
 
 def text_explanation(space: Space, ev: Evidence, text: str) -> Explanation:
@@ -679,7 +682,7 @@ def predict(space: Space, expl: Explanation, contexts: Sequence[Context]) -> lis
     for part in expl.predictor.split("|"):
         if part == "rule":
             out |= np.array([expl.rule.fires_in(c.tokens) for c in contexts], bool)
-        elif part == "concept":
+        elif part == "concept" and expl.concept is not None:
             out |= space.window_vectors(contexts) @ expl.concept.vector >= expl.concept.threshold
         elif part == "context" and expl.context is not None:
             stems = np.array(sorted(expl.context.stems), np.int64)

@@ -139,7 +139,8 @@ def gather(db: FeatureDB, sae_id: str, idx: int, table: TokenTable | None = None
         if stats is None:
             return None
         stats.pop("examples")
-    labelling, held_out = [], []
+    labelling: list[Context] = []
+    held_out: list[Context] = []
     for ex in db.examples(sae_id, idx):
         ids = list(ex.tokens)
         ctx = Context(kind=ex.kind, rank=ex.rank, quantile=ex.quantile, max_act=float(ex.max_act),

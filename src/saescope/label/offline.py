@@ -123,7 +123,8 @@ def _label_saes(run: Run | str, ids: list[str], progress: bool, limit: int | Non
                    disable=not progress, dynamic_ncols=True)
         for sae in saes:
             rows = alive_features(db, sae, limit)
-            evidences = [gather(db, sae["id"], row["idx"], table, stats=row) for row in rows]
+            found = (gather(db, sae["id"], row["idx"], table, stats=row) for row in rows)
+            evidences = [ev for ev in found if ev is not None]  # (alive rows always have their stats)
             _label_sae(db, space, evidences, report, fresh)
             bar.update(int(sae["width"] or 0))
         bar.close()
@@ -150,17 +151,17 @@ def _label_sae(db, space, evidences: list[Evidence], report: LabelReport, fresh=
         if any(s["method"] in (METHOD_OFFLINE, METHOD_OUTPUT) for s in db.scores(label_id)):  # scored (all at once)
             continue
         if expl is None:
-            score, output = score_offline(ev, rule, db=db, label_id=label_id, fresh=fresh), None
+            score, output_score = score_offline(ev, rule, db=db, label_id=label_id, fresh=fresh), None
         else:
-            score, output = score_explanation(space, ev, expl, db=db, label_id=label_id, fresh=fresh)
+            score, output_score = score_explanation(space, ev, expl, db=db, label_id=label_id, fresh=fresh)
         if score is None:
             report.unscored += 1
         else:
             report.scored += 1
             report.score_sum += score.value
-        if output is not None:
+        if output_score is not None:
             report.output_scored += 1
-            report.output_sum += output
+            report.output_sum += output_score
 
 
 def _label_in_processes(run: Run, ids: list[str], workers: int, progress: bool, limit: int | None,

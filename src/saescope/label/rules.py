@@ -92,9 +92,12 @@ def context_attributes(tokens: Sequence[str], kinds: Sequence[str] = tuple(KIND_
         elif kind == "stems":
             out[kind] = [(stem(k),) for k in keys]
         elif kind == "prev":
-            out[kind] = ([()] + [(k,) for k in keys[:-1]])[:n]
+            before: list[tuple[str, ...]] = [()]
+            out[kind] = (before + [(k,) for k in keys[:-1]])[:n]
         elif kind == "prev2":
-            out[kind] = [(), ()][:n] + [(f"{a} {b}",) if a and b else () for a, b in zip(keys, keys[1:-1])]
+            empty: list[tuple[str, ...]] = [(), ()]
+            pairs: list[tuple[str, ...]] = [(f"{a} {b}",) if a and b else () for a, b in zip(keys, keys[1:-1])]
+            out[kind] = empty[:n] + pairs
         elif kind == "class":
             out[kind] = [char_classes(t) for t in tokens]
         elif kind == "position":
@@ -265,7 +268,8 @@ def _quote(text: str) -> str:
 def _describe(kind: str, values: tuple[str, ...], table: dict[str, _Stat]) -> str:
     if kind == "tokens":
         if len(values) == 1:
-            forms = sorted(table[values[0]].forms or {values[0]: 1.0}, key=lambda f: -table[values[0]].forms[f])
+            mass = table[values[0]].forms or {values[0]: 1.0}
+            forms = sorted(mass, key=lambda f: -mass[f])
             return " / ".join(_quote(f) for f in forms[:3]) + " (token)"
         return ", ".join(_quote(_top_form(table[v])) for v in values) + " (tokens)"
     if kind == "stems":
@@ -278,7 +282,8 @@ def _describe(kind: str, values: tuple[str, ...], table: dict[str, _Stat]) -> st
     if kind == "class":
         (cls,) = values
         if cls == "punctuation":
-            forms = sorted(table[cls].forms or {}, key=lambda f: -table[cls].forms[f])
+            mass = table[cls].forms or {}
+            forms = sorted(mass, key=lambda f: -mass[f])
             return "punctuation: " + " ".join(forms[:4])
         return CLASS_LABELS[cls]
     if kind == "position":

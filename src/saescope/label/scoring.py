@@ -36,6 +36,7 @@ import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from ..featuredb import FeatureDB
 from .evidence import Context, Evidence
@@ -124,7 +125,8 @@ def score_explanation(space, evidence: Evidence, expl, db: FeatureDB | None = No
     from .concepts import output_auc, predict
     from .detection import held_out_windows
 
-    score, extra = None, {}
+    score: DetectionScore | None = None
+    extra: dict = {}
     if detection:
         contexts, protocol = held_out_windows(evidence, fresh)
         score, extra = _with_protocol(predict(space, expl, contexts), contexts, protocol)
@@ -213,7 +215,10 @@ def score_llm(evidence: Evidence, label: str, ask: Callable[[list[dict], Callabl
         batch = contexts[start:start + batch_size]
         messages = [{"role": "system", "content": DETECTION_SYSTEM},
                     {"role": "user", "content": detection_prompt(label, batch)}]
-        chosen = ask(messages, lambda answer, n=len(batch): parse_detection(answer, n))
+        def parse(answer: str, n: int = len(batch)) -> set[int]:
+            return parse_detection(answer, n)
+
+        chosen = cast(set[int], ask(messages, parse))
         predicted += [i in chosen for i in range(1, len(batch) + 1)]
     score = confusion(predicted, truth)
     if score is not None and db is not None and label_id is not None:
