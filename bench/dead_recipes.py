@@ -27,7 +27,7 @@ from saescope.pipeline import sae_configs
 from saescope.train import Chunk, MultiTrainer, TrainConfig
 
 VARIANTS = {  # TrainConfig keyword arguments
-    "old": {"resample": False},
+    "old": {"revive_dead": False},
     "new": {},
 }
 PARTS = {"heldout": ("default", "heldout", 16_384), "pydoc": ("pydoc", "train", 10_240)}
@@ -68,10 +68,10 @@ def main() -> None:
     cache = Path(args.cache)
     train = cached(lm, cache, layers, "default", "train", max(args.tokens, 100_000))
     evals = {name: cached(lm, cache, layers, *spec) for name, spec in PARTS.items()}
-    defaults = {k: getattr(train_mod, k) for k in dir(train_mod) if k.startswith("RESAMPLE_")}
+    defaults = {k: getattr(train_mod, k) for k in dir(train_mod) if k.startswith("REVIVE_")}
     for name, kw in variants.items():
         kw = dict(kw)
-        for k, v in {**defaults, **kw.pop("consts", {})}.items():  # {"consts": {"RESAMPLE_ENC": 0.5}}: train.py's
+        for k, v in {**defaults, **kw.pop("consts", {})}.items():  # {"consts": {"REVIVE_SHARE": 1.0}}: train.py's
             setattr(train_mod, k, v)
         cfgs = sae_configs(lm, "gemma-3-270m", ["resid_post"], layers, [args.width], [args.l0], "jump_relu")
         mt = MultiTrainer(cfgs, TrainConfig(tokens=args.tokens, **kw))

@@ -83,12 +83,12 @@ class TrainConfig:
     """Weight of the auxiliary-k loss on dead features (0 disables it)."""
     dead_tokens: int = 0
     """A feature is dead after this many tokens without firing; 0 = auto (tokens/5, at most 10M)."""
-    resample: bool = True
-    """Re-initialise dead features from the batch's worst-reconstructed tokens (every RESAMPLE_EVERY steps, until
-    `resample_until` of the tokens): decoder row and encoder column along such a token's residual error,
-    b_enc 0, θ at the batch's (1 − L0*/width) quantile, their optimiser state reset."""
-    resample_until: float = 0.7
-    """Fraction of the tokens after which dead features are no longer re-initialised."""
+    revive_dead: bool = True
+    """Every REVIVE_EVERY steps until `revive_until` of the tokens, give dead features their threshold back at the
+    batch's (1 − L0*/width) quantile of their own pre-activations, as at the start (their encoder and decoder, which
+    the auxiliary loss keeps training, stay). Without it most of layers 0–2's features of Gemma 3 270M never fire."""
+    revive_until: float = 0.9
+    """Fraction of the tokens after which dead features are no longer revived."""
     seed: int = 0
     checkpoint_every: int = 200
     """Steps between checkpoints."""
@@ -99,7 +99,7 @@ class TrainConfig:
         if not (math.isfinite(self.lr) and self.lr >= 0):
             raise SaescopeError(f"--lr must be a positive number (or 0 for the automatic lr), got {self.lr}")
         for name in ("lr_end", "bias_lr", "threshold_lr", "momentum", "eps", "lambda_init", "lambda_rate",
-                     "aux_coef", *(f"betas[{i}]" for i in range(len(self.betas)))):
+                     "aux_coef", "revive_until", *(f"betas[{i}]" for i in range(len(self.betas)))):
             v = self.betas[int(name[6])] if name.startswith("betas") else getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise SaescopeError(f"training setting {name} must be a finite number ≥ 0, got {v}")
@@ -152,10 +152,8 @@ OPTIMIZERS = ("auto", "adam", "sf-adam", "signum", "sf-signum")
 LAYOUT = 3  # checkpoint layout: 2 = Adam state of w_enc kept feature-major (width, d_in); 3 = parameter groups
 AUX_ROWS = 64  # tokens per step that feed the auxiliary loss (64 vs 256: same FVU, fewer revived features, 13–15% faster steps)
 AUX_K = 128  # dead features per token asked to explain the error
-RESAMPLE_EVERY = 16  # steps between checks for dead features to re-initialise
-RESAMPLE_MAX_COS = 0.5  # largest |cos| between the error directions that seed one check's new features
-RESAMPLE_ENC = 0.5  # a new feature's encoder norm, as a fraction of the live features' mean
-RESAMPLE_SHARE = 0.5  # at most this share of the (global) batch's rows seed new features per check
+REVIVE_EVERY = 16  # steps between revivals of dead features
+REVIVE_SHARE = 0.5  # at most this many dead features per revival, as a share of the (global) batch's rows
 POLL_EVERY = 16  # on a GPU, steps between host reads of a trainer's state (each read waits for the GPU's queue)
 
 
@@ -426,72 +424,48 @@ class SAETrainer:
         lam = self._log_lambda.exp().float()
         fwd = self._forward_dense(xn, lam, rows) if self.dense else self._forward_sparse(xn, lam, rows)
         stats = self._learn(xn, fwd, rows[1])
-        if self._resample_due():
-            self.resample_dead(xn, rows[1])
+        if self._revival_due():
+            self.revive_dead(xn, rows[1])
         return stats
 
     # ------------------------------------------------------------------ dead features
 
-    def _resample_due(self) -> bool:
+    def _revival_due(self) -> bool:
         t = self.train
-        return (t.resample and self._n_dead > 0 and self.step % RESAMPLE_EVERY == 0
-                and self.step * t.batch_size < t.resample_until * t.tokens)
+        return (t.revive_dead and self.cfg.architecture == "jump_relu" and self._n_dead > 0 and self.step % REVIVE_EVERY == 0
+                and self.step * t.batch_size < t.revive_until * t.tokens)
 
     @torch.no_grad()
-    def resample_dead(self, xn: torch.Tensor, n_rows: int) -> int:
-        """Re-initialise dead features from the batch's worst-reconstructed rows (xn: this rank's rows of a global
-        batch of `n_rows`, normalised units); returns how many. Each gets its decoder row and encoder column along
-        one such row's residual error, b_enc 0 and θ at the batch's (1 − L0*/width) quantile, as at the start."""
-        sae, w = self.sae, self.world
+    def revive_dead(self, xn: torch.Tensor, n_rows: int) -> int:
+        """Re-initialise dead features' thresholds (xn: this rank's rows of a global batch of `n_rows`, normalised
+        units); returns how many. Why: on Gemma 3 270M's early layers a few huge tokens dominate the first batch,
+        and most features' θ end up far above anything they see (median max z/θ 0.24 on layer 0's dead features,
+        bench/RESULTS.md); their aux-trained directions are fine. Each gets θ at the batch's (m+1)-th largest
+        pre-activation, m = n_rows·L0*/width, as at the start, and a fresh optimiser state for θ."""
+        sae = self.sae
         dead = (self.since_fired >= self.train.dead_after).nonzero().squeeze(1)  # (n_dead,)
-        x = w.all_rows(xn, n_rows)  # (n_rows, d_in): the global batch, the same on every rank
-        err = x - sae(x).x_hat  # (n_rows, d_in), training form (pre_bias)
-        seeds = self._diverse_seeds(err, min(len(dead), max(1, int(RESAMPLE_SHARE * n_rows))))
-        n = len(seeds)
-        if n == 0:
+        feats = dead[: max(1, int(REVIVE_SHARE * n_rows))]
+        if len(feats) == 0:
             return 0
-        feats = dead[:n]
-        d = err[seeds] / err[seeds].norm(dim=1, keepdim=True)  # (n, d_in) unit directions
-        alive = torch.ones(self.cfg.width, dtype=torch.bool, device=self.device).index_fill_(0, feats, False)
-        enc_norm = self._w_enc_t[alive].norm(dim=1).mean() if alive.any() else torch.ones(())
-        sae.w_dec[feats] = d
-        self._w_enc_t[feats] = d * (RESAMPLE_ENC * enc_norm)
-        sae.b_enc[feats] = 0.0
-        if sae.uses_threshold:
-            z = (x - sae.b_dec) @ self._w_enc_t[feats].T  # (n_rows, n)
-            m = round(n_rows * self.cfg.l0 / self.cfg.width)
-            sae.threshold[feats] = z.topk(min(m + 1, n_rows), dim=0).values[-1].clamp_min(1e-4)
-        self._reset_optimizer_rows(feats)
+        x = self.world.all_rows(xn, n_rows)  # (n_rows, d_in): the global batch, the same on every rank
+        z = (x - sae.b_dec) @ self._w_enc_t[feats].T + sae.b_enc[feats]  # (n_rows, n)
+        m = round(n_rows * self.cfg.l0 / self.cfg.width)
+        sae.threshold[feats] = z.topk(min(m + 1, n_rows), dim=0).values[-1].clamp_min(1e-4)
+        self._reset_optimizer_rows(feats, [sae.threshold])
         self.since_fired[feats] = 0
         self._n_dead = int((self.since_fired >= self.train.dead_after).sum())
-        return n
+        return len(feats)
 
-    @staticmethod
-    def _diverse_seeds(err: torch.Tensor, n: int) -> torch.Tensor:
-        """Up to n rows of err, worst first, whose directions differ (|cos| ≤ RESAMPLE_MAX_COS with every row already
-        taken): many copies of one direction would fire together and add the missing part many times over."""
-        score = err.pow(2).sum(1)
-        order = score.argsort(descending=True)[: int((score > 0).sum())]
-        unit = err[order] / err[order].norm(dim=1, keepdim=True)
-        cos = (unit @ unit.T).abs().cpu()  # (rows, rows)
-        taken: list[int] = []
-        for i in range(len(order)):
-            if len(taken) == n:
-                break
-            if not taken or float(cos[i, taken].max()) <= RESAMPLE_MAX_COS:
-                taken.append(i)
-        return order[torch.tensor(taken, dtype=torch.long, device=order.device)]
-
-    def _reset_optimizer_rows(self, feats: torch.Tensor) -> None:
-        """Forget the optimiser's history of features `feats` (their rows of w_enc, w_dec, b_enc, θ): momentum 0,
-        Adam's second moment at the mean of the other features' (a zero would make the next steps ~30× lr), and
-        for schedule-free the base iterate z = the new weights (so the running average starts there too)."""
+    def _reset_optimizer_rows(self, feats: torch.Tensor, params: list[torch.Tensor]) -> None:
+        """Forget the optimiser's history of features `feats` in `params` (each with one row per feature): momentum
+        0, Adam's second moment at the mean of the other features' (a 0 would make the next steps ~30× lr), and for
+        schedule-free the base iterate z = the new weights (so that the running average starts there too)."""
         sf = isinstance(self.opt, ScheduleFree)
         base = self.opt.base if sf else self.opt
         pairs = zip(sum(self.opt.params, []), sum(self.opt.z, [])) if sf else ((p, p) for p in self._grad_params)
         keep = torch.ones(self.cfg.width, dtype=torch.bool, device=self.device).index_fill_(0, feats, False)
         for p, q in pairs:
-            if p is self.sae.b_dec:
+            if not any(p is r for r in params):
                 continue
             if sf:
                 q[feats] = p[feats]
