@@ -25,7 +25,10 @@ The recipe (Gemma Scope, adapted so that it also works for a 100k-token CPU run)
   the same warm-up then cosine decay;
 - decoder rows unit-norm with the gradient component parallel to each row removed before the step;
 - dead features (no firing in `dead_tokens`) get an auxiliary-k loss: the top
-  pre-activations among dead features are asked to reconstruct the residual error.
+  pre-activations among dead features are asked to reconstruct the residual error;
+- JumpReLU: every 16 steps until 90% of the tokens, dead features get their threshold back at the
+  batch's (1 − L0*/width) quantile (`revive_dead`): on Gemma 3 270M's layers 0–2 most thresholds
+  otherwise end far above anything their features see (bench/RESULTS.md).
 """
 
 from __future__ import annotations
