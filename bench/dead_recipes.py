@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--l0", type=float, default=32.0)
     ap.add_argument("--variants", default="old,new", help="names from VARIANTS, or JSON {name: {kwargs}}")
     ap.add_argument("--cache", default="/tmp/saescope-dead-cache")
+    ap.add_argument("--save", default="", help="folder to save each variant's SAEs in (VARIANT/resid_post/...)")
     args = ap.parse_args()
     layers = [int(v) for v in args.layers.split(",")]
     variants = json.loads(args.variants) if args.variants.startswith("{") else {
@@ -84,6 +85,8 @@ def main() -> None:
         print("|---:|---:|---:|---:|---:|---:|---:|")
         for t in mt.trainers:
             sae = t.export()
+            if args.save:
+                sae.save(Path(args.save) / name / t.cfg.site / t.cfg.folder_name)
             m = {p: fidelity(sae, evals[p][t.cfg.layer]) for p in PARTS}
             h, o = m["heldout"], m["pydoc"]
             print(f"| {t.cfg.layer} | {h['dead_fraction']:.3f} | {h['l0']:.1f} | {h['fvu']:.4f} | "

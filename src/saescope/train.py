@@ -435,16 +435,17 @@ class SAETrainer:
 
     def _revival_due(self) -> bool:
         t = self.train
-        return (t.revive_dead and self.cfg.architecture == "jump_relu" and self._n_dead > 0 and self.step % REVIVE_EVERY == 0
-                and self.step * t.batch_size < t.revive_until * t.tokens)
+        return (t.revive_dead and self.cfg.architecture == "jump_relu" and self._n_dead > 0
+                and self.step % REVIVE_EVERY == 0 and self.step * t.batch_size < t.revive_until * t.tokens)
 
     @torch.no_grad()
     def revive_dead(self, xn: torch.Tensor, n_rows: int) -> int:
         """Re-initialise dead features' thresholds (xn: this rank's rows of a global batch of `n_rows`, normalised
         units); returns how many. Why: on Gemma 3 270M's early layers a few huge tokens dominate the first batch,
         and most features' θ end up far above anything they see (median max z/θ 0.24 on layer 0's dead features,
-        bench/RESULTS.md); their aux-trained directions are fine. Each gets θ at the batch's (m+1)-th largest
-        pre-activation, m = n_rows·L0*/width, as at the start, and a fresh optimiser state for θ."""
+        bench/RESULTS.md), while their encoder norms and decoder rows look like live ones'. Each gets θ at the
+        batch's (m+1)-th largest pre-activation, m = n_rows·L0*/width, as at the start, and a fresh optimiser state
+        for θ."""
         sae = self.sae
         dead = (self.since_fired >= self.train.dead_after).nonzero().squeeze(1)  # (n_dead,)
         feats = dead[: max(1, int(REVIVE_SHARE * n_rows))]
