@@ -156,6 +156,7 @@ LAYOUT = 3  # checkpoint layout: 2 = Adam state of w_enc kept feature-major (wid
 AUX_ROWS = 64  # tokens per step that feed the auxiliary loss (64 vs 256: same FVU, fewer revived features, 13–15% faster steps)
 AUX_K = 128  # dead features per token asked to explain the error
 REVIVE_EVERY = 16  # steps between revivals of dead features
+REVIVE_AFTER = 1.0  # revive features silent for this share of the dead window (`dead_after`)
 REVIVE_SHARE = 0.5  # at most this many dead features per revival, as a share of the (global) batch's rows
 POLL_EVERY = 16  # on a GPU, steps between host reads of a trainer's state (each read waits for the GPU's queue)
 
@@ -435,7 +436,7 @@ class SAETrainer:
 
     def _revival_due(self) -> bool:
         t = self.train
-        return (t.revive_dead and self.cfg.architecture == "jump_relu" and self._n_dead > 0
+        return (t.revive_dead and self.cfg.architecture == "jump_relu"
                 and self.step % REVIVE_EVERY == 0 and self.step * t.batch_size < t.revive_until * t.tokens)
 
     @torch.no_grad()
@@ -445,10 +446,10 @@ class SAETrainer:
         and most features' θ end up far above anything they see (median max z/θ 0.24 on layer 0's dead features,
         bench/RESULTS.md), while their encoder norms and decoder rows look like live ones'. Each gets θ at the
         batch's (m+1)-th largest pre-activation, m = n_rows·L0*/width, as at the start, and a fresh optimiser state
-        for θ."""
+        for θ. At most REVIVE_SHARE·n_rows per call, the longest silent first."""
         sae = self.sae
-        dead = (self.since_fired >= self.train.dead_after).nonzero().squeeze(1)  # (n_dead,)
-        feats = dead[: max(1, int(REVIVE_SHARE * n_rows))]
+        n_quiet = int((self.since_fired >= REVIVE_AFTER * self.train.dead_after).sum())
+        feats = self.since_fired.topk(min(n_quiet, max(1, int(REVIVE_SHARE * n_rows)))).indices  # longest silent first
         if len(feats) == 0:
             return 0
         x = self.world.all_rows(xn, n_rows)  # (n_rows, d_in): the global batch, the same on every rank
