@@ -216,3 +216,77 @@ def test_schedule_free_follows_its_definition():
 def test_unknown_optimizer_is_refused():
     with pytest.raises(SaescopeError, match="unknown optimizer"):
         TrainConfig(optimizer="sgd")
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sf-adam", "signum"])
+def test_reinitialising_dead_features_keeps_the_optimizer_state_consistent(optimizer):
+    """Reviving dead features re-initialises their thresholds, and the optimiser forgets those thresholds' history:
+    momentum 0, Adam's second moment at the other features' mean (a stale or zero one would make the next steps far
+    from lr), schedule-free's base iterate and average at the new value. Everything else is untouched."""
+    x, _ = _synthetic(2_560)
+    tc = TrainConfig(tokens=100_000, batch_size=256, optimizer=optimizer, revive_dead=False)
+    t = SAETrainer(_cfg("jump_relu", width=64, l0=4.0), tc)
+    for i in range(8):  # a history in every optimiser state
+        t.step_on(x[i * 256:(i + 1) * 256])
+    feats = torch.tensor([3, 17, 40])
+    t.since_fired[feats] = tc.dead_after
+    keep = torch.ones(64, dtype=torch.bool).index_fill_(0, feats, False)
+    sf = optimizer == "sf-adam"
+    base = t.opt.base if sf else t.opt
+    before = {n: p.detach().clone() for n, p in t.sae.named_parameters()}
+    state_before = {id(q): {k: v.clone() for k, v in base.state[q].items()} for q in base.state}
+
+    xn = x[2048:2304] / t.scale
+    assert t.revive_dead(xn, 256) == 3
+    assert t._n_dead == 0 and (t.since_fired[feats] == 0).all()
+    sae = t.sae
+    for n, p in sae.named_parameters():
+        if n != "threshold":
+            assert torch.equal(p, before[n]), n
+    assert torch.equal(sae.threshold[keep], before["threshold"][keep])
+    z = (xn - sae.b_dec) @ sae.w_enc + sae.b_enc
+    fires = (z[:, feats] > sae.threshold[feats]).sum(0)
+    assert ((fires - 16).abs() <= 1).all(), fires  # θ at the batch's (1 − L0*/width) quantile: 256·4/64 rows
+
+    pairs = zip(sum(t.opt.params, []), sum(t.opt.z, [])) if sf else ((p, p) for p in t._grad_params)
+    for p, q in pairs:
+        old_state = state_before.get(id(q), {})
+        if p is not sae.threshold:
+            assert all(torch.equal(v, old_state[k]) for k, v in base.state.get(q, {}).items()), p.shape
+            continue
+        if sf:
+            assert torch.equal(q[feats], p[feats]) and torch.equal(t.opt.averaged(p)[feats], p[feats])
+        for name, v in base.state[q].items():
+            if not torch.is_tensor(v) or v.shape != q.shape:
+                continue
+            old = old_state[name]
+            assert torch.equal(v[keep], old[keep]), name
+            expect = old[keep].mean() if name == "exp_avg_sq" else torch.zeros(())
+            torch.testing.assert_close(v[feats], expect.expand(3), msg=lambda m, n=name: f"{n}: {m}")
+    theta = sae.threshold.detach()[feats].clone()
+    t.step_on(x[2304:2560])  # the next step moves the new thresholds by about lr, like any other
+    assert 0 < (sae.threshold.detach()[feats] - theta).abs().max() < 20 * t.lr_now()
+
+
+def test_reviving_dead_features_leaves_fewer_dead_on_outlier_heavy_tokens():
+    """Planted: 1,000 token vectors of Zipf frequency, 2% of them (among them the most frequent) ten times longer
+    along one shared direction, as in Gemma's early residual streams (there one principal component holds 96% of
+    layer 0's centred variance). Most features' thresholds end above anything they see and they never fire;
+    reviving them (θ back at the batch quantile) leaves fewer dead at about the same FVU and L0 (measured: dead
+    0.38 → 0.09 on the held-out tokens, FVU 0.068 → 0.066, L0 4.0)."""
+    from saescope.evaluate import fidelity
+
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(1000, 32, generator=g)
+    out = torch.nn.functional.normalize(torch.randn(32, generator=g), dim=0)
+    emb[::50] += 10.0 * out * emb[::50].norm(dim=1, keepdim=True)
+    p = 1.0 / torch.arange(1, 1001).float()
+    x = emb[torch.multinomial(p / p.sum(), 44_000, replacement=True, generator=g)] + 20.0
+    got = {}
+    for revive in (False, True):
+        mt = MultiTrainer([_cfg("jump_relu", width=256, l0=4.0)], TrainConfig(tokens=40_000, revive_dead=revive))
+        mt.fit(_chunks(x[:40_000], 2048), progress=False)
+        got[revive] = fidelity(mt.trainers[0].export(), x[40_000:])
+    old, new = got[False], got[True]
+    assert new["dead_fraction"] < 0.6 * old["dead_fraction"], (old, new)
+    assert new["fvu"] < 1.2 * old["fvu"] and new["l0"] == pytest.approx(4.0, rel=0.2), (old, new)

@@ -119,6 +119,16 @@ class World:
         every = self._all_gather(padded)
         return every.topk(k, dim=0).values[-1]
 
+    def all_rows(self, t: torch.Tensor, n_rows: int) -> torch.Tensor:
+        """The global batch of `n_rows` rows, of which this rank holds `t`, in rank order (the same everywhere)."""
+        if self.trivial:
+            return t
+        counts = self.gather_ints(t.shape[0])
+        padded = t.new_zeros((max(counts), *t.shape[1:]))
+        padded[: t.shape[0]] = t
+        every = self._all_gather(padded).view(self.size, max(counts), *t.shape[1:])
+        return torch.cat([every[r, :c] for r, c in enumerate(counts)])
+
     def top_values(self, flat: torch.Tensor, k: int):
         """The entries of `flat` that are among the global batch's k largest: (values, indices) like topk."""
         local = flat.topk(min(flat.numel(), k), sorted=False)

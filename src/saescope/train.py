@@ -25,7 +25,10 @@ The recipe (Gemma Scope, adapted so that it also works for a 100k-token CPU run)
   the same warm-up then cosine decay;
 - decoder rows unit-norm with the gradient component parallel to each row removed before the step;
 - dead features (no firing in `dead_tokens`) get an auxiliary-k loss: the top
-  pre-activations among dead features are asked to reconstruct the residual error.
+  pre-activations among dead features are asked to reconstruct the residual error;
+- JumpReLU: every 16 steps until 90% of the tokens, dead features get their threshold back at the
+  batch's (1 − L0*/width) quantile (`revive_dead`): on Gemma 3 270M's layers 0–2 most thresholds
+  otherwise end far above anything their features see (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -91,6 +94,12 @@ class TrainConfig:
     """Weight of the auxiliary-k loss on dead features (0 disables it)."""
     dead_tokens: int = 0
     """A feature is dead after this many tokens without firing; 0 = auto (tokens/5, at most 10M)."""
+    revive_dead: bool = True
+    """Every REVIVE_EVERY steps until `revive_until` of the tokens, give dead features their threshold back at the
+    batch's (1 − L0*/width) quantile of their own pre-activations, as at the start (their encoder and decoder, which
+    the auxiliary loss keeps training, stay). Without it most of layers 0–2's features of Gemma 3 270M never fire."""
+    revive_until: float = 0.9
+    """Fraction of the tokens after which dead features are no longer revived."""
     seed: int = 0
     checkpoint_every: int = 200
     """Steps between checkpoints."""
@@ -101,7 +110,7 @@ class TrainConfig:
         if not (math.isfinite(self.lr) and self.lr >= 0):
             raise SaescopeError(f"--lr must be a positive number (or 0 for the automatic lr), got {self.lr}")
         for name in ("lr_end", "bias_lr", "threshold_lr", "momentum", "eps", "lambda_init", "lambda_rate",
-                     "aux_coef", *(f"betas[{i}]" for i in range(len(self.betas)))):
+                     "aux_coef", "revive_until", *(f"betas[{i}]" for i in range(len(self.betas)))):
             v = self.betas[int(name[6])] if name.startswith("betas") else getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise SaescopeError(f"training setting {name} must be a finite number ≥ 0, got {v}")
@@ -154,6 +163,9 @@ OPTIMIZERS = ("auto", "adam", "sf-adam", "signum", "sf-signum")
 LAYOUT = 3  # checkpoint layout: 2 = Adam state of w_enc kept feature-major (width, d_in); 3 = parameter groups
 AUX_ROWS = 64  # tokens per step that feed the auxiliary loss (64 vs 256: same FVU, fewer revived features, 13–15% faster steps)
 AUX_K = 128  # dead features per token asked to explain the error
+REVIVE_EVERY = 16  # steps between revivals of dead features
+REVIVE_AFTER = 1.0  # revive features silent for this share of the dead window (`dead_after`)
+REVIVE_SHARE = 0.5  # at most this many dead features per revival, as a share of the (global) batch's rows
 POLL_EVERY = 16  # on a GPU, steps between host reads of a trainer's state (each read waits for the GPU's queue)
 
 
@@ -423,7 +435,58 @@ class SAETrainer:
         xn = x / self.scale  # (batch, d_in), E‖xn‖² ≈ 1
         lam = self._log_lambda.exp().float()
         fwd = self._forward_dense(xn, lam, rows) if self.dense else self._forward_sparse(xn, lam, rows)
-        return self._learn(xn, fwd, rows[1])
+        stats = self._learn(xn, fwd, rows[1])
+        if self._revival_due():
+            self.revive_dead(xn, rows[1])
+        return stats
+
+    # ------------------------------------------------------------------ dead features
+
+    def _revival_due(self) -> bool:
+        t = self.train
+        return (t.revive_dead and self.cfg.architecture == "jump_relu"
+                and self.step % REVIVE_EVERY == 0 and self.step * t.batch_size < t.revive_until * t.tokens)
+
+    @torch.no_grad()
+    def revive_dead(self, xn: torch.Tensor, n_rows: int) -> int:
+        """Re-initialise dead features' thresholds (xn: this rank's rows of a global batch of `n_rows`, normalised
+        units); returns how many. Why: on Gemma 3 270M's early layers a few huge tokens dominate the first batch,
+        and most features' θ end up far above anything they see (median max z/θ 0.24 on layer 0's dead features,
+        bench/RESULTS.md), while their encoder norms and decoder rows look like live ones'. Each gets θ at the
+        batch's (m+1)-th largest pre-activation, m = n_rows·L0*/width, as at the start, and a fresh optimiser state
+        for θ. At most REVIVE_SHARE·n_rows per call, the longest silent first."""
+        sae = self.sae
+        n_quiet = int((self.since_fired >= REVIVE_AFTER * self.train.dead_after).sum())
+        feats = self.since_fired.topk(min(n_quiet, max(1, int(REVIVE_SHARE * n_rows)))).indices  # longest silent first
+        if len(feats) == 0:
+            return 0
+        x = self.world.all_rows(xn, n_rows)  # (n_rows, d_in): the global batch, the same on every rank
+        z = (x - sae.b_dec) @ self._w_enc_t[feats].T + sae.b_enc[feats]  # (n_rows, n)
+        m = round(n_rows * self.cfg.l0 / self.cfg.width)
+        sae.threshold[feats] = z.topk(min(m + 1, n_rows), dim=0).values[-1].clamp_min(1e-4)
+        self._reset_optimizer_rows(feats, [sae.threshold])
+        self.since_fired[feats] = 0
+        self._n_dead = int((self.since_fired >= self.train.dead_after).sum())
+        return len(feats)
+
+    def _reset_optimizer_rows(self, feats: torch.Tensor, params: list[torch.Tensor]) -> None:
+        """Forget the optimiser's history of features `feats` in `params` (each with one row per feature): momentum
+        0, Adam's second moment at the mean of the other features' (a 0 would make the next steps ~30× lr), and for
+        schedule-free the base iterate z = the new weights (so that the running average starts there too)."""
+        sf = isinstance(self.opt, ScheduleFree)
+        base = self.opt.base if sf else self.opt
+        pairs = zip(sum(self.opt.params, []), sum(self.opt.z, [])) if sf else ((p, p) for p in self._grad_params)
+        keep = torch.ones(self.cfg.width, dtype=torch.bool, device=self.device).index_fill_(0, feats, False)
+        for p, q in pairs:
+            if not any(p is r for r in params):
+                continue
+            if sf:
+                q[feats] = p[feats]
+            for name, v in base.state.get(q, {}).items():
+                if not torch.is_tensor(v) or v.shape != q.shape:
+                    continue
+                fill = v[keep].mean(0) if name == "exp_avg_sq" and keep.any() else 0.0
+                v[feats] = fill
 
     def _mark_fired(self, fired: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, int]:
         """Count tokens since each feature last fired; (dead mask, dead count as last read on the host)."""
