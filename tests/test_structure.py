@@ -15,15 +15,14 @@ ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src" / "saescope"
 MAX_FUNCTION_LINES = 60
 
-# Modules the type checker skipped in session 9 (pyproject.toml, `ignore_errors`): other helpers were editing them.
-UNCHECKED_TODAY = {"train", "sae"}
+# Modules the type checker may skip (pyproject.toml, `ignore_errors`): none since session 9 — keep it so.
+UNCHECKED_TODAY: set[str] = set()
 
 # Import cycles in session 9 (imports inside functions count too), in files other helpers were editing then.
 IMPORT_CYCLES_TODAY: list[set[str]] = []
 
 # Functions over the limit in session 9, in files other helpers were editing then: name -> lines then.
 LONG_FUNCTIONS_TODAY = {
-    "train.py:_forward_sparse": 75,
 }
 
 

@@ -26,7 +26,7 @@ import math
 import numbers
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -86,7 +86,7 @@ class SAEConfig:
         if missing:
             raise SaescopeError(f"SAE config has no {' or '.join(missing)}: give the SAE's input width (d_in) "
                                 "and number of features (width)")
-        ours = {k: ("" if v is None and k in TEXT_FIELDS else v) for k, v in d.items() if k in names}
+        ours: dict[str, Any] = {k: ("" if v is None and k in TEXT_FIELDS else v) for k, v in d.items() if k in names}
         return cls(**ours, extra={k: v for k, v in d.items() if k not in names})
 
 

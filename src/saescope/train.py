@@ -36,10 +36,10 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -268,7 +268,7 @@ class _Forward(NamedTuple):
     recon: torch.Tensor  # mean squared reconstruction error (normalised units)
     n_active: torch.Tensor  # how many codes of the batch are > 0 (L0 × batch)
     n_dead: int
-    along: object  # () -> (width,): each decoder row's gradient along itself, after backward
+    along: Callable[[], torch.Tensor]  # () -> (width,): each decoder row's gradient along itself, after backward
 
 
 class StepStats(NamedTuple):
@@ -298,6 +298,12 @@ def _keep_freed_memory() -> None:
     libc.mallopt(m_trim_threshold, 1 << 30)
 
 
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    """A parameter's gradient after backward (every SAE parameter gets one in a step)."""
+    assert p.grad is not None
+    return p.grad
+
+
 @dataclass
 class SAETrainer:
     """One SAE in training: the module (training form), its optimiser and controller state."""
@@ -307,20 +313,20 @@ class SAETrainer:
     device: torch.device = torch.device("cpu")
     dense: bool | None = None
     """The step's kernels: sparse (kernels.py; the CPU's) or dense matrix products (a GPU's); None = by device."""
-    sae: SAE = None
-    opt: torch.optim.Optimizer = None
+    sae: SAE = field(init=False)
+    opt: torch.optim.Optimizer | ScheduleFree = field(init=False)
     scale: float = 0.0
     base_lr: float = 0.0  # peak learning rate
     step: int = 0
-    since_fired: torch.Tensor = None  # (width,) tokens since each feature last fired
+    since_fired: torch.Tensor = field(init=False)  # (width,) tokens since each feature last fired
     failed: str = ""
     scratch: dict = field(default_factory=dict)  # reusable buffers, see _scratch_z
     # Running values kept as float64 tensors on the device, read on the host only when asked (`poll`, the
     # properties below): a host read waits for the GPU's queue to drain.
-    _log_lambda: torch.Tensor = None  # log of the sparsity coefficient λ (L0 controller)
-    _batch_threshold: torch.Tensor = None  # batchtopk: running min selected activation
-    _ema: dict = None  # "fvu", "l0": exponential moving averages of the training batches' values
-    _bad: torch.Tensor = None  # a loss was NaN/Inf since the last poll
+    _log_lambda: torch.Tensor = field(init=False)  # log of the sparsity coefficient λ (L0 controller)
+    _batch_threshold: torch.Tensor = field(init=False)  # batchtopk: running min selected activation
+    _ema: dict = field(init=False)  # "fvu", "l0": exponential moving averages of the training batches' values
+    _bad: torch.Tensor = field(init=False)  # a loss was NaN/Inf since the last poll
     _n_dead: int = 0  # dead features at the last poll (every step on the CPU)
     world: World = SINGLE  # data parallel: the ranks that train this same SAE on their own rows
 
@@ -335,7 +341,7 @@ class SAETrainer:
         # and Adam steps its contiguous (width, d_in) view — no transposing copy of a 2.6M-entry matrix per step
         self.sae.w_enc = torch.nn.Parameter(self.sae.w_enc.detach().T.contiguous().T)
         self._w_enc_t = self.sae.w_enc.detach().T  # shares storage with w_enc
-        f64 = {"dtype": torch.float64, "device": self.device}
+        f64: dict[str, Any] = {"dtype": torch.float64, "device": self.device}
         self._log_lambda = torch.tensor(math.log(self.train.lambda_init), **f64)
         self._batch_threshold = torch.zeros((), **f64)
         self._ema = {"fvu": torch.tensor(math.nan, **f64), "l0": torch.tensor(math.nan, **f64)}
@@ -345,7 +351,7 @@ class SAETrainer:
         self._grad_params = params  # what the optimiser steps (data parallel: the gradients to all-reduce)
         opt = self.train.optimizer_for(self.cfg.architecture)
         lr = self.base_lr = self.train.lr_for(self.cfg.width, opt)
-        groups = [{"params": [p for p in params if p.dim() == 2]},
+        groups: list[dict] = [{"params": [p for p in params if p.dim() == 2]},
                   {"params": [self.sae.b_enc, self.sae.b_dec], "lr_scale": self.train.bias_lr_for(opt)},
                   {"params": [self.sae.threshold], "lr_scale": self.train.threshold_lr}]
         if opt.endswith("signum"):
@@ -353,7 +359,8 @@ class SAETrainer:
                 return Signum(gs, lr=lr, momentum=0.0 if opt.startswith("sf-") else self.train.momentum)
         else:
             def make(gs):
-                betas = (0.0, self.train.betas[1]) if opt.startswith("sf-") else tuple(self.train.betas)
+                b1, b2 = self.train.betas
+                betas = (0.0, b2) if opt.startswith("sf-") else (b1, b2)
                 return torch.optim.Adam(gs, lr=lr, betas=betas, eps=1e-8, fused=True)
         self.opt = ScheduleFree(groups, make, self.train.momentum) if opt.startswith("sf-") else make(groups)
 
@@ -473,14 +480,14 @@ class SAETrainer:
         """Forget the optimiser's history of features `feats` in `params` (each with one row per feature): momentum
         0, Adam's second moment at the mean of the other features' (a 0 would make the next steps ~30× lr), and for
         schedule-free the base iterate z = the new weights (so that the running average starts there too)."""
-        sf = isinstance(self.opt, ScheduleFree)
-        base = self.opt.base if sf else self.opt
-        pairs = zip(sum(self.opt.params, []), sum(self.opt.z, [])) if sf else ((p, p) for p in self._grad_params)
+        sfo = self.opt if isinstance(self.opt, ScheduleFree) else None
+        base: torch.optim.Optimizer = sfo.base if sfo is not None else cast(torch.optim.Optimizer, self.opt)
+        pairs = zip(sum(sfo.params, []), sum(sfo.z, [])) if sfo is not None else ((p, p) for p in self._grad_params)
         keep = torch.ones(self.cfg.width, dtype=torch.bool, device=self.device).index_fill_(0, feats, False)
         for p, q in pairs:
             if not any(p is r for r in params):
                 continue
-            if sf:
+            if sfo is not None:
                 q[feats] = p[feats]
             for name, v in base.state.get(q, {}).items():
                 if not torch.is_tensor(v) or v.shape != q.shape:
@@ -520,27 +527,7 @@ class SAETrainer:
         z = self._scratch_z(xn)
         with torch.no_grad():  # (batch, width): the one dense product (without b_enc, it is a pass cheaper)
             torch.addmm(b_enc, x_in, sae.w_enc, out=z) if biased else torch.mm(x_in, sae.w_enc, out=z)
-        below = None  # jump_relu: pairs in the STE window just below θ
-        if arch == "topk":
-            act = Active.from_topk(z.topk(self.cfg.k, dim=1, sorted=False).indices)
-        elif arch == "batchtopk":
-            flat = z.relu().flatten()
-            top = self.world.top_values(flat, self.cfg.k * rows[1])  # [dist] the global batch's top k·n
-            mask = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, top.indices, True).view_as(z) & (z > 0)
-            act = Active.from_mask(mask)
-            self._track_batch_threshold(top.values)
-        elif arch == "jump_relu":  # active features, and those within the STE window below θ apart
-            theta = sae.threshold.detach()
-            near = Active.from_mask(z > theta - b_enc - eps / 2)
-            z_near = near.read(z) + b_enc.index_select(0, near.cols)
-            on = z_near > theta.index_select(0, near.cols)
-            i_on, i_below = on.nonzero().squeeze(1), on.logical_not().nonzero().squeeze(1)
-            act, below = near.take(i_on), near.take(i_below)
-            z_sel, z_below = z_near.index_select(0, i_on), z_near.index_select(0, i_below)
-        else:  # relu
-            act = Active.from_mask(z > -b_enc)
-        if arch != "jump_relu":
-            z_sel = act.read(z) if biased else act.read(z) + b_enc.index_select(0, act.cols)
+        act, z_sel, below, z_below = self._sparse_pairs(z, b_enc, biased, rows)
         B, n_act = xn.shape[0], act.cols.numel()
         fired = torch.zeros(self.cfg.width, dtype=torch.bool, device=self.device)
         fired[act.cols[z_sel > 0]] = True  # where the code f(z) > 0
@@ -559,7 +546,7 @@ class SAETrainer:
         z_sel, aux_z = z_all[:n_act], z_all[n_act:].relu()
         if aux_rows:  # × 1 where the pick is dead; 0 for a feature that fired since `n_dead` was read
             aux_z = aux_z * dead.index_select(0, aux.cols)
-        if arch == "jump_relu":
+        if below is not None and z_below is not None:  # jump_relu
             theta_sel, theta_below = sae.threshold.gather(0, act.cols), sae.threshold.gather(0, below.cols)
             f = JumpReLUFn.apply(z_sel, theta_sel, eps)
             # below θ the code is 0 and z gets no gradient, but θ gets the STE gradients of both functions
@@ -570,7 +557,7 @@ class SAETrainer:
             f = z_sel.relu()
             sparsity = lam * f.sum() / B if arch == "relu" else z_sel.new_zeros(())
         codes = torch.cat([f, aux_z]) if aux_rows else f.view(-1)  # a node of its own, used only by the decoder
-        g_codes = []  # ∂recon/∂code at each pair, which gives each decoder row's gradient along itself (below)
+        g_codes: list[torch.Tensor] = []  # ∂recon/∂code per pair: each decoder row's gradient along itself
         codes.register_hook(g_codes.append)
         decoded = sparse_decode(codes, pairs, sae.w_dec)  # (B + aux_rows, d_in)
         x_hat = decoded[:B] + sae.b_dec
@@ -586,6 +573,31 @@ class SAETrainer:
             return g_codes[0].new_zeros(self.cfg.width).index_add_(0, pairs.cols, codes.detach() * g_codes[0])
 
         return _Forward(loss, recon, (f.detach() > 0).sum(), n_dead, along)
+
+    def _sparse_pairs(self, z: torch.Tensor, b_enc: torch.Tensor, biased: bool, rows: tuple[int, int]):
+        """The active (token, feature) pairs of no-grad pre-activations z and their pre-activations; for jump_relu
+        also the pairs in the STE window just below θ and theirs (else None, None)."""
+        arch, eps = self.cfg.architecture, self.train.eps
+        if arch == "jump_relu":  # active features, and those within the STE window below θ apart
+            theta = self.sae.threshold.detach()
+            near = Active.from_mask(z > theta - b_enc - eps / 2)
+            z_near = near.read(z) + b_enc.index_select(0, near.cols)
+            on = z_near > theta.index_select(0, near.cols)
+            i_on, i_below = on.nonzero().squeeze(1), on.logical_not().nonzero().squeeze(1)
+            return (near.take(i_on), z_near.index_select(0, i_on), near.take(i_below),
+                    z_near.index_select(0, i_below))
+        if arch == "topk":
+            act = Active.from_topk(z.topk(self.cfg.k, dim=1, sorted=False).indices)
+        elif arch == "batchtopk":
+            flat = z.relu().flatten()
+            top = self.world.top_values(flat, self.cfg.k * rows[1])  # [dist] the global batch's top k·n
+            mask = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, top.indices, True).view_as(z) & (z > 0)
+            act = Active.from_mask(mask)
+            self._track_batch_threshold(top.values)
+        else:  # relu
+            act = Active.from_mask(z > -b_enc)
+        z_sel = act.read(z) if biased else act.read(z) + b_enc.index_select(0, act.cols)
+        return act, z_sel, None, None
 
     def _forward_dense(self, xn: torch.Tensor, lam: torch.Tensor, rows: tuple[int, int]) -> _Forward:
         """The same loss with dense (batch, width) tensors and no host reads: a GPU's path, where the matrix
@@ -630,7 +642,7 @@ class SAETrainer:
             loss = loss + self.train.aux_coef * aux
 
         def along() -> torch.Tensor:  # <∂/∂w_c, w_c> straight from the dense gradient
-            return (sae.w_dec.grad * sae.w_dec.detach()).sum(1)
+            return (_grad(sae.w_dec) * sae.w_dec.detach()).sum(1)
 
         return _Forward(loss, recon, per_feature.sum(), n_dead, along)
 
@@ -654,14 +666,14 @@ class SAETrainer:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         with torch.no_grad():  # no gradient along each unit-norm decoder row
-            sae.w_dec.grad.addcmul_(fwd.along()[:, None], sae.w_dec, value=-1.0)
-        self._w_enc_t.grad, sae.w_enc.grad = sae.w_enc.grad.T, None  # hand it to Adam (which zeroes only its own)
+            _grad(sae.w_dec).addcmul_(fwd.along()[:, None], sae.w_dec, value=-1.0)
+        self._w_enc_t.grad, sae.w_enc.grad = _grad(sae.w_enc).T, None  # hand it to Adam (which zeroes only its own)
         self.world.reduce_grads(self._grad_params, B / n_rows)  # [dist] the global batch's gradients
         for group in self.opt.param_groups:
             group["lr"] = self.lr_now() * group.get("lr_scale", 1.0)
         self.opt.step()
         with torch.no_grad():
-            sae.w_dec /= sae.w_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+            sae.w_dec.div_(sae.w_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
             sae.threshold.clamp_(min=1e-6)
 
         l0 = fwd.n_active.double() / B
@@ -685,7 +697,7 @@ class SAETrainer:
         sums = self.world.sum_floats(float(n_active), float(recon) * B,
                                      float(xn.pow(2).sum()), *xn.sum(0).tolist())
         mean_sq = sum(v * v for v in sums[3:]) / n_rows / n_rows  # ‖mean‖²
-        f64 = {"dtype": torch.float64, "device": self.device}
+        f64: dict[str, Any] = {"dtype": torch.float64, "device": self.device}
         total_var = torch.tensor(max(sums[2] / n_rows - mean_sq, 0.0), **f64)
         return torch.tensor(sums[0] / n_rows, **f64), torch.tensor(sums[1] / n_rows, **f64), total_var
 
@@ -720,7 +732,7 @@ class SAETrainer:
                                 "delete the run's checkpoints folder to start training over")
         self.sae.load_state_dict(d["sae"])
         self.opt.load_state_dict(d["opt"])
-        f64 = {"dtype": torch.float64, "device": self.device}
+        f64: dict[str, Any] = {"dtype": torch.float64, "device": self.device}
         self.scale, self.step, self.failed = d["scale"], d["step"], d["failed"]
         self._log_lambda = torch.tensor(d["log_lambda"], **f64)
         self.since_fired = d["since_fired"].to(self.device)
@@ -797,6 +809,7 @@ class MultiTrainer:
                                 f"{theirs['mode']} mode, not {w.size} in {w.mode} mode: launch it as before, or "
                                 "delete the run's checkpoints folder to start over")
         if w.mode == "layers":
+            assert self.checkpoint_dir is not None
             state = {**state, **self._load(self.checkpoint_dir / f"rank{w.rank}.step{state['steps_done']}.pt")}
         keys = [t.key for t in self.trainers]
         if state.get("keys") != keys:
@@ -811,7 +824,7 @@ class MultiTrainer:
         if self.checkpoint_dir is None:
             return
         w = self.world
-        common = {"tokens_done": self.tokens_done, "contexts_done": self.contexts_done, "steps_done": self.steps_done}
+        common: dict[str, Any] = {"tokens_done": self.tokens_done, "contexts_done": self.contexts_done, "steps_done": self.steps_done}
         if not w.trivial:
             common.update(world=w.describe, positions=w.gather_ints(self.contexts_done))
         mine = {"keys": [t.key for t in self.trainers], "trainers": [t.state_dict() for t in self.trainers]}
@@ -832,6 +845,7 @@ class MultiTrainer:
     def _save(self, name: str, state: dict) -> None:
         from .fsio import atomic_path
 
+        assert self.checkpoint_dir is not None
         with atomic_path(self.checkpoint_dir / name) as tmp:
             torch.save(state, tmp)
 
@@ -929,7 +943,7 @@ class MultiTrainer:
     def save(self, saes_dir: Path) -> list[Path]:
         """Save every SAE that trained without failing, in the Gemma Scope 2 layout (data parallel: rank 0 alone,
         as every rank holds the same SAEs; layers: each rank its own)."""
-        out = []
+        out: list[Path] = []
         if self.world.mode == "data" and self.world.rank != 0:
             return out
         for t in self.trainers:
