@@ -48,7 +48,7 @@ from .embed import (  # noqa: F401  (search.encode and the rest: the names its c
 from .errors import SaescopeError
 from .featuredb import FeatureDB
 from .fsio import atomic_path
-from .runs import Run
+from .runs import Run, as_run
 
 EMBEDDINGS_FILE = "label_embeddings.npz"
 MIN_SIMILARITY = 0.2  # semantic hits below this cosine similarity are noise
@@ -100,7 +100,7 @@ def search(run: Run | str | Path, query: str, limit: int = 20, mode: Mode = "con
         raise SaescopeError("empty search query: type a word to search the labels for")
     if int(limit) < 1:
         raise SaescopeError(f"limit must be at least 1, got {limit}")
-    run = run if isinstance(run, Run) else Run.open(run)
+    run = as_run(run)
     if not run.db_path.exists():
         raise SaescopeError(f"run {run.root} has no feature database yet: run the analysis and label features first")
     with run.reader_db() as db:
@@ -293,7 +293,7 @@ def index_labels(run: Run | str | Path) -> int:
     labelling, so the first search is fast); return how many labels the cache holds."""
     from .conceptindex import concept_index
 
-    run = run if isinstance(run, Run) else Run.open(run)
+    run = as_run(run)
     with run.reader_db() as db:
         labels = db.current_labels()
         concept_index(run, db)

@@ -20,19 +20,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ..errors import SaescopeError
 from ..featuredb import FeatureDB
-from ..runs import Run
+from ..runs import Run, as_run  # noqa: F401  (as_run: the labellers' import of runs.as_run)
 from ..tokens import _BYTE_PIECE, one_line, texts, token_text, visible
 from ..tokens import token_text as display_token  # noqa: F401  (labellers import it from here)
 
 MARK_OPEN, MARK_CLOSE = "<<", ">>"
 
-
-def as_run(run: Run | str | Path) -> Run:
-    return run if isinstance(run, Run) else Run.open(run)
 
 
 class TokenTable:
