@@ -17,6 +17,7 @@ from typing import cast
 import torch
 
 from . import conceptsteer
+from .analyze import logit_effects
 from .errors import SaescopeError
 from .fsio import atomic_path
 from .harvest import capture
@@ -212,27 +213,18 @@ def _forward_measure(lm: LoadedModel, prompt_ids: torch.Tensor, new_ids: torch.T
 def promoted_token_ids(lm: LoadedModel, sae: SAE, idx: int, db_tokens: list | None = None,
                        k: int = TOP_TOKENS) -> list[int]:
     """The feature's top promoted tokens: `logits_pos` from the feature DB when its tokens map to ids,
-    else the top-k of the direct logit effect of w_dec[idx] through the final norm and unembedding."""
+    else the top-k of its direct logit effect (`analyze.logit_effects`, as the atlas computes it)."""
     if db_tokens:
         tok = lm.tokenizer
         found = [tok.convert_tokens_to_ids(str(t[0])) for t in db_tokens[:k] if t]
         ids = [i for i in found if isinstance(i, int) and i != tok.unk_token_id]
         if len(ids) * 2 >= min(k, len(db_tokens)):
             return ids
-    d = sae.w_dec[idx].detach().float().to(lm.device)
-    site = lm.site(sae.cfg.site, sae.cfg.layer)
-    with torch.no_grad():
-        if d.numel() != lm.d_model:
-            if site.io != "input":
-                return []
-            d = site.module(d[None].to(lm.dtype)) - site.module(torch.zeros_like(d[None], dtype=lm.dtype))
-            d = d[0].float()
-            if d.numel() != lm.d_model:
-                return []
-        both = torch.stack([d, torch.zeros_like(d)]).to(lm.dtype)  # subtract what a zero vector gets (biases)
-        logits = lm.logits_from_resid(both).float()
-        effect = logits[0] - logits[1]
-    return effect.topk(min(k, effect.numel())).indices.tolist()
+    try:  # the one computation of a feature's logit effects (analyze.py), for one feature
+        effects = logit_effects(lm, sae, n=k, features=torch.tensor([idx]))
+    except SaescopeError:  # a decoder that does not write the residual stream: no promoted tokens
+        return []
+    return effects["pos_ids"][0].tolist()
 
 
 def _promoted_strings(lm: LoadedModel, ids: list[int]) -> list[str]:
