@@ -131,3 +131,32 @@ def test_type_checker_skips_no_new_module():
                for m in ([o["module"]] if isinstance(o["module"], str) else o["module"])}
     assert skipped <= UNCHECKED_TODAY, f"modules newly skipped by the type checker: {skipped - UNCHECKED_TODAY}"
     assert all(not m.endswith("*") for m in skipped)  # one module per entry, never a whole package
+
+
+# The pipeline's stages, lowest first (DESIGN.md §2, README "The pipeline"): a module may import its own stage or
+# lower ones, never a higher one. Every module must be placed here.
+STAGES = [
+    {"errors", "fsio", "version", "tokens", "workers", "devices", "distributed", "kernels", "embed",
+     "formats.hooks", "formats.safe"},                                     # foundations
+    {"models", "corpus", "store", "featuredb"},                            # model, text, caches, the atlas store
+    {"sae", "formats", "formats.common", "formats.gemmascope", "formats.saelens", "formats.sparsify",
+     "formats.neuronpedia"},                                               # the SAE and its file formats
+    {"runs"},                                                              # a run folder
+    {"harvest"},
+    {"train"},
+    {"evaluate"},
+    {"analyze"},
+    {"label", "label.evidence", "label.rules", "label.vectors", "label.concepts", "label.detection",
+     "label.scoring", "label.offline", "label.llm", "label.manual", "conceptindex"},
+    {"search"},
+    {"splice", "conceptsteer", "steer"},
+    {"", "__main__", "scope", "interop", "pipeline", "cli", "server", "server.app"},  # the entry points
+]
+
+
+def test_imports_run_down_the_pipeline():
+    graph = saescope_imports()
+    rank = {m: i for i, stage in enumerate(STAGES) for m in stage}
+    assert set(graph) <= set(rank), f"place these modules in STAGES: {sorted(set(graph) - set(rank))}"
+    upward = sorted(f"{m} → {d}" for m, deps in graph.items() for d in deps if rank[d] > rank[m])
+    assert not upward, f"imports from a lower stage to a higher one: {upward}"
