@@ -135,7 +135,7 @@ def sparse_decode(vals: torch.Tensor, act: Active, w_dec: torch.Tensor) -> torch
 #
 # On a GPU the step runs on dense (batch, width) tensors: the matrix products are cheap there, and what costs is
 # every elementwise pass over those tensors (64 MB each at 4,096 × 4,096 fp32; 256 MB at width 16,384). Autograd
-# through `z * (z > θ)` and friends makes ~30 such passes per step. The two functions below do the encoder with
+# through `z * (z > θ)` and friends makes ~30 such passes per step. The functions below do the encoder with
 # ~9: the pre-activation's backward skips the (batch × d_in) input gradient (only b_dec needs it, as a sum), and each
 # gate is one pure elementwise function, fused by torch.compile into one pass forward and one backward on a GPU
 # (`_fuse`; eager elsewhere, with the same arithmetic).
