@@ -226,7 +226,7 @@ class Scope:
         site = self.model.site(model.cfg.site, model.cfg.layer)
         x = activations(self.model, ids, [site])[site.key][0]  # (T, d_in)
         with torch.no_grad():
-            f = model.encode(x.float().to(model.w_enc.device))[:, idx].cpu()  # (T,)
+            f = model.feature_code(x.float().to(model.w_enc.device), idx).cpu()  # (T,): this code only
         acts = [round(float(a), 4) if k else 0.0 for a, k in zip(f.tolist(), keep.tolist())]
         db = self._db_if_any()
         row = db.feature_stats(info["id"], idx) if db is not None else None

@@ -27,6 +27,7 @@ the scores fall back to the stored windows alone, saying so in their details.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -113,7 +114,7 @@ def detection_set(run, sae_ids: list[str], config: DetectionConfig | None = None
 def _detection_set(run, sae_ids: list[str], config: DetectionConfig) -> DetectionSet | None:
     import torch
 
-    from ..analyze import _sites, encode
+    from ..analyze import _sites
     from ..harvest import activations, keep_mask
 
     with run.db(readonly=True) as db:
@@ -125,7 +126,8 @@ def _detection_set(run, sae_ids: list[str], config: DetectionConfig) -> Detectio
     models = {i: run.load_sae(i).to(lm.device) for i in sae_ids}
     sites = _sites(lm, models)
     stream = run.corpus().contexts(lm.tokenizer, part="heldout", ctx_len=int(meta.get("ctx_len", 256)))
-    contexts = _take(stream, int(meta.get("n_contexts", 0)), config.n_contexts)
+    skip = int(meta.get("n_contexts", 0))  # the contexts after the analysed ones
+    contexts = [list(ctx) for ctx in itertools.islice(stream, skip, skip + config.n_contexts)]
     if not contexts:
         return None
     ids_out: list = []
@@ -139,19 +141,10 @@ def _detection_set(run, sae_ids: list[str], config: DetectionConfig) -> Detectio
             ids_out += [ids[b, s:s + width].numpy() for b in range(len(ids)) for s in starts]
             for sae_id, sae in models.items():
                 x = acts[sites[sae_id].key]
-                f = encode(sae, x.reshape(-1, x.shape[-1]).float()).reshape(*x.shape[:2], -1) * keep[..., None]
+                f = sae.codes(x.reshape(-1, x.shape[-1]).float()).reshape(*x.shape[:2], -1) * keep[..., None]
                 acts_out[sae_id] += [f[b, s:s + width].amax(0).cpu().numpy() for b in range(len(ids))
                                      for s in starts]
     return DetectionSet(ids=np.stack(ids_out), max_acts={i: np.stack(v) for i, v in acts_out.items()},
                         config=config)
 
 
-def _take(stream, skip: int, n: int) -> list[list[int]]:
-    """Contexts skip .. skip + n - 1 of the held-out stream (those after the analysed ones)."""
-    out = []
-    for k, ctx in enumerate(stream):
-        if k >= skip + n:
-            break
-        if k >= skip:
-            out.append(list(ctx))
-    return out
