@@ -1,6 +1,7 @@
 """The web app on a real run, over HTTP (uvicorn in-process, httpx): what a researcher waits for.
 
-- POST /api/inspect with a 2,000-character prompt: wall time and response size (top 5 and top 20);
+- POST /api/inspect with a 2,000-character prompt: wall time and response size (top 5 and top 20), as the page
+  asks (fast: bf16 matrix products where the CPU has them) and exact, and how many top-5 features they share;
 - GET /api/feature/{sae}/{idx} (the feature page's data) for alive features of several layers, and the
   page's two follow-up calls (similar features, activation testing on a sentence);
 - POST /api/steer/stream (one feature, 200 new tokens): time to the first streamed steered token, to
@@ -16,6 +17,7 @@ of --calls calls. Prints a Markdown section; --write appends it to bench/RESULTS
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -77,14 +79,24 @@ def timed(fn, calls: int) -> tuple[float, object]:
 def bench_inspect(c: httpx.Client, calls: int) -> dict:
     text = prompt()
     out = {}
-    for top in (5, 20):
-        t, r = timed(lambda top=top: c.post("/api/inspect", json={"text": text, "top": top}), calls)
-        r.raise_for_status()
-        out[top] = {"s": t, "bytes": len(r.content), "tokens": len(r.json()["tokens"])}
+    for fast in (True, False):  # True: what the page asks for (unless its "exact" box is ticked)
+        for top in (5, 20):
+            body = {"text": text, "top": top, "fast": fast}
+            t, r = timed(lambda body=body: c.post("/api/inspect", json=body), calls)
+            r.raise_for_status()
+            out[fast, top] = {"s": t, "bytes": len(r.content), "tokens": len(r.json()["tokens"]),
+                              "precision": r.json()["precision"], "idx": [L["idx"] for L in r.json()["layers"]]}
     return out
 
 
-def bench_forward(app, calls: int) -> float:
+def top5_agreement(ins: dict) -> float:
+    """Share of the exact top-5 features per token and SAE that the fast inspector also shows."""
+    fast, exact = ins[True, 5]["idx"], ins[False, 5]["idx"]
+    same = sum(len(set(f) & set(e)) for lf, le in zip(fast, exact) for f, e in zip(lf, le))
+    return same / max(1, sum(len(e) for le in exact for e in le))
+
+
+def bench_forward(app, calls: int, fast: bool) -> float:
     """The floor under POST /api/inspect: the model's forward pass alone on the same tokens, capturing
     every SAE's site (no SAEs, no JSON)."""
     from saescope.harvest import activations
@@ -94,7 +106,7 @@ def bench_forward(app, calls: int) -> float:
     ids, _, _ = scope._prompt(prompt())
     sites = list({s.key: s for s in (lm.site(scope.saes[i].cfg.site, scope.saes[i].cfg.layer)
                                      for i in scope.run.sae_ids())}.values())
-    with app.state.atlas.compute:
+    with app.state.atlas.compute, lm.fast_matmuls() if fast else contextlib.nullcontext():
         return timed(lambda: activations(lm, ids, sites), calls)[0]
 
 
@@ -236,7 +248,7 @@ def main() -> None:
     with Server(app) as srv, httpx.Client(base_url=srv.url, timeout=600) as c:
         load = os.getloadavg()[0]
         ins = bench_inspect(c, args.calls)
-        forward = bench_forward(app, args.calls)
+        forward = {fast: bench_forward(app, args.calls, fast) for fast in (True, False)}
         feats = alive_features(app)
         fea = bench_feature(c, feats, args.calls)
         stream = bench_stream(c, feats[len(feats) // 2], args.stream_calls)
@@ -252,11 +264,15 @@ def main() -> None:
         f"start → end: {load}.", "",
         "| call | time | response |", "|---|---|---|",
     ]
-    for top, r in ins.items():
-        lines.append(f"| POST /api/inspect, {PROMPT_CHARS} chars ({r['tokens']} tokens), top {top} | {r['s']:.2f} s | "
+    for (fast, top), r in ins.items():
+        lines.append(f"| POST /api/inspect, {PROMPT_CHARS} chars ({r['tokens']} tokens), top {top}, "
+                     f"{'fast (the page)' if fast else 'exact'}: {r['precision']} | {r['s']:.2f} s | "
                      f"{r['bytes'] / 1e6:.2f} MB |")
     lines += [
-        f"| the model's forward pass alone on those tokens (the floor under inspect) | {forward:.2f} s | |",
+        f"| the same tokens' top-5 features per token and SAE: fast's that exact's also has | "
+        f"{top5_agreement(ins):.1%} | |",
+        f"| the model's forward pass alone on those tokens (the floor under inspect), fast / exact | "
+        f"{forward[True]:.2f} s / {forward[False]:.2f} s | |",
         f"| GET /api/feature (feature page data), {len(feats)} alive features of layers "
         f"{', '.join(str(s.split('layer_')[1].split('_')[0]) for s, _ in feats)} | {fea['page'] * 1e3:.0f} ms "
         f"(worst {fea['page_max'] * 1e3:.0f} ms; first read {fea['first'] * 1e3:.0f} ms) | |",

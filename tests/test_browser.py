@@ -334,7 +334,8 @@ def test_inspector_keyboard_cells_and_feature_highlight(server, page, shots):
     page.fill("#inspect-text", text)
     page.click("#inspect-go")
     page.wait_for_selector("table.heat td.cell")
-    res = api_json(page, "/api/inspect", {"text": text, "top": 5})
+    res = api_json(page, "/api/inspect", {"text": text, "top": 5, "fast": True})  # what the page asks for
+    assert page.locator("#inspect-out p.muted").first.text_content().endswith(f"({res['precision']})")
     for li, layer in enumerate(res["layers"]):  # each cell shows L0 at that token
         cells = page.locator(f"table.heat td.cell[data-li='{li}']").all_text_contents()
         assert cells == ["" if t["bos"] else str(n) for t, n in zip(res["tokens"], layer["l0"])]

@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
@@ -166,6 +167,29 @@ def test_inspect_cells_l0_rel_and_labels(app, client, sae_ids):
         for i in shown:
             lab = app.state.atlas.scope.db.labels(layer["sae_id"], i)
             assert (str(i) in labels) == bool(lab)
+
+
+def test_inspect_fast_runs_the_model_in_bf16_close_to_exact(app, client):
+    """`fast` runs the model's matrix products in bf16 where the CPU has native bf16 (else it changes nothing),
+    says so, and keeps the cells close to the exact ones."""
+    lm = app.state.atlas.scope.model
+    text = "the king is in paris and the queen is in france with music ."
+    exact = post(client, "/api/inspect", {"text": text, "top": 3}).json()
+    fast = post(client, "/api/inspect", {"text": text, "top": 3, "fast": True}).json()
+    assert exact["precision"] == "float32"
+    assert fast["precision"] == (lm.fast_precision or "float32")
+    if lm.fast_precision is None:
+        assert fast["layers"] == exact["layers"]
+        return
+    with lm.fast_matmuls():
+        assert torch.nn.functional.linear(torch.ones(2, 3), torch.ones(4, 3)).dtype == torch.bfloat16
+    pairs = [(a, b) for lf, le in zip(fast["layers"], exact["layers"])
+             for tf, te in zip(lf["act"], le["act"]) for a, b in zip(tf, te)]
+    assert pairs and any(a != b for a, b in pairs), "bf16 products change the activations a little"
+    assert sum(abs(a - b) for a, b in pairs) <= 0.05 * sum(abs(b) for _, b in pairs)
+    same = sum(len(set(f) & set(e)) for lf, le in zip(fast["layers"], exact["layers"])
+               for f, e in zip(lf["idx"], le["idx"]))
+    assert same >= 0.9 * sum(len(e) for le in exact["layers"] for e in le["idx"])
 
 
 def test_activation_testing_matches_inspect(client, fired):

@@ -496,13 +496,16 @@ def analyze(run_dir, tokens, top_k, n_logits, saes, force):
 @click.argument("text")
 @click.option("--top", default=3, type=click.IntRange(1, 100), help="Features shown per token and SAE.")
 @click.option("--sae", "saes", multiple=True, help="Only this SAE (full id, site/LAYER or LAYER); repeatable.")
+@click.option("--fast", is_flag=True,
+              help="The model's matrix products in bf16 where the CPU has native bf16 (~3× faster products; "
+                   "activations within ~0.5%, as the web inspector runs by default).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def inspect(run_dir, text, top, saes, as_json):
+def inspect(run_dir, text, top, saes, fast, as_json):
     """Show, for every token of TEXT, the most active features of each SAE with their labels."""
     from .scope import Scope, inspect_table
 
     with Scope.open(run_dir) as scope:
-        result = scope.inspect(text, top=top, saes=list(saes) or None)
+        result = scope.inspect(text, top=top, saes=list(saes) or None, fast=fast)
     if as_json:
         click.echo(json.dumps(result, indent=1))
         return

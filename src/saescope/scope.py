@@ -14,6 +14,7 @@ The model and the SAEs load on first use; features.sqlite opens on first use.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from contextlib import nullcontext
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -151,9 +152,11 @@ class Scope:
 
         return [asdict(h) for h in search(self.run, query, limit=limit, mode=mode)]
 
-    def inspect(self, text: str, top: int = 5, saes: list[str] | None = None) -> dict:
+    def inspect(self, text: str, top: int = 5, saes: list[str] | None = None, fast: bool = False) -> dict:
         """Run `text` through the model and every SAE (or those in `saes`): per token, per SAE,
-        the `top` most active features with their activation and current label.
+        the `top` most active features with their activation and current label. `fast`: the model's
+        matrix products in bf16 where the CPU has native bf16 (`LoadedModel.fast_matmuls`); the result's
+        "precision" says what ran ("fp32"/the model's dtype, or "bf16 matmuls").
 
         Returns {"text", "tokens": [{"id", "text", "bos"}], "layers": [{"sae_id", "layer",
         "site", "features": [[{"idx", "act", "label"}, ...] per token], "l0": [active features
@@ -170,7 +173,9 @@ class Scope:
             raise SaescopeError(f"run {self.run.root} has no SAEs: train some first (`saescope train`)")
         models = {i: self.saes[i] for i in sae_ids}
         sites = {i: lm.site(s.cfg.site, s.cfg.layer) for i, s in models.items()}
-        acts = activations(lm, ids, list({s.key: s for s in sites.values()}.values()))
+        with lm.fast_matmuls() if fast else nullcontext():
+            acts = activations(lm, ids, list({s.key: s for s in sites.values()}.values()))
+        precision = (fast and lm.fast_precision) or str(lm.dtype).removeprefix("torch.")
         labels = _LabelCache(self._db_if_any())
         layers = []
         order = sorted(sae_ids, key=lambda i: (models[i].cfg.layer, models[i].cfg.site, i))
@@ -186,7 +191,7 @@ class Scope:
                           if v > 0] if kept[p] else [] for p in range(len(kept))]
             layers.append({"sae_id": sae_id, "layer": sae.cfg.layer, "site": sae.cfg.site, "features": per_token,
                            "l0": l0})
-        return {"text": text, "tokens": tokens, "layers": layers}
+        return {"text": text, "tokens": tokens, "layers": layers, "precision": precision}
 
     def _prompt(self, text: str) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
         """`text` as model input: ids (1, T) with BOS first, the keep mask (T,) of ordinary tokens,

@@ -350,20 +350,23 @@ async function pageSae(r) {
 
 // ------------------------------------------------------------------ inspector
 
-const inspectState = {text: "The city of Paris is the capital of France.", top: 5, result: null, highlight: null};
+const inspectState = {text: "The city of Paris is the capital of France.", top: 5, exact: false, result: null, highlight: null};
 
 async function pageInspect() {
   const ta = el("textarea", {id: "inspect-text", value: inspectState.text, maxLength: 2000, rows: 3,
                              "aria-label": "text to inspect"});
   const top = el("input", {id: "inspect-top", type: "number", min: 1, max: 20, value: inspectState.top});
+  const exact = el("input", {id: "inspect-exact", type: "checkbox", checked: inspectState.exact,
+    title: "Run the model's matrix products in its own precision (fp32 on a CPU) instead of bf16: slower, and the same numbers as the feature pages"});
   const btn = el("button", {id: "inspect-go", text: "Inspect"});
   const out = el("div", {id: "inspect-out"});
   const go = async () => {
     inspectState.text = ta.value; inspectState.top = Number(top.value) || 5; inspectState.highlight = null;
+    inspectState.exact = exact.checked;
     btn.disabled = true; out.replaceChildren(el("p", {class: "muted", text: "Running the model…"}));
     try {
       const t0 = performance.now();
-      inspectState.result = await api("/api/inspect", {text: inspectState.text, top: inspectState.top});
+      inspectState.result = await api("/api/inspect", {text: inspectState.text, top: inspectState.top, fast: !inspectState.exact});
       drawHeat(out, inspectState.result, performance.now() - t0);
     } catch (err) { out.replaceChildren(errorBox(err)); }
     btn.disabled = false;
@@ -371,7 +374,7 @@ async function pageInspect() {
   btn.addEventListener("click", go);
   render(el("h1", {text: "Prompt inspector"}),
     el("p", {class: "muted", text: "Which features fire on each token, at every layer. A cell's number is the count of active features (L0) at that token; its colour is the strongest feature's activation relative to that feature's own maximum over the analysed text (pale: weak for that feature, dark: near its strongest). Click a cell, or move with the arrow keys and press Enter, to list its features; highlight one across the prompt."}),
-    el("div", {class: "card"}, ta, el("div", {class: "row"}, el("label", {}, "features per token", top), btn)), out);
+    el("div", {class: "card"}, ta, el("div", {class: "row"}, el("label", {}, "features per token", top), el("label", {}, exact, "exact"), btn)), out);
   if (inspectState.result) drawHeat(out, inspectState.result);
 }
 
@@ -413,7 +416,7 @@ function drawHeat(out, res, ms) {
   });
   keyboardGrid(table, grid, select);
   out.replaceChildren(
-    ms !== undefined ? el("p", {class: "muted", text: `${tokens.length} tokens × ${layers.length} SAEs in ${(ms / 1000).toFixed(2)} s`}) : "",
+    ms !== undefined ? el("p", {class: "muted", text: `${tokens.length} tokens × ${layers.length} SAEs in ${(ms / 1000).toFixed(2)} s (${res.precision || "exact"})`}) : "",
     pickFeatureForm(strip, res), strip, el("div", {class: "inspect-layout"}, el("div", {class: "heat-wrap"}, table), details));
   if (inspectState.highlight) highlightFeature(strip, res, inspectState.highlight.saeId, inspectState.highlight.idx);
 }
