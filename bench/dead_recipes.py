@@ -30,6 +30,7 @@ VARIANTS = {  # TrainConfig keyword arguments
     "old": {"revive_dead": False},
     "new": {},
 }
+EVAL_TOKENS = 10_240  # the default run's eval reads ~10,100 held-out tokens: its dead fraction is on these
 PARTS = {"heldout": ("default", "heldout", 16_384), "pydoc": ("pydoc", "train", 10_240)}
 
 
@@ -81,15 +82,16 @@ def main() -> None:
                 for i in range(0, args.tokens, 2040)), progress=False)
         secs = time.perf_counter() - t0
         print(f"\n{name} {json.dumps(kw)}: {secs:.0f} s training ({args.tokens:,} tokens, {len(layers)} SAEs)")
-        print("| layer | dead held-out | L0 held-out | FVU held-out | dead pydoc | L0 pydoc | FVU pydoc |")
-        print("|---:|---:|---:|---:|---:|---:|---:|")
+        print("| layer | dead held-out 10k | dead held-out | L0 held-out | FVU held-out | dead pydoc | L0 pydoc | FVU pydoc |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
         for t in mt.trainers:
             sae = t.export()
             if args.save:
                 sae.save(Path(args.save) / name / t.cfg.site / t.cfg.folder_name)
             m = {p: fidelity(sae, evals[p][t.cfg.layer]) for p in PARTS}
             h, o = m["heldout"], m["pydoc"]
-            print(f"| {t.cfg.layer} | {h['dead_fraction']:.3f} | {h['l0']:.1f} | {h['fvu']:.4f} | "
+            d10 = fidelity(sae, evals["heldout"][t.cfg.layer][:EVAL_TOKENS])["dead_fraction"]
+            print(f"| {t.cfg.layer} | {d10:.3f} | {h['dead_fraction']:.3f} | {h['l0']:.1f} | {h['fvu']:.4f} | "
                   f"{o['dead_fraction']:.3f} | {o['l0']:.1f} | {o['fvu']:.4f} |", flush=True)
 
 

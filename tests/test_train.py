@@ -284,9 +284,38 @@ def test_reviving_dead_features_leaves_fewer_dead_on_outlier_heavy_tokens():
     x = emb[torch.multinomial(p / p.sum(), 44_000, replacement=True, generator=g)] + 20.0
     got = {}
     for revive in (False, True):
-        mt = MultiTrainer([_cfg("jump_relu", width=256, l0=4.0)], TrainConfig(tokens=40_000, revive_dead=revive))
+        tc = TrainConfig(tokens=40_000, revive_dead=revive, floor_tokens=0)  # the revival alone (no rate floor)
+        mt = MultiTrainer([_cfg("jump_relu", width=256, l0=4.0)], tc)
         mt.fit(_chunks(x[:40_000], 2048), progress=False)
         got[revive] = fidelity(mt.trainers[0].export(), x[40_000:])
     old, new = got[False], got[True]
     assert new["dead_fraction"] < 0.6 * old["dead_fraction"], (old, new)
     assert new["fvu"] < 1.2 * old["fvu"] and new["l0"] == pytest.approx(4.0, rel=0.2), (old, new)
+
+
+def test_rate_floor_lowers_silent_thresholds_until_they_fire():
+    """Three features' thresholds pushed far above anything they see (as the L0 controller's early overshoot does on
+    Gemma's early layers): without the floor they never fire again; with it (`floor_tokens`) their θ shrinks while
+    they are silent, and each fires again within the run."""
+    x, _ = _synthetic(48 * 256)
+    feats = torch.tensor([3, 17, 40])
+    silent_for = {}
+    for floor in (0, 512):
+        tc = TrainConfig(tokens=48 * 256, batch_size=256, revive_dead=False, floor_tokens=floor, floor_decay=0.05)
+        t = SAETrainer(_cfg("jump_relu", width=64, l0=4.0), tc)
+        for i in range(8):
+            t.step_on(x[i * 256:(i + 1) * 256])
+        with torch.no_grad():
+            z = (x[:2048] / t.scale - t.sae.b_dec) @ t.sae.w_enc + t.sae.b_enc
+            t.sae.threshold[feats] = 4 * z[:, feats].amax(0)
+        t.since_fired[feats] = 0
+        for i in range(8, 48):
+            t.step_on(x[i * 256:(i + 1) * 256])
+        silent_for[floor] = t.since_fired[feats]
+    assert (silent_for[0] == 40 * 256).all(), silent_for  # silent ever since
+    assert (silent_for[512] < 40 * 256).all(), silent_for  # fired again
+
+
+def test_floor_decay_of_one_or_more_is_refused():
+    with pytest.raises(SaescopeError, match="floor_decay"):
+        TrainConfig(floor_decay=1.0)
