@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from saescope.errors import SaescopeError
-from saescope.evaluate import _pick_targets, _replace_site, check_eval_args, delta_lm_loss, fidelity, ratio_se
-from saescope.harvest import keep_mask
+from saescope.evaluate import _pick_targets, check_eval_args, delta_lm_loss, fidelity, ratio_se
+from saescope.harvest import keep_mask, replace_site
 from saescope.models import load_model
 from saescope.sae import SAE, SAEConfig
 
@@ -107,7 +107,7 @@ def _direct(lm, sae, contexts, per_context, seed=0):
     with torch.no_grad():
         lp = {"clean": F.log_softmax(lm.model(input_ids=ids).logits[:, :-1][tgt].float(), -1)}
         for name, fn in (("sae", lambda t: sae(t.float()).x_hat), ("zero", torch.zeros_like)):
-            with _replace_site(site, fn, keep):
+            with replace_site(site, fn, keep):
                 lp[name] = F.log_softmax(lm.model(input_ids=ids).logits[:, :-1][tgt].float(), -1)
     y = ids[:, 1:][tgt]
     ce = {k: float(-v.gather(1, y[:, None]).mean()) for k, v in lp.items()}
