@@ -1,7 +1,9 @@
 """Today's recipe vs the end-to-end phase (issue 19 part 3): JumpReLU SAEs (width 2,048, L0* 32, 100k tokens) on
 Gemma 3 270M resid_post, trained one recipe after the other on the same tokens, then scored side by side.
 
-    PYTHONPATH=src .venv/bin/python bench/e2e_recipes.py --layers 0,6,12,17 --e2e 0.05 --ce-contexts 16
+    PYTHONPATH=src .venv/bin/python bench/e2e_recipes.py --layers 0,6,12,17 --ce-contexts 0    # train, save
+    PYTHONPATH=src .venv/bin/python bench/e2e_recipes.py --layers 0,6,12,17 --variants '{"today": null, "e2e": null}' \
+        --ce-contexts 16                                                      # score the saved SAEs (null: load)
 
 The main phase reads the activations that bench/dead_recipes.py cached (--cache: the first 100k train tokens of the
 default corpus in the default run's order, chunks of 8 contexts); the end-to-end phase runs the live model on the
@@ -22,6 +24,7 @@ import torch
 from saescope.corpus import Corpus
 from saescope.endtoend import end_to_end
 from saescope.evaluate import delta_lm_loss, fidelity
+from saescope.formats import load_sae
 from saescope.models import load_model
 from saescope.pipeline import sae_configs
 from saescope.train import Chunk, MultiTrainer, TrainConfig
@@ -63,6 +66,11 @@ def main() -> None:
              "pydoc": load_cached(cache, layers, "pydoc-train-10240")}
     saes = {}
     for name, kw in json.loads(args.variants).items():
+        if kw is None:
+            for layer in layers:
+                saes[f"{name}|{layer}"] = load_sae(Path(args.save) / name / "resid_post" /
+                                                   f"layer_{layer}_width_2048_l0_32")
+            continue
         mt, main_s, e2e_s = train_variant(lm, layers, train, kw, args.tokens)
         print(f"{name} {json.dumps(kw)}: main phase {main_s:.0f} s, end-to-end phase {e2e_s:.0f} s "
               f"({mt.tokens_done:,} tokens, {len(layers)} SAEs)", flush=True)
@@ -70,6 +78,8 @@ def main() -> None:
             sae = t.export()
             sae.save(Path(args.save) / name / t.cfg.site / t.cfg.folder_name)
             saes[f"{name}|{t.cfg.layer}"] = sae
+    if args.ce_contexts == 0:
+        return
     contexts = list(itertools.islice(Corpus("default").contexts(lm.tokenizer, part="heldout", ctx_len=256),
                                      args.ce_contexts))
     t0 = time.perf_counter()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,9 @@ from saescope.harvest import harvest
 from saescope.models import load_model
 from saescope.sae import JumpReLUFn, SAEConfig
 from saescope.train import Chunk, MultiTrainer, SAETrainer, TrainConfig
+
+sys.path.insert(0, str(Path(__file__).parent))
+from atlas_run import write_corpus  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +151,53 @@ def test_bad_end_to_end_and_matryoshka_settings_are_refused(kwargs):
 def test_main_phase_stops_where_the_end_to_end_phase_begins():
     assert TrainConfig(tokens=100_000, e2e_fraction=0.15).main_tokens == 85_000
     assert TrainConfig(tokens=100_000).main_tokens == 100_000
+
+
+def test_train_run_ends_end_to_end_and_resumes_there(tmp_path, tiny_gemma_dir):
+    """`saescope train --e2e`: the run trains every token (main phase, then end to end on the contexts after the
+    main phase's), saves loadable SAEs, and a run killed in the end-to-end phase resumes there and ends the same."""
+    from saescope.pipeline import train_run
+
+    corpus = write_corpus(tmp_path / "corpus")
+    tc = TrainConfig(tokens=1_500, batch_size=64, e2e_fraction=0.3, checkpoint_every=3)
+    ref = train_run(tmp_path / "ref", model=str(tiny_gemma_dir), corpus=str(corpus), layers="0,2", widths=(32,),
+                    l0s=(4,), train=tc, ctx_len=32, progress=False)
+    assert ref.manifest["tokens_trained"] >= 1_500
+    saes = {i: ref.load_sae(i) for i in ref.sae_ids()}
+    assert len(saes) == 2 and all(s.cfg.extra["train"]["e2e_fraction"] == 0.3 for s in saes.values())
+
+    import saescope.endtoend as e2e_mod
+
+    real, calls = e2e_mod.spliced_kl, []
+
+    def dying(*args):
+        calls.append(1)
+        if len(calls) == 9:  # the 5th step of the phase (2 SAEs per step), after a checkpoint
+            raise KeyboardInterrupt
+        return real(*args)
+
+    e2e_mod.spliced_kl = dying
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_run(tmp_path / "cut", model=str(tiny_gemma_dir), corpus=str(corpus), layers="0,2", widths=(32,),
+                      l0s=(4,), train=tc, ctx_len=32, progress=False)
+    finally:
+        e2e_mod.spliced_kl = real
+    cut = train_run(tmp_path / "cut", model=str(tiny_gemma_dir), corpus=str(corpus), layers="0,2", widths=(32,),
+                    l0s=(4,), train=tc, ctx_len=32, progress=False)
+    for i, s in saes.items():
+        for name, p in s.state_dict().items():
+            torch.testing.assert_close(cut.load_sae(i).state_dict()[name], p, msg=lambda m, k=i, n=name: f"{k} {n}: {m}")
+
+
+def test_end_to_end_with_a_cache_is_refused_before_the_run_is_made(tmp_path, tiny_gemma_dir):
+    from saescope.pipeline import harvest_to_cache, train_run
+
+    corpus = write_corpus(tmp_path / "corpus")
+    harvest_to_cache(tmp_path / "cache", model=str(tiny_gemma_dir), corpus=str(corpus), layers="0", tokens=300,
+                     ctx_len=32, progress=False)
+    with pytest.raises(SaescopeError, match="--e2e"):
+        train_run(tmp_path / "run", model=str(tiny_gemma_dir), corpus=str(corpus), layers="0", widths=(32,),
+                  cache=tmp_path / "cache", train=TrainConfig(tokens=300, e2e_fraction=0.5), ctx_len=32,
+                  progress=False)
+    assert not (tmp_path / "run").exists()
