@@ -167,6 +167,17 @@ def test_zero_pass_every_other_batch_pairs_with_the_same_contexts(lm):
     assert half["ce_recovered"] == pytest.approx(first["ce_recovered"], rel=1e-6)
 
 
+def test_no_zero_pass_when_zero_every_is_0(lm):
+    """zero_every=0 (recipe comparisons that need only ΔLM and KL): no zero-ablation pass, the same ΔLM."""
+    site = lm.site("resid_post", 1)
+    saes = {"noisy": noisy_sae(site.width, "resid_post", 1, 0.5)}
+    contexts = _contexts(lm, n=4, seq=12)
+    none = delta_lm_loss(lm, saes, contexts, batch_size=2, zero_every=0, progress=False)["noisy"]
+    every = delta_lm_loss(lm, saes, contexts, batch_size=2, progress=False)["noisy"]
+    assert "ce_recovered" not in none and "ce_recovered" in every
+    assert none["delta_lm_loss"] == pytest.approx(every["delta_lm_loss"], rel=1e-6)
+
+
 @pytest.mark.parametrize("bad", [-1, 2.5, True, "8"])
 def test_bad_ce_tokens_are_refused_in_one_line(bad):
     with pytest.raises(SaescopeError, match=r"^--ce-tokens must be 0 \(skip ΔLM\) or a positive whole number"):

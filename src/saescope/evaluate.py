@@ -130,8 +130,8 @@ def delta_lm_loss(lm: LoadedModel, saes: dict[str, SAE], contexts: list[list[int
     """ΔLM loss, KL(clean ‖ spliced) and CE recovered vs zero-ablation of each SAE, with standard errors.
 
     Scores `per_context` random ordinary targets per context (all when None); the zero-ablation pass runs
-    on every `zero_every`-th batch, once per site. Standard errors are over contexts (tokens of one context
-    are correlated, so the context is the independent unit).
+    on every `zero_every`-th batch, once per site (never when 0: then no CE recovered). Standard errors are
+    over contexts (tokens of one context are correlated, so the context is the independent unit).
     """
     gen = torch.Generator().manual_seed(seed)
     sums: dict = defaultdict(lambda: defaultdict(list))  # (kind, key) -> quantity -> per-context sums
@@ -141,7 +141,7 @@ def delta_lm_loss(lm: LoadedModel, saes: dict[str, SAE], contexts: list[list[int
         for n_batch, b in enumerate(range(0, len(contexts), batch_size)):
             ids = torch.tensor(contexts[b : b + batch_size], dtype=torch.long)
             targets = _pick_targets(keep_mask(lm, ids), per_context, gen)
-            zeros = list(zero_sites.values()) if n_batch % zero_every == 0 else []
+            zeros = list(zero_sites.values()) if zero_every and n_batch % zero_every == 0 else []
             _accumulate(sums, targets, *_batch_losses(lm, saes, ids, targets, zeros), zeroed=bool(zeros))
             bar.update(ids.shape[0])
     bar.close()
