@@ -780,6 +780,8 @@ class SAETrainer:
             with torch.no_grad():
                 out.threshold.fill_(self.batch_threshold * self.scale)
         out.cfg.extra.update({"tokens_trained": self.step * self.train.batch_size, "train": asdict(self.train)})
+        if self.prefix_sizes:  # Matryoshka: the nested dictionaries are features [0, m) for each m
+            out.cfg.extra["matryoshka_prefixes"] = [*self.prefix_sizes, self.cfg.width]
         return out
 
     def state_dict(self) -> dict:
