@@ -81,9 +81,10 @@ def test_end_to_end_phase_lowers_delta_lm_on_a_tiny_model(lm, sampled):
     assert e2e["l0"] == pytest.approx(base["l0"], rel=0.3)
 
 
-def test_spliced_kl_is_zero_for_the_clean_activation_and_has_the_gradient_of_a_direct_computation(lm):
+@pytest.mark.parametrize("kind,layer", [("resid_post", 1), ("resid_post", 2), ("mlp_out", 1), ("attn_out", 0)])
+def test_spliced_kl_is_zero_for_the_clean_activation_and_has_the_gradient_of_a_direct_computation(lm, kind, layer):
     ids = torch.tensor(list(itertools.islice(_contexts(lm, 5), 2)))
-    site = lm.site("resid_post", 1)
+    site = lm.site(kind, layer)
     clean = clean_pass(lm, ids, [site], top=8)
     x = clean.acts[site.key]
     assert float(spliced_kl(lm, clean, site, x)) == pytest.approx(0.0, abs=1e-6)

@@ -40,6 +40,7 @@ class CleanPass(NamedTuple):
     keep: torch.Tensor  # (batch, seq) ordinary positions: spliced, and their next-token distributions scored
     acts: dict[str, torch.Tensor]  # site key -> (n, d) activations at the ordinary positions, in `keep` order
     layer_inputs: dict  # layer index -> (args, kwargs) of its call, to re-run the model from any layer
+    resid: dict[int, torch.Tensor]  # layer -> (batch, seq, d) its output, for the resid_post sites
     vocab: torch.Tensor  # (V,) the scored vocabulary
     log_p: torch.Tensor  # (n, V) the clean model's log-probabilities over `vocab`, renormalised there
 
@@ -58,12 +59,14 @@ def clean_pass(lm: LoadedModel, ids: torch.Tensor, sites: list[Site], top: int) 
         vocab = torch.cat(picks).unique()
         log_p = F.log_softmax(lm.logits_from_resid(h, vocab).float(), dim=-1)
     acts = {s.key: store[s.key][on].float() for s in sites}
-    return CleanPass(keep, acts, dict(layer_inputs), vocab, log_p)
+    resid = {s.layer: store[s.key] for s in sites if s.kind == "resid_post"}
+    return CleanPass(keep, acts, dict(layer_inputs), resid, vocab, log_p)
 
 
 def spliced_kl(lm: LoadedModel, clean: CleanPass, site: Site, x_hat: torch.Tensor) -> torch.Tensor:
     """Mean KL(p_clean ‖ p_spliced) over the scored positions, with x_hat (n, d) (model units, with autograd)
-    replacing the activation at `site` on the ordinary positions; differentiable in x_hat."""
+    replacing the activation at `site` on the ordinary positions; differentiable in x_hat. A resid_post site
+    re-runs the model from the next layer on; the others re-run their own layer with the site replaced."""
     keep = clean.keep.to(x_hat.device)
 
     def fill(t: torch.Tensor) -> torch.Tensor:
@@ -71,8 +74,11 @@ def spliced_kl(lm: LoadedModel, clean: CleanPass, site: Site, x_hat: torch.Tenso
         out[keep] = x_hat.to(t.dtype)
         return out
 
-    with replace_site(site, fill, keep):
-        h = run_from(lm, site.layer, clean.layer_inputs)
+    if site.kind == "resid_post":  # the layer's output is the next layer's input: start there
+        h = run_from(lm, site.layer + 1, clean.layer_inputs, fill(clean.resid[site.layer]))
+    else:
+        with replace_site(site, fill, keep):
+            h = run_from(lm, site.layer, clean.layer_inputs)
     log_q = F.log_softmax(lm.logits_from_resid(h[keep], clean.vocab).float(), dim=-1)
     return (clean.log_p.exp() * (clean.log_p - log_q)).sum(-1).mean()
 

@@ -115,10 +115,11 @@ def replace_site(site: Site, fn, keep: torch.Tensor):
         h.remove()
 
 
-def run_from(lm: LoadedModel, start: int, layer_inputs: dict) -> torch.Tensor:
-    """The last layer's residual (batch, seq, d), re-running the layers from `start` on the captured inputs."""
-    args, kwargs = layer_inputs[start]
-    h = args[0]
+def run_from(lm: LoadedModel, start: int, layer_inputs: dict, h: torch.Tensor | None = None) -> torch.Tensor:
+    """The last layer's residual (batch, seq, d), re-running the layers from `start` on the captured inputs
+    (with `h`: from that residual stream instead of layer `start`'s captured input; start = n_layers returns h)."""
+    if h is None:
+        h = layer_inputs[start][0][0]
     for i in range(start, lm.n_layers):
         a, kw = layer_inputs[i]
         out = lm.layers[i](h, *a[1:], **kw)
