@@ -132,7 +132,8 @@ class TrainConfig:
         if not (math.isfinite(self.lr) and self.lr >= 0):
             raise SaescopeError(f"--lr must be a positive number (or 0 for the automatic lr), got {self.lr}")
         for name in ("lr_end", "bias_lr", "threshold_lr", "momentum", "eps", "lambda_init", "lambda_rate",
-                     "aux_coef", "revive_until", "e2e_fraction", "e2e_kl_coef", "e2e_lr", "e2e_threshold_lr", *(f"betas[{i}]" for i in range(len(self.betas)))):
+                     "aux_coef", "revive_until", "e2e_fraction", "e2e_kl_coef", "e2e_lr", "e2e_threshold_lr",
+                     *(f"betas[{i}]" for i in range(len(self.betas)))):
             v = self.betas[int(name[6])] if name.startswith("betas") else getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise SaescopeError(f"training setting {name} must be a finite number ≥ 0, got {v}")
@@ -145,7 +146,7 @@ class TrainConfig:
         if self.e2e_fraction > 1:
             raise SaescopeError(f"--e2e must be a fraction of the tokens between 0 and 1, got {self.e2e_fraction}")
         if self.e2e_vocab < 1:
-            raise SaescopeError(f"--e2e-vocab must be at least 1, got {self.e2e_vocab}")
+            raise SaescopeError(f"training setting e2e_vocab must be at least 1, got {self.e2e_vocab}")
         self.matryoshka = tuple(float(f) for f in self.matryoshka)
         if any(not (math.isfinite(f) and 0 < f < 1) for f in self.matryoshka):
             raise SaescopeError(f"--matryoshka prefixes are fractions of the width between 0 and 1 (exclusive), "
