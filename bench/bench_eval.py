@@ -21,8 +21,11 @@ from pathlib import Path
 
 import torch
 
-from saescope.evaluate import _capture_layer_inputs, _pick_targets, _replace_site, _run_from, _score_head
+from saescope.evaluate import _pick_targets, _score_head
 from saescope.harvest import capture, keep_mask, run_captured
+from saescope.harvest import capture_layer_inputs as _capture_layer_inputs
+from saescope.harvest import replace_site as _replace_site
+from saescope.harvest import run_from as _run_from
 from saescope.runs import Run
 
 

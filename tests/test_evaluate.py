@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from saescope.errors import SaescopeError
-from saescope.evaluate import _pick_targets, _replace_site, check_eval_args, delta_lm_loss, fidelity, ratio_se
-from saescope.harvest import keep_mask
+from saescope.evaluate import _pick_targets, check_eval_args, delta_lm_loss, fidelity, ratio_se
+from saescope.harvest import keep_mask, replace_site
 from saescope.models import load_model
 from saescope.sae import SAE, SAEConfig
 
@@ -107,7 +107,7 @@ def _direct(lm, sae, contexts, per_context, seed=0):
     with torch.no_grad():
         lp = {"clean": F.log_softmax(lm.model(input_ids=ids).logits[:, :-1][tgt].float(), -1)}
         for name, fn in (("sae", lambda t: sae(t.float()).x_hat), ("zero", torch.zeros_like)):
-            with _replace_site(site, fn, keep):
+            with replace_site(site, fn, keep):
                 lp[name] = F.log_softmax(lm.model(input_ids=ids).logits[:, :-1][tgt].float(), -1)
     y = ids[:, 1:][tgt]
     ce = {k: float(-v.gather(1, y[:, None]).mean()) for k, v in lp.items()}
@@ -165,6 +165,17 @@ def test_zero_pass_every_other_batch_pairs_with_the_same_contexts(lm):
     first = delta_lm_loss(lm, saes, contexts[:2], batch_size=2, progress=False)["noisy"]
     assert half["n_zero_tokens"] == first["n_ce_tokens"] == 22 and half["n_ce_tokens"] == 44
     assert half["ce_recovered"] == pytest.approx(first["ce_recovered"], rel=1e-6)
+
+
+def test_no_zero_pass_when_zero_every_is_0(lm):
+    """zero_every=0 (recipe comparisons that need only ΔLM and KL): no zero-ablation pass, the same ΔLM."""
+    site = lm.site("resid_post", 1)
+    saes = {"noisy": noisy_sae(site.width, "resid_post", 1, 0.5)}
+    contexts = _contexts(lm, n=4, seq=12)
+    none = delta_lm_loss(lm, saes, contexts, batch_size=2, zero_every=0, progress=False)["noisy"]
+    every = delta_lm_loss(lm, saes, contexts, batch_size=2, progress=False)["noisy"]
+    assert "ce_recovered" not in none and "ce_recovered" in every
+    assert none["delta_lm_loss"] == pytest.approx(every["delta_lm_loss"], rel=1e-6)
 
 
 @pytest.mark.parametrize("bad", [-1, 2.5, True, "8"])

@@ -144,6 +144,7 @@ STAGES = [
     {"runs"},                                                              # a run folder
     {"harvest"},
     {"train"},
+    {"endtoend"},                                                          # the end-to-end phase of training
     {"evaluate"},
     {"analyze"},
     {"label", "label.evidence", "label.rules", "label.vectors", "label.concepts", "label.detection",

@@ -14,7 +14,6 @@ Standard errors are over contexts (a context's tokens are correlated), delta met
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import os
@@ -27,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .errors import SaescopeError
 from .fsio import atomic_path, read_json, write_json
-from .harvest import capture, keep_mask, run_captured
+from .harvest import capture, capture_layer_inputs, keep_mask, replace_site, run_captured, run_from
 from .models import LoadedModel, Site
 from .runs import Run, as_run
 from .sae import SAE
@@ -55,53 +54,6 @@ def fidelity(sae: SAE, x: torch.Tensor, chunk: int = 4096) -> dict:
     freq = fired / n
     return {"l0": l0_sum / n, "fvu": err_sum / max(total_var, 1e-30), "dead_fraction": float((fired == 0).float().mean()),
             "dense_fraction": float((freq > DENSE_FRACTION).float().mean()), "n_tokens": n}
-
-
-@contextlib.contextmanager
-def _capture_layer_inputs(lm: LoadedModel):
-    """Record (args, kwargs) of every decoder layer call during a forward pass."""
-    seen: dict[int, tuple] = {}
-    handles = []
-
-    def hook(i):
-        def fn(module, args, kwargs):
-            seen[i] = (args, dict(kwargs))
-
-        return fn
-
-    try:
-        for i, layer in enumerate(lm.layers):
-            handles.append(layer.register_forward_pre_hook(hook(i), with_kwargs=True))
-        yield seen
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@contextlib.contextmanager
-def _replace_site(site: Site, fn, keep: torch.Tensor):
-    """Replace the activation at `site` by fn(activation) at positions where `keep` is True."""
-
-    def swap(t: torch.Tensor) -> torch.Tensor:
-        new = fn(t)
-        return torch.where(keep[..., None].to(t.device), new.to(t.dtype), t)
-
-    h = site.hook(swap)
-    try:
-        yield
-    finally:
-        h.remove()
-
-
-def _run_from(lm: LoadedModel, start: int, layer_inputs: dict) -> torch.Tensor:
-    """The last layer's residual (batch, seq, d), re-running the layers from `start` on the captured inputs."""
-    args, kwargs = layer_inputs[start]
-    h = args[0]
-    for i in range(start, lm.n_layers):
-        a, kw = layer_inputs[i]
-        out = lm.layers[i](h, *a[1:], **kw)
-        h = out[0] if isinstance(out, tuple) else out
-    return h
 
 
 def _pick_targets(keep: torch.Tensor, per_context: int | None, gen: torch.Generator) -> torch.Tensor:
@@ -144,13 +96,13 @@ def _batch_losses(lm: LoadedModel, saes: dict[str, SAE], ids: torch.Tensor, targ
     `zero_sites`; then the head once per variant on the `targets` (batch, seq-1) positions."""
     keep = keep_mask(lm, ids)
     last = lm.site("resid_post", lm.n_layers - 1)
-    with _capture_layer_inputs(lm) as layer_inputs, capture(lm, [last]) as store:
+    with capture_layer_inputs(lm) as layer_inputs, capture(lm, [last]) as store:
         run_captured(lm, ids)
     pick = targets.to(store[last.key].device)
 
     def spliced(site, fn):
-        with _replace_site(site, fn, keep):
-            return _run_from(lm, site.layer, layer_inputs)[:, :-1][pick]
+        with replace_site(site, fn, keep):
+            return run_from(lm, site.layer, layer_inputs)[:, :-1][pick]
 
     variants = {("sae", k): spliced(lm.site(s.cfg.site, s.cfg.layer), lambda t, s=s: s(t.float()).x_hat)
                 for k, s in saes.items()}
@@ -178,8 +130,8 @@ def delta_lm_loss(lm: LoadedModel, saes: dict[str, SAE], contexts: list[list[int
     """ΔLM loss, KL(clean ‖ spliced) and CE recovered vs zero-ablation of each SAE, with standard errors.
 
     Scores `per_context` random ordinary targets per context (all when None); the zero-ablation pass runs
-    on every `zero_every`-th batch, once per site. Standard errors are over contexts (tokens of one context
-    are correlated, so the context is the independent unit).
+    on every `zero_every`-th batch, once per site (never when 0: then no CE recovered). Standard errors are
+    over contexts (tokens of one context are correlated, so the context is the independent unit).
     """
     gen = torch.Generator().manual_seed(seed)
     sums: dict = defaultdict(lambda: defaultdict(list))  # (kind, key) -> quantity -> per-context sums
@@ -189,7 +141,7 @@ def delta_lm_loss(lm: LoadedModel, saes: dict[str, SAE], contexts: list[list[int
         for n_batch, b in enumerate(range(0, len(contexts), batch_size)):
             ids = torch.tensor(contexts[b : b + batch_size], dtype=torch.long)
             targets = _pick_targets(keep_mask(lm, ids), per_context, gen)
-            zeros = list(zero_sites.values()) if n_batch % zero_every == 0 else []
+            zeros = list(zero_sites.values()) if zero_every and n_batch % zero_every == 0 else []
             _accumulate(sums, targets, *_batch_losses(lm, saes, ids, targets, zeros), zeroed=bool(zeros))
             bar.update(ids.shape[0])
     bar.close()

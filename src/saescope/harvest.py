@@ -79,6 +79,54 @@ def activations(lm: LoadedModel, input_ids: torch.Tensor, sites: list[Site]) -> 
         return dict(store)
 
 
+@contextlib.contextmanager
+def capture_layer_inputs(lm: LoadedModel):
+    """Record (args, kwargs) of every decoder layer call during a forward pass."""
+    seen: dict[int, tuple] = {}
+    handles = []
+
+    def hook(i):
+        def fn(module, args, kwargs):
+            seen[i] = (args, dict(kwargs))
+
+        return fn
+
+    try:
+        for i, layer in enumerate(lm.layers):
+            handles.append(layer.register_forward_pre_hook(hook(i), with_kwargs=True))
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def replace_site(site: Site, fn, keep: torch.Tensor):
+    """Replace the activation at `site` by fn(activation) at positions where `keep` is True."""
+
+    def swap(t: torch.Tensor) -> torch.Tensor:
+        new = fn(t)
+        return torch.where(keep[..., None].to(t.device), new.to(t.dtype), t)
+
+    h = site.hook(swap)
+    try:
+        yield
+    finally:
+        h.remove()
+
+
+def run_from(lm: LoadedModel, start: int, layer_inputs: dict, h: torch.Tensor | None = None) -> torch.Tensor:
+    """The last layer's residual (batch, seq, d), re-running the layers from `start` on the captured inputs
+    (with `h`: from that residual stream instead of layer `start`'s captured input; start = n_layers returns h)."""
+    if h is None:
+        h = layer_inputs[start][0][0]
+    for i in range(start, lm.n_layers):
+        a, kw = layer_inputs[i]
+        out = lm.layers[i](h, *a[1:], **kw)
+        h = out[0] if isinstance(out, tuple) else out
+    return h
+
+
 def keep_mask(lm: LoadedModel, input_ids: torch.Tensor) -> torch.Tensor:
     """True where a position holds an ordinary token (not BOS/EOS/pad)."""
     special = torch.tensor(sorted(lm.special_ids), dtype=input_ids.dtype)

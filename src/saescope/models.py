@@ -216,9 +216,15 @@ class LoadedModel:
             raise SaescopeError(f"{self.name}: the output embedding has no weight matrix")
         return w
 
-    def logits_from_resid(self, resid: torch.Tensor) -> torch.Tensor:
-        """Logits from the residual stream after the last layer (final norm, head, soft-capping)."""
-        logits = self.lm_head()(self.final_norm()(resid))
+    def logits_from_resid(self, resid: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits from the residual stream after the last layer (final norm, head, soft-capping); with `vocab`
+        (token ids), only those tokens' logits, in that order."""
+        if vocab is None:
+            logits = self.lm_head()(self.final_norm()(resid))
+        else:
+            bias = getattr(self.lm_head(), "bias", None)
+            logits = torch.nn.functional.linear(self.final_norm()(resid), self.unembedding()[vocab],
+                                                None if bias is None else bias[vocab])
         cap = getattr(self.model.config.get_text_config(), "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap

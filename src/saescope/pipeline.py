@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 from . import devices
 from .corpus import Corpus
 from .distributed import World, exchanged, launched, one_process, owner_of, shard, synced
+from .endtoend import end_to_end
 from .errors import SaescopeError
 from .harvest import harvest
 from .models import DEFAULT_MODEL, SITE_KINDS, LoadedModel, load_model, local_ref
@@ -133,7 +135,7 @@ def train_run(out: str | Path, *, model: str = DEFAULT_MODEL, corpus: str = "def
         lm.check_ctx_len(ctx_len)
         kinds = parse_sites(sites)
         layer_list = parse_layers(layers, lm.n_layers)
-        _check_world(world, train, layer_list)
+        _check_world(world, train, layer_list, cache)
         model = local_ref(model)  # a run made with a relative path works from any folder
         cfgs = sae_configs(lm, model, kinds, layer_list, list(widths), list(l0s), architecture)
         if not cfgs:
@@ -167,13 +169,19 @@ def train_run(out: str | Path, *, model: str = DEFAULT_MODEL, corpus: str = "def
             else:
                 chunks = _harvest_chunks(lm, corp, kinds, layer_list, ctx_len, harvest_batch, trainer)
             trainer.fit(chunks, progress=progress)
+            if train.e2e_fraction > 0:  # the last tokens end to end, on the stream after the main phase's contexts
+                contexts = corp.contexts(lm.tokenizer, part="train", ctx_len=ctx_len)
+                end_to_end(lm, trainer, itertools.islice(contexts, trainer.contexts_done, None), progress=progress)
             _finish(run, trainer)
     for msg in trainer.failures:
         log.error(msg)
     return run
 
 
-def _check_world(world: World, train: TrainConfig, layers: list[int]) -> None:
+def _check_world(world: World, train: TrainConfig, layers: list[int], cache) -> None:
+    if train.e2e_fraction > 0 and (cache or not world.trivial):
+        raise SaescopeError("the end-to-end phase (--e2e) runs the model on the corpus in a single process: train "
+                            "without --cache and torchrun, or with --e2e 0")
     if world.mode == "layers" and world.size > len(layers):
         raise SaescopeError(f"--parallel layers with {world.size} processes needs at least {world.size} layers "
                             f"(got {len(layers)}): use fewer processes or --parallel data")

@@ -106,6 +106,31 @@ class TrainConfig:
     of layers 1, 2 and 4's features of Gemma 3 270M fire less than once in 10k held-out tokens."""
     floor_decay: float = 0.05
     """Relative decrease per step of a silent feature's threshold (see `floor_tokens`); below 1."""
+    e2e_fraction: float = 0.0
+    """Share of the tokens spent at the end in the end-to-end phase (endtoend.py): each SAE spliced into the model
+    at its site and trained on KL(clean ‖ spliced next-token distribution) plus its reconstruction loss, one context
+    per step. 0 = off. Needs the live model (not --cache) and a single process. Experimental: it lowers ΔLM on the
+    tiny test model, but on Gemma 3 270M at 0.05 with these e2e_* settings the SAEs of layers 12 and 17 diverged
+    (ΔLM 1.9 → 6.2 and 2.9 → 24 nats, FVU 0.29 → 4.0 and 0.39 → 25; bench/RESULTS.md), and on 2 CPU cores an
+    end-to-end token costs several times a reconstruction token."""
+    e2e_kl_coef: float = 1.0
+    """End-to-end phase: weight of the KL (nats per scored token) against the reconstruction loss (normalised units,
+    E‖x‖² = 1)."""
+    e2e_lr: float = 1.0
+    """End-to-end phase: constant learning rate as a fraction of the peak lr (the main phase's cosine decay has
+    nearly ended by then, and the phase is short)."""
+    e2e_threshold_lr: float = 0.0
+    """End-to-end phase: learning rate of the JumpReLU thresholds as a fraction of the phase's; 0 freezes them, so
+    that the KL cannot buy fidelity with a higher L0 (tiny model: held-out L0 5.3 → 7.8 with them learning, 5.3 when
+    frozen; the L0 controller acts through the thresholds, so it rests too)."""
+    e2e_vocab: int = 32
+    """End-to-end phase: the KL is taken over the union of the clean model's top `e2e_vocab` next tokens at every
+    scored position of the step's context (renormalised there; ~2k tokens holding ~96% of the probability on
+    Gemma 3 270M), not over the whole vocabulary, whose 262k-token head would cost ~100× more."""
+    matryoshka: tuple[float, ...] = ()
+    """Matryoshka SAE: nested prefixes of the dictionary as fractions of the width (e.g. 0.0625,0.25); the
+    reconstruction loss is the mean of the full dictionary's and each prefix's (features 0..m−1 alone), so the first
+    features learn to reconstruct on their own. Empty = off."""
     seed: int = 0
     checkpoint_every: int = 200
     """Steps between checkpoints."""
@@ -116,7 +141,8 @@ class TrainConfig:
         if not (math.isfinite(self.lr) and self.lr >= 0):
             raise SaescopeError(f"--lr must be a positive number (or 0 for the automatic lr), got {self.lr}")
         for name in ("lr_end", "bias_lr", "threshold_lr", "momentum", "eps", "lambda_init", "lambda_rate",
-                     "aux_coef", "revive_until", "floor_decay", *(f"betas[{i}]" for i in range(len(self.betas)))):
+                     "aux_coef", "revive_until", "floor_decay", "e2e_fraction", "e2e_kl_coef", "e2e_lr",
+                     "e2e_threshold_lr", *(f"betas[{i}]" for i in range(len(self.betas)))):
             v = self.betas[int(name[6])] if name.startswith("betas") else getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise SaescopeError(f"training setting {name} must be a finite number ≥ 0, got {v}")
@@ -129,6 +155,14 @@ class TrainConfig:
             raise SaescopeError("--batch-size must be at least 2")
         if self.optimizer not in OPTIMIZERS:
             raise SaescopeError(f"unknown optimizer '{self.optimizer}': choose one of {', '.join(OPTIMIZERS)}")
+        if self.e2e_fraction > 1:
+            raise SaescopeError(f"--e2e must be a fraction of the tokens between 0 and 1, got {self.e2e_fraction}")
+        if self.e2e_vocab < 1:
+            raise SaescopeError(f"training setting e2e_vocab must be at least 1, got {self.e2e_vocab}")
+        self.matryoshka = tuple(float(f) for f in self.matryoshka)
+        if any(not (math.isfinite(f) and 0 < f < 1) for f in self.matryoshka):
+            raise SaescopeError(f"--matryoshka prefixes are fractions of the width between 0 and 1 (exclusive), "
+                                f"got {','.join(map(str, self.matryoshka))}")
 
     @property
     def long_run(self) -> bool:
@@ -162,6 +196,11 @@ class TrainConfig:
     @property
     def total_steps(self) -> int:
         return max(1, math.ceil(self.tokens / self.batch_size))
+
+    @property
+    def main_tokens(self) -> int:
+        """Tokens of the main (reconstruction) phase; the rest go to the end-to-end phase."""
+        return self.tokens - round(self.e2e_fraction * self.tokens)
 
     @property
     def dead_after(self) -> int:
@@ -278,6 +317,7 @@ class _Forward(NamedTuple):
     n_active: torch.Tensor  # how many codes of the batch are > 0 (L0 × batch)
     n_dead: int
     along: Callable[[], torch.Tensor]  # () -> (width,): each decoder row's gradient along itself, after backward
+    x_hat: torch.Tensor  # (batch, d_in) the reconstruction (normalised units), for a loss added on top (end-to-end)
 
 
 class StepStats(NamedTuple):
@@ -329,6 +369,7 @@ class SAETrainer:
     step: int = 0
     since_fired: torch.Tensor = field(init=False)  # (width,) tokens since each feature last fired
     failed: str = ""
+    end_to_end: bool = False  # in the end-to-end phase (set by MultiTrainer.step_spliced): its lr and thresholds
     scratch: dict = field(default_factory=dict)  # reusable buffers, see _scratch_z
     # Running values kept as float64 tensors on the device, read on the host only when asked (`poll`, the
     # properties below): a host read waits for the GPU's queue to drain.
@@ -362,7 +403,7 @@ class SAETrainer:
         lr = self.base_lr = self.train.lr_for(self.cfg.width, opt)
         groups: list[dict] = [{"params": [p for p in params if p.dim() == 2]},
                   {"params": [self.sae.b_enc, self.sae.b_dec], "lr_scale": self.train.bias_lr_for(opt)},
-                  {"params": [self.sae.threshold], "lr_scale": self.train.threshold_lr}]
+                  {"params": [self.sae.threshold], "lr_scale": self.train.threshold_lr, "role": "threshold"}]
         if opt.endswith("signum"):
             def make(gs):
                 return Signum(gs, lr=lr, momentum=0.0 if opt.startswith("sf-") else self.train.momentum)
@@ -423,6 +464,8 @@ class SAETrainer:
         base = self.base_lr
         if self.step < warm:
             return base * (0.1 + 0.9 * self.step / warm)
+        if self.end_to_end:
+            return base * self.train.e2e_lr
         if isinstance(self.opt, ScheduleFree):
             return base  # schedule-free: constant after the warm-up
         t = (self.step - warm) / max(1, total - warm)
@@ -438,8 +481,10 @@ class SAETrainer:
             self.scratch[key] = torch.empty(key[:2], dtype=x.dtype, device=x.device)
         return self.scratch[key]
 
-    def step_on(self, x: torch.Tensor, rows: tuple[int, int] | None = None) -> StepStats:
-        """One optimisation step on raw activations x (batch, d_in).
+    def step_on(self, x: torch.Tensor, rows: tuple[int, int] | None = None,
+                extra: Callable[[torch.Tensor], torch.Tensor] | None = None) -> StepStats:
+        """One optimisation step on raw activations x (batch, d_in); `extra`(x̂ in normalised units) is added to the
+        loss (the end-to-end phase's KL, endtoend.py).
 
         Data parallel: `rows` = (first_row, n_rows): x is rows first_row.. of the step's global batch of n_rows
         rows; every `self.world` call makes a batch statistic global (no-ops in a single process)."""
@@ -451,6 +496,8 @@ class SAETrainer:
         xn = x / self.scale  # (batch, d_in), E‖xn‖² ≈ 1
         lam = self._log_lambda.exp().float()
         fwd = self._forward_dense(xn, lam, rows) if self.dense else self._forward_sparse(xn, lam, rows)
+        if extra is not None:
+            fwd = fwd._replace(loss=fwd.loss + extra(fwd.x_hat))
         stats = self._learn(xn, fwd, rows[1])
         if self._revival_due():
             self.revive_dead(xn, rows[1])
@@ -588,14 +635,29 @@ class SAETrainer:
             x_hat = x_hat + code_grad_probe(f_below, below, sae.w_dec)
         err = xn - x_hat
         recon = err.pow(2).sum(1).mean()
-        loss = recon + sparsity
+        prefixes = [self._prefix_error_sparse(xn, codes, pairs, m, f_below, below) for m in self.prefix_sizes]
+        loss = (recon + sum(prefixes)) / (1 + len(prefixes)) + sparsity
         if aux_rows:
             loss = loss + self.train.aux_coef * self._aux_loss(err, decoded[B:], rows)
 
         def along() -> torch.Tensor:  # <∂/∂w_c, w_c> = Σ_(pairs of c) code·∂/∂code
             return g_codes[0].new_zeros(self.cfg.width).index_add_(0, pairs.cols, codes.detach() * g_codes[0])
 
-        return _Forward(loss, recon, (f.detach() > 0).sum(), n_dead, along)
+        return _Forward(loss, recon, (f.detach() > 0).sum(), n_dead, along, x_hat)
+
+    @property
+    def prefix_sizes(self) -> list[int]:
+        """Matryoshka: the nested prefixes' sizes below the full width, smallest first ([] when off)."""
+        return sorted({max(1, round(f * self.cfg.width)) for f in self.train.matryoshka} - {self.cfg.width})
+
+    def _prefix_error_sparse(self, xn: torch.Tensor, codes: torch.Tensor, pairs: Active, m: int,
+                             f_below: torch.Tensor | None, below: Active | None) -> torch.Tensor:
+        """Matryoshka: mean squared error of the reconstruction from features 0..m−1 alone (sparse path)."""
+        sae = self.sae
+        x_m = sparse_decode(codes * (pairs.cols < m), pairs, sae.w_dec)[: xn.shape[0]] + sae.b_dec
+        if below is not None and f_below is not None:  # θ learns from this prefix's loss too
+            x_m = x_m + code_grad_probe(f_below * (below.cols < m), below, sae.w_dec)
+        return (xn - x_m).pow(2).sum(1).mean()
 
     def _sparse_pairs(self, z: torch.Tensor, b_enc: torch.Tensor, biased: bool, rows: tuple[int, int]):
         """The active (token, feature) pairs of no-grad pre-activations z and their pre-activations; for jump_relu
@@ -651,7 +713,8 @@ class SAETrainer:
         x_hat = f @ sae.w_dec + sae.b_dec
         err = xn - x_hat
         recon = err.pow(2).sum(1).mean()
-        loss = recon + sparsity
+        prefixes = [(xn - f[:, :m] @ sae.w_dec[:m] - sae.b_dec).pow(2).sum(1).mean() for m in self.prefix_sizes]
+        loss = (recon + sum(prefixes)) / (1 + len(prefixes)) + sparsity
         # auxiliary-k while the host's last dead count (every POLL_EVERY steps on a GPU) is positive, masked on the
         # device by this step's dead features: a stale count only starts it up to POLL_EVERY steps late
         aux_rows = self._aux_rows(B, n_dead, rows)
@@ -667,7 +730,7 @@ class SAETrainer:
         def along() -> torch.Tensor:  # <∂/∂w_c, w_c> straight from the dense gradient
             return (_grad(sae.w_dec) * sae.w_dec.detach()).sum(1)
 
-        return _Forward(loss, recon, per_feature.sum(), n_dead, along)
+        return _Forward(loss, recon, per_feature.sum(), n_dead, along, x_hat)
 
     def _track_batch_threshold(self, values: torch.Tensor) -> None:
         """batchtopk: running average of the smallest positive selected value (the saved JumpReLU threshold)."""
@@ -694,6 +757,8 @@ class SAETrainer:
         self.world.reduce_grads(self._grad_params, B / n_rows)  # [dist] the global batch's gradients
         for group in self.opt.param_groups:
             group["lr"] = self.lr_now() * group.get("lr_scale", 1.0)
+            if self.end_to_end and group.get("role") == "threshold":
+                group["lr"] *= self.train.e2e_threshold_lr
         self.opt.step()
         with torch.no_grad():
             sae.w_dec.div_(sae.w_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
@@ -742,6 +807,8 @@ class SAETrainer:
             with torch.no_grad():
                 out.threshold.fill_(self.batch_threshold * self.scale)
         out.cfg.extra.update({"tokens_trained": self.step * self.train.batch_size, "train": asdict(self.train)})
+        if self.prefix_sizes:  # Matryoshka: the nested dictionaries are features [0, m) for each m
+            out.cfg.extra["matryoshka_prefixes"] = [*self.prefix_sizes, self.cfg.width]
         return out
 
     def state_dict(self) -> dict:
@@ -873,23 +940,27 @@ class MultiTrainer:
             torch.save(state, tmp)
 
     def fit(self, chunks: Iterable[Chunk], progress: bool = True) -> None:
-        """Train on chunks until `train.tokens` tokens; each chunk is split into steps of ~batch_size."""
+        """Train on chunks until `train.main_tokens` tokens (all of `train.tokens` unless an end-to-end phase
+        follows, endtoend.py); each chunk is split into steps of ~batch_size."""
         cfg = self.train
-        bar = tqdm(total=cfg.tokens, initial=min(self.tokens_done, cfg.tokens), unit="tok", unit_scale=True,
+        stop = cfg.main_tokens
+        if self.tokens_done >= stop:  # resumed after the main phase
+            return
+        bar = tqdm(total=stop, initial=min(self.tokens_done, stop), unit="tok", unit_scale=True,
                    desc="train", disable=not progress or self.world.rank != 0, dynamic_ncols=True)
         try:
             for chunk in chunks:
-                if self.tokens_done >= cfg.tokens:
+                if self.tokens_done >= stop:
                     break
                 acts = {k: v.to(self.device, torch.float32, non_blocking=True) for k, v in chunk.acts.items()}
                 plan = self._plan(chunk)
                 for rows, first_row, n_rows in plan:
-                    if self.tokens_done >= cfg.tokens:
+                    if self.tokens_done >= stop:
                         break
                     rows = rows.to(self.device)  # the same order on every device
                     self._step_all({k: v[rows] for k, v in acts.items()}, (first_row, n_rows))
                     self.tokens_done += n_rows
-                    bar.update(max(0, min(n_rows, cfg.tokens - bar.n)))
+                    bar.update(max(0, min(n_rows, stop - bar.n)))
                     self.steps_done += 1
                 self.contexts_done += chunk.n_contexts
                 bar.set_postfix_str(self._postfix(), refresh=False)
@@ -897,10 +968,10 @@ class MultiTrainer:
                     self.checkpoint()
         finally:
             bar.close()
-        self._poll_all()
-        if self.tokens_done < cfg.tokens:
+        self.poll_all()
+        if self.tokens_done < stop:
             raise SaescopeError(
-                f"the corpus ran out after {self.tokens_done:,} training tokens (asked for {cfg.tokens:,}): "
+                f"the corpus ran out after {self.tokens_done:,} training tokens (asked for {stop:,}): "
                 "use a larger corpus or a smaller --tokens"
             )
 
@@ -921,7 +992,22 @@ class MultiTrainer:
         lens = [[len(p) for p in torch.arange(s).tensor_split(n_steps)] for s in sizes]  # every rank's step sizes
         return [(rows, sum(r[j] for r in lens[: w.rank]), sum(r[j] for r in lens)) for j, rows in enumerate(steps)]
 
-    def _step_all(self, acts: dict[str, torch.Tensor], rows: tuple[int, int] | None = None) -> None:
+    def step_spliced(self, acts: dict[str, torch.Tensor], n_contexts: int,
+                     extra: Callable[[SAETrainer, torch.Tensor], torch.Tensor]) -> None:
+        """One step of every SAE on all rows of `acts` (site key -> (n, d_in)), in order, with extra(trainer, x̂)
+        added to each SAE's loss: the end-to-end phase's step (endtoend.py). Counts and checkpoints as `fit`."""
+        n = next(iter(acts.values())).shape[0]
+        for t in self.trainers:
+            t.end_to_end = True
+        self._step_all({k: v.to(self.device, torch.float32) for k, v in acts.items()}, None, extra)
+        self.tokens_done += n
+        self.steps_done += 1
+        self.contexts_done += n_contexts
+        if self.steps_done % self.train.checkpoint_every == 0:
+            self.checkpoint()
+
+    def _step_all(self, acts: dict[str, torch.Tensor], rows: tuple[int, int] | None = None,
+                  extra: Callable[[SAETrainer, torch.Tensor], torch.Tensor] | None = None) -> None:
         # host reads are free on the CPU (the step itself reads the dead count and a NaN loss there); on a GPU
         # each waits for the queue, so they come every POLL_EVERY steps
         cpu = self.device.type == "cpu"
@@ -936,7 +1022,7 @@ class MultiTrainer:
                 self.failures.append(t.failed)
                 continue
             try:
-                t.step_on(x, rows)
+                t.step_on(x, rows, None if extra is None else functools.partial(extra, t))
                 if check and not cpu:
                     t.poll()
             except RuntimeError as err:
@@ -944,7 +1030,7 @@ class MultiTrainer:
                     raise
                 self.failures.append(str(err))
 
-    def _poll_all(self) -> None:
+    def poll_all(self) -> None:
         """Read every trainer's pending state (a GPU polls every POLL_EVERY steps; the last steps are read here)."""
         for t in self.trainers:
             if t.failed:
