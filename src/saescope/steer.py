@@ -17,6 +17,7 @@ from typing import cast
 import torch
 
 from . import conceptsteer
+from .analyze import _bookkeeping_threads as one_cpu_thread  # one CPU thread for small ops
 from .analyze import logit_effects
 from .errors import SaescopeError
 from .fsio import atomic_path
@@ -54,28 +55,48 @@ def _encode_prompt(lm: LoadedModel, prompt: str, max_new_tokens: int) -> torch.T
 
 
 def generate_ids(lm: LoadedModel, input_ids: torch.Tensor, max_new_tokens: int = 40, greedy: bool = True,
-                 temperature: float = 1.0, seed: int = 0, on_token: Callable[[int], None] | None = None
-                 ) -> torch.Tensor:
-    """New token ids (n,) continuing `input_ids` (1, P). Sampling is seeded and leaves the global RNG alone.
+                 temperature: float = 1.0, seed: int = 0, on_token: Callable[[int], None] | None = None,
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """New token ids (batch, n) continuing `input_ids` (batch, P; left-padded where `attention_mask` says).
+    Sampling is seeded, draws the same noise for every row (`SharedNoiseSampling`) and leaves the global RNG
+    alone.
 
-    `on_token(id)` is called with each new token as it is generated; an exception it raises stops
-    the generation and propagates (how a caller cancels)."""
-    from transformers import GenerationConfig
+    `on_token(id)` is called with each new token as it is generated (batch of one); an exception it raises
+    stops the generation and propagates (how a caller cancels)."""
+    from transformers import GenerationConfig, LogitsProcessorList
 
     if not greedy and not (math.isfinite(temperature) and temperature > 0):
         raise SaescopeError(f"temperature must be a positive number, got {temperature}")
     tok = lm.tokenizer
-    gen_cfg = GenerationConfig(max_new_tokens=int(max_new_tokens), do_sample=not greedy,
-                               temperature=None if greedy else float(temperature), top_k=None, top_p=None,
-                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    devices = [lm.device] if lm.device.type == "cuda" else []
+    gen_cfg = GenerationConfig(max_new_tokens=int(max_new_tokens), do_sample=False, temperature=None, top_k=None,
+                               top_p=None, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     ids = input_ids.to(lm.device)
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(lm.device)
+    processors = LogitsProcessorList([] if greedy else [SharedNoiseSampling(temperature, seed, lm.device)])
     streamer = _TokenStreamer(on_token) if on_token is not None else None
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
-        torch.manual_seed(seed)
+    with torch.no_grad(), one_cpu_thread(lm.device):
         out = lm.model.generate(  # type: ignore[operator]  # transformers' stubs type `generate` as a Tensor
-            input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen_cfg, streamer=streamer)
-    return out[0, ids.shape[1]:].cpu()
+            input_ids=ids, attention_mask=mask, generation_config=gen_cfg, logits_processor=processors,
+            streamer=streamer)
+    new = out[:, ids.shape[1]:].cpu()
+    return new[0] if input_ids.shape[0] == 1 and attention_mask is None else new
+
+
+class SharedNoiseSampling:
+    """Sampling at `temperature` as a logits processor for greedy decoding: the Gumbel-max trick,
+    argmax(logits / T + G) with G ~ Gumbel(0, 1), draws a token from softmax(logits / T). One noise
+    vector per step, drawn from a generator seeded with `seed`, is shared by every row of the batch, so
+    rows that differ only by their steering see the same random numbers (as separate generations with
+    one seed do), and a batched generate gives each row what it would get alone."""
+
+    def __init__(self, temperature: float, seed: int, device: torch.device):
+        self.temperature = float(temperature)
+        self.gen = torch.Generator(device=device).manual_seed(int(seed))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        u = torch.rand(scores.shape[-1], generator=self.gen, device=scores.device, dtype=torch.float32)
+        gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))  # (vocab,)
+        return scores.float() / self.temperature + gumbel
 
 
 class _TokenStreamer:
@@ -398,13 +419,40 @@ def steer(source, prompt: str, interventions: Sequence[Intervention | str] = (),
     s = _setup(source, interventions, saes, typical, choice, typical_stat)
     prompt_ids = _encode_prompt(s.lm, prompt, max_new_tokens)
     _plans(s.lm, s.saes, s.interventions, s.typical)  # fail on bad input before generating anything
-    stream = {which: (lambda t, w=which: on_token(w, t)) if on_token else None for which in ("steered", "unsteered")}
-    new, during = _generate_steered(s, prompt_ids, max_new_tokens, greedy, temperature, seed, stream["steered"])
-    base = _baseline(s, prompt_ids, max_new_tokens, greedy, temperature, seed, stream["unsteered"])
-    result = _result(s, prompt, prompt_ids, base, new, during)
+    with one_cpu_thread(s.lm.device):
+        if on_token is None and all(iv.mode == "add" for iv in s.interventions):
+            new, base_new = _generate_both(s, prompt_ids, max_new_tokens, greedy, temperature, seed)
+            with steering(s.lm, s.saes, s.interventions, s.typical):
+                during = _forward_measure(s.lm, prompt_ids, new, s.saes, s.interventions, s.promoted)
+            base = _Baseline(_text(s.lm, base_new), base_new,
+                             _forward_measure(s.lm, prompt_ids, base_new, s.saes, s.interventions, s.promoted))
+        else:
+            stream = {w: (lambda t, w=w: on_token(w, t)) if on_token else None for w in ("steered", "unsteered")}
+            new, during = _generate_steered(s, prompt_ids, max_new_tokens, greedy, temperature, seed,
+                                            stream["steered"])
+            base = _baseline(s, prompt_ids, max_new_tokens, greedy, temperature, seed, stream["unsteered"])
+        result = _result(s, prompt, prompt_ids, base, new, during)
     if choice is not None:
         result.concept = conceptsteer.measure_effect(choice, result.unsteered, result.steered)
     return result
+
+
+def _generate_both(s: _Setup, prompt_ids, max_new_tokens, greedy, temperature, seed
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The steered and the unsteered continuation in one batched generate (rows differ only by their `add`
+    interventions and share the sampling noise, so each row is what its own generate would give)."""
+    ids = prompt_ids.repeat(2, 1)
+    with steering_rows(s.lm, s.saes, [s.interventions, []], s.typical):
+        new = generate_ids(s.lm, ids, max_new_tokens, greedy, temperature, seed, attention_mask=torch.ones_like(ids))
+    steered, unsteered = (until_eos(row, s.lm.tokenizer) for row in new)
+    return steered, unsteered
+
+
+def until_eos(ids: torch.Tensor, tok) -> torch.Tensor:
+    """A generated row up to and including its first EOS (a batched generate pads the rows that finished
+    early; a generate of one row stops there)."""
+    hits = (ids == tok.eos_token_id).nonzero() if tok.eos_token_id is not None else []
+    return ids[:int(hits[0]) + 1] if len(hits) else ids
 
 
 def _concept_choice(run, concept, strength, config):
