@@ -181,6 +181,22 @@ def test_the_probe_ranks_features_by_what_the_model_then_writes(tiny_gemma_dir):
     assert [c.features for c in chosen] == [[("s", 0)]]  # the pull decides, not the order of the pool
 
 
+def test_batched_continuation_ce_matches_one_forward_per_text(tiny_gemma_dir):
+    from saescope.models import load_model
+
+    lm = load_model(str(tiny_gemma_dir))
+    prompts = ["the king", "a much longer prompt about the sea"]
+    news = [torch.tensor([5, 6, 7, 8]), torch.tensor([9, 10])]
+    total = count = 0.0
+    for prompt, new in zip(prompts, news):  # the reference: one unpadded forward per text
+        p = lm.tokenizer(prompt, return_tensors="pt")["input_ids"][0]
+        with torch.no_grad():
+            logits = lm.model(input_ids=torch.cat([p, new])[None], use_cache=False).logits[0, len(p) - 1:-1]
+        total += float(-logits.float().log_softmax(-1).gather(1, new[:, None]).sum())
+        count += len(new)
+    assert cs.continuation_ce(lm, prompts, news) == pytest.approx(total / count, rel=1e-4)
+
+
 @pytest.fixture
 def fake_texts(monkeypatch):
     """Calibration without a model: the text depends on the strength per feature. Up to ×1.2 per feature
@@ -227,10 +243,12 @@ def test_a_pair_is_steered_at_the_strength_it_was_calibrated_at(fake_texts):
     choice = cs._calibrate(None, "horses", cs.ConceptSteerConfig(), lm=object())
     pair = choice.candidates[2]
     assert pair.features == [(SAE, 0), (SAE, 1)]
-    assert pair.strength == pytest.approx(2.828, abs=1e-3)  # in all: ×2 (×1 each) showed nothing, ×2.83 shows
+    # in all: ×2 (×1 each) showed nothing, ×2.83 shows; not costed nor taken: the single feature showed it as often
+    assert cs._proposal(pair).strength == pytest.approx(2.828, abs=1e-3) and pair.strength is None
+    assert "not taken" in pair.why and choice.candidates[0].strength == pytest.approx(1.414, abs=1e-3)
     first, second = fake_texts
     assert [1.0, 1.0] in first and [pytest.approx(1.414, abs=1e-3)] * 2 in second
-    steered = [iv.value for iv in cs.ConceptChoice("horses", pair.features, pair.strength, "", [], [], True).interventions()]
+    steered = [iv.value for iv in cs.ConceptChoice("horses", pair.features, 2.828, "", [], [], True).interventions()]
     assert steered == [pytest.approx(1.414, abs=1e-3)] * 2  # what was tried is what steers
     assert "×1.414 is the smallest strength" in choice.reason and "each" not in choice.reason
 

@@ -41,7 +41,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import math
@@ -273,7 +272,8 @@ def _calibrate(run: Run, concept: str, cfg: ConceptSteerConfig, lm) -> ConceptCh
 def _search(lm, saes, typical, cands: list[Candidate], measure: _Measure, cfg: ConceptSteerConfig) -> None:
     """Every candidate's strength, by `rounds` rounds of one batched generate each (all open candidates
     together, the unsteered texts once: the same seed gives every round the same sampling noise). Then the
-    CE cost of each candidate's smallest strength that showed the concept below its loops, one forward."""
+    proposals (each candidate's smallest strength that showed the concept below its loops), the one that
+    showed it most first, are costed until one is within `max_cost`: that one is taken."""
     prompts = list(CALIBRATION_PROMPTS)
     plan = {i: _grid(cfg.start, cfg) for i in range(len(cands))}
     base, kept = None, {}
@@ -291,12 +291,20 @@ def _search(lm, saes, typical, cands: list[Candidate], measure: _Measure, cfg: C
             kept[(i, s)] = d
             plan[i] = _next_strength(cands[i], cfg)
 
-    @functools.cache
-    def base_ce() -> float:  # measured once, when a candidate needs it
-        return continuation_ce(lm, prompts, kept[None])
-
-    for i, c in enumerate(cands):
-        _take(c, {k[1]: d for k, d in kept.items() if k is not None and k[0] == i}, base_ce, lm, prompts, cfg)
+    proposals = [(i, r) for i, c in enumerate(cands) if (r := _proposal(c)) is not None]
+    base_ce = None
+    for i, r in sorted(proposals, key=lambda ir: _merit(ir[1]), reverse=True):
+        c = cands[i]
+        base_ce = continuation_ce(lm, prompts, kept[None]) if base_ce is None else base_ce
+        r.cost = continuation_ce(lm, prompts, kept[(i, r.strength)]) - base_ce
+        if r.cost > cfg.max_cost:
+            c.why = f"costs {r.cost:.2f} nats/token at ×{r.strength:g}, over the cap {cfg.max_cost:g}"
+            continue
+        c.strength, c.why = r.strength, f"concept shows at ×{r.strength:g} on {cfg.tokens}-token texts"
+        break
+    for i, r in proposals:
+        if r.cost is None:
+            cands[i].why = f"concept shows at ×{r.strength:g}; not taken (another candidate showed it more)"
 
 
 def _grid(strength: float, cfg: ConceptSteerConfig) -> float | None:
@@ -318,21 +326,15 @@ def _next_strength(c: Candidate, cfg: ConceptSteerConfig) -> float | None:
     return nxt
 
 
-def _take(c: Candidate, ids: dict, base_ce, lm, prompts: list[str], cfg: ConceptSteerConfig) -> None:
-    """The candidate's smallest strength that showed the concept below its loops, if its CE cost is within
-    `max_cost` (measured for that strength only; `ids[strength]` are its texts' token ids)."""
+def _proposal(c: Candidate) -> Rung | None:
+    """The candidate's smallest strength that showed the concept below its loops (None: says why)."""
     shown = [r for r in _safe(c) if r.shows]
-    if not shown:
-        looped = [r.strength for r in c.rungs if r.degenerate]
-        c.why = (f"loops at ×{min(looped):g} before the concept shows" if looped else
-                 f"the concept did not show at {', '.join(f'×{r.strength:g}' for r in c.rungs)}")
-        return
-    r = min(shown, key=lambda x: x.strength)
-    r.cost = continuation_ce(lm, prompts, ids[r.strength]) - base_ce()
-    if r.cost > cfg.max_cost:
-        c.why = f"costs {r.cost:.2f} nats/token at ×{r.strength:g}, over the cap {cfg.max_cost:g}"
-        return
-    c.strength, c.why = r.strength, f"concept shows at ×{r.strength:g} on {cfg.tokens}-token texts"
+    if shown:
+        return min(shown, key=lambda x: x.strength)
+    looped = [r.strength for r in c.rungs if r.degenerate]
+    c.why = (f"loops at ×{min(looped):g} before the concept shows" if looped else
+             f"the concept did not show at {', '.join(f'×{r.strength:g}' for r in c.rungs)}")
+    return None
 
 
 def _decide(concept: str, cands: list[Candidate], words: list[str], cfg: ConceptSteerConfig) -> ConceptChoice:
@@ -396,8 +398,8 @@ def _load(run: Run, features: list[tuple[str, int]]):
 
 
 def _probe(lm, saes, typical, pool: list[Candidate], words: list[str], cfg: ConceptSteerConfig) -> None:
-    """Set each candidate's `pull`: steered at ×`probe` on the calibration prompts (one forward pass per
-    candidate, no sampling), how much more probability the next tokens put on the concept's words (those
+    """Set each candidate's `pull`: steered at ×`probe` on the calibration prompts (one batched forward pass,
+    no sampling), how much more probability the next tokens put on the concept's words (those
     that are one token) than unsteered, averaged over positions. A feature whose unembedded direction names
     the concept may still not move the model's output once the later layers have read it; this measures
     that. A difference, not a ratio: a feature that only flattens the distribution gains rare words a
@@ -408,11 +410,13 @@ def _probe(lm, saes, typical, pool: list[Candidate], words: list[str], cfg: Conc
     prompts = list(CALIBRATION_PROMPTS)
     ids, mask = _left_padded(lm, prompts)
     keep = mask.bool() if lm.bos_id is None else mask.bool() & (ids != lm.bos_id)
-    mass = []
-    for ivs in [[]] + [concept_interventions(c.features, cfg.probe) for c in pool]:
-        with torch.no_grad(), steering_rows(lm, saes, [ivs] * len(prompts), typical):
-            logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (prompts, seq, vocab)
-        mass.append(float(logits.float().softmax(-1)[..., targets].sum(-1)[keep].mean()))
+    groups = [[]] + [concept_interventions(c.features, cfg.probe) for c in pool]
+    n = len(prompts)
+    with torch.no_grad(), steering_rows(lm, saes, [ivs for ivs in groups for _ in prompts], typical):
+        logits = lm.model(input_ids=ids.repeat(len(groups), 1), attention_mask=mask.repeat(len(groups), 1),
+                          use_cache=False).logits  # (groups × prompts, seq, vocab)
+    mass = [float(logits[g * n:(g + 1) * n].float().softmax(-1)[..., targets].sum(-1)[keep].mean())
+            for g in range(len(groups))]
     for c, m in zip(pool, mass[1:]):
         c.pull = round(m - mass[0], 5)
 
