@@ -249,7 +249,11 @@ def test_one_batched_generate_gives_each_row_what_it_would_get_alone(lm):
         streamed = st.steer(lm, "the king of france", ivs, on_token=lambda which, t: None, **kw)
         assert (batched.steered, batched.unsteered) == (streamed.steered, streamed.unsteered)
         assert batched.steered != batched.unsteered or not greedy  # (this random model's sampling is near-uniform)
-        assert batched.ce_steered == pytest.approx(streamed.ce_steered, abs=1e-4)
+        assert (batched.ce_steered, batched.ce_unsteered) == pytest.approx((streamed.ce_steered, streamed.ce_unsteered),
+                                                                         abs=1e-4)
+        b, s = batched.effect, streamed.effect  # measured in one padded forward vs one forward each
+        assert (b.act_unsteered, b.act_steered_text, b.act_during, b.prob_unsteered, b.prob_steered) == pytest.approx(
+            (s.act_unsteered, s.act_steered_text, s.act_during, s.prob_unsteered, s.prob_steered), abs=1e-4)
 
 
 def test_shared_noise_sampling_draws_from_the_softmax():

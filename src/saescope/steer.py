@@ -207,27 +207,49 @@ class _Pass:
 def _forward_measure(lm: LoadedModel, prompt_ids: torch.Tensor, new_ids: torch.Tensor, saes: dict[str, SAE],
                      targets: list[Intervention], promoted: dict[tuple[str, int], list[int]]) -> _Pass:
     """Run the model (under whatever hooks are active) and measure the continuation."""
+    return _forward_measures(lm, prompt_ids, [new_ids], saes, targets, promoted)[0]
+
+
+def _forward_measures(lm: LoadedModel, prompt_ids: torch.Tensor, news: list[torch.Tensor], saes: dict[str, SAE],
+                      targets: list[Intervention], promoted: dict[tuple[str, int], list[int]]) -> list[_Pass]:
+    """Measure each continuation of the prompt in one forward (a batch padded after the texts, so each row's
+    positions are as in its own forward; under whatever hooks are active, `steering_rows` included)."""
     nan = float("nan")
     keys = [(t.sae_id, t.idx) for t in targets]
-    if new_ids.numel() == 0:
-        return _Pass({k: nan for k in keys}, {k: nan for k in keys}, nan)
-    ids = torch.cat([prompt_ids[0], new_ids]).unsqueeze(0).to(lm.device)  # (1, P + n)
-    p, n = prompt_ids.shape[1], new_ids.numel()
+    p, width = prompt_ids.shape[1], max(new.numel() for new in news)
+    if width == 0:
+        return [_Pass({k: nan for k in keys}, {k: nan for k in keys}, nan) for _ in news]
+    ids = torch.zeros(len(news), p + width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, new in enumerate(news):
+        ids[r, :p + new.numel()], mask[r, :p + new.numel()] = torch.cat([prompt_ids[0], new]), 1
     sites = {t.sae_id: lm.site(saes[t.sae_id].cfg.site, saes[t.sae_id].cfg.layer) for t in targets}
     with capture(lm, list({s.key: s for s in sites.values()}.values()), stop_early=False) as store, \
             torch.no_grad():
-        logits = lm.model(input_ids=ids, use_cache=False).logits[0, p - 1:p + n - 1].float()  # (n, vocab)
-        acts = {}
-        for t in targets:
-            sae = saes[t.sae_id]
-            x = store[sites[t.sae_id].key][0, p:].float().to(sae.w_enc.device)  # (n, d_in)
-            acts[(t.sae_id, t.idx)] = float(sae.feature_code(x, t.idx).mean())
+        logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False).logits
+        passes = []
+        for r, new in enumerate(news):
+            n = new.numel()
+            if n == 0:
+                passes.append(_Pass({k: nan for k in keys}, {k: nan for k in keys}, nan))
+                continue
+            acts = {}
+            for t in targets:
+                sae = saes[t.sae_id]
+                x = store[sites[t.sae_id].key][r, p:p + n].float().to(sae.w_enc.device)  # (n, d_in)
+                acts[(t.sae_id, t.idx)] = float(sae.feature_code(x, t.idx).mean())
+            passes.append(_measure_logits(logits[r, p - 1:p + n - 1].float(), new, keys, promoted, acts))
+    return passes
+
+
+def _measure_logits(logits: torch.Tensor, new: torch.Tensor, keys, promoted, acts) -> _Pass:
+    """CE of the continuation `new` (n,) under `logits` (n, vocab), and the mass on each feature's promoted tokens."""
     logp = logits.log_softmax(-1)
-    ce = float(-logp.gather(1, new_ids.to(logp.device)[:, None]).mean())
+    ce = float(-logp.gather(1, new.to(logp.device)[:, None]).mean())
     probs = {}
     for k in keys:
         tokens = promoted.get(k) or []
-        probs[k] = float(logp[:, tokens].exp().sum(-1).mean()) if tokens else nan
+        probs[k] = float(logp[:, tokens].exp().sum(-1).mean()) if tokens else float("nan")
     return _Pass(acts, probs, ce)
 
 
@@ -379,11 +401,13 @@ def _generate_steered(s: _Setup, prompt_ids, max_new_tokens, greedy, temperature
 def _steered(s: _Setup, prompt: str, prompt_ids, base: _Baseline, max_new_tokens, greedy, temperature,
              seed) -> SteerResult:
     new, during = _generate_steered(s, prompt_ids, max_new_tokens, greedy, temperature, seed)
-    return _result(s, prompt, prompt_ids, base, new, during)
-
-
-def _result(s: _Setup, prompt: str, prompt_ids, base: _Baseline, new: torch.Tensor, during: _Pass) -> SteerResult:
     as_text = _forward_measure(s.lm, prompt_ids, new, s.saes, s.interventions, s.promoted)
+    return _result(s, prompt, base, new, during, as_text)
+
+
+def _result(s: _Setup, prompt: str, base: _Baseline, new: torch.Tensor, during: _Pass, as_text: _Pass
+            ) -> SteerResult:
+    """The result of one steered continuation; `as_text` measures it read by the unsteered model."""
     effects = []
     for iv in s.interventions:
         key = (iv.sae_id, iv.idx)
@@ -422,16 +446,17 @@ def steer(source, prompt: str, interventions: Sequence[Intervention | str] = (),
     with one_cpu_thread(s.lm.device):
         if on_token is None and all(iv.mode == "add" for iv in s.interventions):
             new, base_new = _generate_both(s, prompt_ids, max_new_tokens, greedy, temperature, seed)
-            with steering(s.lm, s.saes, s.interventions, s.typical):
-                during = _forward_measure(s.lm, prompt_ids, new, s.saes, s.interventions, s.promoted)
-            base = _Baseline(_text(s.lm, base_new), base_new,
-                             _forward_measure(s.lm, prompt_ids, base_new, s.saes, s.interventions, s.promoted))
+            with steering_rows(s.lm, s.saes, [s.interventions, [], []], s.typical):  # during, baseline, as text
+                during, base_pass, as_text = _forward_measures(s.lm, prompt_ids, [new, base_new, new], s.saes,
+                                                               s.interventions, s.promoted)
+            base = _Baseline(_text(s.lm, base_new), base_new, base_pass)
         else:
             stream = {w: (lambda t, w=w: on_token(w, t)) if on_token else None for w in ("steered", "unsteered")}
             new, during = _generate_steered(s, prompt_ids, max_new_tokens, greedy, temperature, seed,
                                             stream["steered"])
             base = _baseline(s, prompt_ids, max_new_tokens, greedy, temperature, seed, stream["unsteered"])
-        result = _result(s, prompt, prompt_ids, base, new, during)
+            as_text = _forward_measure(s.lm, prompt_ids, new, s.saes, s.interventions, s.promoted)
+        result = _result(s, prompt, base, new, during, as_text)
     if choice is not None:
         result.concept = conceptsteer.measure_effect(choice, result.unsteered, result.steered)
     return result
