@@ -125,6 +125,9 @@ def test_the_strength_rule_stops_before_degeneration():
     assert cs._next_strength(_candidate(_r(2), _r(2.828, degenerate=True)), cfg) is None  # ×2 showed nothing
     assert cs._next_strength(_candidate(_r(2, shows=True), _r(1.414)), cfg) is None
     assert cs._next_strength(_candidate(_r(1.414), _r(2, degenerate=True)), cfg) is None  # bracketed: stop
+    for bad in (dict(start=9.0), dict(step=1.0), dict(rounds=0)):
+        with pytest.raises(SaescopeError, match="cannot work"):
+            cs.ConceptSteerConfig(**bad)
     c = _candidate(_r(2, shows=True, degenerate=True), _r(1.414, shows=True), _r(2.828, shows=True))
     assert [r.strength for r in cs._safe(c)] == [1.414]  # what loops, and all above it, is never taken
 

@@ -78,7 +78,7 @@ class ConceptSteerConfig:
     max_strength: float = 8.0
     pool: int = 6
     """Features (by output match) whose pull on the concept's words is measured (`probe`) when more than
-    `candidates` (one forward pass each, no generation)."""
+    `candidates` (one batched forward pass, no generation)."""
     candidates: int = 2
     """Features of the pool that pull most, calibrated per concept."""
     probe: float = 2.0
@@ -98,6 +98,12 @@ class ConceptSteerConfig:
     """A text where one word repeats this many times in a row (one token: twice as many) loops."""
     max_cost: float = 2.5
     """Largest CE cost (nats/token of the steered texts under the unsteered model, above the unsteered texts)."""
+
+    def __post_init__(self):
+        if not (0 < self.min_strength <= self.start <= self.max_strength) or not self.step > 1 or self.rounds < 1:
+            raise SaescopeError(f"calibration settings cannot work: need 0 < min_strength ≤ start ≤ max_strength, "
+                                f"step > 1 and rounds ≥ 1 (got {self.min_strength:g} ≤ {self.start:g} ≤ "
+                                f"{self.max_strength:g}, step {self.step:g}, rounds {self.rounds})")
 
     def key(self) -> str:
         raw = json.dumps([dataclasses.asdict(self), CALIBRATION_PROMPTS], sort_keys=True)
@@ -355,7 +361,7 @@ def _decide(concept: str, cands: list[Candidate], words: list[str], cfg: Concept
         best, last = max(safe, key=lambda cr: _merit(cr[1]))
         strength = last.strength
     else:
-        best, strength = cands[0], cfg.start
+        best, strength = cands[0], cfg.min_strength
     reason = (f"no strength made '{concept}' show without degenerating the text; steering {_name(best)} "
               f"(output similarity {best.output_match:.2f}) at ×{strength:g}, the strongest showing below its loops")
     return ConceptChoice(concept, best.features, strength, reason, cands, words, calibrated=False)
