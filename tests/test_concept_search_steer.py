@@ -1,4 +1,4 @@
-"""Concepts end to end: search by concept evidence, and steering by concept (candidates, ladder, cache)."""
+"""Concepts end to end: search by concept evidence, and steering by concept (candidates, strength search, cache)."""
 
 from __future__ import annotations
 
@@ -117,11 +117,19 @@ def _r(strength, shows=False, degenerate=False) -> cs.Rung:
     return cs.Rung(strength, 0, 0, 0.1, 0.1, 0.9, 1, shows=shows, degenerate=degenerate)
 
 
-def test_ladder_stops_at_the_first_degenerate_rung():
-    c = _candidate(_r(1), _r(2, degenerate=True), _r(4, shows=True), _r(8, shows=True))
-    assert cs._climb(c) is None and "degenerates at ×2" in c.why
-    c = _candidate(_r(1), _r(2, shows=True), _r(4, shows=True))
-    assert cs._climb(c).strength == 2.0 and c.strength is None  # proposed; taken only after the longer check
+def test_the_strength_rule_stops_before_degeneration():
+    cfg = cs.ConceptSteerConfig()  # starts at ×2, steps ×/÷ √2
+    assert cs._next_strength(_candidate(_r(2, degenerate=True)), cfg) == pytest.approx(1.414, abs=1e-3)
+    assert cs._next_strength(_candidate(_r(2, shows=True)), cfg) == pytest.approx(1.414, abs=1e-3)
+    assert cs._next_strength(_candidate(_r(2)), cfg) == pytest.approx(2.828, abs=1e-3)  # up only from clean text
+    assert cs._next_strength(_candidate(_r(2), _r(2.828, degenerate=True)), cfg) is None  # ×2 showed nothing
+    assert cs._next_strength(_candidate(_r(2, shows=True), _r(1.414)), cfg) is None
+    assert cs._next_strength(_candidate(_r(1.414), _r(2, degenerate=True)), cfg) is None  # bracketed: stop
+    for bad in (dict(start=9.0), dict(step=1.0), dict(rounds=0)):
+        with pytest.raises(SaescopeError, match="cannot work"):
+            cs.ConceptSteerConfig(**bad)
+    c = _candidate(_r(2, shows=True, degenerate=True), _r(1.414, shows=True), _r(2.828, shows=True))
+    assert [r.strength for r in cs._safe(c)] == [1.414]  # what loops, and all above it, is never taken
 
 
 def _encode(texts):
@@ -176,25 +184,40 @@ def test_the_probe_ranks_features_by_what_the_model_then_writes(tiny_gemma_dir):
     assert [c.features for c in chosen] == [[("s", 0)]]  # the pull decides, not the order of the pool
 
 
+def test_batched_continuation_ce_matches_one_forward_per_text(tiny_gemma_dir):
+    from saescope.models import load_model
+
+    lm = load_model(str(tiny_gemma_dir))
+    prompts = ["the king", "a much longer prompt about the sea"]
+    news = [torch.tensor([5, 6, 7, 8]), torch.tensor([9, 10])]
+    total = count = 0.0
+    for prompt, new in zip(prompts, news):  # the reference: one unpadded forward per text
+        p = lm.tokenizer(prompt, return_tensors="pt")["input_ids"][0]
+        with torch.no_grad():
+            logits = lm.model(input_ids=torch.cat([p, new])[None], use_cache=False).logits[0, len(p) - 1:-1]
+        total += float(-logits.float().log_softmax(-1).gather(1, new[:, None]).sum())
+        count += len(new)
+    assert cs.continuation_ce(lm, prompts, news) == pytest.approx(total / count, rel=1e-4)
+
+
 @pytest.fixture
 def fake_texts(monkeypatch):
-    """Calibration without a model: the text depends on the strength per feature and the text length.
-    Up to ×1.2 per feature nothing shows; from ×1.2 the concept shows; 24-token texts loop from ×3 and
-    40-token texts already from ×1.9."""
+    """Calibration without a model: the text depends on the strength per feature. Up to ×1.2 per feature
+    nothing shows; from ×1.2 the concept shows; from ×1.9 the text loops."""
     import saescope.search
 
     calls = []
 
-    def text(value, tokens):
-        if value >= (3.0 if tokens <= 24 else 1.9):
+    def text(value):
+        if value >= 1.9:
             return "horses horses horses horses horses horses horses horses"
         if value >= 1.2:
             return "the farmer led the horses out to the field at dawn"
         return "we talked about the weather and went home early"
 
     def generate(lm, saes, typical, groups, prompts, tokens, seed):
-        calls.append((tokens, [[iv.value for iv in g] for g in groups]))
-        texts = [[text(min([iv.value for iv in g], default=0.0), tokens)] * len(prompts) for g in groups]
+        calls.append([[iv.value for iv in g] for g in groups])
+        texts = [[text(min([iv.value for iv in g], default=0.0))] * len(prompts) for g in groups]
         return texts, [[torch.tensor([i, i + 1]) for i in range(len(prompts))] for _ in groups]
 
     def candidates(run, concept, cfg, n):  # fresh candidates for every calibration
@@ -209,27 +232,28 @@ def fake_texts(monkeypatch):
     return calls
 
 
-def test_the_longer_check_steps_down_before_the_text_loops(fake_texts):
-    choice = cs._calibrate(None, "horses", cs.ConceptSteerConfig(ladder=(1.0, 2.0, 4.0, 8.0)), lm=object())
+def test_the_search_steps_down_from_a_loop_to_a_strength_that_shows(fake_texts):
+    choice = cs._calibrate(None, "horses", cs.ConceptSteerConfig(), lm=object())
     single = choice.candidates[0]
-    assert cs._climb(cs.Candidate([], [], "", 0, 0, rungs=[r for r in single.rungs if not r.verified])).strength == 2
-    checked = {r.strength: r for r in single.rungs if r.verified}
-    assert sorted(checked) == [1.414, 2.0] and checked[2.0].degenerate
+    tried = {r.strength: r for r in single.rungs}
+    assert sorted(tried) == [1.414, 2.0] and tried[2.0].degenerate and tried[1.414].shows
     assert choice.calibrated and choice.features == [(SAE, 0)] and choice.strength == pytest.approx(1.414, abs=1e-3)
-    assert [(t, len(groups)) for t, groups in fake_texts] == [(24, 13), (40, 5)]  # 2 features + the pair
+    # round 1: the unsteered texts, 2 features and the pair at ×2; round 2: the same three, one step on
+    assert [len(groups) for groups in fake_texts] == [4, 3] and fake_texts[0][0] == []
 
 
 def test_a_pair_is_steered_at_the_strength_it_was_calibrated_at(fake_texts):
-    choice = cs._calibrate(None, "horses", cs.ConceptSteerConfig(ladder=(1.0, 2.0, 4.0, 8.0), verify=3), lm=object())
+    choice = cs._calibrate(None, "horses", cs.ConceptSteerConfig(), lm=object())
     pair = choice.candidates[2]
     assert pair.features == [(SAE, 0), (SAE, 1)]
-    assert pair.strength == pytest.approx(2.828, abs=1e-3)  # in all: ×4 on the ladder (×2 each), checked ×2.83
-    (_, ladder), (_, check) = fake_texts
-    assert [2.0, 2.0] in ladder and [4.0, 4.0] in ladder  # the ladder's ×4 and ×8 split in two
-    steered = [iv.value for iv in cs.ConceptChoice("horses", pair.features, pair.strength, "", [], [], True).interventions()]
-    assert steered == [pytest.approx(1.414, abs=1e-3)] * 2 and steered in check  # what was checked is what steers
-    single = cs._calibrate(None, "horses", cs.ConceptSteerConfig(ladder=(1.0, 2.0, 4.0, 8.0)), lm=object())
-    assert "×1.414 is the smallest strength" in single.reason and "each" not in single.reason
+    # in all: ×2 (×1 each) showed nothing, ×2.83 shows; not costed nor taken: the single feature showed it as often
+    assert cs._proposal(pair).strength == pytest.approx(2.828, abs=1e-3) and pair.strength is None
+    assert "not taken" in pair.why and choice.candidates[0].strength == pytest.approx(1.414, abs=1e-3)
+    first, second = fake_texts
+    assert [1.0, 1.0] in first and [pytest.approx(1.414, abs=1e-3)] * 2 in second
+    steered = [iv.value for iv in cs.ConceptChoice("horses", pair.features, 2.828, "", [], [], True).interventions()]
+    assert steered == [pytest.approx(1.414, abs=1e-3)] * 2  # what was tried is what steers
+    assert "×1.414 is the smallest strength" in choice.reason and "each" not in choice.reason
 
 
 # ---------------------------------------------------------------------------- the cache
@@ -251,7 +275,7 @@ def test_calibration_is_cached_per_concept(atlas, monkeypatch):
     assert again.features == first.features and again.candidates[0].rungs[0].shows
     stored = json.loads((atlas.root / cs.CALIBRATION_FILE).read_text())
     assert [list(v) for v in stored["settings"].values()] == [["farm animals"]]
-    other = cs.ConceptSteerConfig(ladder=(1.0, 3.0))
+    other = cs.ConceptSteerConfig(start=3.0)
     cs.choose(atlas, "farm animals", other)  # other settings: calibrate again, keep both
     assert len(calls) == 2 and cs.choose(atlas, "farm animals").cached and cs.choose(atlas, "farm animals", other).cached
     stored["index"] = "an older analysis"

@@ -238,6 +238,35 @@ def test_generation_is_steered_and_seeded(lm):
     assert torch.equal(state, torch.get_rng_state())  # the global RNG is left alone
 
 
+def test_one_batched_generate_gives_each_row_what_it_would_get_alone(lm):
+    """steer() generates steered and unsteered text in one batch (shared sampling noise); streaming generates
+    them one after the other. Both give the same texts, sampled or greedy."""
+    sae = make_sae(lm, 1)
+    ivs = [Intervention("s", 5, "add", 60.0)]
+    for greedy in (True, False):
+        kw = dict(saes={"s": sae}, max_new_tokens=10, greedy=greedy, seed=7)
+        batched = st.steer(lm, "the king of france", ivs, **kw)
+        streamed = st.steer(lm, "the king of france", ivs, on_token=lambda which, t: None, **kw)
+        assert (batched.steered, batched.unsteered) == (streamed.steered, streamed.unsteered)
+        assert batched.steered != batched.unsteered or not greedy  # (this random model's sampling is near-uniform)
+        assert (batched.ce_steered, batched.ce_unsteered) == pytest.approx((streamed.ce_steered, streamed.ce_unsteered),
+                                                                         abs=1e-4)
+        b, s = batched.effect, streamed.effect  # measured in one padded forward vs one forward each
+        assert (b.act_unsteered, b.act_steered_text, b.act_during, b.prob_unsteered, b.prob_steered) == pytest.approx(
+            (s.act_unsteered, s.act_steered_text, s.act_during, s.prob_unsteered, s.prob_steered), abs=1e-4)
+
+
+def test_shared_noise_sampling_draws_from_the_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    for temperature in (1.0, 0.5):
+        sampler = st.SharedNoiseSampling(temperature, seed=0, device=torch.device("cpu"))
+        draws = torch.tensor([int(sampler(None, logits).argmax()) for _ in range(4000)])
+        freq = torch.bincount(draws, minlength=4).float() / len(draws)
+        torch.testing.assert_close(freq, (logits[0] / temperature).softmax(-1), atol=0.03, rtol=0)
+    rows = st.SharedNoiseSampling(1.0, seed=3, device=torch.device("cpu"))(None, logits.repeat(3, 1))
+    assert torch.equal(rows[0], rows[2])  # one noise vector for every row
+
+
 def test_hooks_act_on_cached_incremental_forwards(lm):
     """Greedy steered generation (KV cache, one-token forwards) equals the argmax of one full steered forward."""
     sae = make_sae(lm, 1)

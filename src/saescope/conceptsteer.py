@@ -12,27 +12,27 @@
    layers (the later layers transform what they write), so the `pool` best are *probed*: each is
    steered at ×`probe` on the calibration prompts in one forward pass, and the `candidates` that
    raise the next-token probability of the concept's words most (their *pull*) go on.
-2. **Strength by a ladder.** Every candidate (and, with `combine`, the top candidates together,
-   the strength split evenly between them) is steered at each strength of `ladder` (× the
-   feature's max activation) on the library's own neutral calibration prompts, sampled, all rows
-   in one batched `generate` (`steer.steering_rows`). Each text is judged on its own:
+2. **Strength by a bisection.** Every candidate (and, with `combine`, the top candidates together,
+   the strength split evenly between them) is steered on the library's own neutral calibration
+   prompts, sampled, `tokens` new tokens, all candidates and the unsteered texts in one batched
+   `generate` per round (`steer.generate_ids`: the rows share the sampling noise, so a steered text
+   differs from the unsteered one by the steering, not by luck). Each text is judged on its own:
    - it *mentions the concept* when it holds at least one concept word (the query's own words,
      the index's words closest to it, the candidate's promoted words close to it); a word
      repeated counts once, so a loop of "animals animals …" is one mention, not forty;
    - it *loops* when its distinct-bigram ratio is below `min_distinct2`, one word repeats
      `max_run` times in a row, or one token 2 × `max_run` times.
-   A rung *shows the concept* when at least `min_shown` of its texts mention it (more than
+   A strength *shows the concept* when at least `min_shown` of its texts mention it (more than
    unsteered) and their embedding moves toward the query; it is *degenerate* when more of its
-   texts loop than unsteered. Walking up the ladder, the first degenerate rung stops the climb
-   and the first rung that shows the concept is proposed.
-3. **Check on longer texts.** Loops often start after the short calibration texts, and on other
-   prompts. The `verify` best proposals are steered again, `verify_samples` × each prompt ×
-   `verify_tokens` (the length `steer` writes by default), at the proposed strength and halfway
-   (geometrically) down to the rung below; the smallest that still shows the concept without
-   degenerating, at most `max_cost` nats/token above the unsteered texts' cross-entropy (under
-   the unsteered model), is taken. Of the candidates that pass, the one whose texts mention the
-   concept most often wins; the others are reported as runners-up. When none passes, the
-   largest non-degenerate rise is used and reported as uncalibrated.
+   texts loop than unsteered. Round 1 tries `start`; each later round steps by `step` on a
+   geometric grid: down from a strength that showed the concept (is a smaller one enough?) or
+   looped, up from one that showed nothing, never to or past a strength that looped or one that
+   showed nothing (`rounds` rounds: a bisection between "nothing shows" and "the text loops").
+3. **Take.** Each candidate takes its smallest strength that showed the concept below its loops,
+   if that costs at most `max_cost` nats/token above the unsteered texts' cross-entropy (under the
+   unsteered model, measured for that strength only). Of the candidates that pass, the one whose
+   texts mention the concept most often wins; the others are reported as runners-up. When none
+   passes, the largest non-degenerate rise is used and reported as uncalibrated.
 4. **Cache.** The choice is stored per concept in run/steer_calibration.json (atomic write),
    keyed by the concept index (re-analysis invalidates it) and the calibration settings, so a
    repeated request skips steps 1-3.
@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .analyze import _bookkeeping_threads as one_cpu_thread  # one CPU thread for small ops
 from .errors import SaescopeError
 from .fsio import read_json, write_json
 from .runs import Run
@@ -66,13 +67,19 @@ CALIBRATION_PROMPTS = ("Here is what I wrote about it:", "Let me tell you someth
 class ConceptSteerConfig:
     """How `choose` picks features and strengths for a concept."""
 
-    ladder: tuple[float, ...] = (1.0, 2.0, 4.0)
-    """Strengths tried, × each feature's max activation (split between combined features), smallest first.
-    (×8 looped for nearly every feature of the default run, and the check below tries ×2.8 between ×2 and ×4.)"""
-    pool: int = 3
+    start: float = 2.0
+    """The first strength tried (× each feature's max activation, split between combined features)."""
+    step: float = 1.4142
+    """Each later round tries the strength × or ÷ this (a bisection on a geometric grid)."""
+    rounds: int = 2
+    """Rounds of the search: round 1 tries `start`; each later one steps down from a strength that showed the
+    concept or looped, and up from one that showed nothing without looping."""
+    min_strength: float = 0.5
+    max_strength: float = 8.0
+    pool: int = 6
     """Features (by output match) whose pull on the concept's words is measured (`probe`) when more than
-    `candidates`; off by default until measured on the concept lists (bench/RESULTS.md)."""
-    candidates: int = 3
+    `candidates` (one batched forward pass, no generation)."""
+    candidates: int = 2
     """Features of the pool that pull most, calibrated per concept."""
     probe: float = 2.0
     """The strength at which the pool's pull is measured."""
@@ -80,23 +87,23 @@ class ConceptSteerConfig:
     """Also try this many top candidates (different layers) together, sharing the strength (1: never)."""
     min_output: float = 0.35
     """Below this output-side similarity no feature matches the concept."""
-    tokens: int = 24
+    tokens: int = 32
     """New tokens per calibration text."""
     seed: int = 1234
     min_shown: float = 0.5
-    """A rung shows the concept when at least this share of its texts mention it."""
+    """A strength shows the concept when at least this share of its texts mention it."""
     min_distinct2: float = 0.6
     """A text whose distinct-bigram ratio is below this loops."""
     max_run: int = 4
     """A text where one word repeats this many times in a row (one token: twice as many) loops."""
     max_cost: float = 2.5
     """Largest CE cost (nats/token of the steered texts under the unsteered model, above the unsteered texts)."""
-    verify: int = 2
-    """Proposals checked again on longer texts (the best by how often the concept showed)."""
-    verify_samples: int = 1
-    """Samples per calibration prompt in that check."""
-    verify_tokens: int = 40
-    """New tokens per text in that check."""
+
+    def __post_init__(self):
+        if not (0 < self.min_strength <= self.start <= self.max_strength) or not self.step > 1 or self.rounds < 1:
+            raise SaescopeError(f"calibration settings cannot work: need 0 < min_strength ≤ start ≤ max_strength, "
+                                f"step > 1 and rounds ≥ 1 (got {self.min_strength:g} ≤ {self.start:g} ≤ "
+                                f"{self.max_strength:g}, step {self.step:g}, rounds {self.rounds})")
 
     def key(self) -> str:
         raw = json.dumps([dataclasses.asdict(self), CALIBRATION_PROMPTS], sort_keys=True)
@@ -105,7 +112,7 @@ class ConceptSteerConfig:
 
 @dataclass
 class Rung:
-    """One strength for one candidate, pooled over its texts (the ladder's, or the longer check's)."""
+    """One strength tried for one candidate, pooled over its texts."""
 
     strength: float
     words_unsteered: int  # distinct concept words per text, summed over the texts
@@ -123,12 +130,11 @@ class Rung:
     looped_unsteered: int = 0  # texts that loop
     looped_steered: int = 0
     texts: int = 0
-    verified: bool = False  # measured in the check on longer texts
 
 
 @dataclass
 class Candidate:
-    """A feature (or, with `combine`, several) tried for the concept, and its ladder."""
+    """A feature (or, with `combine`, several) tried for the concept, and the strengths tried."""
 
     features: list[tuple[str, int]]
     layer: list[int | None]
@@ -263,21 +269,78 @@ def _calibrate(run: Run, concept: str, cfg: ConceptSteerConfig, lm) -> ConceptCh
     pool, words, qvec = _candidates(run, concept, cfg, cfg.pool)
     lm = lm or run.model
     saes, typical = _load(run, [f for c in pool for f in c.features])
-    cands = _select(lm, saes, typical, pool, words, cfg)
-    measure = _Measure(words, qvec, cfg)
-    groups = [[]] + [concept_interventions(c.features, s) for c in cands for s in cfg.ladder]
-    texts, ids = _generate_groups(lm, saes, typical, groups, list(CALIBRATION_PROMPTS), cfg.tokens, cfg.seed)
-    base = measure.texts(texts[0], ids[0])
-    proposed = {}
-    for ci, c in enumerate(cands):
-        for si, strength in enumerate(cfg.ladder):
-            g = 1 + ci * len(cfg.ladder) + si
-            c.rungs.append(_rung(strength, base, measure.texts(texts[g], ids[g]), cfg, texts[g][0]))
-        rung = _climb(c)
-        if rung is not None:
-            proposed[ci] = rung
-    _verify(lm, saes, typical, [(cands[ci], r) for ci, r in proposed.items()], measure, cfg)
+    with one_cpu_thread(getattr(lm, "device", torch.device("cpu"))):
+        cands = _select(lm, saes, typical, pool, words, cfg)
+        _search(lm, saes, typical, cands, _Measure(words, qvec, cfg), cfg)
     return _decide(concept, cands, words, cfg)
+
+
+def _search(lm, saes, typical, cands: list[Candidate], measure: _Measure, cfg: ConceptSteerConfig) -> None:
+    """Every candidate's strength, by `rounds` rounds of one batched generate each (all open candidates
+    together, the unsteered texts once: the same seed gives every round the same sampling noise). Then the
+    proposals (each candidate's smallest strength that showed the concept below its loops), the one that
+    showed it most first, are costed until one is within `max_cost`: that one is taken."""
+    prompts = list(CALIBRATION_PROMPTS)
+    plan = {i: _grid(cfg.start, cfg) for i in range(len(cands))}
+    base, kept = None, {}
+    for _ in range(cfg.rounds):
+        todo = [(i, s) for i, s in plan.items() if s is not None]
+        if not todo:
+            break
+        groups = ([[]] if base is None else []) + [concept_interventions(cands[i].features, s) for i, s in todo]
+        texts, ids = _generate_groups(lm, saes, typical, groups, prompts, cfg.tokens, cfg.seed)
+        if base is None:
+            base, kept[None] = measure.texts(texts[0], ids[0]), ids[0]
+            texts, ids = texts[1:], ids[1:]
+        for (i, s), t, d in zip(todo, texts, ids):
+            cands[i].rungs.append(_rung(s, base, measure.texts(t, d), cfg, t[0]))
+            kept[(i, s)] = d
+            plan[i] = _next_strength(cands[i], cfg)
+
+    proposals = [(i, r) for i, c in enumerate(cands) if (r := _proposal(c)) is not None]
+    base_ce = None
+    for i, r in sorted(proposals, key=lambda ir: _merit(ir[1]), reverse=True):
+        c = cands[i]
+        base_ce = continuation_ce(lm, prompts, kept[None]) if base_ce is None else base_ce
+        r.cost = continuation_ce(lm, prompts, kept[(i, r.strength)]) - base_ce
+        if r.cost > cfg.max_cost:
+            c.why = f"costs {r.cost:.2f} nats/token at ×{r.strength:g}, over the cap {cfg.max_cost:g}"
+            continue
+        c.strength, c.why = r.strength, f"concept shows at ×{r.strength:g} on {cfg.tokens}-token texts"
+        break
+    for i, r in proposals:
+        if r.cost is None:
+            cands[i].why = f"concept shows at ×{r.strength:g}; not taken (another candidate showed it more)"
+
+
+def _grid(strength: float, cfg: ConceptSteerConfig) -> float | None:
+    """`strength` rounded to 3 decimals, None outside [min_strength, max_strength]."""
+    return round(strength, 3) if cfg.min_strength - 1e-9 <= strength <= cfg.max_strength + 1e-9 else None
+
+
+def _next_strength(c: Candidate, cfg: ConceptSteerConfig) -> float | None:
+    """The strength to try next (None: done). Down a step from one that showed the concept or looped,
+    up a step from one that showed nothing; never at or above a strength that looped, never at or below one
+    that showed nothing, never twice. The rule stops before degeneration: it only climbs from clean text."""
+    last = c.rungs[-1]
+    tried = {r.strength for r in c.rungs}
+    looped = min((r.strength for r in c.rungs if r.degenerate), default=math.inf)
+    quiet = max((r.strength for r in c.rungs if not r.degenerate and not r.shows), default=-math.inf)
+    nxt = _grid(last.strength / cfg.step if (last.degenerate or last.shows) else last.strength * cfg.step, cfg)
+    if nxt is None or nxt in tried or not quiet < nxt < looped:
+        return None
+    return nxt
+
+
+def _proposal(c: Candidate) -> Rung | None:
+    """The candidate's smallest strength that showed the concept below its loops (None: says why)."""
+    shown = [r for r in _safe(c) if r.shows]
+    if shown:
+        return min(shown, key=lambda x: x.strength)
+    looped = [r.strength for r in c.rungs if r.degenerate]
+    c.why = (f"loops at ×{min(looped):g} before the concept shows" if looped else
+             f"the concept did not show at {', '.join(f'×{r.strength:g}' for r in c.rungs)}")
+    return None
 
 
 def _decide(concept: str, cands: list[Candidate], words: list[str], cfg: ConceptSteerConfig) -> ConceptChoice:
@@ -298,7 +361,7 @@ def _decide(concept: str, cands: list[Candidate], words: list[str], cfg: Concept
         best, last = max(safe, key=lambda cr: _merit(cr[1]))
         strength = last.strength
     else:
-        best, strength = cands[0], min(cfg.ladder)
+        best, strength = cands[0], cfg.min_strength
     reason = (f"no strength made '{concept}' show without degenerating the text; steering {_name(best)} "
               f"(output similarity {best.output_match:.2f}) at ×{strength:g}, the strongest showing below its loops")
     return ConceptChoice(concept, best.features, strength, reason, cands, words, calibrated=False)
@@ -314,7 +377,7 @@ def _merit(r: Rung) -> tuple[float, float]:
 
 
 def _safe(c: Candidate) -> list[Rung]:
-    """The candidate's rungs below its weakest degenerate strength (ladder or check)."""
+    """The candidate's rungs below its weakest degenerate strength."""
     limit = min((r.strength for r in c.rungs if r.degenerate), default=math.inf)
     return [r for r in c.rungs if r.strength < limit]
 
@@ -327,61 +390,7 @@ def _name(c: Candidate) -> str:
     return " + ".join(f"layer {layer} #{idx}" for layer, (_, idx) in zip(c.layer, c.features))
 
 
-# ---------------------------------------------------------------------------- the ladder and the check
-
-
-def _climb(c: Candidate) -> Rung | None:
-    """Walk up the ladder: stop at the first degenerate rung; propose the first that shows the concept."""
-    for r in c.rungs:
-        if r.degenerate:
-            c.why = f"degenerates at ×{r.strength:g} before the concept shows"
-            return None
-        if r.shows:
-            c.why = f"concept shows at ×{r.strength:g} on the ladder"
-            return r
-    c.why = "the concept did not show at any strength of the ladder"
-    return None
-
-
-def _verify(lm, saes, typical, proposals: list[tuple[Candidate, Rung]], measure: _Measure,
-            cfg: ConceptSteerConfig) -> None:
-    """Steer the best proposals again on more, longer texts, at their strength and halfway down to the rung
-    below; each takes the smallest that shows the concept without degenerating, within the cost cap."""
-    proposals = sorted(proposals, key=lambda cr: _merit(cr[1]), reverse=True)
-    for c, _ in proposals[cfg.verify:]:
-        c.why += "; not checked on longer texts (weaker on the ladder than the checked ones)"
-    plan = [(c, s) for c, r in proposals[:cfg.verify] for s in _steps(r.strength, cfg.ladder)]
-    if not plan:
-        return
-    prompts = [p for p in CALIBRATION_PROMPTS for _ in range(cfg.verify_samples)]
-    groups = [[]] + [concept_interventions(c.features, s) for c, s in plan]
-    texts, ids = _generate_groups(lm, saes, typical, groups, prompts, cfg.verify_tokens, cfg.seed + 1)
-    base = measure.texts(texts[0], ids[0])
-    base_ce = None
-    for c, _ in proposals[:cfg.verify]:
-        checked = [(g, _rung(s, base, measure.texts(texts[g], ids[g]), cfg, texts[g][0], verified=True))
-                   for g, (cj, s) in enumerate(plan, 1) if cj is c]
-        c.rungs.extend(r for _, r in checked)
-        for g, r in checked:
-            if r.degenerate:
-                c.why = f"loops at ×{r.strength:g} on {cfg.verify_tokens}-token texts"
-                break
-            if not r.shows:
-                c.why = f"the concept did not show at ×{r.strength:g} on {cfg.verify_tokens}-token texts"
-                continue
-            base_ce = continuation_ce(lm, prompts, ids[0]) if base_ce is None else base_ce
-            r.cost = continuation_ce(lm, prompts, ids[g]) - base_ce
-            if r.cost > cfg.max_cost:
-                c.why = f"costs {r.cost:.2f} nats/token at ×{r.strength:g}, over the cap {cfg.max_cost:g}"
-                break
-            c.strength, c.why = r.strength, f"concept shows at ×{r.strength:g} on {cfg.verify_tokens}-token texts"
-            break
-
-
-def _steps(strength: float, ladder: tuple[float, ...]) -> tuple[float, float]:
-    """The strength halfway (geometrically) down to the ladder's rung below it (or ×1/√2), and itself."""
-    below = max((s for s in ladder if s < strength), default=strength / 2)
-    return round(math.sqrt(below * strength), 3), strength
+# ---------------------------------------------------------------------------- loading, probing, generating
 
 
 def _load(run: Run, features: list[tuple[str, int]]):
@@ -395,8 +404,8 @@ def _load(run: Run, features: list[tuple[str, int]]):
 
 
 def _probe(lm, saes, typical, pool: list[Candidate], words: list[str], cfg: ConceptSteerConfig) -> None:
-    """Set each candidate's `pull`: steered at ×`probe` on the calibration prompts (one forward pass per
-    candidate, no sampling), how much more probability the next tokens put on the concept's words (those
+    """Set each candidate's `pull`: steered at ×`probe` on the calibration prompts (one batched forward pass,
+    no sampling), how much more probability the next tokens put on the concept's words (those
     that are one token) than unsteered, averaged over positions. A feature whose unembedded direction names
     the concept may still not move the model's output once the later layers have read it; this measures
     that. A difference, not a ratio: a feature that only flattens the distribution gains rare words a
@@ -407,11 +416,13 @@ def _probe(lm, saes, typical, pool: list[Candidate], words: list[str], cfg: Conc
     prompts = list(CALIBRATION_PROMPTS)
     ids, mask = _left_padded(lm, prompts)
     keep = mask.bool() if lm.bos_id is None else mask.bool() & (ids != lm.bos_id)
-    mass = []
-    for ivs in [[]] + [concept_interventions(c.features, cfg.probe) for c in pool]:
-        with torch.no_grad(), steering_rows(lm, saes, [ivs] * len(prompts), typical):
-            logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (prompts, seq, vocab)
-        mass.append(float(logits.float().softmax(-1)[..., targets].sum(-1)[keep].mean()))
+    groups = [[]] + [concept_interventions(c.features, cfg.probe) for c in pool]
+    n = len(prompts)
+    with torch.no_grad(), steering_rows(lm, saes, [ivs for ivs in groups for _ in prompts], typical):
+        logits = lm.model(input_ids=ids.repeat(len(groups), 1), attention_mask=mask.repeat(len(groups), 1),
+                          use_cache=False).logits  # (groups × prompts, seq, vocab)
+    mass = [float(logits[g * n:(g + 1) * n].float().softmax(-1)[..., targets].sum(-1)[keep].mean())
+            for g in range(len(groups))]
     for c, m in zip(pool, mass[1:]):
         c.pull = round(m - mass[0], 5)
 
@@ -450,43 +461,33 @@ def _generate_groups(lm, saes, typical, groups: list[list], prompts: list[str], 
 def generate_rows(lm, saes, typical, prompts: list[str], rows: list[list], tokens: int, seed: int,
                   sample: bool = True) -> list[torch.Tensor]:
     """Continue every prompt under its own interventions (one batched, left-padded generate)."""
-    from transformers import GenerationConfig
+    from .steer import generate_ids, until_eos
 
-    tok = lm.tokenizer
     ids, mask = _left_padded(lm, prompts)
-    gen_cfg = GenerationConfig(max_new_tokens=int(tokens), do_sample=sample, temperature=1.0 if sample else None,
-                               top_k=None, top_p=None, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    devices = [lm.device] if lm.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad(), steering_rows(lm, saes, rows, typical):
-        torch.manual_seed(seed)
-        out = lm.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
-    new = out[:, ids.shape[1]:].cpu()
-    return [_strip_pad(r, tok) for r in new]
-
-
-def _strip_pad(ids: torch.Tensor, tok) -> torch.Tensor:
-    """Cut a generated row at its first EOS/pad (what generate fills finished rows with)."""
-    stop = {tok.eos_token_id, tok.pad_token_id} - {None}
-    for i, t in enumerate(ids.tolist()):
-        if t in stop:
-            return ids[:i]
-    return ids
+    with steering_rows(lm, saes, rows, typical):
+        new = generate_ids(lm, ids, tokens, greedy=not sample, seed=seed, attention_mask=mask)
+    return [until_eos(r, lm.tokenizer) for r in new]
 
 
 def continuation_ce(lm, prompts, new_ids: list[torch.Tensor]) -> float:
-    """Mean cross-entropy (nats/token) of the continuations under the unsteered model."""
-    total, count = 0.0, 0
-    for prompt, new in zip(prompts, new_ids):
-        if new.numel() == 0:
-            continue
-        p = lm.tokenizer(prompt, return_tensors="pt")["input_ids"][0]
-        ids = torch.cat([p, new]).unsqueeze(0).to(lm.device)
-        with torch.no_grad():
-            logits = lm.model(input_ids=ids, use_cache=False).logits[0, len(p) - 1:-1].float()
-        logp = logits.log_softmax(-1)
+    """Mean cross-entropy (nats/token) of the continuations under the unsteered model (one right-padded
+    forward: padding after a row's text leaves its logits as they are)."""
+    rows = [(lm.tokenizer(p, return_tensors="pt")["input_ids"][0], new) for p, new in zip(prompts, new_ids)]
+    rows = [(p, new) for p, new in rows if new.numel()]
+    if not rows:
+        return float("nan")
+    width = max(len(p) + len(new) for p, new in rows)
+    ids = torch.full((len(rows), width), lm.tokenizer.pad_token_id or 0, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, (p, new) in enumerate(rows):
+        ids[r, :len(p) + len(new)], mask[r, :len(p) + len(new)] = torch.cat([p, new]), 1
+    with torch.no_grad():
+        logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False).logits
+    total = 0.0
+    for r, (p, new) in enumerate(rows):
+        logp = logits[r, len(p) - 1:len(p) + len(new) - 1].float().log_softmax(-1)  # (n, vocab)
         total += float(-logp.gather(1, new.to(logp.device)[:, None]).sum())
-        count += new.numel()
-    return total / count if count else float("nan")
+    return total / sum(len(new) for _, new in rows)
 
 
 # ---------------------------------------------------------------------------- measures
@@ -561,13 +562,12 @@ class _Measure:
                       looped=sum(loops(t, i.tolist(), self.cfg) for t, i in zip(texts, ids)), n=len(texts))
 
 
-def _rung(strength: float, base: _Texts, steered: _Texts, cfg: ConceptSteerConfig, example: str,
-          verified: bool = False) -> Rung:
+def _rung(strength: float, base: _Texts, steered: _Texts, cfg: ConceptSteerConfig, example: str) -> Rung:
     shows = (steered.shown >= cfg.min_shown and steered.shown > base.shown and steered.similarity > base.similarity)
     return Rung(strength, base.words, steered.words, round(base.similarity, 4), round(steered.similarity, 4),
                 round(steered.distinct2, 3), steered.longest_run, shows=shows, degenerate=steered.looped > base.looped,
                 example=example, shown_unsteered=round(base.shown, 4), shown_steered=round(steered.shown, 4),
-                looped_unsteered=base.looped, looped_steered=steered.looped, texts=steered.n, verified=verified)
+                looped_unsteered=base.looped, looped_steered=steered.looped, texts=steered.n)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from typing import cast
 import torch
 
 from . import conceptsteer
+from .analyze import _bookkeeping_threads as one_cpu_thread  # one CPU thread for small ops
 from .analyze import logit_effects
 from .errors import SaescopeError
 from .fsio import atomic_path
@@ -54,28 +55,48 @@ def _encode_prompt(lm: LoadedModel, prompt: str, max_new_tokens: int) -> torch.T
 
 
 def generate_ids(lm: LoadedModel, input_ids: torch.Tensor, max_new_tokens: int = 40, greedy: bool = True,
-                 temperature: float = 1.0, seed: int = 0, on_token: Callable[[int], None] | None = None
-                 ) -> torch.Tensor:
-    """New token ids (n,) continuing `input_ids` (1, P). Sampling is seeded and leaves the global RNG alone.
+                 temperature: float = 1.0, seed: int = 0, on_token: Callable[[int], None] | None = None,
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """New token ids (batch, n) continuing `input_ids` (batch, P; left-padded where `attention_mask` says).
+    Sampling is seeded, draws the same noise for every row (`SharedNoiseSampling`) and leaves the global RNG
+    alone.
 
-    `on_token(id)` is called with each new token as it is generated; an exception it raises stops
-    the generation and propagates (how a caller cancels)."""
-    from transformers import GenerationConfig
+    `on_token(id)` is called with each new token as it is generated (batch of one); an exception it raises
+    stops the generation and propagates (how a caller cancels)."""
+    from transformers import GenerationConfig, LogitsProcessorList
 
     if not greedy and not (math.isfinite(temperature) and temperature > 0):
         raise SaescopeError(f"temperature must be a positive number, got {temperature}")
     tok = lm.tokenizer
-    gen_cfg = GenerationConfig(max_new_tokens=int(max_new_tokens), do_sample=not greedy,
-                               temperature=None if greedy else float(temperature), top_k=None, top_p=None,
-                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    devices = [lm.device] if lm.device.type == "cuda" else []
+    gen_cfg = GenerationConfig(max_new_tokens=int(max_new_tokens), do_sample=False, temperature=None, top_k=None,
+                               top_p=None, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     ids = input_ids.to(lm.device)
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(lm.device)
+    processors = LogitsProcessorList([] if greedy else [SharedNoiseSampling(temperature, seed, lm.device)])
     streamer = _TokenStreamer(on_token) if on_token is not None else None
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
-        torch.manual_seed(seed)
+    with torch.no_grad(), one_cpu_thread(lm.device):
         out = lm.model.generate(  # type: ignore[operator]  # transformers' stubs type `generate` as a Tensor
-            input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen_cfg, streamer=streamer)
-    return out[0, ids.shape[1]:].cpu()
+            input_ids=ids, attention_mask=mask, generation_config=gen_cfg, logits_processor=processors,
+            streamer=streamer)
+    new = out[:, ids.shape[1]:].cpu()
+    return new[0] if input_ids.shape[0] == 1 and attention_mask is None else new
+
+
+class SharedNoiseSampling:
+    """Sampling at `temperature` as a logits processor for greedy decoding: the Gumbel-max trick,
+    argmax(logits / T + G) with G ~ Gumbel(0, 1), draws a token from softmax(logits / T). One noise
+    vector per step, drawn from a generator seeded with `seed`, is shared by every row of the batch, so
+    rows that differ only by their steering see the same random numbers (as separate generations with
+    one seed do), and a batched generate gives each row what it would get alone."""
+
+    def __init__(self, temperature: float, seed: int, device: torch.device):
+        self.temperature = float(temperature)
+        self.gen = torch.Generator(device=device).manual_seed(int(seed))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        u = torch.rand(scores.shape[-1], generator=self.gen, device=scores.device, dtype=torch.float32)
+        gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))  # (vocab,)
+        return scores.float() / self.temperature + gumbel
 
 
 class _TokenStreamer:
@@ -186,27 +207,49 @@ class _Pass:
 def _forward_measure(lm: LoadedModel, prompt_ids: torch.Tensor, new_ids: torch.Tensor, saes: dict[str, SAE],
                      targets: list[Intervention], promoted: dict[tuple[str, int], list[int]]) -> _Pass:
     """Run the model (under whatever hooks are active) and measure the continuation."""
+    return _forward_measures(lm, prompt_ids, [new_ids], saes, targets, promoted)[0]
+
+
+def _forward_measures(lm: LoadedModel, prompt_ids: torch.Tensor, news: list[torch.Tensor], saes: dict[str, SAE],
+                      targets: list[Intervention], promoted: dict[tuple[str, int], list[int]]) -> list[_Pass]:
+    """Measure each continuation of the prompt in one forward (a batch padded after the texts, so each row's
+    positions are as in its own forward; under whatever hooks are active, `steering_rows` included)."""
     nan = float("nan")
     keys = [(t.sae_id, t.idx) for t in targets]
-    if new_ids.numel() == 0:
-        return _Pass({k: nan for k in keys}, {k: nan for k in keys}, nan)
-    ids = torch.cat([prompt_ids[0], new_ids]).unsqueeze(0).to(lm.device)  # (1, P + n)
-    p, n = prompt_ids.shape[1], new_ids.numel()
+    p, width = prompt_ids.shape[1], max(new.numel() for new in news)
+    if width == 0:
+        return [_Pass({k: nan for k in keys}, {k: nan for k in keys}, nan) for _ in news]
+    ids = torch.zeros(len(news), p + width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, new in enumerate(news):
+        ids[r, :p + new.numel()], mask[r, :p + new.numel()] = torch.cat([prompt_ids[0], new]), 1
     sites = {t.sae_id: lm.site(saes[t.sae_id].cfg.site, saes[t.sae_id].cfg.layer) for t in targets}
     with capture(lm, list({s.key: s for s in sites.values()}.values()), stop_early=False) as store, \
             torch.no_grad():
-        logits = lm.model(input_ids=ids, use_cache=False).logits[0, p - 1:p + n - 1].float()  # (n, vocab)
-        acts = {}
-        for t in targets:
-            sae = saes[t.sae_id]
-            x = store[sites[t.sae_id].key][0, p:].float().to(sae.w_enc.device)  # (n, d_in)
-            acts[(t.sae_id, t.idx)] = float(sae.feature_code(x, t.idx).mean())
+        logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False).logits
+        passes = []
+        for r, new in enumerate(news):
+            n = new.numel()
+            if n == 0:
+                passes.append(_Pass({k: nan for k in keys}, {k: nan for k in keys}, nan))
+                continue
+            acts = {}
+            for t in targets:
+                sae = saes[t.sae_id]
+                x = store[sites[t.sae_id].key][r, p:p + n].float().to(sae.w_enc.device)  # (n, d_in)
+                acts[(t.sae_id, t.idx)] = float(sae.feature_code(x, t.idx).mean())
+            passes.append(_measure_logits(logits[r, p - 1:p + n - 1].float(), new, keys, promoted, acts))
+    return passes
+
+
+def _measure_logits(logits: torch.Tensor, new: torch.Tensor, keys, promoted, acts) -> _Pass:
+    """CE of the continuation `new` (n,) under `logits` (n, vocab), and the mass on each feature's promoted tokens."""
     logp = logits.log_softmax(-1)
-    ce = float(-logp.gather(1, new_ids.to(logp.device)[:, None]).mean())
+    ce = float(-logp.gather(1, new.to(logp.device)[:, None]).mean())
     probs = {}
     for k in keys:
         tokens = promoted.get(k) or []
-        probs[k] = float(logp[:, tokens].exp().sum(-1).mean()) if tokens else nan
+        probs[k] = float(logp[:, tokens].exp().sum(-1).mean()) if tokens else float("nan")
     return _Pass(acts, probs, ce)
 
 
@@ -358,11 +401,13 @@ def _generate_steered(s: _Setup, prompt_ids, max_new_tokens, greedy, temperature
 def _steered(s: _Setup, prompt: str, prompt_ids, base: _Baseline, max_new_tokens, greedy, temperature,
              seed) -> SteerResult:
     new, during = _generate_steered(s, prompt_ids, max_new_tokens, greedy, temperature, seed)
-    return _result(s, prompt, prompt_ids, base, new, during)
-
-
-def _result(s: _Setup, prompt: str, prompt_ids, base: _Baseline, new: torch.Tensor, during: _Pass) -> SteerResult:
     as_text = _forward_measure(s.lm, prompt_ids, new, s.saes, s.interventions, s.promoted)
+    return _result(s, prompt, base, new, during, as_text)
+
+
+def _result(s: _Setup, prompt: str, base: _Baseline, new: torch.Tensor, during: _Pass, as_text: _Pass
+            ) -> SteerResult:
+    """The result of one steered continuation; `as_text` measures it read by the unsteered model."""
     effects = []
     for iv in s.interventions:
         key = (iv.sae_id, iv.idx)
@@ -398,13 +443,41 @@ def steer(source, prompt: str, interventions: Sequence[Intervention | str] = (),
     s = _setup(source, interventions, saes, typical, choice, typical_stat)
     prompt_ids = _encode_prompt(s.lm, prompt, max_new_tokens)
     _plans(s.lm, s.saes, s.interventions, s.typical)  # fail on bad input before generating anything
-    stream = {which: (lambda t, w=which: on_token(w, t)) if on_token else None for which in ("steered", "unsteered")}
-    new, during = _generate_steered(s, prompt_ids, max_new_tokens, greedy, temperature, seed, stream["steered"])
-    base = _baseline(s, prompt_ids, max_new_tokens, greedy, temperature, seed, stream["unsteered"])
-    result = _result(s, prompt, prompt_ids, base, new, during)
+    with one_cpu_thread(s.lm.device):
+        if on_token is None and all(iv.mode == "add" for iv in s.interventions):
+            new, base_new = _generate_both(s, prompt_ids, max_new_tokens, greedy, temperature, seed)
+            with steering_rows(s.lm, s.saes, [s.interventions, [], []], s.typical):  # during, baseline, as text
+                during, base_pass, as_text = _forward_measures(s.lm, prompt_ids, [new, base_new, new], s.saes,
+                                                               s.interventions, s.promoted)
+            base = _Baseline(_text(s.lm, base_new), base_new, base_pass)
+        else:
+            stream = {w: (lambda t, w=w: on_token(w, t)) if on_token else None for w in ("steered", "unsteered")}
+            new, during = _generate_steered(s, prompt_ids, max_new_tokens, greedy, temperature, seed,
+                                            stream["steered"])
+            base = _baseline(s, prompt_ids, max_new_tokens, greedy, temperature, seed, stream["unsteered"])
+            as_text = _forward_measure(s.lm, prompt_ids, new, s.saes, s.interventions, s.promoted)
+        result = _result(s, prompt, base, new, during, as_text)
     if choice is not None:
         result.concept = conceptsteer.measure_effect(choice, result.unsteered, result.steered)
     return result
+
+
+def _generate_both(s: _Setup, prompt_ids, max_new_tokens, greedy, temperature, seed
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The steered and the unsteered continuation in one batched generate (rows differ only by their `add`
+    interventions and share the sampling noise, so each row is what its own generate would give)."""
+    ids = prompt_ids.repeat(2, 1)
+    with steering_rows(s.lm, s.saes, [s.interventions, []], s.typical):
+        new = generate_ids(s.lm, ids, max_new_tokens, greedy, temperature, seed, attention_mask=torch.ones_like(ids))
+    steered, unsteered = (until_eos(row, s.lm.tokenizer) for row in new)
+    return steered, unsteered
+
+
+def until_eos(ids: torch.Tensor, tok) -> torch.Tensor:
+    """A generated row up to and including its first EOS (a batched generate pads the rows that finished
+    early; a generate of one row stops there)."""
+    hits = (ids == tok.eos_token_id).nonzero() if tok.eos_token_id is not None else []
+    return ids[:int(hits[0]) + 1] if len(hits) else ids
 
 
 def _concept_choice(run, concept, strength, config):
