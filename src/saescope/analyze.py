@@ -59,7 +59,6 @@ uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import logging
@@ -73,6 +72,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .devices import one_cpu_thread
 from .errors import SaescopeError
 from .featuredb import Example, FeatureDB, FeatureStats, stored_acts
 from .models import LoadedModel, Site
@@ -213,7 +213,7 @@ def _pass(lm: LoadedModel, stream: Iterable[list[int]], models: dict[str, SAE], 
             contexts.add(ctx0, batch_ids)
             for sae_id, sae in models.items():
                 f = encode(sae, hb.acts[site_objs[sae_id].key].to(lm.device))
-                with _bookkeeping_threads(f.device):
+                with one_cpu_thread(f.device):
                     atlas[sae_id].update(f, batch, batch_stream(seed, sae_id, batch_no, f.device))
             report.n_tokens += int(hb.token_ids.numel())
             ctx0 += hb.n_contexts
@@ -244,21 +244,6 @@ def batch_stream(seed: int, sae_id: str, batch_no: int, device) -> torch.Generat
     same whichever other SAEs are analysed in the same pass (a resumed analysis redoes fewer)."""
     digest = hashlib.blake2b(f"{seed}/{sae_id}/{batch_no}".encode(), digest_size=8).digest()
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") >> 1)
-
-
-@contextlib.contextmanager
-def _bookkeeping_threads(device: torch.device):
-    """One CPU thread for the many small scatter/gather ops of `update`: they gain little from a
-    second thread and lose up to 8× when another process competes for the cores (measured)."""
-    old = torch.get_num_threads()
-    if device.type != "cpu" or old == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _check_args(n_tokens, top_k, n_quantiles, per_quantile, n_random, window, n_logits, batch_size) -> None:

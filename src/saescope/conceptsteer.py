@@ -47,11 +47,12 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
-from .analyze import _bookkeeping_threads as one_cpu_thread  # one CPU thread for small ops
+from .devices import one_cpu_thread
 from .errors import SaescopeError
 from .fsio import read_json, write_json
 from .runs import Run
@@ -282,7 +283,8 @@ def _search(lm, saes, typical, cands: list[Candidate], measure: _Measure, cfg: C
     showed it most first, are costed until one is within `max_cost`: that one is taken."""
     prompts = list(CALIBRATION_PROMPTS)
     plan = {i: _grid(cfg.start, cfg) for i in range(len(cands))}
-    base, kept = None, {}
+    base = None
+    kept: dict[tuple[int, float] | None, Any] = {}  # (candidate, strength) or None (unsteered) -> token ids
     for _ in range(cfg.rounds):
         todo = [(i, s) for i, s in plan.items() if s is not None]
         if not todo:

@@ -13,6 +13,7 @@ GPU's work.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Iterable, Iterator
@@ -125,3 +126,18 @@ def prefetch(batches: Iterable[dict], device: torch.device, depth: int = 2) -> I
 
 def _tensor(v) -> torch.Tensor:
     return v if isinstance(v, torch.Tensor) else torch.from_numpy(v)
+
+
+@contextlib.contextmanager
+def one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """One CPU thread inside (no-op on a GPU): for many small ops (the atlas's scatter/gather bookkeeping, steering's
+    decode steps) a second thread gains little and loses up to 8× when another process competes for the cores."""
+    old = torch.get_num_threads()
+    if device.type != "cpu" or old == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

@@ -17,8 +17,8 @@ from typing import cast
 import torch
 
 from . import conceptsteer
-from .analyze import _bookkeeping_threads as one_cpu_thread  # one CPU thread for small ops
 from .analyze import logit_effects
+from .devices import one_cpu_thread
 from .errors import SaescopeError
 from .fsio import atomic_path
 from .harvest import capture
