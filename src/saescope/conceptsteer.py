@@ -15,7 +15,7 @@
 2. **Strength by a bisection.** Every candidate (and, with `combine`, the top candidates together,
    the strength split evenly between them) is steered on the library's own neutral calibration
    prompts, sampled, `tokens` new tokens, all candidates and the unsteered texts in one batched
-   `generate` per round (`steer.generate_ids`: the rows share the sampling noise, so a steered text
+   `generate` per round (`splice.generate_ids`: the rows share the sampling noise, so a steered text
    differs from the unsteered one by the steering, not by luck). Each text is judged on its own:
    - it *mentions the concept* when it holds at least one concept word (the query's own words,
      the index's words closest to it, the candidate's promoted words close to it); a word
@@ -56,7 +56,7 @@ from .devices import one_cpu_thread
 from .errors import SaescopeError
 from .fsio import read_json, write_json
 from .runs import Run
-from .splice import Intervention, steering_rows
+from .splice import Intervention, generate_ids, steering_rows, until_eos
 
 CALIBRATION_FILE = "steer_calibration.json"
 CALIBRATION_PROMPTS = ("Here is what I wrote about it:", "Let me tell you something.", "It all started when",
@@ -463,8 +463,6 @@ def _generate_groups(lm, saes, typical, groups: list[list], prompts: list[str], 
 def generate_rows(lm, saes, typical, prompts: list[str], rows: list[list], tokens: int, seed: int,
                   sample: bool = True) -> list[torch.Tensor]:
     """Continue every prompt under its own interventions (one batched, left-padded generate)."""
-    from .steer import generate_ids, until_eos
-
     ids, mask = _left_padded(lm, prompts)
     with steering_rows(lm, saes, rows, typical):
         new = generate_ids(lm, ids, tokens, greedy=not sample, seed=seed, attention_mask=mask)

@@ -17,6 +17,9 @@ always in activation units.
 so a clamp holds on the final activation), removed in ``finally`` whatever happens.
 Positions holding the BOS token are never modified (the attention sink). Hooks act
 on every forward, including the one-token forwards of cached generation.
+
+`generate_ids(...)` generates under whatever hooks are in place (seeded, batched rows share the
+sampling noise: `SharedNoiseSampling`); steer.py and conceptsteer.py both generate through it.
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
+from .devices import one_cpu_thread
 from .errors import SaescopeError
 from .models import LoadedModel, Site
 from .sae import SAE
@@ -212,3 +216,77 @@ def _hooked(lm: LoadedModel, plans: list[_SitePlan]) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
+
+
+# ---------------------------------------------------------------------------- generation under the hooks
+
+
+def generate_ids(lm: LoadedModel, input_ids: torch.Tensor, max_new_tokens: int = 40, greedy: bool = True,
+                 temperature: float = 1.0, seed: int = 0, on_token: Callable[[int], None] | None = None,
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """New token ids (batch, n) continuing `input_ids` (batch, P; left-padded where `attention_mask` says).
+    Sampling is seeded, draws the same noise for every row (`SharedNoiseSampling`) and leaves the global RNG
+    alone.
+
+    `on_token(id)` is called with each new token as it is generated (batch of one); an exception it raises
+    stops the generation and propagates (how a caller cancels)."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    if not greedy and not (math.isfinite(temperature) and temperature > 0):
+        raise SaescopeError(f"temperature must be a positive number, got {temperature}")
+    tok = lm.tokenizer
+    gen_cfg = GenerationConfig(max_new_tokens=int(max_new_tokens), do_sample=False, temperature=None, top_k=None,
+                               top_p=None, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    ids = input_ids.to(lm.device)
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(lm.device)
+    processors = LogitsProcessorList([] if greedy else [SharedNoiseSampling(temperature, seed, lm.device)])
+    streamer = _TokenStreamer(on_token) if on_token is not None else None
+    with torch.no_grad(), one_cpu_thread(lm.device):
+        out = lm.model.generate(  # type: ignore[operator]  # transformers' stubs type `generate` as a Tensor
+            input_ids=ids, attention_mask=mask, generation_config=gen_cfg, logits_processor=processors,
+            streamer=streamer)
+    new = out[:, ids.shape[1]:].cpu()
+    return new[0] if input_ids.shape[0] == 1 and attention_mask is None else new
+
+
+class SharedNoiseSampling:
+    """Sampling at `temperature` as a logits processor for greedy decoding: the Gumbel-max trick,
+    argmax(logits / T + G) with G ~ Gumbel(0, 1), draws a token from softmax(logits / T). One noise
+    vector per step, drawn from a generator seeded with `seed`, is shared by every row of the batch, so
+    rows that differ only by their steering see the same random numbers (as separate generations with
+    one seed do), and a batched generate gives each row what it would get alone."""
+
+    def __init__(self, temperature: float, seed: int, device: torch.device):
+        self.temperature = float(temperature)
+        self.gen = torch.Generator(device=device).manual_seed(int(seed))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        u = torch.rand(scores.shape[-1], generator=self.gen, device=scores.device, dtype=torch.float32)
+        gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))  # (vocab,)
+        return scores.float() / self.temperature + gumbel
+
+
+class _TokenStreamer:
+    """The streamer interface of transformers' `generate` (put/end): the first put is the prompt, each
+    later put one new token (batch of one)."""
+
+    def __init__(self, on_token: Callable[[int], None]):
+        self.on_token = on_token
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for t in value.reshape(-1).tolist():
+            self.on_token(int(t))
+
+    def end(self) -> None:
+        pass
+
+
+def until_eos(ids: torch.Tensor, tok) -> torch.Tensor:
+    """A generated row up to and including its first EOS (a batched generate pads the rows that finished
+    early; a generate of one row stops there)."""
+    hits = (ids == tok.eos_token_id).nonzero() if tok.eos_token_id is not None else []
+    return ids[:int(hits[0]) + 1] if len(hits) else ids

@@ -25,15 +25,18 @@ from .harvest import capture
 from .models import LoadedModel
 from .runs import Run, as_run
 from .sae import SAE
-from .splice import (  # noqa: F401  (MAX_STRENGTH, steering_rows: re-exported, the public steering API)
+from .splice import (  # noqa: F401  (MAX_STRENGTH, steering_rows, SharedNoiseSampling: re-exported, the public API)
     MAX_STRENGTH,
     MODES,
     Intervention,
     Mode,
+    SharedNoiseSampling,
     _plans,
     check_strength,
+    generate_ids,
     steering,
     steering_rows,
+    until_eos,
 )
 from .tokens import token_text
 
@@ -52,70 +55,6 @@ def _encode_prompt(lm: LoadedModel, prompt: str, max_new_tokens: int) -> torch.T
     ids = lm.tokenizer(prompt, return_tensors="pt")["input_ids"]  # (1, P)
     lm.check_fits(ids.shape[1], int(max_new_tokens), what="the prompt")
     return ids
-
-
-def generate_ids(lm: LoadedModel, input_ids: torch.Tensor, max_new_tokens: int = 40, greedy: bool = True,
-                 temperature: float = 1.0, seed: int = 0, on_token: Callable[[int], None] | None = None,
-                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """New token ids (batch, n) continuing `input_ids` (batch, P; left-padded where `attention_mask` says).
-    Sampling is seeded, draws the same noise for every row (`SharedNoiseSampling`) and leaves the global RNG
-    alone.
-
-    `on_token(id)` is called with each new token as it is generated (batch of one); an exception it raises
-    stops the generation and propagates (how a caller cancels)."""
-    from transformers import GenerationConfig, LogitsProcessorList
-
-    if not greedy and not (math.isfinite(temperature) and temperature > 0):
-        raise SaescopeError(f"temperature must be a positive number, got {temperature}")
-    tok = lm.tokenizer
-    gen_cfg = GenerationConfig(max_new_tokens=int(max_new_tokens), do_sample=False, temperature=None, top_k=None,
-                               top_p=None, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    ids = input_ids.to(lm.device)
-    mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(lm.device)
-    processors = LogitsProcessorList([] if greedy else [SharedNoiseSampling(temperature, seed, lm.device)])
-    streamer = _TokenStreamer(on_token) if on_token is not None else None
-    with torch.no_grad(), one_cpu_thread(lm.device):
-        out = lm.model.generate(  # type: ignore[operator]  # transformers' stubs type `generate` as a Tensor
-            input_ids=ids, attention_mask=mask, generation_config=gen_cfg, logits_processor=processors,
-            streamer=streamer)
-    new = out[:, ids.shape[1]:].cpu()
-    return new[0] if input_ids.shape[0] == 1 and attention_mask is None else new
-
-
-class SharedNoiseSampling:
-    """Sampling at `temperature` as a logits processor for greedy decoding: the Gumbel-max trick,
-    argmax(logits / T + G) with G ~ Gumbel(0, 1), draws a token from softmax(logits / T). One noise
-    vector per step, drawn from a generator seeded with `seed`, is shared by every row of the batch, so
-    rows that differ only by their steering see the same random numbers (as separate generations with
-    one seed do), and a batched generate gives each row what it would get alone."""
-
-    def __init__(self, temperature: float, seed: int, device: torch.device):
-        self.temperature = float(temperature)
-        self.gen = torch.Generator(device=device).manual_seed(int(seed))
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        u = torch.rand(scores.shape[-1], generator=self.gen, device=scores.device, dtype=torch.float32)
-        gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))  # (vocab,)
-        return scores.float() / self.temperature + gumbel
-
-
-class _TokenStreamer:
-    """The streamer interface of transformers' `generate` (put/end): the first put is the prompt, each
-    later put one new token (batch of one)."""
-
-    def __init__(self, on_token: Callable[[int], None]):
-        self.on_token = on_token
-        self.prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        for t in value.reshape(-1).tolist():
-            self.on_token(int(t))
-
-    def end(self) -> None:
-        pass
 
 
 def generate(lm: LoadedModel, prompt: str, max_new_tokens: int = 40, greedy: bool = True,
@@ -471,13 +410,6 @@ def _generate_both(s: _Setup, prompt_ids, max_new_tokens, greedy, temperature, s
         new = generate_ids(s.lm, ids, max_new_tokens, greedy, temperature, seed, attention_mask=torch.ones_like(ids))
     steered, unsteered = (until_eos(row, s.lm.tokenizer) for row in new)
     return steered, unsteered
-
-
-def until_eos(ids: torch.Tensor, tok) -> torch.Tensor:
-    """A generated row up to and including its first EOS (a batched generate pads the rows that finished
-    early; a generate of one row stops there)."""
-    hits = (ids == tok.eos_token_id).nonzero() if tok.eos_token_id is not None else []
-    return ids[:int(hits[0]) + 1] if len(hits) else ids
 
 
 def _concept_choice(run, concept, strength, config):
