@@ -374,7 +374,7 @@ async function pageInspect() {
   btn.addEventListener("click", go);
   render(el("h1", {text: "Prompt inspector"}),
     el("p", {class: "muted", text: "Which features fire on each token, at every layer. A cell's number is the count of active features (L0) at that token; its colour is the strongest feature's activation relative to that feature's own maximum over the analysed text (pale: weak for that feature, dark: near its strongest). Click a cell, or move with the arrow keys and press Enter, to list its features; highlight one across the prompt."}),
-    el("div", {class: "card"}, ta, el("div", {class: "row"}, el("label", {}, "features per token", top), el("label", {}, exact, "exact"), btn)), out);
+    el("div", {class: "card"}, ta, el("div", {class: "row"}, el("label", {}, "features per token", top), el("label", {class: "check"}, exact, "exact"), btn)), out);
   if (inspectState.result) drawHeat(out, inspectState.result);
 }
 
