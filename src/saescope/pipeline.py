@@ -178,7 +178,7 @@ def train_run(out: str | Path, *, model: str = DEFAULT_MODEL, corpus: str = "def
     return run
 
 
-def _check_world(world: World, train: TrainConfig, layers: list[int], cache) -> None:
+def _check_world(world: World, train: TrainConfig, layers: list[int], cache: object = None) -> None:
     if train.e2e_fraction > 0 and (cache or not world.trivial):
         raise SaescopeError("the end-to-end phase (--e2e) runs the model on the corpus in a single process: train "
                             "without --cache and torchrun, or with --e2e 0")
