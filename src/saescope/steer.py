@@ -153,11 +153,11 @@ def _forward_measures(lm: LoadedModel, prompt_ids: torch.Tensor, news: list[torc
                       targets: list[Intervention], promoted: dict[tuple[str, int], list[int]]) -> list[_Pass]:
     """Measure each continuation of the prompt in one forward (a batch padded after the texts, so each row's
     positions are as in its own forward; under whatever hooks are active, `steering_rows` included)."""
-    nan = float("nan")
     keys = [(t.sae_id, t.idx) for t in targets]
+    nothing = _Pass(dict.fromkeys(keys, math.nan), dict.fromkeys(keys, math.nan), math.nan)  # an empty continuation
     p, width = prompt_ids.shape[1], max(new.numel() for new in news)
     if width == 0:
-        return [_Pass({k: nan for k in keys}, {k: nan for k in keys}, nan) for _ in news]
+        return [nothing for _ in news]
     ids = torch.zeros(len(news), p + width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for r, new in enumerate(news):
@@ -170,7 +170,7 @@ def _forward_measures(lm: LoadedModel, prompt_ids: torch.Tensor, news: list[torc
         for r, new in enumerate(news):
             n = new.numel()
             if n == 0:
-                passes.append(_Pass({k: nan for k in keys}, {k: nan for k in keys}, nan))
+                passes.append(nothing)
                 continue
             acts = {}
             for t in targets:
@@ -188,7 +188,7 @@ def _measure_logits(logits: torch.Tensor, new: torch.Tensor, keys, promoted, act
     probs = {}
     for k in keys:
         tokens = promoted.get(k) or []
-        probs[k] = float(logp[:, tokens].exp().sum(-1).mean()) if tokens else float("nan")
+        probs[k] = float(logp[:, tokens].exp().sum(-1).mean()) if tokens else math.nan
     return _Pass(acts, probs, ce)
 
 
