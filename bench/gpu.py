@@ -117,27 +117,30 @@ def harvest_rate(lm, ctxs, sites, batch: int) -> dict:
     return {"tokens": n, "tok_s": round(n / (time.perf_counter() - t0))}
 
 
+STEP_VARIANTS = {  # name: (architecture, TrainConfig settings, batch multiple)
+    "jump_relu_fused": ("jump_relu", {"cuda_graphs": False}, 1),  # session 9's step (each kernel launched)
+    "jump_relu_graph": ("jump_relu", {}, 1),  # the default on a GPU: the step replayed as one CUDA graph
+    "jump_relu_graph_bf16": ("jump_relu", {"bf16_matmuls": True}, 1),
+    "batchtopk_graph_bf16": ("batchtopk", {"bf16_matmuls": True}, 1),
+    "jump_relu_graph_bf16_2x": ("jump_relu", {"bf16_matmuls": True}, 2),
+}
+
+
 def step_rates(lm, sites, width: int, l0: float, batch: int, steps: int = 8) -> dict:
-    """Training alone (no model): 18 SAEs stepping on random activations. JumpReLU with the dense step (its
-    elementwise work fused by torch.compile, the GPU's default), the same step eagerly (SAESCOPE_COMPILE=0, the
-    2026-11-26 H200 step's arithmetic) and the sparse kernels; BatchTopK fused. Then a profile of the fused step."""
+    """Training alone (no model): 18 SAEs stepping on random activations, dense fused step: each kernel launched
+    (session 9's), replayed as CUDA graphs (now the default), with bf16 matrix products, BatchTopK, twice the
+    batch. The first 3 steps (compile, the first-seen eager step, the capture) are not timed."""
     from saescope.sae import SAEConfig
 
     out = {}
     x = torch.randn(2 * batch * (steps + 3), lm.d_model, device=lm.device)
-    variants = (("jump_relu_fused", "jump_relu", True, "1"), ("jump_relu_eager", "jump_relu", True, "0"),
-                ("jump_relu_sparse", "jump_relu", False, "1"), ("batchtopk_fused", "batchtopk", True, "1"),
-                (f"jump_relu_fused_batch{2 * batch}", "jump_relu", True, "1"))
     one_batch = batch
-    for name, arch, dense, compile_ in variants:
-        batch = 2 * one_batch if name.endswith(f"batch{2 * one_batch}") else one_batch
-        os.environ["SAESCOPE_COMPILE"] = compile_
+    for name, (arch, settings, mult) in STEP_VARIANTS.items():
+        batch = mult * one_batch
         cfgs = [SAEConfig(d_in=lm.d_model, width=width, architecture=arch, l0=l0, site="resid_post",
                           layer=s.layer) for s in sites]
-        mt = MultiTrainer(cfgs, TrainConfig(tokens=10**9, batch_size=batch), device=lm.device)
+        mt = MultiTrainer(cfgs, TrainConfig(tokens=10**9, batch_size=batch, **settings), device=lm.device)
         try:
-            for t in mt.trainers:
-                t.dense = dense
             reset_peak(lm.device)
             t_compile = time.perf_counter()
             for i in range(steps + 3):
@@ -147,13 +150,13 @@ def step_rates(lm, sites, width: int, l0: float, batch: int, steps: int = 8) -> 
                     out.setdefault("warmup_s", {})[name] = round(t0 - t_compile, 1)
                 mt._step_all({s.key: x[i * batch:(i + 1) * batch] for s in sites})
             sync(lm.device)
-            out[name] = {"tok_s": round(steps * batch / (time.perf_counter() - t0)), "peak_gib": peak_gib(lm.device)}
-            if name == "jump_relu_fused" and lm.device.type == "cuda":
-                out["profile_fused"] = profile_steps(mt, sites, x[:batch], lm.device)
+            out[name] = {"tok_s": round(steps * batch / (time.perf_counter() - t0)), "peak_gib": peak_gib(lm.device),
+                         "batch": batch, "graphs": sum(len(t._graphs) for t in mt.trainers),
+                         "graph_off": sorted({t.graph_off for t in mt.trainers if t.graph_off})}
+            if name == "jump_relu_graph_bf16" and lm.device.type == "cuda":
+                out["profile_graph_bf16"] = profile_steps(mt, sites, x[:batch], lm.device)
         except Exception as err:  # a variant that fails keeps the others
             out[name] = {"tok_s": None, "error": f"{type(err).__name__}: {str(err)[:300]}"}
-        finally:
-            os.environ.pop("SAESCOPE_COMPILE", None)
         del mt
     return out
 
@@ -211,18 +214,20 @@ class Clock:
 
 
 def train_live(lm, ctxs, sites, arch: str, tokens: int, width: int, l0: float, batch: int, hbatch: int,
-               held) -> dict:
+               held, **settings) -> dict:
     cfgs = sae_configs(lm, "gemma-3-270m", ["resid_post"], [s.layer for s in sites], [width], [l0], arch)
     reset_peak(lm.device)
     t0 = time.perf_counter()
-    trainer = MultiTrainer(cfgs, TrainConfig(tokens=tokens, batch_size=batch), device=lm.device)
+    trainer = MultiTrainer(cfgs, TrainConfig(tokens=tokens, batch_size=batch, **settings), device=lm.device)
     stream = harvest(lm, iter(ctxs), sites, batch_size=hbatch, progress=False)
     clock = Clock((Chunk(b.acts, b.n_contexts) for b in stream), lm.device)
     trainer.fit(clock, progress=False)
     sync(lm.device)
     t_end = time.perf_counter()
     out = {**clock.rates(t_end), "wall_s": round(t_end - t0, 1), "peak_gib": peak_gib(lm.device),
-           "failures": trainer.failures, "batch": batch, "width": width, "l0": l0}
+           "failures": trainer.failures, "batch": batch, "width": width, "l0": l0, "settings": settings,
+           "graphs": sum(len(t._graphs) for t in trainer.trainers),
+           "graph_off": sorted({t.graph_off for t in trainer.trainers if t.graph_off})}
     saes = {t.cfg.layer: t.export() for t in trainer.trainers if not t.failed}
     out["heldout"] = held_out(saes, held, lm.device)
     del trainer
@@ -294,6 +299,8 @@ def run(args) -> None:
     train_tok = np.load(prepared / "tokens-train.npz")["tokens"]
     held_tok = np.load(prepared / "tokens-heldout.npz")["tokens"]
     t0 = time.perf_counter()
+    if args.compact:
+        args.model = compact_model(prepared, Path(args.work))
     lm = load_model(args.model, device=str(dev))
     RESULTS["model_load_s"] = round(time.perf_counter() - t0, 1)
     layers = list(range(lm.n_layers)) if args.layers == "all" else [int(x) for x in args.layers.split(",")]
@@ -307,10 +314,13 @@ def run(args) -> None:
     held = heldout_acts(lm, held_tok.astype(np.int64).tolist(), sites)
     RESULTS["heldout_tokens"] = int(next(iter(held.values())).shape[0])
     train_ctx = contexts(train_tok, args.train_tokens * 11 // 10)
-    for i, arch in enumerate(args.archs.split(",")):
-        steps.append((f"train_{arch}", lambda arch=arch: train_live(
-            lm, train_ctx, sites, arch, args.train_tokens, args.width, args.l0, args.batch, args.harvest_batch, held)))
-        if i == 0 and args.sparsify_python:  # right after ours, before the second architecture
+    for i, run_name in enumerate(args.archs.split(",")):  # e.g. jump_relu, jump_relu+bf16, batchtopk+bf16
+        arch, *opts = run_name.split("+")
+        settings = {"bf16_matmuls": "bf16" in opts, "cuda_graphs": "eager" not in opts}
+        steps.append((f"train_{run_name}", lambda arch=arch, settings=settings: train_live(
+            lm, train_ctx, sites, arch, args.train_tokens, args.width, args.l0, args.batch, args.harvest_batch, held,
+            **settings)))
+        if i == 0 and args.sparsify_python:  # right after ours, before the other runs
             steps.append(("sparsify", lambda: sparsify(args, lm_folder(args.model),
                                                        write_train_file(args, train_tok), layers, args.train_tokens,
                                                        held, dev)))
@@ -339,6 +349,36 @@ def run(args) -> None:
         save(out)
         log(f"{name}: {summary(RESULTS[name])}")
     save(out)
+
+
+def compact_model(prepared: Path, work: Path) -> str:
+    """The model folder from bench/gpu_prepare.py --compact's pieces: the GGUF (unused embedding rows zeroed)
+    dequantised by transformers, and the tokenizer as converted on the preparing machine."""
+    import gzip
+    import hashlib
+    import tarfile
+
+    from transformers import AutoModelForCausalLM
+
+    info = json.loads((prepared / "prepared.json").read_text())["compact"]
+    folder = work / "model"
+    if (folder / "config.json").is_file():
+        return str(folder)
+    data = gzip.decompress(b"".join((prepared / p).read_bytes() for p in info["parts"]))
+    if hashlib.sha256(data).hexdigest() != info["gguf_sha256"]:
+        raise SystemExit("bench/gpu.py: the compact GGUF's pieces do not add up (SHA-256 differs); send them again")
+    gg = work / "gg" / info["file"]
+    gg.parent.mkdir(parents=True, exist_ok=True)
+    gg.write_bytes(data)
+    model = AutoModelForCausalLM.from_pretrained(gg.parent, gguf_file=gg.name, dtype=torch.float32)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(folder)
+    with tarfile.open(prepared / "tokenizer.tar.gz") as tar:
+        tar.extractall(folder, filter="data")
+    log(f"compact model: {info['rows_kept']:,} of {info['vocab']:,} embedding rows, unpacked to {folder}")
+    return str(folder)
 
 
 def lm_folder(model: str) -> str:
@@ -379,7 +419,10 @@ def main() -> None:
     ap.add_argument("--layers", default="all")
     ap.add_argument("--width", type=int, default=16_384)
     ap.add_argument("--l0", type=float, default=32)
-    ap.add_argument("--archs", default="jump_relu,batchtopk")
+    ap.add_argument("--archs", default="jump_relu,jump_relu+bf16,batchtopk+bf16",
+                    help="Live runs, each ARCH[+bf16][+eager] (bf16 matrix products; no CUDA graphs); sparsify after "
+                         "the first.")
+    ap.add_argument("--compact", action="store_true", help="The model from gpu_prepare.py --compact's pieces.")
     ap.add_argument("--batch", type=int, default=4096, help="Training tokens per step.")
     ap.add_argument("--harvest-batch", type=int, default=32, help="Contexts per forward pass.")
     ap.add_argument("--forward-tokens", type=int, default=1_000_000)

@@ -171,16 +171,19 @@ class _DensePre(torch.autograd.Function):
     """z = (xn − b_dec)·W_enc + b_enc. Backward gives W_enc its gradient in W_enc's (feature-major) layout and b_dec
     its gradient as −W_enc·Σ ∂z: no (batch × d_in) input gradient, which autograd would make with a full product."""
 
+    # under torch.autocast (TrainConfig.bf16_matmuls) the products run in bf16, and so does the backward's
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, xn, b_dec, w_enc, b_enc):
         x_in = xn - b_dec
         ctx.save_for_backward(x_in, w_enc)
         return torch.addmm(b_enc, x_in, w_enc)
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, g_z):
         x_in, w_enc = ctx.saved_tensors
-        g_b_enc = g_z.sum(0)
+        g_b_enc = g_z.sum(0, dtype=w_enc.dtype)  # (bf16 ∂z: summed in fp32)
         g_w_enc = torch.mm(g_z.T, x_in).T  # (d_in, width) view of a (width, d_in) block, as w_enc is held
         return None, -(w_enc @ g_b_enc), g_w_enc, g_b_enc
 
@@ -211,15 +214,15 @@ class _DenseJump(torch.autograd.Function):
         ctx.save_for_backward(z, theta)
         ctx.eps = eps
         ctx.mark_non_differentiable(per_feature)
-        return f, per_feature.sum().to(z.dtype), per_feature
+        return f, per_feature.sum().to(theta.dtype), per_feature  # (θ's dtype: fp32 also when z is bf16)
 
     @staticmethod
     def backward(ctx, g_f, g_n, _):
         z, theta = ctx.saved_tensors
         if g_f is None:
             g_f = torch.zeros_like(z)
-        g_n = torch.zeros((), dtype=z.dtype, device=z.device) if g_n is None else g_n
-        g_z, g_theta = _jump_backward(z, theta, g_f, g_n, torch.tensor(ctx.eps, dtype=z.dtype, device=z.device))
+        g_n = torch.zeros((), dtype=theta.dtype, device=z.device) if g_n is None else g_n
+        g_z, g_theta = _jump_backward(z, theta, g_f, g_n, theta.new_full((), ctx.eps))
         return g_z, g_theta, None
 
 

@@ -106,6 +106,14 @@ class TrainConfig:
     of layers 1, 2 and 4's features of Gemma 3 270M fire less than once in 10k held-out tokens."""
     floor_decay: float = 0.05
     """Relative decrease per step of a silent feature's threshold (see `floor_tokens`); below 1."""
+    bf16_matmuls: bool = False
+    """On a GPU, the step's matrix products in bf16 with fp32 accumulation (torch.autocast): weights, optimiser state,
+    the JumpReLU thresholds and the losses stay fp32. About twice the products' speed of TF32 (bench/RESULTS.md);
+    ignored on the CPU."""
+    cuda_graphs: bool = True
+    """On a GPU, replay each SAE's whole step (forward, backward, Adam, controller) as one CUDA graph, captured on the
+    step's second occurrence of a batch size: the ~100 small kernel launches of a step cost the host more time than
+    the GPU needs for them (bench/RESULTS.md). Off for data parallel, the end-to-end phase and other optimisers."""
     e2e_fraction: float = 0.0
     """Share of the tokens spent at the end in the end-to-end phase (endtoend.py): each SAE spliced into the model
     at its site and trained on KL(clean ‖ spliced next-token distribution) plus its reconstruction loss, one context
@@ -379,6 +387,10 @@ class SAETrainer:
     _bad: torch.Tensor = field(init=False)  # a loss was NaN/Inf since the last poll
     _n_dead: int = 0  # dead features at the last poll (every step on the CPU)
     world: World = SINGLE  # data parallel: the ranks that train this same SAE on their own rows
+    # CUDA graphs of the whole step, by (batch size, auxiliary loss on): `_graph_step`
+    _graphs: dict = field(default_factory=dict, init=False)
+    _graph_seen: set = field(default_factory=set, init=False)
+    graph_off: str = ""  # why graphs are off for this SAE (a capture failed), "" while they may be used
 
     def __post_init__(self):
         _keep_freed_memory()
@@ -411,7 +423,9 @@ class SAETrainer:
             def make(gs):
                 b1, b2 = self.train.betas
                 betas = (0.0, b2) if opt.startswith("sf-") else (b1, b2)
-                return torch.optim.Adam(gs, lr=lr, betas=betas, eps=1e-8, fused=True)
+                # capturable on a GPU (a CUDA graph may step it): the same arithmetic, step counts on the device
+                return torch.optim.Adam(gs, lr=lr, betas=betas, eps=1e-8, fused=True,
+                                        capturable=self.device.type == "cuda")
         self.opt = ScheduleFree(groups, make, self.train.momentum) if opt.startswith("sf-") else make(groups)
 
     @property
@@ -493,6 +507,11 @@ class SAETrainer:
         rows = rows or (0, x.shape[0])
         if self.step == 0:
             self._first_batch(x, rows[1])
+        graphed = self._graph_step(x) if extra is None and self._graphable(x, rows) else None
+        if graphed is not None:  # the graph lowered the silent thresholds already (it commutes with a revival)
+            if self._revival_due():
+                self.revive_dead(x / self.scale, rows[1])
+            return graphed
         xn = x / self.scale  # (batch, d_in), E‖xn‖² ≈ 1
         lam = self._log_lambda.exp().float()
         fwd = self._forward_dense(xn, lam, rows) if self.dense else self._forward_sparse(xn, lam, rows)
@@ -503,6 +522,65 @@ class SAETrainer:
             self.revive_dead(xn, rows[1])
         self.lower_silent_thresholds()
         return stats
+
+    # ------------------------------------------------------------------ the step as a CUDA graph
+
+    def _graphable(self, x: torch.Tensor, rows: tuple[int, int]) -> bool:
+        return (self.train.cuda_graphs and bool(self.dense) and x.is_cuda and self.world.trivial
+                and not self.end_to_end and not self.graph_off and self.step >= 1
+                and type(self.opt) is torch.optim.Adam)
+
+    def _graph_step(self, x: torch.Tensor) -> StepStats | None:
+        """One step as a replay of a captured CUDA graph, or None (then the step runs eagerly). A batch size (and
+        auxiliary loss on or off) runs eagerly the first time it comes — lazy initialisation and torch.compile's
+        kernels must not happen during a capture —, is captured the second time, and replayed from then on; the
+        replay costs the host a few launches instead of the step's ~100 (bench/RESULTS.md). The returned stats
+        are the graph's own tensors, overwritten by its next replay."""
+        B = x.shape[0]
+        key = (B, self._aux_rows(B, self._n_dead, (0, B)) > 0)
+        graph = self._graphs.get(key)
+        if graph is None:
+            if key not in self._graph_seen:
+                self._graph_seen.add(key)
+                return None
+            try:
+                graph = self._graphs[key] = self._capture(x)
+            except Exception as err:  # a kernel that cannot be captured, an old driver: eager from now on
+                self.graph_off = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+                import logging
+
+                logging.getLogger(__name__).warning("%s: CUDA graph capture failed (%s); stepping eagerly",
+                                                    self.key, self.graph_off)
+                return None
+        self._set_lr()
+        graph[1].copy_(x)
+        graph[0].replay()
+        self.step += 1
+        return graph[2]
+
+    def _capture(self, x: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, StepStats]:
+        """Capture the step (forward, backward, Adam with its lr tensors, controller, rate floor) on a static copy of
+        x. Nothing runs during a capture: the caller replays it for this step. One memory pool for all the SAEs of a
+        MultiTrainer (their graphs replay one after another)."""
+        for group in self.opt.param_groups:  # lr as a device tensor, filled before each replay
+            if not torch.is_tensor(group["lr"]):
+                group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
+        static_x = x.clone()
+        pool = self.scratch.setdefault(("graph_pool", x.device), torch.cuda.graph_pool_handle())
+        graph = torch.cuda.CUDAGraph()
+        step, B = self.step, x.shape[0]
+        self.opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize(x.device)
+        try:
+            # thread_local: a prefetching thread may copy the next chunk meanwhile
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                xn = static_x / self.scale
+                fwd = self._forward_dense(xn, self._log_lambda.exp().float(), (0, B))
+                stats = self._learn(xn, fwd, B, set_lr=False)
+                self.lower_silent_thresholds()
+        finally:
+            self.step = step  # the capture ran the Python, not the step
+        return graph, static_x, stats
 
     # ------------------------------------------------------------------ dead features
 
@@ -688,6 +766,12 @@ class SAETrainer:
         """The same loss with dense (batch, width) tensors and no host reads: a GPU's path, where the matrix
         products beat the sparse kernels' scattered reads and many small launches, and the elementwise work is
         fused (kernels.py, "dense kernels"; bench/RESULTS.md)."""
+        # (no cast cache: a CUDA graph's capture must not keep casts made outside it, torch's CUDA-graph notes)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.train.bf16_matmuls and xn.is_cuda,
+                            cache_enabled=False):
+            return self._forward_dense_products(xn, lam, rows)
+
+    def _forward_dense_products(self, xn: torch.Tensor, lam: torch.Tensor, rows: tuple[int, int]) -> _Forward:
         sae, arch, eps, k = self.sae, self.cfg.architecture, self.train.eps, self.cfg.k
         B = xn.shape[0]
         z = dense_pre_acts(xn, sae.b_dec, sae.w_enc, sae.b_enc)  # (batch, width)
@@ -739,10 +823,24 @@ class SAETrainer:
             kmin = torch.where(kmin.isfinite(), kmin, 0.0)
         else:  # [dist] over every rank's values
             kmin = torch.tensor(self.world.min_positive(values[values > 0]), dtype=torch.float64, device=self.device)
-        self._batch_threshold = kmin if self.step == 0 else 0.99 * self._batch_threshold + 0.01 * kmin
+        # in place (a captured CUDA graph reads and writes these very tensors)
+        self._batch_threshold.copy_(kmin if self.step == 0 else 0.99 * self._batch_threshold + 0.01 * kmin)
 
-    def _learn(self, xn: torch.Tensor, fwd: _Forward, n_rows: int) -> StepStats:
-        """Backward, the decoder-row projection, the optimiser step and the controller, for either path."""
+    def _set_lr(self) -> None:
+        """This step's learning rate in every parameter group (into the group's lr tensor once graphs are on)."""
+        lr = self.lr_now()
+        for group in self.opt.param_groups:
+            v = lr * group.get("lr_scale", 1.0)
+            if self.end_to_end and group.get("role") == "threshold":
+                v *= self.train.e2e_threshold_lr
+            if torch.is_tensor(group["lr"]):
+                group["lr"].fill_(v)
+            else:
+                group["lr"] = v
+
+    def _learn(self, xn: torch.Tensor, fwd: _Forward, n_rows: int, set_lr: bool = True) -> StepStats:
+        """Backward, the decoder-row projection, the optimiser step and the controller, for either path
+        (`set_lr` False: a CUDA graph's capture, whose lr tensors are filled before each replay)."""
         sae, loss, B = self.sae, fwd.loss, xn.shape[0]
         check = self.device.type == "cpu" or not self.world.trivial  # (data parallel: every rank agrees now)
         if check and not self.world.all_true(torch.isfinite(loss)):
@@ -755,10 +853,8 @@ class SAETrainer:
             _grad(sae.w_dec).addcmul_(fwd.along()[:, None], sae.w_dec, value=-1.0)
         self._w_enc_t.grad, sae.w_enc.grad = _grad(sae.w_enc).T, None  # hand it to Adam (which zeroes only its own)
         self.world.reduce_grads(self._grad_params, B / n_rows)  # [dist] the global batch's gradients
-        for group in self.opt.param_groups:
-            group["lr"] = self.lr_now() * group.get("lr_scale", 1.0)
-            if self.end_to_end and group.get("role") == "threshold":
-                group["lr"] *= self.train.e2e_threshold_lr
+        if set_lr:
+            self._set_lr()
         self.opt.step()
         with torch.no_grad():
             sae.w_dec.div_(sae.w_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
@@ -769,13 +865,13 @@ class SAETrainer:
         if not self.world.trivial:  # [dist] L0 (for the λ controller) and FVU of the global batch
             l0, recon, total_var = self._global_stats(fwd.n_active, recon, xn, n_rows)
         if self.cfg.architecture in ("jump_relu", "relu"):
-            self._log_lambda = (self._log_lambda + self.train.lambda_rate * (l0 / self.cfg.l0 - 1.0)).clamp(
-                math.log(1e-6), math.log(1e3))
+            self._log_lambda.copy_((self._log_lambda + self.train.lambda_rate * (l0 / self.cfg.l0 - 1.0)).clamp(
+                math.log(1e-6), math.log(1e3)))
         fvu = (recon / total_var.clamp_min(1e-12)).double()
         a = 0.1 if self.step > 0 else 1.0
         for name, v in (("fvu", fvu), ("l0", l0)):
             old = self._ema[name]
-            self._ema[name] = torch.where(old.isnan(), v, (1 - a) * old + a * v)
+            old.copy_(torch.where(old.isnan(), v, (1 - a) * old + a * v))
         self.step += 1
         return StepStats(loss.detach(), fvu, l0, fwd.n_dead / self.cfg.width)
 
@@ -829,6 +925,11 @@ class SAETrainer:
         self._batch_threshold = torch.tensor(d["batch_threshold"], **f64)
         self._ema = {k: torch.tensor(v, **f64) for k, v in d["ema"].items()}
         self._n_dead = int((self.since_fired >= self.train.dead_after).sum())
+        for group in self.opt.param_groups:  # (a graph's lr tensor, saved with the state) back to a number
+            if torch.is_tensor(group["lr"]):
+                group["lr"] = float(group["lr"])
+        self._graphs.clear()  # captured on tensors this replaced
+        self._graph_seen.clear()
 
 
 class Chunk(NamedTuple):
