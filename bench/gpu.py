@@ -317,8 +317,9 @@ def run(args) -> None:
     for i, run_name in enumerate(args.archs.split(",")):  # e.g. jump_relu, jump_relu+bf16, batchtopk+bf16
         arch, *opts = run_name.split("+")
         settings = {"bf16_matmuls": "bf16" in opts, "cuda_graphs": "eager" not in opts}
-        steps.append((f"train_{run_name}", lambda arch=arch, settings=settings: train_live(
-            lm, train_ctx, sites, arch, args.train_tokens, args.width, args.l0, args.batch, args.harvest_batch, held,
+        batch = args.batch * (2 if "2x" in opts else 1)
+        steps.append((f"train_{run_name}", lambda arch=arch, settings=settings, batch=batch: train_live(
+            lm, train_ctx, sites, arch, args.train_tokens, args.width, args.l0, batch, args.harvest_batch, held,
             **settings)))
         if i == 0 and args.sparsify_python:  # right after ours, before the other runs
             steps.append(("sparsify", lambda: sparsify(args, lm_folder(args.model),
@@ -420,8 +421,8 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=16_384)
     ap.add_argument("--l0", type=float, default=32)
     ap.add_argument("--archs", default="jump_relu,jump_relu+bf16,batchtopk+bf16",
-                    help="Live runs, each ARCH[+bf16][+eager] (bf16 matrix products; no CUDA graphs); sparsify after "
-                         "the first.")
+                    help="Live runs, each ARCH[+bf16][+eager][+2x] (bf16 matrix products; no CUDA graphs; twice "
+                         "--batch); sparsify right after the first.")
     ap.add_argument("--compact", action="store_true", help="The model from gpu_prepare.py --compact's pieces.")
     ap.add_argument("--batch", type=int, default=4096, help="Training tokens per step.")
     ap.add_argument("--harvest-batch", type=int, default=32, help="Contexts per forward pass.")
