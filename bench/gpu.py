@@ -118,9 +118,9 @@ def harvest_rate(lm, ctxs, sites, batch: int) -> dict:
 
 
 STEP_VARIANTS = {  # name: (architecture, TrainConfig settings, batch multiple)
-    "jump_relu_fused": ("jump_relu", {"cuda_graphs": False}, 1),  # session 9's step (each kernel launched)
-    "jump_relu_graph": ("jump_relu", {}, 1),  # the default on a GPU: the step replayed as one CUDA graph
-    "jump_relu_graph_bf16": ("jump_relu", {"bf16_matmuls": True}, 1),
+    "jump_relu_fused": ("jump_relu", {"cuda_graphs": False, "bf16_matmuls": False}, 1),  # session 9's step
+    "jump_relu_graph": ("jump_relu", {"bf16_matmuls": False}, 1),  # the step replayed as one CUDA graph, TF32
+    "jump_relu_graph_bf16": ("jump_relu", {"bf16_matmuls": True}, 1),  # the default on a GPU
     "batchtopk_graph_bf16": ("batchtopk", {"bf16_matmuls": True}, 1),
     "jump_relu_graph_bf16_2x": ("jump_relu", {"bf16_matmuls": True}, 2),
 }
@@ -251,7 +251,7 @@ def train_cache(lm, ctxs, sites, tokens: int, width: int, l0: float, batch: int,
     torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
         reset_peak(lm.device)
-        train = TrainConfig(tokens=tokens, batch_size=batch)
+        train = TrainConfig(tokens=tokens, batch_size=batch, bf16_matmuls=False)
         trainer = MultiTrainer(cfgs, train, device=lm.device)
         t0 = time.perf_counter()
         clock = Clock(_cache_chunks(folder, trainer, train), lm.device)

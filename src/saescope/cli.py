@@ -146,6 +146,9 @@ def harvest(model, corpus, sites, layers, tokens, out, dtype, ctx_len, batch_siz
                    "clean next-token distribution plus reconstruction (0 = off; not with --cache or torchrun).")
 @click.option("--matryoshka", default="", help="Matryoshka prefixes as fractions of the width, e.g. 0.0625,0.25: "
               "each nested prefix of the dictionary is also trained to reconstruct on its own (empty = off).")
+@click.option("--sae-matmuls", type=click.Choice(["bf16", "tf32"]), default="bf16",
+              help="On a GPU, the SAE step's matrix products: bf16 (fp32 weights, optimiser and thresholds) or TF32. "
+                   "Ignored on the CPU (fp32).")
 @click.option("--cache", type=click.Path(exists=True), default=None, help="Train from a harvest cache instead of the live model.")
 @click.option("--out", default=DEFAULT_RUN, type=click.Path(), help="Run folder.")
 @click.option("--resume/--no-resume", default=True, help="Continue from the last checkpoint when there is one.")
@@ -154,13 +157,13 @@ def harvest(model, corpus, sites, layers, tokens, out, dtype, ctx_len, batch_siz
                    "gradients all-reduced; layers = each process trains its layers' SAEs on activations exchanged "
                    "between processes. Ignored in a single process.")
 def train(model, corpus, sites, layers, widths, l0s, arch, tokens, ctx_len, batch_size, lr, optimizer, seed,
-          checkpoint_every, e2e_fraction, matryoshka, cache, out, resume, parallel):
+          checkpoint_every, e2e_fraction, matryoshka, sae_matmuls, cache, out, resume, parallel):
     """Train an SAE for every layer × site × width × L0, all from one pass over the corpus."""
     from .pipeline import train_run
     from .train import TrainConfig
 
     tc = TrainConfig(tokens=tokens, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed,
-                     checkpoint_every=checkpoint_every, e2e_fraction=e2e_fraction,
+                     checkpoint_every=checkpoint_every, e2e_fraction=e2e_fraction, bf16_matmuls=sae_matmuls == "bf16",
                      matryoshka=tuple(_csv_numbers(matryoshka)) if matryoshka.strip() else ())
     run = train_run(out, model=model, corpus=corpus, sites=sites, layers=layers, widths=_csv_numbers(widths, int),
                     l0s=_csv_numbers(l0s), architecture=arch, train=tc, ctx_len=ctx_len, cache=cache, resume=resume,
