@@ -224,6 +224,7 @@ REVIVE_EVERY = 16  # steps between revivals of dead features
 REVIVE_AFTER = 1.0  # revive features silent for this share of the dead window (`dead_after`)
 REVIVE_SHARE = 0.5  # at most this many dead features per revival, as a share of the (global) batch's rows
 POLL_EVERY = 16  # on a GPU, steps between host reads of a trainer's state (each read waits for the GPU's queue)
+GRAPHS_MAX = 32  # CUDA graphs per SAE (one per batch size × aux on/off; the default corpus's chunks give ~10 sizes)
 
 
 class Signum(torch.optim.Optimizer):
@@ -541,7 +542,7 @@ class SAETrainer:
         key = (B, self._aux_rows(B, self._n_dead, (0, B)) > 0)
         graph = self._graphs.get(key)
         if graph is None:
-            if key not in self._graph_seen:
+            if key not in self._graph_seen or len(self._graphs) >= GRAPHS_MAX:  # (a bound on their memory)
                 self._graph_seen.add(key)
                 return None
             try:
