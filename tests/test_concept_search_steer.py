@@ -211,6 +211,10 @@ def test_features_that_barely_pull_the_words_are_not_calibrated(monkeypatch):
     pulls[3] = 0.02
     chosen = cs._select(None, {}, {}, pool, ["x"], cs.ConceptSteerConfig(pool=4, candidates=3, combine=2))
     assert [c.features for c in chosen] == [[(SAE, 1)]]  # alone: nothing worth pairing it with
+    pulls[3] = 0.03
+    pool[3].layer = [1]  # the same layer as the best: never paired with it (nor tried twice as a "pair")
+    chosen = cs._select(None, {}, {}, pool, ["x"], cs.ConceptSteerConfig(pool=4, candidates=2, combine=2))
+    assert [c.features for c in chosen] == [[(SAE, 1)], [(SAE, 3)]]
 
 
 def test_batched_continuation_ce_matches_one_forward_per_text(tiny_gemma_dir):
@@ -271,8 +275,8 @@ def test_the_search_steps_down_from_a_loop_to_a_strength_that_shows(fake_texts):
     assert sorted(tried) == [1.414, 2.0] and tried[2.0].degenerate and tried[1.414].shows
     assert choice.calibrated and choice.features == [(SAE, 0)] and choice.strength == pytest.approx(1.414, abs=1e-3)
     # round 1: the unsteered texts, 2 features and the pair at ×2; round 2: the same three, one step on;
-    # the confirmation: unsteered, and the 2 best proposals at their strength and a step below, on longer texts
-    assert [len(groups) for groups in calls] == [4, 3, 5] and calls[0][0] == [] and calls[2][0] == []
+    # the confirmation: unsteered, and the best proposal at its strength and a step below, on longer texts
+    assert [len(groups) for groups in calls] == [4, 3, 3] and calls[0][0] == [] and calls[2][0] == []
 
 
 def test_the_search_climbs_to_a_strength_with_margin_and_confirms_it(fake_texts):

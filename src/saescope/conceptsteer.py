@@ -95,8 +95,8 @@ class ConceptSteerConfig:
     """Also try this many top candidates (different layers) together, sharing the strength (1: never)."""
     min_output: float = 0.35
     """Below this output-side similarity no feature matches the concept."""
-    tokens: int = 32
-    """New tokens per calibration text."""
+    tokens: int = 24
+    """New tokens per text in the search."""
     seed: int = 1234
     min_shown: float = 0.5
     """A strength shows the concept when at least this share of its texts mention it."""
@@ -106,7 +106,7 @@ class ConceptSteerConfig:
     """A text where one word repeats this many times in a row (one token: twice as many) loops."""
     max_cost: float = 2.5
     """Largest CE cost (nats/token of the steered texts under the unsteered model, above the unsteered texts)."""
-    verify: int = 2
+    verify: int = 1
     """Proposals confirmed on fresh texts (the best by how often the concept showed)."""
     verify_tokens: int = 40
     """New tokens per text in the confirmation."""
@@ -254,13 +254,12 @@ def _select(lm, saes, typical, pool: list[Candidate], words: list[str], cfg: Con
         if best is not None and best > 0:  # a feature that barely moves the words is not worth calibrating
             pool = [c for c in pool if c.pull is not None and c.pull >= cfg.min_pull * best]
     cands = pool[:cfg.candidates]
-    if cfg.combine > 1 and len(cands) > 1:
-        cands.append(_combined(cands, cfg.combine))
-    return cands
+    pair = _combined(cands, cfg.combine) if cfg.combine > 1 else None
+    return cands + ([pair] if pair is not None and len(pair.features) > 1 else [])
 
 
 def _combined(cands: list[Candidate], k: int) -> Candidate:
-    """The top candidates from different layers, steered together."""
+    """The top candidates from different layers, steered together (one feature when all share a layer)."""
     chosen: list[Candidate] = []
     for c in cands:
         if c.layer[0] not in [x.layer[0] for x in chosen]:
@@ -452,7 +451,9 @@ def _load(run: Run, features: list[tuple[str, int]]):
 def _probe(lm, saes, typical, pool: list[Candidate], words: list[str], cfg: ConceptSteerConfig) -> None:
     """Set each candidate's `pull`: steered at ×`probe` on the calibration prompts (one batched forward pass,
     no sampling), how much more probability the next tokens put on the concept's words (those
-    that are one token) than unsteered, averaged over positions. A feature whose unembedded direction names
+    that are one token) than unsteered, averaged over the prompts' last positions (as many as the shortest
+    prompt has, so no row counts padding: the logits of the other positions are never computed, the
+    262k-token unembedding is most of the cost). A feature whose unembedded direction names
     the concept may still not move the model's output once the later layers have read it; this measures
     that. A difference, not a ratio: a feature that only flattens the distribution gains rare words a
     large ratio but little probability."""
@@ -462,12 +463,13 @@ def _probe(lm, saes, typical, pool: list[Candidate], words: list[str], cfg: Conc
     prompts = list(CALIBRATION_PROMPTS)
     ids, mask = _left_padded(lm, prompts)
     keep = mask.bool() if lm.bos_id is None else mask.bool() & (ids != lm.bos_id)
+    last = int(keep.sum(1).min())  # left-padded: the last `last` positions are words in every row
     groups = [[]] + [concept_interventions(c.features, cfg.probe) for c in pool]
     n = len(prompts)
     with torch.no_grad(), steering_rows(lm, saes, [ivs for ivs in groups for _ in prompts], typical):
         logits = lm.model(input_ids=ids.repeat(len(groups), 1), attention_mask=mask.repeat(len(groups), 1),
-                          use_cache=False).logits  # (groups × prompts, seq, vocab)
-    mass = [float(logits[g * n:(g + 1) * n].float().softmax(-1)[..., targets].sum(-1)[keep].mean())
+                          use_cache=False, logits_to_keep=last).logits  # (groups × prompts, last, vocab)
+    mass = [float(logits[g * n:(g + 1) * n].float().softmax(-1)[..., targets].sum(-1).mean())
             for g in range(len(groups))]
     for c, m in zip(pool, mass[1:]):
         c.pull = round(m - mass[0], 5)
