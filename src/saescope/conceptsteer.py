@@ -28,7 +28,8 @@
    unsteered) and their embedding moves toward the query; it is *degenerate* when more of its
    texts loop than unsteered. Round 1 tries `start`; each later round steps by `step` on a
    geometric grid: up from a strength whose texts are clean, down from one that looped, never to or
-   past a strength that looped (`rounds` rounds). Each candidate proposes its *strongest* clean
+   past a strength that looped (`rounds` rounds; a candidate whose every strength looped steps on
+   down until one is clean or `min_strength` is reached). Each candidate proposes its *strongest* clean
    strength that showed the concept: the smallest one that shows on four short texts is the edge
    where the concept barely shows, and on another prompt it shows nothing.
 3. **Confirm and take.** The `verify` best proposals are steered again on fresh texts (other
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -79,7 +81,7 @@ class ConceptSteerConfig:
     """Each later round tries the strength × or ÷ this (a geometric grid)."""
     rounds: int = 2
     """Rounds of the search: round 1 tries `start`; each later one steps up from a strength whose texts are
-    clean and down from one that looped."""
+    clean and down from one that looped (a candidate with no clean strength yet goes on stepping down)."""
     min_strength: float = 0.5
     max_strength: float = 8.0
     pool: int = 12
@@ -297,8 +299,8 @@ def _search(lm, saes, typical, cands: list[Candidate], measure: _Measure, cfg: C
     prompts = list(CALIBRATION_PROMPTS)
     plan = {i: _grid(cfg.start, cfg) for i in range(len(cands))}
     base = None
-    for _ in range(cfg.rounds):
-        todo = [(i, s) for i, s in plan.items() if s is not None]
+    for n in itertools.count():  # after `rounds`, only a candidate whose every strength looped steps on down
+        todo = [(i, s) for i, s in plan.items() if s is not None and (n < cfg.rounds or not _safe(cands[i]))]
         if not todo:
             break
         groups = ([[]] if base is None else []) + [concept_interventions(cands[i].features, s) for i, s in todo]
