@@ -303,7 +303,7 @@ def test_a_candidate_that_loops_at_every_strength_tried_steps_on_down(fake_texts
     assert [r.strength for r in single.rungs if not r.verified] == [2.0, 1.414, 1.0, 0.707]
     assert choice.calibrated and choice.strength == pytest.approx(0.707, abs=1e-3)  # not ×1.41, which loops
     # the pair (×0.71 each at ×1.41) is clean after two rounds and stops there; the singles go on alone
-    assert [len(groups) for groups in calls] == [4, 3, 2, 2, 2]  # confirmed at ×0.71 alone: ×0.5 is off the grid
+    assert [len(groups) for groups in calls] == [4, 3, 2, 2, 3]  # confirmed at ×0.71 and ×0.5 (the grid's floor)
 
 
 def test_a_pair_is_steered_at_the_strength_it_was_calibrated_at(fake_texts):

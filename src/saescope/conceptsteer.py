@@ -355,8 +355,9 @@ def _confirm_steps(strength: float, cfg: ConceptSteerConfig) -> list[float]:
 
 
 def _grid(strength: float, cfg: ConceptSteerConfig) -> float | None:
-    """`strength` rounded to 3 decimals, None outside [min_strength, max_strength]."""
-    return round(strength, 3) if cfg.min_strength - 1e-9 <= strength <= cfg.max_strength + 1e-9 else None
+    """`strength` rounded to 3 decimals, None outside [min_strength, max_strength] (to those 3 decimals: two
+    steps of 1.4142 down from ×1 land on 0.49993, which is ×0.5)."""
+    return round(strength, 3) if cfg.min_strength - 5e-4 <= strength <= cfg.max_strength + 5e-4 else None
 
 
 def _next_strength(c: Candidate, cfg: ConceptSteerConfig) -> float | None:
