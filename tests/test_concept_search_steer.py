@@ -120,16 +120,29 @@ def _r(strength, shows=False, degenerate=False) -> cs.Rung:
 def test_the_strength_rule_stops_before_degeneration():
     cfg = cs.ConceptSteerConfig()  # starts at ×2, steps ×/÷ √2
     assert cs._next_strength(_candidate(_r(2, degenerate=True)), cfg) == pytest.approx(1.414, abs=1e-3)
-    assert cs._next_strength(_candidate(_r(2, shows=True)), cfg) == pytest.approx(1.414, abs=1e-3)
+    assert cs._next_strength(_candidate(_r(2, shows=True)), cfg) == pytest.approx(2.828, abs=1e-3)  # climbs on
     assert cs._next_strength(_candidate(_r(2)), cfg) == pytest.approx(2.828, abs=1e-3)  # up only from clean text
-    assert cs._next_strength(_candidate(_r(2), _r(2.828, degenerate=True)), cfg) is None  # ×2 showed nothing
-    assert cs._next_strength(_candidate(_r(2, shows=True), _r(1.414)), cfg) is None
-    assert cs._next_strength(_candidate(_r(1.414), _r(2, degenerate=True)), cfg) is None  # bracketed: stop
+    assert cs._next_strength(_candidate(_r(2), _r(2.828, degenerate=True)), cfg) is None  # bracketed: stop
+    assert cs._next_strength(_candidate(_r(1.414), _r(2, degenerate=True)), cfg) is None
+    assert cs._next_strength(_candidate(_r(2, degenerate=True), _r(1.414, degenerate=True)), cfg) == \
+        pytest.approx(1.0, abs=1e-3)
     for bad in (dict(start=9.0), dict(step=1.0), dict(rounds=0)):
         with pytest.raises(SaescopeError, match="cannot work"):
             cs.ConceptSteerConfig(**bad)
     c = _candidate(_r(2, shows=True, degenerate=True), _r(1.414, shows=True), _r(2.828, shows=True))
     assert [r.strength for r in cs._safe(c)] == [1.414]  # what loops, and all above it, is never taken
+
+
+def test_the_strength_rule_takes_a_strength_with_margin_and_never_one_that_showed_nothing():
+    # the strongest clean strength that showed the concept, not the edge where it barely shows
+    assert cs._proposal(_candidate(_r(1.414, shows=True), _r(2, shows=True), _r(2.828, degenerate=True))).strength == 2
+    assert cs._proposal(_candidate(_r(2), _r(2.828))) is None  # nothing showed: no proposal
+    quiet = _candidate(_r(2), _r(2.828))
+    looping = cs.Candidate([(SAE, 1)], [6], "y", 0.5, 0.5, rungs=[_r(2, degenerate=True), _r(1.414, degenerate=True)])
+    choice = cs._decide("x", [looping, quiet], ["x"], cs.ConceptSteerConfig())
+    assert not choice.calibrated and choice.features == quiet.features and choice.strength == pytest.approx(2.828)
+    choice = cs._decide("x", [looping], ["x"], cs.ConceptSteerConfig())
+    assert not choice.calibrated and choice.strength == pytest.approx(1.414)  # never below what was tried
 
 
 def _encode(texts):
@@ -184,6 +197,26 @@ def test_the_probe_ranks_features_by_what_the_model_then_writes(tiny_gemma_dir):
     assert [c.features for c in chosen] == [[("s", 0)]]  # the pull decides, not the order of the pool
 
 
+def test_features_that_barely_pull_the_words_are_not_calibrated(monkeypatch):
+    pulls = {0: 0.002, 1: 0.1, 2: 0.02, 3: 0.03}  # feature 3 pulls 30% of the best, feature 2 only 20%
+
+    def probe(lm, saes, typical, pool, words, cfg):
+        for c in pool:
+            c.pull = pulls[c.features[0][1]]
+
+    monkeypatch.setattr(cs, "_probe", probe)
+    pool = [cs.Candidate([(SAE, i)], [i], f"f{i}", 0.5, 0.5) for i in pulls]
+    chosen = cs._select(None, {}, {}, pool, ["x"], cs.ConceptSteerConfig(pool=4, candidates=3, combine=2))
+    assert [c.features for c in chosen] == [[(SAE, 1)], [(SAE, 3)], [(SAE, 1), (SAE, 3)]]
+    pulls[3] = 0.02
+    chosen = cs._select(None, {}, {}, pool, ["x"], cs.ConceptSteerConfig(pool=4, candidates=3, combine=2))
+    assert [c.features for c in chosen] == [[(SAE, 1)]]  # alone: nothing worth pairing it with
+    pulls[3] = 0.03
+    pool[3].layer = [1]  # the same layer as the best: never paired with it (nor tried twice as a "pair")
+    chosen = cs._select(None, {}, {}, pool, ["x"], cs.ConceptSteerConfig(pool=4, candidates=2, combine=2))
+    assert [c.features for c in chosen] == [[(SAE, 1)], [(SAE, 3)]]
+
+
 def test_batched_continuation_ce_matches_one_forward_per_text(tiny_gemma_dir):
     from saescope.models import load_model
 
@@ -202,22 +235,24 @@ def test_batched_continuation_ce_matches_one_forward_per_text(tiny_gemma_dir):
 
 @pytest.fixture
 def fake_texts(monkeypatch):
-    """Calibration without a model: the text depends on the strength per feature. Up to ×1.2 per feature
-    nothing shows; from ×1.2 the concept shows; from ×1.9 the text loops."""
+    """Calibration without a model: the text depends on the strength per feature. Below `shows` nothing
+    shows; from `shows` the concept shows; from `loops` (`loops_long` on texts longer than 32 tokens) the
+    text loops. Yields the batches generated and the thresholds (change them before calibrating)."""
     import saescope.search
 
-    calls = []
+    calls: list = []
+    levels = {"shows": 1.2, "loops": 1.9, "loops_long": 1.9}
 
-    def text(value):
-        if value >= 1.9:
+    def text(value, tokens):
+        if value >= levels["loops_long" if tokens > 32 else "loops"]:
             return "horses horses horses horses horses horses horses horses"
-        if value >= 1.2:
+        if value >= levels["shows"]:
             return "the farmer led the horses out to the field at dawn"
         return "we talked about the weather and went home early"
 
     def generate(lm, saes, typical, groups, prompts, tokens, seed):
         calls.append([[iv.value for iv in g] for g in groups])
-        texts = [[text(min([iv.value for iv in g], default=0.0))] * len(prompts) for g in groups]
+        texts = [[text(min([iv.value for iv in g], default=0.0), tokens)] * len(prompts) for g in groups]
         return texts, [[torch.tensor([i, i + 1]) for i in range(len(prompts))] for _ in groups]
 
     def candidates(run, concept, cfg, n):  # fresh candidates for every calibration
@@ -229,31 +264,61 @@ def fake_texts(monkeypatch):
     monkeypatch.setattr(cs, "_generate_groups", generate)
     monkeypatch.setattr(cs, "continuation_ce", lambda lm, prompts, ids: 0.0)
     monkeypatch.setattr(saescope.search, "encode", _encode)
-    return calls
+    return calls, levels
 
 
 def test_the_search_steps_down_from_a_loop_to_a_strength_that_shows(fake_texts):
+    calls, _ = fake_texts
     choice = cs._calibrate(None, "horses", cs.ConceptSteerConfig(), lm=object())
     single = choice.candidates[0]
-    tried = {r.strength: r for r in single.rungs}
+    tried = {r.strength: r for r in single.rungs if not r.verified}
     assert sorted(tried) == [1.414, 2.0] and tried[2.0].degenerate and tried[1.414].shows
     assert choice.calibrated and choice.features == [(SAE, 0)] and choice.strength == pytest.approx(1.414, abs=1e-3)
-    # round 1: the unsteered texts, 2 features and the pair at ×2; round 2: the same three, one step on
-    assert [len(groups) for groups in fake_texts] == [4, 3] and fake_texts[0][0] == []
+    # round 1: the unsteered texts, 2 features and the pair at ×2; round 2: the same three, one step on;
+    # the confirmation: unsteered, and the best proposal at its strength and a step below, on longer texts
+    assert [len(groups) for groups in calls] == [4, 3, 3] and calls[0][0] == [] and calls[2][0] == []
+
+
+def test_the_search_climbs_to_a_strength_with_margin_and_confirms_it(fake_texts):
+    calls, levels = fake_texts
+    levels.update(loops=3.5, loops_long=3.5)  # shows from ×1.2, loops from ×3.5: ×2 and ×2.83 both show
+    choice = cs._calibrate(None, "horses", cs.ConceptSteerConfig(), lm=object())
+    assert choice.calibrated and choice.strength == pytest.approx(2.828, abs=1e-3)  # not ×2, the first to show
+    taken = cs._taken(choice.candidates[0])
+    assert taken.verified and taken.shows and "strongest strength" in choice.reason
+    levels.update(loops_long=2.5)  # the longer, fresh texts loop at ×2.83: the confirmation takes a step below
+    choice = cs._calibrate(None, "horses", cs.ConceptSteerConfig(), lm=object())
+    assert choice.calibrated and choice.strength == pytest.approx(2.0, abs=1e-3)
+    assert [r.strength for r in choice.candidates[0].rungs if r.verified] == [2.828, 2.0]
+    levels.update(shows=99.0)  # nothing ever shows: uncalibrated, at the strongest clean strength tried
+    choice = cs._calibrate(None, "horses", cs.ConceptSteerConfig(), lm=object())
+    assert not choice.calibrated and choice.strength == pytest.approx(2.828, abs=1e-3)
+
+
+def test_a_candidate_that_loops_at_every_strength_tried_steps_on_down(fake_texts):
+    calls, levels = fake_texts
+    levels.update(shows=0.6, loops=1.0, loops_long=1.0)  # loops from ×1: ×2 and ×1.41 loop, ×0.71 shows
+    choice = cs._calibrate(None, "horses", cs.ConceptSteerConfig(), lm=object())
+    single = choice.candidates[0]
+    assert [r.strength for r in single.rungs if not r.verified] == [2.0, 1.414, 1.0, 0.707]
+    assert choice.calibrated and choice.strength == pytest.approx(0.707, abs=1e-3)  # not ×1.41, which loops
+    # the pair (×0.71 each at ×1.41) is clean after two rounds and stops there; the singles go on alone
+    assert [len(groups) for groups in calls] == [4, 3, 2, 2, 3]  # confirmed at ×0.71 and ×0.5 (the grid's floor)
 
 
 def test_a_pair_is_steered_at_the_strength_it_was_calibrated_at(fake_texts):
+    calls, _ = fake_texts
     choice = cs._calibrate(None, "horses", cs.ConceptSteerConfig(), lm=object())
     pair = choice.candidates[2]
     assert pair.features == [(SAE, 0), (SAE, 1)]
-    # in all: ×2 (×1 each) showed nothing, ×2.83 shows; not costed nor taken: the single feature showed it as often
+    # in all: ×2 (×1 each) showed nothing, ×2.83 shows; not confirmed: the single features showed it as often
     assert cs._proposal(pair).strength == pytest.approx(2.828, abs=1e-3) and pair.strength is None
-    assert "not taken" in pair.why and choice.candidates[0].strength == pytest.approx(1.414, abs=1e-3)
-    first, second = fake_texts
+    assert "not confirmed" in pair.why and choice.candidates[0].strength == pytest.approx(1.414, abs=1e-3)
+    first, second, _ = calls
     assert [1.0, 1.0] in first and [pytest.approx(1.414, abs=1e-3)] * 2 in second
     steered = [iv.value for iv in cs.ConceptChoice("horses", pair.features, 2.828, "", [], [], True).interventions()]
     assert steered == [pytest.approx(1.414, abs=1e-3)] * 2  # what was tried is what steers
-    assert "×1.414 is the smallest strength" in choice.reason and "each" not in choice.reason
+    assert "×1.414 is the strongest strength" in choice.reason and "each" not in choice.reason
 
 
 # ---------------------------------------------------------------------------- the cache

@@ -11,8 +11,10 @@
    output side read through the unembedding is only a guess for features of early and middle
    layers (the later layers transform what they write), so the `pool` best are *probed*: each is
    steered at ×`probe` on the calibration prompts in one forward pass, and the `candidates` that
-   raise the next-token probability of the concept's words most (their *pull*) go on.
-2. **Strength by a bisection.** Every candidate (and, with `combine`, the top candidates together,
+   raise the next-token probability of the concept's words most (their *pull*) go on, if they pull
+   at least `min_pull` of the best one's pull (a layer-0 token feature that barely moves the words
+   is not worth calibrating, nor pairing with the best).
+2. **Strength by a climb.** Every candidate (and, with `combine`, the top candidates together,
    the strength split evenly between them) is steered on the library's own neutral calibration
    prompts, sampled, `tokens` new tokens, all candidates and the unsteered texts in one batched
    `generate` per round (`splice.generate_ids`: the rows share the sampling noise, so a steered text
@@ -25,14 +27,19 @@
    A strength *shows the concept* when at least `min_shown` of its texts mention it (more than
    unsteered) and their embedding moves toward the query; it is *degenerate* when more of its
    texts loop than unsteered. Round 1 tries `start`; each later round steps by `step` on a
-   geometric grid: down from a strength that showed the concept (is a smaller one enough?) or
-   looped, up from one that showed nothing, never to or past a strength that looped or one that
-   showed nothing (`rounds` rounds: a bisection between "nothing shows" and "the text loops").
-3. **Take.** Each candidate takes its smallest strength that showed the concept below its loops,
-   if that costs at most `max_cost` nats/token above the unsteered texts' cross-entropy (under the
-   unsteered model, measured for that strength only). Of the candidates that pass, the one whose
-   texts mention the concept most often wins; the others are reported as runners-up. When none
-   passes, the largest non-degenerate rise is used and reported as uncalibrated.
+   geometric grid: up from a strength whose texts are clean, down from one that looped, never to or
+   past a strength that looped (`rounds` rounds; a candidate whose every strength looped steps on
+   down until one is clean or `min_strength` is reached). Each candidate proposes its *strongest* clean
+   strength that showed the concept: the smallest one that shows on four short texts is the edge
+   where the concept barely shows, and on another prompt it shows nothing.
+3. **Confirm and take.** The `verify` best proposals are steered again on fresh texts (other
+   sampling noise, `verify_tokens` new tokens, the length `steer` writes by default) at their
+   strength and a step below, in one batched `generate`; each candidate takes the strongest of the
+   two that still shows the concept without looping, at most `max_cost` nats/token above the
+   unsteered texts' cross-entropy (under the unsteered model). Of the candidates that pass, the one
+   whose texts mention the concept most often wins; the others are reported as runners-up. When
+   none passes, the candidate that showed the concept most is steered at its strongest clean
+   strength (never below what was tried) and reported as uncalibrated.
 4. **Cache.** The choice is stored per concept in run/steer_calibration.json (atomic write),
    keyed by the concept index (re-analysis invalidates it) and the calibration settings, so a
    repeated request skips steps 1-3.
@@ -42,12 +49,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -71,25 +78,27 @@ class ConceptSteerConfig:
     start: float = 2.0
     """The first strength tried (× each feature's max activation, split between combined features)."""
     step: float = 1.4142
-    """Each later round tries the strength × or ÷ this (a bisection on a geometric grid)."""
+    """Each later round tries the strength × or ÷ this (a geometric grid)."""
     rounds: int = 2
-    """Rounds of the search: round 1 tries `start`; each later one steps down from a strength that showed the
-    concept or looped, and up from one that showed nothing without looping."""
+    """Rounds of the search: round 1 tries `start`; each later one steps up from a strength whose texts are
+    clean and down from one that looped (a candidate with no clean strength yet goes on stepping down)."""
     min_strength: float = 0.5
     max_strength: float = 8.0
-    pool: int = 6
+    pool: int = 12
     """Features (by output match) whose pull on the concept's words is measured (`probe`) when more than
     `candidates` (one batched forward pass, no generation)."""
     candidates: int = 2
     """Features of the pool that pull most, calibrated per concept."""
+    min_pull: float = 0.25
+    """A feature of the pool is calibrated only when it pulls at least this share of the best one's pull."""
     probe: float = 2.0
     """The strength at which the pool's pull is measured."""
     combine: int = 2
     """Also try this many top candidates (different layers) together, sharing the strength (1: never)."""
     min_output: float = 0.35
     """Below this output-side similarity no feature matches the concept."""
-    tokens: int = 32
-    """New tokens per calibration text."""
+    tokens: int = 24
+    """New tokens per text in the search."""
     seed: int = 1234
     min_shown: float = 0.5
     """A strength shows the concept when at least this share of its texts mention it."""
@@ -99,6 +108,10 @@ class ConceptSteerConfig:
     """A text where one word repeats this many times in a row (one token: twice as many) loops."""
     max_cost: float = 2.5
     """Largest CE cost (nats/token of the steered texts under the unsteered model, above the unsteered texts)."""
+    verify: int = 1
+    """Proposals confirmed on fresh texts (the best by how often the concept showed)."""
+    verify_tokens: int = 40
+    """New tokens per text in the confirmation."""
 
     def __post_init__(self):
         if not (0 < self.min_strength <= self.start <= self.max_strength) or not self.step > 1 or self.rounds < 1:
@@ -131,6 +144,7 @@ class Rung:
     looped_unsteered: int = 0  # texts that loop
     looped_steered: int = 0
     texts: int = 0
+    verified: bool = False  # measured in the confirmation on fresh texts
 
 
 @dataclass
@@ -233,19 +247,21 @@ def _candidates(run: Run, concept: str, cfg: ConceptSteerConfig, n: int) -> tupl
 
 
 def _select(lm, saes, typical, pool: list[Candidate], words: list[str], cfg: ConceptSteerConfig) -> list[Candidate]:
-    """The `candidates` features of the pool that pull the concept's words most (probed when the pool is larger),
-    and with `combine` the top ones together."""
+    """The `candidates` features of the pool that pull the concept's words most (probed when the pool is larger;
+    those pulling less than `min_pull` of the best are dropped), and with `combine` the top ones together."""
     if len(pool) > cfg.candidates:
         _probe(lm, saes, typical, pool, words, cfg)
         pool = sorted(pool, key=lambda c: -math.inf if c.pull is None else c.pull, reverse=True)
+        best = pool[0].pull
+        if best is not None and best > 0:  # a feature that barely moves the words is not worth calibrating
+            pool = [c for c in pool if c.pull is not None and c.pull >= cfg.min_pull * best]
     cands = pool[:cfg.candidates]
-    if cfg.combine > 1 and len(cands) > 1:
-        cands.append(_combined(cands, cfg.combine))
-    return cands
+    pair = _combined(cands, cfg.combine) if cfg.combine > 1 else None
+    return cands + ([pair] if pair is not None and len(pair.features) > 1 else [])
 
 
 def _combined(cands: list[Candidate], k: int) -> Candidate:
-    """The top candidates from different layers, steered together."""
+    """The top candidates from different layers, steered together (one feature when all share a layer)."""
     chosen: list[Candidate] = []
     for c in cands:
         if c.layer[0] not in [x.layer[0] for x in chosen]:
@@ -278,67 +294,91 @@ def _calibrate(run: Run, concept: str, cfg: ConceptSteerConfig, lm) -> ConceptCh
 
 def _search(lm, saes, typical, cands: list[Candidate], measure: _Measure, cfg: ConceptSteerConfig) -> None:
     """Every candidate's strength, by `rounds` rounds of one batched generate each (all open candidates
-    together, the unsteered texts once: the same seed gives every round the same sampling noise). Then the
-    proposals (each candidate's smallest strength that showed the concept below its loops), the one that
-    showed it most first, are costed until one is within `max_cost`: that one is taken."""
+    together, the unsteered texts once: the same seed gives every round the same sampling noise), then the
+    best proposals confirmed on fresh texts (`_confirm`)."""
     prompts = list(CALIBRATION_PROMPTS)
     plan = {i: _grid(cfg.start, cfg) for i in range(len(cands))}
     base = None
-    kept: dict[tuple[int, float] | None, Any] = {}  # (candidate, strength) or None (unsteered) -> token ids
-    for _ in range(cfg.rounds):
-        todo = [(i, s) for i, s in plan.items() if s is not None]
+    for n in itertools.count():  # after `rounds`, only a candidate whose every strength looped steps on down
+        todo = [(i, s) for i, s in plan.items() if s is not None and (n < cfg.rounds or not _safe(cands[i]))]
         if not todo:
             break
         groups = ([[]] if base is None else []) + [concept_interventions(cands[i].features, s) for i, s in todo]
         texts, ids = _generate_groups(lm, saes, typical, groups, prompts, cfg.tokens, cfg.seed)
         if base is None:
-            base, kept[None] = measure.texts(texts[0], ids[0]), ids[0]
+            base = measure.texts(texts[0], ids[0])
             texts, ids = texts[1:], ids[1:]
         for (i, s), t, d in zip(todo, texts, ids):
             cands[i].rungs.append(_rung(s, base, measure.texts(t, d), cfg, t[0]))
-            kept[(i, s)] = d
             plan[i] = _next_strength(cands[i], cfg)
-
     proposals = [(i, r) for i, c in enumerate(cands) if (r := _proposal(c)) is not None]
+    _confirm(lm, saes, typical, cands, proposals, measure, cfg)
+
+
+def _confirm(lm, saes, typical, cands: list[Candidate], proposals: list[tuple[int, Rung]], measure: _Measure,
+             cfg: ConceptSteerConfig) -> None:
+    """Steer the `verify` best proposals again on fresh texts (other noise, `verify_tokens` tokens) at their
+    strength and a step below, one batched generate; each takes the strongest that still shows the concept
+    without looping, within the cost cap (costed strongest first, only until one passes)."""
+    ranked = sorted(proposals, key=lambda ir: _merit(ir[1]), reverse=True)
+    for i, r in ranked[cfg.verify:]:
+        cands[i].why = f"concept shows at ×{r.strength:g}; not confirmed (others showed it more)"
+    plan = [(i, s) for i, r in ranked[:cfg.verify] for s in _confirm_steps(r.strength, cfg)]
+    if not plan:
+        return
+    prompts = list(CALIBRATION_PROMPTS)
+    groups = [[]] + [concept_interventions(cands[i].features, s) for i, s in plan]
+    texts, ids = _generate_groups(lm, saes, typical, groups, prompts, cfg.verify_tokens, cfg.seed + 1)
+    base = measure.texts(texts[0], ids[0])
     base_ce = None
-    for i, r in sorted(proposals, key=lambda ir: _merit(ir[1]), reverse=True):
+    for g, (i, s) in enumerate(plan, 1):
         c = cands[i]
-        base_ce = continuation_ce(lm, prompts, kept[None]) if base_ce is None else base_ce
-        r.cost = continuation_ce(lm, prompts, kept[(i, r.strength)]) - base_ce
-        if r.cost > cfg.max_cost:
-            c.why = f"costs {r.cost:.2f} nats/token at ×{r.strength:g}, over the cap {cfg.max_cost:g}"
+        if c.strength is not None:
+            continue  # the stronger step passed
+        r = _rung(s, base, measure.texts(texts[g], ids[g]), cfg, texts[g][0], verified=True)
+        c.rungs.append(r)
+        if r.degenerate or not r.shows:
+            c.why = f"{'loops' if r.degenerate else 'the concept did not show'} at ×{s:g} on fresh texts"
             continue
-        c.strength, c.why = r.strength, f"concept shows at ×{r.strength:g} on {cfg.tokens}-token texts"
-        break
-    for i, r in proposals:
-        if r.cost is None:
-            cands[i].why = f"concept shows at ×{r.strength:g}; not taken (another candidate showed it more)"
+        base_ce = continuation_ce(lm, prompts, ids[0]) if base_ce is None else base_ce
+        r.cost = continuation_ce(lm, prompts, ids[g]) - base_ce
+        if r.cost > cfg.max_cost:
+            c.why = f"costs {r.cost:.2f} nats/token at ×{s:g}, over the cap {cfg.max_cost:g}"
+            continue
+        c.strength, c.why = s, f"concept shows at ×{s:g} on fresh {cfg.verify_tokens}-token texts"
+
+
+def _confirm_steps(strength: float, cfg: ConceptSteerConfig) -> list[float]:
+    """The proposed strength and one grid step below it (when in range), strongest first."""
+    below = _grid(strength / cfg.step, cfg)
+    return [strength] + ([below] if below is not None else [])
 
 
 def _grid(strength: float, cfg: ConceptSteerConfig) -> float | None:
-    """`strength` rounded to 3 decimals, None outside [min_strength, max_strength]."""
-    return round(strength, 3) if cfg.min_strength - 1e-9 <= strength <= cfg.max_strength + 1e-9 else None
+    """`strength` rounded to 3 decimals, None outside [min_strength, max_strength] (to those 3 decimals: two
+    steps of 1.4142 down from ×1 land on 0.49993, which is ×0.5)."""
+    return round(strength, 3) if cfg.min_strength - 5e-4 <= strength <= cfg.max_strength + 5e-4 else None
 
 
 def _next_strength(c: Candidate, cfg: ConceptSteerConfig) -> float | None:
-    """The strength to try next (None: done). Down a step from one that showed the concept or looped,
-    up a step from one that showed nothing; never at or above a strength that looped, never at or below one
-    that showed nothing, never twice. The rule stops before degeneration: it only climbs from clean text."""
+    """The strength to try next (None: done). Up a step from one whose texts were clean, down a step from one
+    that looped; never at or above a strength that looped, never at or below a clean one, never twice. The
+    rule stops before degeneration: it only climbs from clean text."""
     last = c.rungs[-1]
-    tried = {r.strength for r in c.rungs}
     looped = min((r.strength for r in c.rungs if r.degenerate), default=math.inf)
-    quiet = max((r.strength for r in c.rungs if not r.degenerate and not r.shows), default=-math.inf)
-    nxt = _grid(last.strength / cfg.step if (last.degenerate or last.shows) else last.strength * cfg.step, cfg)
-    if nxt is None or nxt in tried or not quiet < nxt < looped:
+    clean = max((r.strength for r in c.rungs if not r.degenerate), default=-math.inf)
+    nxt = _grid(last.strength / cfg.step if last.degenerate else last.strength * cfg.step, cfg)
+    if nxt is None or not clean < nxt < looped:
         return None
     return nxt
 
 
 def _proposal(c: Candidate) -> Rung | None:
-    """The candidate's smallest strength that showed the concept below its loops (None: says why)."""
+    """The candidate's strongest strength below its loops that showed the concept (None: says why). The
+    smallest that shows on a few short texts is the edge of showing, not a strength with margin."""
     shown = [r for r in _safe(c) if r.shows]
     if shown:
-        return min(shown, key=lambda x: x.strength)
+        return max(shown, key=lambda x: x.strength)
     looped = [r.strength for r in c.rungs if r.degenerate]
     c.why = (f"loops at ×{min(looped):g} before the concept shows" if looped else
              f"the concept did not show at {', '.join(f'×{r.strength:g}' for r in c.rungs)}")
@@ -347,26 +387,32 @@ def _proposal(c: Candidate) -> Rung | None:
 
 def _decide(concept: str, cands: list[Candidate], words: list[str], cfg: ConceptSteerConfig) -> ConceptChoice:
     passed = [(c, _taken(c)) for c in cands if c.strength is not None]
-    if passed:  # the candidate whose texts mention the concept most often at its smallest passing strength
+    if passed:  # the candidate whose fresh texts mention the concept most often
         best, rung = max(passed, key=lambda cr: _merit(cr[1]))
         assert best.strength is not None
         pull = "" if best.pull is None else f", {best.pull:+.1%} next-token probability on its words at ×{cfg.probe:g}"
         each = f" (×{best.strength / len(best.features):.3g} each)" if len(best.features) > 1 else ""
         reason = (f"{_name(best)} writes '{concept}' (output similarity {best.output_match:.2f}{pull}); "
-                  f"×{best.strength:g}{each} "
-                  f"is the smallest strength at which {_shown(rung)} (unsteered {rung.shown_unsteered:.0%}) of "
-                  f"{rung.texts} sampled texts on {len(CALIBRATION_PROMPTS)} calibration prompts mention the concept "
-                  f"with no more loops than unsteered (distinct bigrams {rung.distinct2:.2f}, CE cost {rung.cost:+.2f})")
+                  f"×{best.strength:g}{each} is the strongest strength tried below its loops at which "
+                  f"{_shown(rung)} (unsteered {rung.shown_unsteered:.0%}) of {rung.texts} fresh sampled texts "
+                  f"on {len(CALIBRATION_PROMPTS)} calibration prompts mention the concept with no more loops than "
+                  f"unsteered (distinct bigrams {rung.distinct2:.2f}, CE cost {rung.cost:+.2f})")
         return ConceptChoice(concept, best.features, best.strength, reason, cands, words, calibrated=True)
-    safe = [(c, r) for c in cands for r in _safe(c)]
-    if safe:
-        best, last = max(safe, key=lambda cr: _merit(cr[1]))
-        strength = last.strength
-    else:
-        best, strength = cands[0], cfg.min_strength
-    reason = (f"no strength made '{concept}' show without degenerating the text; steering {_name(best)} "
-              f"(output similarity {best.output_match:.2f}) at ×{strength:g}, the strongest showing below its loops")
+    best, strength = _fallback(cands)
+    reason = (f"no strength made '{concept}' show on fresh texts without degenerating them; steering {_name(best)} "
+              f"(output similarity {best.output_match:.2f}) at ×{strength:g}, its strongest tried below its loops")
     return ConceptChoice(concept, best.features, strength, reason, cands, words, calibrated=False)
+
+
+def _fallback(cands: list[Candidate]) -> tuple[Candidate, float]:
+    """Uncalibrated: the candidate whose strongest clean strength showed the concept most, at that strength;
+    when every strength tried looped, the first candidate at its weakest tried. Never below what was tried."""
+    tops = [(c, max(safe, key=lambda r: r.strength)) for c in cands if (safe := _safe(c))]
+    if tops:
+        best, rung = max(tops, key=lambda cr: _merit(cr[1]))
+        return best, rung.strength
+    tried = [r.strength for r in cands[0].rungs]
+    return cands[0], min(tried) if tried else 1.0
 
 
 def _taken(c: Candidate) -> Rung:
@@ -408,7 +454,9 @@ def _load(run: Run, features: list[tuple[str, int]]):
 def _probe(lm, saes, typical, pool: list[Candidate], words: list[str], cfg: ConceptSteerConfig) -> None:
     """Set each candidate's `pull`: steered at ×`probe` on the calibration prompts (one batched forward pass,
     no sampling), how much more probability the next tokens put on the concept's words (those
-    that are one token) than unsteered, averaged over positions. A feature whose unembedded direction names
+    that are one token) than unsteered, averaged over the prompts' last positions (as many as the shortest
+    prompt has, so no row counts padding: the logits of the other positions are never computed, the
+    262k-token unembedding is most of the cost). A feature whose unembedded direction names
     the concept may still not move the model's output once the later layers have read it; this measures
     that. A difference, not a ratio: a feature that only flattens the distribution gains rare words a
     large ratio but little probability."""
@@ -418,12 +466,13 @@ def _probe(lm, saes, typical, pool: list[Candidate], words: list[str], cfg: Conc
     prompts = list(CALIBRATION_PROMPTS)
     ids, mask = _left_padded(lm, prompts)
     keep = mask.bool() if lm.bos_id is None else mask.bool() & (ids != lm.bos_id)
+    last = int(keep.sum(1).min())  # left-padded: the last `last` positions are words in every row
     groups = [[]] + [concept_interventions(c.features, cfg.probe) for c in pool]
     n = len(prompts)
     with torch.no_grad(), steering_rows(lm, saes, [ivs for ivs in groups for _ in prompts], typical):
         logits = lm.model(input_ids=ids.repeat(len(groups), 1), attention_mask=mask.repeat(len(groups), 1),
-                          use_cache=False).logits  # (groups × prompts, seq, vocab)
-    mass = [float(logits[g * n:(g + 1) * n].float().softmax(-1)[..., targets].sum(-1)[keep].mean())
+                          use_cache=False, logits_to_keep=last).logits  # (groups × prompts, last, vocab)
+    mass = [float(logits[g * n:(g + 1) * n].float().softmax(-1)[..., targets].sum(-1).mean())
             for g in range(len(groups))]
     for c, m in zip(pool, mass[1:]):
         c.pull = round(m - mass[0], 5)
@@ -562,12 +611,13 @@ class _Measure:
                       looped=sum(loops(t, i.tolist(), self.cfg) for t, i in zip(texts, ids)), n=len(texts))
 
 
-def _rung(strength: float, base: _Texts, steered: _Texts, cfg: ConceptSteerConfig, example: str) -> Rung:
+def _rung(strength: float, base: _Texts, steered: _Texts, cfg: ConceptSteerConfig, example: str,
+          verified: bool = False) -> Rung:
     shows = (steered.shown >= cfg.min_shown and steered.shown > base.shown and steered.similarity > base.similarity)
     return Rung(strength, base.words, steered.words, round(base.similarity, 4), round(steered.similarity, 4),
                 round(steered.distinct2, 3), steered.longest_run, shows=shows, degenerate=steered.looped > base.looped,
                 example=example, shown_unsteered=round(base.shown, 4), shown_steered=round(steered.shown, 4),
-                looped_unsteered=base.looped, looped_steered=steered.looped, texts=steered.n)
+                looped_unsteered=base.looped, looped_steered=steered.looped, texts=steered.n, verified=verified)
 
 
 @dataclass
