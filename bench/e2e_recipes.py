@@ -56,6 +56,8 @@ def main() -> None:
                     help="JSON {name: TrainConfig kwargs}")
     ap.add_argument("--ce-contexts", type=int, default=16)
     ap.add_argument("--per-context", type=int, default=64, help="scored targets per context (0: all 255)")
+    ap.add_argument("--zero-every", type=int, default=4, help="zero-ablation pass (CE recovered) every N batches of 4 "
+                    "contexts (0: none)")
     ap.add_argument("--cache", default="/tmp/saescope-dead-cache")
     ap.add_argument("--save", default="/tmp/e2e/saes")
     args = ap.parse_args()
@@ -84,20 +86,22 @@ def main() -> None:
     contexts = list(itertools.islice(Corpus("default").contexts(lm.tokenizer, part="heldout", ctx_len=256),
                                      args.ce_contexts))
     print(f"{args.ce_contexts} held-out contexts × {args.per_context or 255} targets, the same for every SAE; "
-          "no zero-ablation pass")
-    print("| layer | recipe | ΔLM ± SE | KL ± SE | CE tokens | L0 held-out | FVU held-out | dead held-out | "
-          "L0 pydoc | FVU pydoc |")
-    print("|---:|---|---|---|---:|---:|---:|---:|---:|---:|")
+          f"zero-ablation pass every {args.zero_every} batches of 4 contexts (CE recovered on those)")
+    print("| layer | recipe | ΔLM ± SE | KL ± SE | CE recovered ± SE | CE tokens | L0 held-out | FVU held-out | "
+          "dead held-out | L0 pydoc | FVU pydoc |")
+    print("|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|")
     for layer in sorted(layers, reverse=True):  # the cheapest re-runs first
         mine = {k: s for k, s in saes.items() if k.endswith(f"|{layer}")}
         t0 = time.perf_counter()
-        dlm = delta_lm_loss(lm, mine, contexts, per_context=args.per_context or None, zero_every=0, progress=False)
+        dlm = delta_lm_loss(lm, mine, contexts, per_context=args.per_context or None, zero_every=args.zero_every,
+                            progress=False)
         secs = time.perf_counter() - t0
         for key in sorted(mine):
             h, o, d = (fidelity(mine[key], evals["heldout"][layer]), fidelity(mine[key], evals["pydoc"][layer]),
                        dlm[key])
             print(f"| {layer} | {key.split('|')[0]} | {d['delta_lm_loss']:.3f} ± {d['delta_lm_loss_se']:.3f} | "
-                  f"{d['kl']:.3f} ± {d['kl_se']:.3f} | {d['n_ce_tokens']:,} | {h['l0']:.1f} | {h['fvu']:.4f} | "
+                  f"{d['kl']:.3f} ± {d['kl_se']:.3f} | {d.get('ce_recovered', float('nan')):.3f} ± "
+                  f"{d.get('ce_recovered_se', float('nan')):.3f} | {d['n_ce_tokens']:,} | {h['l0']:.1f} | {h['fvu']:.4f} | "
                   f"{h['dead_fraction']:.3f} | {o['l0']:.1f} | {o['fvu']:.4f} |", flush=True)
         print(f"(layer {layer}: {secs:.0f} s)", flush=True)
 

@@ -128,6 +128,9 @@ class TrainConfig:
     e2e_lr: float = 1.0
     """End-to-end phase: constant learning rate as a fraction of the peak lr (the main phase's cosine decay has
     nearly ended by then, and the phase is short)."""
+    e2e_fresh_adam: bool = True
+    """End-to-end phase: start Adam's moments over at its first step (`SAETrainer.start_end_to_end`). False keeps
+    the main phase's, whose second moments are ~100× too small for the KL's gradients: Gemma 3 270M's SAEs diverged."""
     e2e_threshold_lr: float = 0.0
     """End-to-end phase: learning rate of the JumpReLU thresholds as a fraction of the phase's; 0 freezes them, so
     that the KL cannot buy fidelity with a higher L0 (tiny model: held-out L0 5.3 → 7.8 with them learning, 5.3 when
@@ -378,7 +381,7 @@ class SAETrainer:
     step: int = 0
     since_fired: torch.Tensor = field(init=False)  # (width,) tokens since each feature last fired
     failed: str = ""
-    end_to_end: bool = False  # in the end-to-end phase (set by MultiTrainer.step_spliced): its lr and thresholds
+    e2e_start: int = -1  # the step at which the end-to-end phase began (`start_end_to_end`); -1 before it
     scratch: dict = field(default_factory=dict)  # reusable buffers, see _scratch_z
     # Running values kept as float64 tensors on the device, read on the host only when asked (`poll`, the
     # properties below): a host read waits for the GPU's queue to drain.
@@ -432,6 +435,24 @@ class SAETrainer:
     @property
     def key(self) -> str:
         return f"{self.cfg.site}/{self.cfg.folder_name}"
+
+    @property
+    def end_to_end(self) -> bool:
+        """In the end-to-end phase (endtoend.py): its own lr, thresholds frozen, no CUDA graph."""
+        return self.e2e_start >= 0
+
+    def start_end_to_end(self) -> None:
+        """Enter the end-to-end phase (once: a run resumed inside it reads `e2e_start` from its checkpoint). With
+        `e2e_fresh_adam`, Adam's moments start over: its second moments are those of the main phase's converged
+        reconstruction gradients, ~100× smaller than the KL's, so its first end-to-end steps moved each weight by
+        8–25× the lr (Gemma 3 270M layer 12: W_dec by 4.7% of its norm in one step at 0.1× peak lr, 0.3% with
+        fresh moments), and the SAEs diverged (bench/RESULTS.md). Adam's bias correction makes the fresh
+        moments right from the first step."""
+        if self.end_to_end:
+            return
+        self.e2e_start = self.step
+        if self.train.e2e_fresh_adam and isinstance(self.opt, torch.optim.Adam):
+            self.opt.state.clear()
 
     @property
     def log_lambda(self) -> float:
@@ -911,7 +932,8 @@ class SAETrainer:
     def state_dict(self) -> dict:
         return {"layout": LAYOUT, "sae": self.sae.state_dict(), "opt": self.opt.state_dict(), "scale": self.scale,
                 "log_lambda": self.log_lambda, "step": self.step, "since_fired": self.since_fired,
-                "batch_threshold": self.batch_threshold, "ema": self.ema, "failed": self.failed}
+                "batch_threshold": self.batch_threshold, "ema": self.ema, "failed": self.failed,
+                "e2e_start": self.e2e_start}
 
     def load_state_dict(self, d: dict) -> None:
         if d.get("layout") != LAYOUT:
@@ -921,6 +943,7 @@ class SAETrainer:
         self.opt.load_state_dict(d["opt"])
         f64: dict[str, Any] = {"dtype": torch.float64, "device": self.device}
         self.scale, self.step, self.failed = d["scale"], d["step"], d["failed"]
+        self.e2e_start = d.get("e2e_start", -1)
         self._log_lambda = torch.tensor(d["log_lambda"], **f64)
         self.since_fired = d["since_fired"].to(self.device)
         self._batch_threshold = torch.tensor(d["batch_threshold"], **f64)
@@ -1100,7 +1123,7 @@ class MultiTrainer:
         added to each SAE's loss: the end-to-end phase's step (endtoend.py). Counts and checkpoints as `fit`."""
         n = next(iter(acts.values())).shape[0]
         for t in self.trainers:
-            t.end_to_end = True
+            t.start_end_to_end()
         self._step_all({k: v.to(self.device, torch.float32) for k, v in acts.items()}, None, extra)
         self.tokens_done += n
         self.steps_done += 1
