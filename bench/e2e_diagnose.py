@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--e2e", type=float, default=0.05)
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--variants", default='{"old": {}}', help="JSON {name: TrainConfig kwargs for the phase}")
+    ap.add_argument("--eval-every", type=int, default=1000, help="held-out ΔLM / KL every N steps (and at the end)")
     ap.add_argument("--held", type=int, default=4, help="held-out contexts for the final ΔLM / KL")
     ap.add_argument("--cache", default="/tmp/saescope-dead-cache")
     args = ap.parse_args()
@@ -86,12 +87,13 @@ def main() -> None:
             de = float((t.sae.w_enc - w_enc).norm() / w_enc.norm())
             print(f"| {i} | {float(lr):.2e} | {float(st.fvu):.3f} | {kls[0]:.3f} | {float(st.l0):.1f} | {dd:.4f} | "
                   f"{de:.4f} |", flush=True)
-        sae = t.export()
-        d = delta_lm_loss(lm, {"s": sae}, held, zero_every=0, progress=False)["s"]
-        f = fidelity(sae, held_acts)
-        print(f"{name}: {time.perf_counter() - t0:.0f} s; held-out ({d['n_ce_tokens']} CE tokens) ΔLM "
-              f"{d['delta_lm_loss']:.3f} ± {d['delta_lm_loss_se']:.3f}, KL {d['kl']:.3f} ± {d['kl_se']:.3f}, "
-              f"FVU {f['fvu']:.4f}, L0 {f['l0']:.1f}", flush=True)
+            if (i + 1) % args.eval_every == 0 or i + 1 == len(cleans):
+                sae = t.export()
+                d = delta_lm_loss(lm, {"s": sae}, held, zero_every=0, progress=False)["s"]
+                f = fidelity(sae, held_acts)
+                print(f"{name} after {i + 1} steps: {time.perf_counter() - t0:.0f} s; held-out ({d['n_ce_tokens']} "
+                      f"CE tokens) ΔLM {d['delta_lm_loss']:.3f} ± {d['delta_lm_loss_se']:.3f}, KL {d['kl']:.3f} ± "
+                      f"{d['kl_se']:.3f}, FVU {f['fvu']:.4f}, L0 {f['l0']:.1f}", flush=True)
 
 
 if __name__ == "__main__":
