@@ -10,13 +10,13 @@ the relative change of W_dec and W_enc, and the lr.
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import json
 import time
 from pathlib import Path
 
 import torch
+from e2e_recipes import snapshot  # bench/, the script's folder
 
 from saescope.corpus import Corpus
 from saescope.endtoend import clean_pass, spliced_kl
@@ -24,17 +24,6 @@ from saescope.evaluate import delta_lm_loss, fidelity
 from saescope.models import load_model
 from saescope.pipeline import sae_configs
 from saescope.train import Chunk, MultiTrainer, TrainConfig
-
-
-def _retie_encoder(t) -> None:
-    """After a deepcopy: W_enc's Parameter is a clone, no longer the view of the tensor Adam steps; tie them again."""
-    old, new = t._w_enc_t, t.sae.w_enc.detach().T
-    for group in t.opt.param_groups:
-        group["params"] = [new if p is old else p for p in group["params"]]
-    if old in t.opt.state:
-        t.opt.state[new] = t.opt.state.pop(old)
-    t._grad_params = [new if p is old else p for p in t._grad_params]
-    t._w_enc_t = new
 
 
 def main() -> None:
@@ -65,9 +54,8 @@ def main() -> None:
     ctxs = list(itertools.islice(stream, mt.contexts_done, mt.contexts_done + args.steps))
     cleans = [clean_pass(lm, torch.tensor([c]), [site], base.e2e_vocab) for c in ctxs]
     for name, kw in json.loads(args.variants).items():
-        m = copy.deepcopy(mt)
+        m = snapshot(mt)
         t = m.trainers[0]
-        _retie_encoder(t)
         t0 = time.perf_counter()
         t.train = m.train = TrainConfig(tokens=args.tokens, e2e_fraction=args.e2e, **kw)
         print(f"\n{name} {json.dumps(kw)}\n| step | lr | FVU | KL | L0 | ‖ΔW_dec‖/‖W_dec‖ | ‖ΔW_enc‖/‖W_enc‖ |")
