@@ -2,13 +2,16 @@
 
 What the model does with an SAE's reconstruction is what users measure (ΔLM loss, KL), and a small reconstruction
 error can still move the next-token distribution a lot. So after the main phase (train.py: reconstruction), the same
-trainers (optimiser state, λ controller for the target L0, lr schedule) go on for the rest of the tokens with
+trainers (λ controller for the target L0, lr schedule) go on for the rest of the tokens with
 
     loss = reconstruction + λ·(L0 term) + e2e_kl_coef · KL(p_clean ‖ p_spliced)
 
 where p_spliced is the model's next-token distribution with the SAE's reconstruction x̂ replacing the activation at
 its site (ordinary positions only; BOS/EOS/pad stay clean), through the rest of the frozen model to the logits. The
-gradient reaches the SAE's parameters through x̂ only.
+gradient reaches the SAE's parameters through x̂ only. The phase starts Adam's moments over (the main phase's are
+scaled to its small reconstruction gradients: kept, they made the first KL steps move each weight 8–25× the lr and
+the SAEs diverged; `SAETrainer.start_end_to_end`) and runs at `e2e_lr` 0.1× the peak lr, where the cosine ended.
+With the thresholds frozen the L0 term gives no gradient (its straight-through gradient reaches θ only).
 
 One step = one or more whole contexts (≈ batch_size tokens). Per step, one clean pass (stopped before the head,
 harvest.capture) records every layer's inputs and every SAE's site for all SAEs; the clean head runs once over the

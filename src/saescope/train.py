@@ -118,16 +118,19 @@ class TrainConfig:
     e2e_fraction: float = 0.0
     """Share of the tokens spent at the end in the end-to-end phase (endtoend.py): each SAE spliced into the model
     at its site and trained on KL(clean ‖ spliced next-token distribution) plus its reconstruction loss, one context
-    per step. 0 = off. Needs the live model (not --cache) and a single process. Experimental: it lowers ΔLM on the
-    tiny test model, but on Gemma 3 270M at 0.05 with these e2e_* settings the SAEs of layers 12 and 17 diverged
-    (ΔLM 1.9 → 6.2 and 2.9 → 24 nats, FVU 0.29 → 4.0 and 0.39 → 25; bench/RESULTS.md), and on 2 CPU cores an
-    end-to-end token costs several times a reconstruction token."""
+    per step. 0 = off. Needs the live model (not --cache) and a single process. On Gemma 3 270M at 0.05 it lowers
+    ΔLM by 8–17% (layers 6/12/17, 16k tokens each, L0 within +6%; bench/RESULTS.md), and on 2 CPU cores
+    an end-to-end token costs ~12× a reconstruction token (layers 6, 12, 17), so it stays off by default."""
     e2e_kl_coef: float = 1.0
     """End-to-end phase: weight of the KL (nats per scored token) against the reconstruction loss (normalised units,
     E‖x‖² = 1)."""
-    e2e_lr: float = 1.0
-    """End-to-end phase: constant learning rate as a fraction of the peak lr (the main phase's cosine decay has
-    nearly ended by then, and the phase is short)."""
+    e2e_lr: float = 0.1
+    """End-to-end phase: constant learning rate as a fraction of the peak lr; 0.1 goes on from where the main phase's
+    cosine decay ends (lr_end). Gemma 3 270M layer 12, 20 steps with fresh Adam moments: 0.1 lowered held-out ΔLM
+    1.76 → 1.48, 0.3 to 1.50, 1.0 raised it to 1.90 (bench/RESULTS.md)."""
+    e2e_fresh_adam: bool = True
+    """End-to-end phase: start Adam's moments over at its first step (`SAETrainer.start_end_to_end`). False keeps
+    the main phase's, whose second moments are ~100× too small for the KL's gradients: Gemma 3 270M's SAEs diverged."""
     e2e_threshold_lr: float = 0.0
     """End-to-end phase: learning rate of the JumpReLU thresholds as a fraction of the phase's; 0 freezes them, so
     that the KL cannot buy fidelity with a higher L0 (tiny model: held-out L0 5.3 → 7.8 with them learning, 5.3 when
@@ -379,7 +382,7 @@ class SAETrainer:
     step: int = 0
     since_fired: torch.Tensor = field(init=False)  # (width,) tokens since each feature last fired
     failed: str = ""
-    end_to_end: bool = False  # in the end-to-end phase (set by MultiTrainer.step_spliced): its lr and thresholds
+    e2e_start: int = -1  # the step at which the end-to-end phase began (`start_end_to_end`); -1 before it
     scratch: dict = field(default_factory=dict)  # reusable buffers, see _scratch_z
     # Running values kept as float64 tensors on the device, read on the host only when asked (`poll`, the
     # properties below): a host read waits for the GPU's queue to drain.
@@ -433,6 +436,24 @@ class SAETrainer:
     @property
     def key(self) -> str:
         return f"{self.cfg.site}/{self.cfg.folder_name}"
+
+    @property
+    def end_to_end(self) -> bool:
+        """In the end-to-end phase (endtoend.py): its own lr, thresholds frozen, no CUDA graph."""
+        return self.e2e_start >= 0
+
+    def start_end_to_end(self) -> None:
+        """Enter the end-to-end phase (once: a run resumed inside it reads `e2e_start` from its checkpoint). With
+        `e2e_fresh_adam`, Adam's moments start over: its second moments are those of the main phase's converged
+        reconstruction gradients, ~100× smaller than the KL's, so its first end-to-end steps moved each weight by
+        8–25× the lr (Gemma 3 270M layer 12: W_dec by 4.7% of its norm in one step at 0.1× peak lr, 0.3% with
+        fresh moments), and the SAEs diverged (bench/RESULTS.md). Adam's bias correction makes the fresh
+        moments right from the first step."""
+        if self.end_to_end:
+            return
+        self.e2e_start = self.step
+        if self.train.e2e_fresh_adam and isinstance(self.opt, torch.optim.Adam):
+            self.opt.state.clear()
 
     @property
     def log_lambda(self) -> float:
@@ -912,7 +933,8 @@ class SAETrainer:
     def state_dict(self) -> dict:
         return {"layout": LAYOUT, "sae": self.sae.state_dict(), "opt": self.opt.state_dict(), "scale": self.scale,
                 "log_lambda": self.log_lambda, "step": self.step, "since_fired": self.since_fired,
-                "batch_threshold": self.batch_threshold, "ema": self.ema, "failed": self.failed}
+                "batch_threshold": self.batch_threshold, "ema": self.ema, "failed": self.failed,
+                "e2e_start": self.e2e_start}
 
     def load_state_dict(self, d: dict) -> None:
         if d.get("layout") != LAYOUT:
@@ -922,6 +944,7 @@ class SAETrainer:
         self.opt.load_state_dict(d["opt"])
         f64: dict[str, Any] = {"dtype": torch.float64, "device": self.device}
         self.scale, self.step, self.failed = d["scale"], d["step"], d["failed"]
+        self.e2e_start = d.get("e2e_start", -1)
         self._log_lambda = torch.tensor(d["log_lambda"], **f64)
         self.since_fired = d["since_fired"].to(self.device)
         self._batch_threshold = torch.tensor(d["batch_threshold"], **f64)
@@ -1101,7 +1124,7 @@ class MultiTrainer:
         added to each SAE's loss: the end-to-end phase's step (endtoend.py). Counts and checkpoints as `fit`."""
         n = next(iter(acts.values())).shape[0]
         for t in self.trainers:
-            t.end_to_end = True
+            t.start_end_to_end()
         self._step_all({k: v.to(self.device, torch.float32) for k, v in acts.items()}, None, extra)
         self.tokens_done += n
         self.steps_done += 1
