@@ -452,6 +452,7 @@ class SAETrainer:
         if self.end_to_end:
             return
         self.e2e_start = self.step
+        self._graphs.clear()  # (the phase steps eagerly; its fresh moments are new tensors)
         if self.train.e2e_fresh_adam and isinstance(self.opt, torch.optim.Adam):
             self.opt.state.clear()
 
