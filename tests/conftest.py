@@ -88,3 +88,18 @@ class FaultyConnection:
 
     def __getattr__(self, name):
         return getattr(self.conn, name)
+
+
+def sharp_model(folder):
+    """A tiny random model loaded with its weight matrices scaled ×8, so that its predictions are far from uniform
+    (at the default init every site matters little and zero-ablation barely moves the loss)."""
+    import torch
+
+    from saescope.models import load_model
+
+    lm = load_model(str(folder))
+    with torch.no_grad():
+        for p in lm.model.parameters():
+            if p.dim() == 2:
+                p.mul_(8.0)
+    return lm

@@ -14,23 +14,17 @@ from saescope.endtoend import clean_pass, end_to_end, spliced_kl
 from saescope.errors import SaescopeError
 from saescope.evaluate import delta_lm_loss
 from saescope.harvest import harvest
-from saescope.models import load_model
 from saescope.sae import JumpReLUFn, SAEConfig
 from saescope.train import Chunk, MultiTrainer, SAETrainer, TrainConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 from atlas_run import write_corpus  # noqa: E402
+from conftest import sharp_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def lm(tiny_gemma_dir):
-    """The tiny random Gemma with its weights scaled up, so that its predictions are far from uniform."""
-    lm = load_model(str(tiny_gemma_dir))
-    with torch.no_grad():
-        for p in lm.model.parameters():
-            if p.dim() == 2:
-                p.mul_(8.0)
-    return lm
+    return sharp_model(tiny_gemma_dir)
 
 
 def _contexts(lm, seed, seq=32):

@@ -8,24 +8,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import sharp_model
 
 from saescope.errors import SaescopeError
 from saescope.evaluate import _pick_targets, check_eval_args, delta_lm_loss, fidelity, ratio_se
 from saescope.harvest import keep_mask, replace_site
-from saescope.models import load_model
 from saescope.sae import SAE, SAEConfig
 
 
 @pytest.fixture(scope="module")
 def lm(tiny_model_dir):
-    """A tiny random model whose weights are scaled up so that its predictions are far from uniform
-    (at the default init every site matters little and zero-ablation barely moves the loss)."""
-    lm = load_model(str(tiny_model_dir))
-    with torch.no_grad():
-        for p in lm.model.parameters():
-            if p.dim() == 2:
-                p.mul_(8.0)
-    return lm
+    return sharp_model(tiny_model_dir)
 
 
 def identity_sae(d: int, site: str, layer: int) -> SAE:

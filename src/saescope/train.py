@@ -343,6 +343,14 @@ class StepStats(NamedTuple):
 
 
 @functools.cache
+class _Graph(NamedTuple):
+    """A captured step: replay `graph` after copying the batch into `x`; `stats` are its output tensors."""
+
+    graph: Any  # torch.cuda.CUDAGraph
+    x: torch.Tensor
+    stats: StepStats
+
+
 def _keep_freed_memory() -> None:
     """Ask glibc to keep freed memory for reuse instead of handing it back to the OS.
 
@@ -531,19 +539,21 @@ class SAETrainer:
         rows = rows or (0, x.shape[0])
         if self.step == 0:
             self._first_batch(x, rows[1])
-        graphed = self._graph_step(x) if extra is None and self._graphable(x, rows) else None
-        if graphed is not None:  # the graph lowered the silent thresholds already (it commutes with a revival)
-            if self._revival_due():
-                self.revive_dead(x / self.scale, rows[1])
-            return graphed
+        stats = self._graph_step(x) if extra is None and self._graphable(x, rows) else None
+        if stats is None:
+            stats = self._step_body(x, rows, extra)
+        if self._revival_due():  # (after the rate floor: the two commute, a revived feature's θ is set anew)
+            self.revive_dead(x / self.scale, rows[1])
+        return stats
+
+    def _step_body(self, x: torch.Tensor, rows: tuple[int, int], extra=None, set_lr: bool = True) -> StepStats:
+        """Forward, backward, optimiser, controller and rate floor: what a step runs eagerly or a graph captures."""
         xn = x / self.scale  # (batch, d_in), E‖xn‖² ≈ 1
         lam = self._log_lambda.exp().float()
         fwd = self._forward_dense(xn, lam, rows) if self.dense else self._forward_sparse(xn, lam, rows)
         if extra is not None:
             fwd = fwd._replace(loss=fwd.loss + extra(fwd.x_hat))
-        stats = self._learn(xn, fwd, rows[1])
-        if self._revival_due():
-            self.revive_dead(xn, rows[1])
+        stats = self._learn(xn, fwd, rows[1], set_lr)
         self.lower_silent_thresholds()
         return stats
 
@@ -577,12 +587,12 @@ class SAETrainer:
                                                     self.key, self.graph_off)
                 return None
         self._set_lr()
-        graph[1].copy_(x)
-        graph[0].replay()
+        graph.x.copy_(x)
+        graph.graph.replay()
         self.step += 1
-        return graph[2]
+        return graph.stats
 
-    def _capture(self, x: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, StepStats]:
+    def _capture(self, x: torch.Tensor) -> _Graph:
         """Capture the step (forward, backward, Adam with its lr tensors, controller, rate floor) on a static copy of
         x. Nothing runs during a capture: the caller replays it for this step. One memory pool for all the SAEs of a
         MultiTrainer (their graphs replay one after another)."""
@@ -598,13 +608,10 @@ class SAETrainer:
         try:
             # thread_local: a prefetching thread may copy the next chunk meanwhile
             with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                xn = static_x / self.scale
-                fwd = self._forward_dense(xn, self._log_lambda.exp().float(), (0, B))
-                stats = self._learn(xn, fwd, B, set_lr=False)
-                self.lower_silent_thresholds()
+                stats = self._step_body(static_x, (0, B), set_lr=False)
         finally:
             self.step = step  # the capture ran the Python, not the step
-        return graph, static_x, stats
+        return _Graph(graph, static_x, stats)
 
     # ------------------------------------------------------------------ dead features
 
