@@ -361,3 +361,21 @@ def test_cli_search_json_and_text(atlas):
     assert {"score", "output", "frequency", "snippet", "steer"} <= set(hits[0])
     res = CliRunner().invoke(cli, ["search", str(atlas.root), "animals", "--limit", "1"])
     assert res.exit_code == 0 and "steers toward it" in res.output and "<<" in res.output
+
+
+def test_a_calibration_is_not_reused_in_another_dtype(tmp_path, monkeypatch):
+    """The strength was calibrated on texts generated in one dtype: generating in another calibrates again."""
+    from saescope.models import GENERATION_DTYPE_ENV
+
+    run = build_atlas(tmp_path / "run")
+    calls = []
+
+    def fake_calibrate(run, concept, cfg, lm):
+        calls.append(concept)
+        return cs.ConceptChoice(concept, [(SAE, ANIMALS)], 1.0, "because", [], ["horse"], calibrated=True)
+
+    monkeypatch.setattr(cs, "_calibrate", fake_calibrate)
+    for dtype in ("float32", "bfloat16", "float32"):
+        monkeypatch.setenv(GENERATION_DTYPE_ENV, dtype)
+        cs.choose(run, "farm animals")
+    assert len(calls) == 2 and cs.choose(run, "farm animals").cached

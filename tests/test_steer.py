@@ -58,7 +58,9 @@ def make_sae(lm, layer=1, site="resid_post", seed=0, arch="jump_relu"):
 
 
 def _no_hooks(lm):
-    return all(not m._forward_hooks and not m._forward_pre_hooks for m in lm.model.modules())
+    """No hooks but the one `load_model` puts on the LM head for good (its input made contiguous)."""
+    head = lm.model.get_output_embeddings()
+    return all(not m._forward_hooks and len(m._forward_pre_hooks) == (m is head) for m in lm.model.modules())
 
 
 # ---------------------------------------------------------------------------- mechanics (all families)
@@ -387,3 +389,48 @@ def test_steer_by_concept(run, monkeypatch):
         st.steer(run, "the king", concept="french")
     with pytest.raises(SaescopeError, match="finite"):
         st.steer(run, "the king", concept="water", concept_strength=float("nan"))
+
+
+def test_generation_model_is_the_run_model_in_the_generation_dtype(tiny_gemma_dir, tmp_path, monkeypatch):
+    """Steering generates in `generation_dtype`: a bf16 copy of a loaded fp32 model (same tokenizer, the fp32
+    model untouched), or the model itself when it is in that dtype already; a bad override is one line."""
+    from saescope.models import GENERATION_DTYPE_ENV, generation_dtype
+
+    monkeypatch.setenv(GENERATION_DTYPE_ENV, "bfloat16")
+    assert Run.create(tmp_path / "a", model=str(tiny_gemma_dir), corpus={}, config={}).generation_model.dtype \
+        == torch.bfloat16  # loaded in bf16 when nothing is loaded yet
+    run = Run.create(tmp_path / "b", model=str(tiny_gemma_dir), corpus={}, config={})
+    fp32 = run.model
+    gen = run.generation_model
+    assert gen.dtype == torch.bfloat16 and next(gen.model.parameters()).dtype == torch.bfloat16
+    assert gen.tokenizer is fp32.tokenizer and next(fp32.model.parameters()).dtype == torch.float32
+    assert gen.site("resid_post", 1).hook_name == fp32.site("resid_post", 1).hook_name
+    prompt = gen.tokenizer("hello world", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert gen.model(input_ids=prompt).logits.dtype == torch.bfloat16
+    monkeypatch.setenv(GENERATION_DTYPE_ENV, "float32")
+    again = Run.open(run.root)
+    again.use_model(fp32)
+    assert again.generation_model is fp32
+    monkeypatch.setenv(GENERATION_DTYPE_ENV, "int3")
+    with pytest.raises(SaescopeError, match="unknown dtype 'int3'"):
+        generation_dtype()
+
+
+def test_the_lm_head_reads_a_contiguous_input(tiny_gemma_dir):
+    """generate's first step hands the head every prompt's last position as a strided view, on which torch's
+    CPU linear is up to ~850× slower in bf16: load_model makes the head's input contiguous (same logits)."""
+    lm = load_model(str(tiny_gemma_dir))
+    head = lm.model.get_output_embeddings()
+    seen = []
+    handle = head.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    try:
+        hidden = torch.randn(4, 5, lm.d_model)
+        last = hidden[:, -1:, :]
+        assert not last.is_contiguous()
+        with torch.no_grad():
+            out = head(last)
+    finally:
+        handle.remove()
+    assert seen == [True]
+    torch.testing.assert_close(out, torch.nn.functional.linear(last.contiguous(), head.weight))

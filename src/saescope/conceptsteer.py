@@ -41,8 +41,9 @@
    none passes, the candidate that showed the concept most is steered at its strongest clean
    strength (never below what was tried) and reported as uncalibrated.
 4. **Cache.** The choice is stored per concept in run/steer_calibration.json (atomic write),
-   keyed by the concept index (re-analysis invalidates it) and the calibration settings, so a
-   repeated request skips steps 1-3.
+   keyed by the concept index (re-analysis invalidates it), the calibration settings and the dtype
+   the model generates in (`models.generation_dtype`: bf16 on a CPU with fast bf16), so a repeated
+   request skips steps 1-3.
 """
 
 from __future__ import annotations
@@ -198,13 +199,15 @@ def _steer_weights():
 def choose(run: Run, concept: str, cfg: ConceptSteerConfig = ConceptSteerConfig(), lm=None) -> ConceptChoice:
     """The features and strength to steer toward `concept` (cached per concept in the run folder)."""
     from .conceptindex import index_key
+    from .models import dtype_name, generation_dtype
 
     concept = " ".join(str(concept or "").split())
     if not concept:
         raise SaescopeError("the concept is empty: name a topic, e.g. --concept 'farm animals'")
     t0 = time.time()
-    with run.db(readonly=True) as db:
-        key = (index_key(db), cfg.key())
+    dtype = lm.dtype if lm is not None else generation_dtype()  # the dtype `run.generation_model` has
+    with run.db(readonly=True) as db:  # a strength calibrated in one dtype is not reused in another
+        key = (index_key(db), f"{cfg.key()}-{dtype_name(dtype)}")
     cached = _read_cache(run, key).get(concept.lower())
     if cached is not None:
         choice = _choice_from_dict(cached)
@@ -284,7 +287,7 @@ def fixed(run: Run, concept: str, strength: float, cfg: ConceptSteerConfig = Con
 
 def _calibrate(run: Run, concept: str, cfg: ConceptSteerConfig, lm) -> ConceptChoice:
     pool, words, qvec = _candidates(run, concept, cfg, cfg.pool)
-    lm = lm or run.model
+    lm = lm or run.generation_model
     saes, typical = _load(run, [f for c in pool for f in c.features])
     with one_cpu_thread(getattr(lm, "device", torch.device("cpu"))):
         cands = _select(lm, saes, typical, pool, words, cfg)

@@ -158,11 +158,19 @@ class LoadedModel:
                                 f"model's context of {limit}: shorten it or ask for fewer tokens")
         raise SaescopeError(f"{what} has {n_tokens} tokens, more than the model's context of {limit}: shorten it")
 
+    def cast(self, dtype: torch.dtype) -> LoadedModel:
+        """A copy of this model in `dtype` (same tokenizer, device and hook names)."""
+        import copy
+
+        model = copy.deepcopy(self.model).to(dtype)
+        path, layers = _find_layers(model)
+        return LoadedModel(model, self.tokenizer, self.name, layers, path, self.device, dtype, dict(self._widths))
+
     @property
     def fast_precision(self) -> str | None:
         """What `fast_matmuls` does on this model: "bf16 matmuls" for an fp32 model on a CPU with native bf16
         (AVX512-BF16 or AMX: there bf16 matrix products run ~3× faster), else None (it changes nothing)."""
-        native = self.device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        native = self.device.type == "cpu" and cpu_multiplies_bf16()
         return "bf16 matmuls" if native and self.dtype == torch.float32 else None
 
     def fast_matmuls(self) -> AbstractContextManager:
@@ -332,10 +340,49 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
         ) from err
     model.to(dev).eval()  # type: ignore[arg-type]  # transformers' @wraps(nn.Module.to) hides the bound self
     model.requires_grad_(False)
+    head = model.get_output_embeddings()
+    if isinstance(head, nn.Module):
+        head.register_forward_pre_hook(_contiguous_input)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     path, layers = _find_layers(model)
     return LoadedModel(model, tok, spec, layers, path, dev, torch_dtype)
+
+
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple | None:
+    """The LM head's input, made contiguous: transformers hands it the last position(s) as a strided view (`generate`'s
+    first step over a batch of prompts, `logits_to_keep`), and torch's CPU linear on such a view is up to ~5× slower
+    in fp32 and ~850× slower in bf16 (Gemma 3's 262k-token head on 40 prompts' last positions: 104 s against 0.12 s
+    contiguous, bench/RESULTS.md "Steering in bf16")."""
+    if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    return None
+
+
+GENERATION_DTYPE_ENV = "SAESCOPE_GENERATE_DTYPE"
+
+
+def cpu_multiplies_bf16() -> bool:
+    """Whether this CPU runs bf16 matrix products fast (oneDNN's check: AVX512-BF16 / AMX on x86)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def generation_dtype(dev: torch.device | None = None) -> torch.dtype:
+    """The dtype a model generates text in (steering and its calibration): the GPU's bf16 on a GPU; on a CPU
+    bf16 where it multiplies bf16 fast (Gemma 3 270M decodes 2.2× faster than in fp32 there, bench/RESULTS.md
+    "Steering in bf16"), fp32 elsewhere. $SAESCOPE_GENERATE_DTYPE (float32 or bfloat16) overrides it. SAE
+    codes, steering vectors and every measure read from the logits stay fp32 (splice.py, steer.py)."""
+    dev = dev if dev is not None else devices.current()
+    chosen = os.environ.get(GENERATION_DTYPE_ENV, "").strip()
+    if chosen:
+        return _dtype(chosen, dev)
+    if dev.type == "cpu" and cpu_multiplies_bf16():
+        return torch.bfloat16
+    return _dtype(None, dev)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _dtype(dtype: str | None, dev: torch.device) -> torch.dtype:

@@ -216,6 +216,20 @@ class Run:
 
         return load_model(self.model_spec, **self.manifest.get("model_options", {}))
 
+    @cached_property
+    def generation_model(self):
+        """The model that generates text (steering and its calibration): the run's model in
+        `models.generation_dtype` (bf16 where the CPU multiplies bf16 fast): loaded in that dtype, or, when
+        `model` is loaded already, `model` itself or a copy of it cast to that dtype."""
+        from .models import dtype_name, generation_dtype, load_model
+
+        loaded = self.__dict__.get("model")
+        dtype = generation_dtype(loaded.device if loaded is not None else None)
+        if loaded is not None:  # a copy in memory (no second load; the tokenizer is shared)
+            return loaded if loaded.dtype == dtype else loaded.cast(dtype)
+        options = {**self.manifest.get("model_options", {}), "dtype": dtype_name(dtype)}
+        return load_model(self.model_spec, **options)
+
     def use_model(self, lm) -> None:
         """Reuse a model that is already loaded (the one `model` would load) instead of loading it again."""
         self.__dict__["model"] = lm  # the cached_property's slot

@@ -267,7 +267,7 @@ def _setup(source, interventions, saes, typical, concept, typical_stat) -> _Setu
     run = _open_run(source)
     if run is None and not isinstance(source, LoadedModel):
         raise SaescopeError(f"cannot steer {type(source).__name__}: give a run folder, a Run or a LoadedModel")
-    lm = run.model if run is not None else source
+    lm = run.generation_model if run is not None else source
     saes = dict(saes or {})
     ivs: list[Intervention] = []
     for iv in interventions or ():
@@ -420,7 +420,7 @@ def _concept_choice(run, concept, strength, config):
     cfg = config or conceptsteer.ConceptSteerConfig()
     if strength is not None:
         return conceptsteer.fixed(run, concept, check_strength(strength, "add", f"concept '{concept}'"), cfg)
-    return conceptsteer.choose(run, concept, cfg, lm=run.model)
+    return conceptsteer.choose(run, concept, cfg, lm=run.generation_model)
 
 
 def sweep(source, prompt: str, feature: Intervention | str, strengths: Sequence[float], *,
