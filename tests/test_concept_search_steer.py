@@ -150,7 +150,7 @@ def _encode(texts):
     return np.array([[1.0, 0.0] if ("horses" in t or "animals" in t) else [0.0, 1.0] for t in texts])
 
 
-def test_one_looping_text_makes_a_rung_degenerate_and_a_loop_is_one_mention(monkeypatch):
+def test_one_looping_text_in_four_makes_a_rung_degenerate_and_a_loop_is_one_mention(monkeypatch):
     import saescope.search
 
     monkeypatch.setattr(saescope.search, "encode", _encode)
@@ -170,6 +170,10 @@ def test_one_looping_text_makes_a_rung_degenerate_and_a_loop_is_one_mention(monk
     assert steered.words == 2 and steered.shown == pytest.approx(0.25)  # "dog", "animals" once each
     rung = cs._rung(4.0, base, steered, cfg, loop)
     assert rung.degenerate and not rung.shows
+    eight = measure.texts((prose + [prose[0]]) * 2, ids * 2)  # of eight texts, one more loop than unsteered is
+    one, two = (measure.texts(prose * 2 + [prose[0]] * (2 - k) + [loop] * k, ids * 2) for k in (1, 2))
+    assert not cs._rung(4.0, eight, one, cfg, loop).degenerate  # within `max_looped` (1 in 8)
+    assert cs._rung(4.0, eight, two, cfg, loop).degenerate
     assert cs.count_words(["planets", "orbit"], "Planet X left its orbital path; planets") == 3
     assert cs.words_in(["planets", "orbit"], "Planets planets planets") == {"planet"}
 

@@ -25,12 +25,12 @@
    - it *loops* when its distinct-bigram ratio is below `min_distinct2`, one word repeats
      `max_run` times in a row, or one token 2 × `max_run` times.
    A strength *shows the concept* when at least `min_shown` of its texts mention it (more than
-   unsteered) and their embedding moves toward the query; it is *degenerate* when more of its
-   texts loop than unsteered. Round 1 tries `start`; each later round steps by `step` on a
+   unsteered) and their embedding moves toward the query; it is *degenerate* when the share of its
+   texts that loop passes the unsteered share by more than `max_looped`. Round 1 tries `start`; each later round steps by `step` on a
    geometric grid: up from a strength whose texts are clean, down from one that looped, never to or
    past a strength that looped (`rounds` rounds; a candidate whose every strength looped steps on
    down until one is clean or `min_strength` is reached). Each candidate proposes its *strongest* clean
-   strength that showed the concept: the smallest one that shows on four short texts is the edge
+   strength that showed the concept: the smallest one that shows on a few short texts is the edge
    where the concept barely shows, and on another prompt it shows nothing.
 3. **Confirm and take.** The `verify` best proposals are steered again on fresh texts (other
    sampling noise, `verify_tokens` new tokens, the length `steer` writes by default) at their
@@ -68,7 +68,8 @@ from .splice import Intervention, generate_ids, steering_rows, until_eos
 
 CALIBRATION_FILE = "steer_calibration.json"
 CALIBRATION_PROMPTS = ("Here is what I wrote about it:", "Let me tell you something.", "It all started when",
-                       "This is the next part of the text.")
+                       "This is the next part of the text.", "I have been thinking about this for a while, and",
+                       "The next morning,", "You may not believe it, but", "As I said before,")
 """Neutral prompts of the library's own, never an evaluation's."""
 
 
@@ -107,6 +108,9 @@ class ConceptSteerConfig:
     """A text whose distinct-bigram ratio is below this loops."""
     max_run: int = 4
     """A text where one word repeats this many times in a row (one token: twice as many) loops."""
+    max_looped: float = 0.125
+    """A strength is degenerate when the share of its texts that loop passes the unsteered share by more than
+    this (one text in eight; with four texts, one more loop than unsteered)."""
     max_cost: float = 2.5
     """Largest CE cost (nats/token of the steered texts under the unsteered model, above the unsteered texts)."""
     verify: int = 1
@@ -618,7 +622,8 @@ def _rung(strength: float, base: _Texts, steered: _Texts, cfg: ConceptSteerConfi
           verified: bool = False) -> Rung:
     shows = (steered.shown >= cfg.min_shown and steered.shown > base.shown and steered.similarity > base.similarity)
     return Rung(strength, base.words, steered.words, round(base.similarity, 4), round(steered.similarity, 4),
-                round(steered.distinct2, 3), steered.longest_run, shows=shows, degenerate=steered.looped > base.looped,
+                round(steered.distinct2, 3), steered.longest_run, shows=shows,
+                degenerate=(steered.looped - base.looped) > cfg.max_looped * max(steered.n, 1),
                 example=example, shown_unsteered=round(base.shown, 4), shown_steered=round(steered.shown, 4),
                 looped_unsteered=base.looped, looped_steered=steered.looped, texts=steered.n, verified=verified)
 
