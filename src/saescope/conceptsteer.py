@@ -26,12 +26,13 @@
      `max_run` times in a row, or one token 2 × `max_run` times.
    A strength *shows the concept* when at least `min_shown` of its texts mention it (more than
    unsteered) and their embedding moves toward the query; it is *degenerate* when the share of its
-   texts that loop passes the unsteered share by more than `max_looped`. Round 1 tries `start`; each later round steps by `step` on a
-   geometric grid: up from a strength whose texts are clean, down from one that looped, never to or
-   past a strength that looped (`rounds` rounds; a candidate whose every strength looped steps on
-   down until one is clean or `min_strength` is reached). Each candidate proposes its *strongest* clean
-   strength that showed the concept: the smallest one that shows on a few short texts is the edge
-   where the concept barely shows, and on another prompt it shows nothing.
+   texts that loop passes the unsteered share by more than `max_looped`. Round 1 tries `start`; each
+   later round steps by `step` on a geometric grid: up from a strength whose texts are clean, down
+   from one that looped, never to or past a strength that looped (`rounds` rounds; a candidate whose
+   every strength looped steps on down until one is clean or `min_strength` is reached). Each
+   candidate proposes its *strongest* clean strength that showed the concept: the smallest one that
+   shows on a few short texts is the edge where the concept barely shows, and on another prompt it
+   shows nothing.
 3. **Confirm and take.** The `verify` best proposals are steered again on fresh texts (other
    sampling noise, `verify_tokens` new tokens, the length `steer` writes by default) at their
    strength and a step below, in one batched `generate`; each candidate takes the strongest of the
