@@ -369,7 +369,7 @@ def cpu_multiplies_bf16() -> bool:
 
 def generation_dtype(dev: torch.device | None = None) -> torch.dtype:
     """The dtype a model generates text in (steering and its calibration): the GPU's bf16 on a GPU; on a CPU
-    bf16 where it multiplies bf16 fast (Gemma 3 270M decodes 2.3× faster than in fp32 there, bench/RESULTS.md
+    bf16 where it multiplies bf16 fast (Gemma 3 270M decodes 2.0–2.3× faster than in fp32 there, bench/RESULTS.md
     "Steering in bf16"), fp32 elsewhere. $SAESCOPE_GENERATE_DTYPE (float32 or bfloat16) overrides it. SAE
     codes, steering vectors and every measure read from the logits stay fp32 (splice.py, steer.py)."""
     dev = dev if dev is not None else devices.current()
