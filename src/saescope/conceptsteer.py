@@ -204,13 +204,13 @@ def _steer_weights():
 def choose(run: Run, concept: str, cfg: ConceptSteerConfig = ConceptSteerConfig(), lm=None) -> ConceptChoice:
     """The features and strength to steer toward `concept` (cached per concept in the run folder)."""
     from .conceptindex import index_key
-    from .models import dtype_name, generation_dtype
+    from .models import dtype_name
 
     concept = " ".join(str(concept or "").split())
     if not concept:
         raise SaescopeError("the concept is empty: name a topic, e.g. --concept 'farm animals'")
     t0 = time.time()
-    dtype = lm.dtype if lm is not None else generation_dtype()  # the dtype `run.generation_model` has
+    dtype = lm.dtype if lm is not None else run.generation_dtype
     with run.db(readonly=True) as db:  # a strength calibrated in one dtype is not reused in another
         key = (index_key(db), f"{cfg.key()}-{dtype_name(dtype)}")
     cached = _read_cache(run, key).get(concept.lower())

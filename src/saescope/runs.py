@@ -216,15 +216,25 @@ class Run:
 
         return load_model(self.model_spec, **self.manifest.get("model_options", {}))
 
+    @property
+    def generation_dtype(self):
+        """The dtype `generation_model` has, or will have (`models.generation_dtype` on the run's device): what a
+        steering calibration is cached under, known without loading the model."""
+        from .models import generation_dtype
+
+        if "generation_model" in self.__dict__:
+            return self.generation_model.dtype
+        loaded = self.__dict__.get("model")
+        return generation_dtype(loaded.device if loaded is not None else None)
+
     @cached_property
     def generation_model(self):
         """The model that generates text (steering and its calibration): the run's model in
-        `models.generation_dtype` (bf16 where the CPU multiplies bf16 fast): loaded in that dtype, or, when
+        `generation_dtype` (bf16 where the CPU multiplies bf16 fast): loaded in that dtype, or, when
         `model` is loaded already, `model` itself or a copy of it cast to that dtype."""
-        from .models import dtype_name, generation_dtype, load_model
+        from .models import dtype_name, load_model
 
-        loaded = self.__dict__.get("model")
-        dtype = generation_dtype(loaded.device if loaded is not None else None)
+        dtype, loaded = self.generation_dtype, self.__dict__.get("model")
         if loaded is not None:  # a copy in memory (no second load; the tokenizer is shared)
             return loaded if loaded.dtype == dtype else loaded.cast(dtype)
         options = {**self.manifest.get("model_options", {}), "dtype": dtype_name(dtype)}
