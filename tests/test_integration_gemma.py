@@ -57,3 +57,21 @@ def test_train_eval_inspect_on_real_model(gemma, tmp_path):
         assert 0 < m["fvu"] < 1.0
         assert m["ce_zero"] > m["ce_clean"]
         assert abs(m["delta_lm_loss"]) < m["ce_zero"] - m["ce_clean"]
+
+
+def test_the_default_tokenizer_loads_from_its_file_and_encodes_as_auto_does(gemma):
+    from transformers import AutoTokenizer
+
+    from saescope.corpus import Corpus
+
+    auto = AutoTokenizer.from_pretrained(gemma.model.name_or_path)
+    fast = gemma.tokenizer
+    assert type(fast).__name__ == "TokenizersBackend" and fast.padding_side == auto.padding_side == "left"
+    texts = [d.text[:1500] for _, d in zip(range(60), Corpus("default").documents())]
+    texts += ["<bos>x<eos>", "<start_of_turn>user hi<end_of_turn>", "naïve 東京 🙂\u00a0\u200b", "  two  spaces\n\n"]
+    for text in texts:
+        ids = auto(text).input_ids
+        assert fast(text).input_ids == ids and fast.decode(ids) == auto.decode(ids)
+        assert fast.convert_ids_to_tokens(ids) == auto.convert_ids_to_tokens(ids)
+    a, f = auto(texts, padding=True, return_tensors="pt"), fast(texts, padding=True, return_tensors="pt")
+    assert set(a) == set(f) and all((a[k] == f[k]).all() for k in a)
