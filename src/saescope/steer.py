@@ -19,6 +19,7 @@ import torch
 from . import conceptsteer
 from .analyze import logit_effects
 from .devices import one_cpu_thread
+from .embed import preload
 from .errors import SaescopeError
 from .fsio import atomic_path
 from .harvest import capture
@@ -382,6 +383,8 @@ def steer(source, prompt: str, interventions: Sequence[Intervention | str] = (),
     s = _setup(source, interventions, saes, typical, choice, typical_stat)
     prompt_ids = _encode_prompt(s.lm, prompt, max_new_tokens)
     _plans(s.lm, s.saes, s.interventions, s.typical)  # fail on bad input before generating anything
+    if choice is not None:
+        preload()  # measure_effect embeds the texts: load MiniLM while the model generates them
     with one_cpu_thread(s.lm.device):
         if on_token is None and all(iv.mode == "add" for iv in s.interventions):
             new, base_new = _generate_both(s, prompt_ids, max_new_tokens, greedy, temperature, seed)
