@@ -383,3 +383,15 @@ def test_a_calibration_is_not_reused_in_another_dtype(tmp_path, monkeypatch):
         monkeypatch.setenv(GENERATION_DTYPE_ENV, dtype)
         cs.choose(run, "farm animals")
     assert len(calls) == 2 and cs.choose(run, "farm animals").cached
+
+
+def test_context_words_join_sub_word_pieces_and_drop_a_piece_cut_by_the_window():
+    from saescope.conceptindex import context_words
+
+    text = {0: "med", 1: " fil", 2: "med", 3: " in", 4: " Paris", 5: ",", 6: "ville", 7: " ana", 8: "tom", 9: "ist"}
+    words: dict[str, int] = {}
+    out = context_words(list(range(10)), text, words)
+    named = [None if i < 0 else list(words)[i] for i in out]
+    assert named == [None, "filmed", None, None, "paris", None, "ville", "anatomist", None, None]
+    assert "med" not in words  # the window's first token continues a word it cut: no word of its own
+    assert context_words([0, 6], {0: "horses", 6: "gallop"}, {}, pieces=False) == [0, 1]  # a word-level vocabulary

@@ -9,9 +9,11 @@ model of `embed.encode`:
     out_words  (features, n_logits)            word ids of its promoted tokens, best first (-1: not a word)
     words, word_vecs                           the word list and its unit-norm embeddings
 
-A token becomes a word when its text (markers decoded, stripped, lower-cased) is at least
-3 letters and not a stop word; numbers, punctuation, pieces of other scripts and short
-sub-word pieces are left out, so they count as evidence for nothing. Promoted tokens count
+In a context, sub-word pieces are joined into the word they spell (`context_words`: '▁fil' +
+'med' is 'filmed', not the piece 'med', which would match "medicine"). A word counts when it
+(stripped, lower-cased) is at least 3 letters and not a stop word; numbers, punctuation, other
+scripts and a piece the window cut from its word are left out, so they count as evidence for
+nothing. Promoted tokens count
 only when they are whole words of the embedding model's vocabulary (its English words): a
 feature's top-10 promoted tokens over a 262k multilingual vocabulary hold ~50k distinct
 strings on the default run, mostly pieces and other languages, which would take minutes to
@@ -50,7 +52,7 @@ INDEX_FILE = "concept_index.npz"
 N_CONTEXTS = 10  # top contexts per feature that count as its input-side evidence
 OUT_TOP = 5  # promoted words averaged for the output side
 CLOSE, CLOSE_WIDTH = 0.6, 0.03  # a word this similar to the query makes a context about it
-VERSION = 2
+VERSION = 3  # 3: context words are whole words (sub-word pieces joined)
 _WORD = re.compile(r"^[a-z][a-z'\-]{2,}$")
 STOP_WORDS = frozenset("""
 the and for are but not you all any can had her was one our out has him his how its may new now old see two way
@@ -154,15 +156,13 @@ def _build(db: FeatureDB, key: str, old_words: dict[str, np.ndarray]) -> Concept
     words: dict[str, int] = {}
     used = [r for _, contexts in read for rows in contexts.values() for r in rows]
     ids = np.unique(np.concatenate(used)) if used else np.zeros(0, np.int64)
-    lut = np.full(int(ids.max()) + 1 if len(ids) else 1, -1, np.int32)  # token id → word id
-    for t, text in zip(ids.tolist(), db.vocab(ids.tolist())):
-        w = as_word(display_token(text, t))
-        lut[t] = -1 if w is None else words.setdefault(w, len(words))
+    shown = {t: display_token(text, t) for t, text in zip(ids.tolist(), db.vocab(ids.tolist()))}
+    pieces = any(text[:1].isspace() for text in shown.values())  # the vocabulary marks where words start
     feats, ctx_rows, out_rows = [], [], []
     for si, (stats, contexts) in enumerate(read):
         for idx, logits_pos in stats:
             feats.append((si, idx))
-            ctx_rows.append([lut[r] for r in contexts.get(idx, [])])
+            ctx_rows.append([context_words(r.tolist(), shown, words, pieces) for r in contexts.get(idx, [])])
             out = [as_word(display_token(str(tok[0]))) for tok in (logits_pos or []) if tok]
             out_rows.append([words.setdefault(w, len(words)) if w is not None and w in known else -1 for w in out])
     return ConceptIndex(key=key, sae_ids=[s["id"] for s in saes],
@@ -170,6 +170,39 @@ def _build(db: FeatureDB, key: str, old_words: dict[str, np.ndarray]) -> Concept
                         feat_idx=np.array([f[1] for f in feats], np.int32), words=list(words),
                         word_vecs=_word_vectors(list(words), old_words),
                         ctx_words=_pad3(ctx_rows), out_words=_pad2(out_rows))
+
+
+def context_words(ids: list[int], text: dict[int, str], words: dict[str, int], pieces: bool = True) -> list[int]:
+    """A context's word ids, each at its word's first token (-1 elsewhere), new words added to `words`; `text`
+    maps token ids to their display text (tokens.token_text: "▁fil" → " fil"). With `pieces` (a vocabulary whose
+    tokens carry the space before a word), sub-word pieces are joined into the word they spell (" fil"+"med" →
+    'filmed': the piece 'med' alone would match medicine) and a piece the window cut from the start of its word
+    is no word; a word starts at a token with a leading space or after one that is not letters (punctuation,
+    digits, bytes). Without `pieces` (a word-level vocabulary) every token is its own word."""
+    if not pieces:
+        return [-1 if (w := as_word(text.get(t, ""))) is None else words.setdefault(w, len(words)) for t in ids]
+    out = [-1] * len(ids)
+    start, word = None, ""  # first token of the word being read (-1: cut by the window); None: between words
+
+    def flush() -> None:
+        w = as_word(word) if start is not None and start >= 0 else None
+        if w is not None:
+            out[start] = words.setdefault(w, len(words))  # type: ignore[index]  # start is an int here
+
+    for i, t in enumerate(ids):
+        shown = text.get(t, "")
+        spaced = shown[:1].isspace()
+        piece = shown.lstrip() if spaced else shown
+        if piece.isalpha() and not spaced and start is not None:
+            word += piece
+            continue
+        flush()
+        if piece.isalpha():
+            start, word = (-1 if i == 0 and not spaced else i), piece
+        else:
+            start, word = None, ""
+    flush()
+    return out
 
 
 def _word_vectors(words: list[str], old: dict[str, np.ndarray]) -> np.ndarray:
