@@ -310,6 +310,24 @@ def test_a_candidate_that_loops_at_every_strength_tried_steps_on_down(fake_texts
     assert [len(groups) for groups in calls] == [4, 3, 2, 2, 3]  # confirmed at ×0.71 and ×0.5 (the grid's floor)
 
 
+def test_word_salad_that_does_not_loop_is_degenerate_by_its_cost(fake_texts, monkeypatch):
+    """From ×1.9 a feature's texts are nonsense that never repeats ("Stocksack Line aseloteas"): no loop, but a
+    cost far over the cap. The search steps down from it, and the uncalibrated fallback stays below it."""
+
+    def generate(lm, saes, typical, groups, prompts, tokens, seed):
+        values = [min([iv.value for iv in g], default=0.0) for g in groups]
+        texts = [["Stocksack Line A, aseloteas Voloolas Pickas Gitzetool" if v >= 1.9 else
+                  "we talked about the weather and went home early"] * len(prompts) for v in values]
+        return texts, [[torch.tensor([round(v * 1000)])] * len(prompts) for v in values]
+
+    monkeypatch.setattr(cs, "_generate_groups", generate)
+    monkeypatch.setattr(cs, "continuation_ce", lambda lm, prompts, ids: 9.0 if int(ids[0][0]) >= 1900 else 3.0)
+    choice = cs._calibrate(None, "horses", cs.ConceptSteerConfig(), lm=object())
+    tried = {r.strength: r for r in choice.candidates[0].rungs}
+    assert tried[2.0].degenerate and tried[2.0].cost == pytest.approx(6.0) and tried[2.0].distinct2 == 1.0
+    assert not tried[1.414].degenerate and tried[1.414].cost == pytest.approx(0.0)
+    assert not choice.calibrated and choice.strength == pytest.approx(1.414, abs=1e-3)  # not ×2 or ×2.83
+
 def test_a_pair_is_steered_at_the_strength_it_was_calibrated_at(fake_texts):
     calls, _ = fake_texts
     choice = cs._calibrate(None, "horses", cs.ConceptSteerConfig(), lm=object())

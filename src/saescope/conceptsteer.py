@@ -26,7 +26,10 @@
      `max_run` times in a row, or one token 2 × `max_run` times.
    A strength *shows the concept* when at least `min_shown` of its texts mention it (more than
    unsteered) and their embedding moves toward the query; it is *degenerate* when the share of its
-   texts that loop passes the unsteered share by more than `max_looped`. Round 1 tries `start`; each
+   texts that loop passes the unsteered share by more than `max_looped`, or when its texts cost more
+   than `max_cost` nats/token over the unsteered ones (cross-entropy under the unsteered model, one
+   forward pass per strength): word salad such as "Stocksack Line A,aseloteas Voloolas" does not
+   repeat itself, so only its cost shows it is no longer language. Round 1 tries `start`; each
    later round steps by `step` on a geometric grid: up from a strength whose texts are clean, down
    from one that looped, never to or past a strength that looped (`rounds` rounds; a candidate whose
    every strength looped steps on down until one is clean or `min_strength` is reached). Each
@@ -68,6 +71,7 @@ from .runs import Run
 from .splice import Intervention, generate_ids, steering_rows, until_eos
 
 CALIBRATION_FILE = "steer_calibration.json"
+RULES = 2  # the calibration's rules, in the cache key (2: a strength whose texts cost over max_cost is degenerate)
 CALIBRATION_PROMPTS = ("Here is what I wrote about it:", "Let me tell you something.", "It all started when",
                        "This is the next part of the text.", "I have been thinking about this for a while, and",
                        "The next morning,", "You may not believe it, but", "As I said before,")
@@ -126,7 +130,7 @@ class ConceptSteerConfig:
                                 f"{self.max_strength:g}, step {self.step:g}, rounds {self.rounds})")
 
     def key(self) -> str:
-        raw = json.dumps([dataclasses.asdict(self), CALIBRATION_PROMPTS], sort_keys=True)
+        raw = json.dumps([dataclasses.asdict(self), CALIBRATION_PROMPTS, RULES], sort_keys=True)
         return hashlib.sha1(raw.encode()).hexdigest()[:12]
 
 
@@ -141,7 +145,7 @@ class Rung:
     similarity_steered: float
     distinct2: float
     longest_run: int
-    cost: float | None = None  # measured only for the rung that would be taken
+    cost: float | None = None  # CE cost (nats/token over the unsteered texts); degenerate above max_cost
     shows: bool = False
     degenerate: bool = False
     example: str = ""  # the first prompt's steered text
@@ -314,10 +318,15 @@ def _search(lm, saes, typical, cands: list[Candidate], measure: _Measure, cfg: C
         groups = ([[]] if base is None else []) + [concept_interventions(cands[i].features, s) for i, s in todo]
         texts, ids = _generate_groups(lm, saes, typical, groups, prompts, cfg.tokens, cfg.seed)
         if base is None:
-            base = measure.texts(texts[0], ids[0])
+            base, base_ce = measure.texts(texts[0], ids[0]), continuation_ce(lm, prompts, ids[0])
             texts, ids = texts[1:], ids[1:]
         for (i, s), t, d in zip(todo, texts, ids):
-            cands[i].rungs.append(_rung(s, base, measure.texts(t, d), cfg, t[0]))
+            steered = measure.texts(t, d)
+            rung = _rung(s, base, steered, cfg, t[0])
+            if not rung.degenerate:  # it does not loop: is it still language? (one forward pass)
+                cost = continuation_ce(lm, prompts, d) - base_ce  # NaN (a side wrote nothing): not measured
+                rung = _rung(s, base, steered, cfg, t[0], cost=None if math.isnan(cost) else round(cost, 4))
+            cands[i].rungs.append(rung)
             plan[i] = _next_strength(cands[i], cfg)
     proposals = [(i, r) for i, c in enumerate(cands) if (r := _proposal(c)) is not None]
     _confirm(lm, saes, typical, cands, proposals, measure, cfg)
@@ -388,7 +397,7 @@ def _proposal(c: Candidate) -> Rung | None:
     if shown:
         return max(shown, key=lambda x: x.strength)
     looped = [r.strength for r in c.rungs if r.degenerate]
-    c.why = (f"loops at ×{min(looped):g} before the concept shows" if looped else
+    c.why = (f"degenerates (loops or word salad) at ×{min(looped):g} before the concept shows" if looped else
              f"the concept did not show at {', '.join(f'×{r.strength:g}' for r in c.rungs)}")
     return None
 
@@ -620,11 +629,15 @@ class _Measure:
 
 
 def _rung(strength: float, base: _Texts, steered: _Texts, cfg: ConceptSteerConfig, example: str,
-          verified: bool = False) -> Rung:
+          verified: bool = False, cost: float | None = None) -> Rung:
+    """One strength's verdict: does it show the concept; is it degenerate (its texts loop more than unsteered,
+    or, where `cost` was measured, cost more than `max_cost` nats/token: word salad that does not repeat)."""
     shows = (steered.shown >= cfg.min_shown and steered.shown > base.shown and steered.similarity > base.similarity)
+    loops_more = (steered.looped - base.looped) > cfg.max_looped * max(steered.n, 1)
+    too_costly = cost is not None and cost > cfg.max_cost
     return Rung(strength, base.words, steered.words, round(base.similarity, 4), round(steered.similarity, 4),
-                round(steered.distinct2, 3), steered.longest_run, shows=shows,
-                degenerate=(steered.looped - base.looped) > cfg.max_looped * max(steered.n, 1),
+                round(steered.distinct2, 3), steered.longest_run, shows=shows, cost=cost,
+                degenerate=loops_more or too_costly,
                 example=example, shown_unsteered=round(base.shown, 4), shown_steered=round(steered.shown, 4),
                 looped_unsteered=base.looped, looped_steered=steered.looped, texts=steered.n, verified=verified)
 
