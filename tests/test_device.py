@@ -313,3 +313,22 @@ def test_bf16_matmuls_train_as_well_as_fp32(arch):
         out.append(t.ema)
     assert out[0]["fvu"] < 0.9  # it learned something
     assert out[1]["fvu"] == pytest.approx(out[0]["fvu"], abs=0.03), out
+
+
+def test_decoding_uses_as_many_cpu_threads_as_cores_are_idle(monkeypatch):
+    import os
+
+    assert 0.0 <= devices.idle_cpus(0.05) <= (os.cpu_count() or 1) + 1e-6
+    cpu, old = torch.device("cpu"), torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        for idle, inside in ((1.6, 2), (0.3, 1), (9.0, 4)):  # never fewer than one, never more than torch's own
+            monkeypatch.setattr(devices, "idle_cpus", lambda sample_s=0.1, idle=idle: idle)
+            with devices.decode_threads(cpu):
+                assert torch.get_num_threads() == inside
+                monkeypatch.setattr(devices, "idle_cpus", lambda sample_s=0.1: 0.0)
+                with devices.decode_threads(cpu):  # a nested use keeps the outer count
+                    assert torch.get_num_threads() == inside
+            assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(old)

@@ -64,7 +64,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .devices import one_cpu_thread
+from .devices import decode_threads
 from .errors import SaescopeError
 from .fsio import read_json, write_json
 from .runs import Run
@@ -298,7 +298,7 @@ def _calibrate(run: Run, concept: str, cfg: ConceptSteerConfig, lm) -> ConceptCh
     pool, words, qvec = _candidates(run, concept, cfg, cfg.pool)
     lm = lm or run.generation_model
     saes, typical = _load(run, [f for c in pool for f in c.features])
-    with one_cpu_thread(getattr(lm, "device", torch.device("cpu"))):
+    with decode_threads(getattr(lm, "device", torch.device("cpu"))):
         cands = _select(lm, saes, typical, pool, words, cfg)
         _search(lm, saes, typical, cands, _Measure(words, qvec, cfg), cfg)
     return _decide(concept, cands, words, cfg)

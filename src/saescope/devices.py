@@ -14,8 +14,10 @@ GPU's work.
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import threading
+import time
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -130,8 +132,8 @@ def _tensor(v) -> torch.Tensor:
 
 @contextlib.contextmanager
 def one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """One CPU thread inside (no-op on a GPU): for many small ops (the atlas's scatter/gather bookkeeping, steering's
-    decode steps) a second thread gains little and loses up to 8× when another process competes for the cores."""
+    """One CPU thread inside (no-op on a GPU): for many small ops (the atlas's scatter/gather bookkeeping) a second
+    thread gains little and loses up to 8× when another process competes for the cores."""
     old = torch.get_num_threads()
     if device.type != "cpu" or old == 1:
         yield
@@ -141,3 +143,46 @@ def one_cpu_thread(device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+_DECODING = threading.local()
+
+
+def idle_cpus(sample_s: float = 0.1) -> float:
+    """How many of the machine's cores sat idle over the next `sample_s` seconds (Linux /proc/stat; this process
+    sleeps meanwhile, so its own core counts as idle); 1.0 where that cannot be read."""
+
+    def read() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as f:
+            ticks = [int(x) for x in f.readline().split()[1:9]]
+        return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, all
+
+    try:
+        idle0, total0 = read()
+        time.sleep(sample_s)
+        idle1, total1 = read()
+    except (OSError, ValueError, IndexError):
+        return 1.0
+    if total1 <= total0:
+        return 1.0
+    return (os.cpu_count() or 1) * (idle1 - idle0) / (total1 - total0)
+
+
+@contextlib.contextmanager
+def decode_threads(device: torch.device) -> Iterator[None]:
+    """CPU threads for generating text (steering and its calibration; no-op on a GPU): torch's threads, as many as
+    cores are idle right now, at least one. Decoding is many small products: on a quiet machine a second thread
+    makes a cold `steer --concept` 1.4× faster (bench/RESULTS.md), but a thread that has to wait for a core taken
+    by another process can make it several times slower, so the cores are counted first. Nested uses keep the
+    outer count. `OMP_NUM_THREADS=1` (torch's own cap) makes decoding single-threaded everywhere."""
+    old = torch.get_num_threads()
+    if device.type != "cpu" or getattr(_DECODING, "active", False):
+        yield
+        return
+    _DECODING.active = True
+    torch.set_num_threads(max(1, min(old, round(idle_cpus()))))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+        _DECODING.active = False

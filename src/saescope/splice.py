@@ -33,7 +33,7 @@ from typing import Literal
 
 import torch
 
-from .devices import one_cpu_thread
+from .devices import decode_threads
 from .errors import SaescopeError
 from .models import LoadedModel, Site
 from .sae import SAE
@@ -241,7 +241,7 @@ def generate_ids(lm: LoadedModel, input_ids: torch.Tensor, max_new_tokens: int =
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(lm.device)
     processors = LogitsProcessorList([] if greedy else [SharedNoiseSampling(temperature, seed, lm.device)])
     streamer = _TokenStreamer(on_token) if on_token is not None else None
-    with torch.no_grad(), one_cpu_thread(lm.device):
+    with torch.no_grad(), decode_threads(lm.device):
         out = lm.model.generate(  # type: ignore[operator]  # transformers' stubs type `generate` as a Tensor
             input_ids=ids, attention_mask=mask, generation_config=gen_cfg, logits_processor=processors,
             streamer=streamer)

@@ -18,7 +18,7 @@ import torch
 
 from . import conceptsteer
 from .analyze import logit_effects
-from .devices import one_cpu_thread
+from .devices import decode_threads
 from .embed import preload
 from .errors import SaescopeError
 from .fsio import atomic_path
@@ -385,7 +385,7 @@ def steer(source, prompt: str, interventions: Sequence[Intervention | str] = (),
     _plans(s.lm, s.saes, s.interventions, s.typical)  # fail on bad input before generating anything
     if choice is not None:
         preload()  # measure_effect embeds the texts: load MiniLM while the model generates them
-    with one_cpu_thread(s.lm.device):
+    with decode_threads(s.lm.device):
         if on_token is None and all(iv.mode == "add" for iv in s.interventions):
             new, base_new = _generate_both(s, prompt_ids, max_new_tokens, greedy, temperature, seed)
             with steering_rows(s.lm, s.saes, [s.interventions, [], []], s.typical):  # during, baseline, as text
