@@ -112,6 +112,7 @@ CLI_CASES = [
     _c("sites-unknown-hub-id", r"cannot load model 'no-such-org/no-such-model'", "sites",
        "no-such-org/no-such-model"),
     _c("sites-damaged-config", r"cannot load model", "sites", "{badmodel}"),
+    _c("sites-damaged-tokenizer", r"cannot load model .*its tokenizer cannot be read", "sites", "{badtok}"),
     _c("sites-run-as-model", r"is not a model folder", "sites", "{run}"),
     # -------------------------------------------------------------------- harvest
     _c("harvest-layers-reversed", r"layer range '2-0' is empty", *HARVEST, "--layers", "2-0"),
@@ -425,6 +426,7 @@ def build_world(base: Path, model_dir: Path, gpt2_dir: Path) -> dict[str, str]:
          "sae": run / "saes" / SAE0, "missing": base / "missing", "dir": base / "emptydir",
          "file": base / "file.txt", "notrun": base / "notrun", "damaged": base / "damaged",
          "empty": base / "blank-corpus", "binary": base / "binary-corpus", "badmodel": base / "badmodel",
+         "badtok": base / "badtok",
          "bare": base / "bare", "emptyrun": base / "emptyrun", "gpt2run": base / "gpt2run", "cache": base / "cache",
          "badsae": base / "badsae", "loop": base / "loop", "dirjsonl": base / "docs.jsonl",
          "notext": base / "notext.jsonl"}
@@ -440,6 +442,8 @@ def build_world(base: Path, model_dir: Path, gpt2_dir: Path) -> dict[str, str]:
     (w["empty"] / "a.txt").write_text("   \n\n")
     (w["binary"] / "a.txt").write_bytes(b"\xff\xfe\xfa" * 50)
     (w["badmodel"] / "config.json").write_text("{broken")
+    shutil.copytree(model_dir, w["badtok"])
+    (w["badtok"] / "tokenizer.json").write_text("{broken")
     w["bare"].mkdir()
     shutil.copy(run / "manifest.json", w["bare"] / "manifest.json")
     shutil.copytree(run / "saes", w["bare"] / "saes")

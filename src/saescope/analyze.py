@@ -538,12 +538,12 @@ def logit_effects(lm: LoadedModel, sae: SAE, n: int = 10, features: torch.Tensor
     dt = fast_matmul_dtype(dirs.device)
     n_cand = min(4 * n, vocab) if dt != torch.float32 else n
     dirs_fast = dirs.to(dt)
-    best = {s: (torch.full((width, 0), 0.0, device=lm.device), torch.zeros((width, 0), dtype=torch.long,
-                                                                            device=lm.device)) for s in (1, -1)}
+    best = {s: (torch.full((width, 0), 0.0, dtype=dt, device=lm.device),
+                torch.zeros((width, 0), dtype=torch.long, device=lm.device)) for s in (1, -1)}
     with torch.no_grad():
         for start in range(0, vocab, chunk):
             block = w_u[start : min(start + chunk, vocab)].to(dt)  # (c, d_model)
-            logits = (dirs_fast @ block.T).float()  # (width, c)
+            logits = dirs_fast @ block.T  # (width, c) in dt: candidates by their bf16 values (no fp32 copy)
             for sign in (1, -1):
                 vals, idx = best[sign]
                 top = logits.topk(min(n_cand, logits.shape[1]), dim=1, largest=sign > 0)

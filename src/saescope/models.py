@@ -319,7 +319,7 @@ def _measure_widths(lm: LoadedModel) -> dict[str, int]:
 
 def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None) -> LoadedModel:
     """Load a causal LM by name, GGUF file, local folder or hub id (see module docstring)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -331,7 +331,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     try:
-        tok = _tokenizer_from_file(Path(folder)) or AutoTokenizer.from_pretrained(folder, local_files_only=offline)
+        tok = _load_tokenizer(folder, offline)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, local_files_only=offline)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -361,6 +361,20 @@ _PLAIN_TOKENIZER_KEYS = frozenset({
     "truncation_side", "clean_up_tokenization_spaces", "bos_token", "eos_token", "unk_token", "pad_token",
     "mask_token", "sep_token", "cls_token",
 })
+
+
+def _load_tokenizer(folder: str, offline: bool):
+    """The model folder's (or hub id's) tokenizer; a damaged one raises ValueError (the tokenizers library raises a
+    bare Exception for a tokenizer.json it cannot parse)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return _tokenizer_from_file(Path(folder)) or AutoTokenizer.from_pretrained(folder, local_files_only=offline)
+    except (OSError, ValueError):
+        raise
+    except Exception as err:  # noqa: BLE001  (see the docstring)
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise ValueError(f"its tokenizer cannot be read ({first})") from err
 
 
 def _tokenizer_from_file(folder: Path):
