@@ -42,7 +42,8 @@
    two that still shows the concept without looping, at most `max_cost` nats/token above the
    unsteered texts' cross-entropy (under the unsteered model). Of the candidates that pass, the one
    whose texts mention the concept most often wins; the others are reported as runners-up. When
-   none passes, the candidate that showed the concept most is steered at its strongest clean
+   every strength of every candidate degenerated, the next `candidates` features of the probed pool
+   (by pull) are calibrated the same way (`_runners_up`). When none passes, the candidate that showed the concept most is steered at its strongest clean
    strength (never below what was tried) and reported as uncalibrated.
 4. **Cache.** The choice is stored per concept in run/steer_calibration.json (atomic write),
    keyed by the concept index (re-analysis invalidates it), the calibration settings and the dtype
@@ -298,10 +299,23 @@ def _calibrate(run: Run, concept: str, cfg: ConceptSteerConfig, lm) -> ConceptCh
     pool, words, qvec = _candidates(run, concept, cfg, cfg.pool)
     lm = lm or run.generation_model
     saes, typical = _load(run, [f for c in pool for f in c.features])
+    measure = _Measure(words, qvec, cfg)
     with decode_threads(getattr(lm, "device", torch.device("cpu"))):
         cands = _select(lm, saes, typical, pool, words, cfg)
-        _search(lm, saes, typical, cands, _Measure(words, qvec, cfg), cfg)
+        _search(lm, saes, typical, cands, measure, cfg)
+        if not any(_safe(c) for c in cands):  # every strength tried degenerated: calibrate the runners-up too
+            more = _runners_up(pool, cands, cfg)
+            _search(lm, saes, typical, more, measure, cfg)
+            cands += more
     return _decide(concept, cands, words, cfg)
+
+
+def _runners_up(pool: list[Candidate], taken: list[Candidate], cfg: ConceptSteerConfig) -> list[Candidate]:
+    """The next `candidates` single features of the probed pool by pull (below `min_pull` too): a second chance
+    when every strength of the first ones turned the text into loops or word salad."""
+    used = {f for c in taken for f in c.features}
+    rest = [c for c in pool if c.pull is not None and not used & set(c.features)]
+    return sorted(rest, key=lambda c: c.pull, reverse=True)[:cfg.candidates]
 
 
 def _search(lm, saes, typical, cands: list[Candidate], measure: _Measure, cfg: ConceptSteerConfig) -> None:
