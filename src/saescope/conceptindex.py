@@ -187,7 +187,7 @@ def context_words(ids: list[int], text: dict[int, str], words: dict[str, int], p
     def flush() -> None:
         w = as_word(word) if start is not None and start >= 0 else None
         if w is not None:
-            out[start] = words.setdefault(w, len(words))  # type: ignore[index]  # start is an int here
+            out[start] = words.setdefault(w, len(words))
 
     for i, t in enumerate(ids):
         shown = text.get(t, "")

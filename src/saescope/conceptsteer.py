@@ -315,7 +315,7 @@ def _runners_up(pool: list[Candidate], taken: list[Candidate], cfg: ConceptSteer
     when every strength of the first ones turned the text into loops or word salad."""
     used = {f for c in taken for f in c.features}
     rest = [c for c in pool if c.pull is not None and not used & set(c.features)]
-    return sorted(rest, key=lambda c: c.pull, reverse=True)[:cfg.candidates]
+    return sorted(rest, key=lambda c: c.pull or 0.0, reverse=True)[:cfg.candidates]
 
 
 def _search(lm, saes, typical, cands: list[Candidate], measure: _Measure, cfg: ConceptSteerConfig) -> None:
