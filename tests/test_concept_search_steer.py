@@ -294,8 +294,14 @@ def test_the_search_climbs_to_a_strength_with_margin_and_confirms_it(fake_texts)
     choice = cs._calibrate(None, "horses", cs.ConceptSteerConfig(), lm=object())
     assert choice.calibrated and choice.strength == pytest.approx(2.0, abs=1e-3)
     assert [r.strength for r in choice.candidates[0].rungs if r.verified] == [2.828, 2.0]
-    levels.update(shows=99.0)  # nothing ever shows: uncalibrated, at the strongest clean strength tried
+    levels.update(shows=99.0)  # nothing ever shows: uncalibrated, at the strongest strength clean on long texts too
     choice = cs._calibrate(None, "horses", cs.ConceptSteerConfig(), lm=object())
+    checked = [(r.strength, r.degenerate) for r in choice.candidates[0].rungs if r.verified]
+    assert checked == [(2.828, True), (2.0, False)]  # ×2.83, clean on 24 tokens, loops on 40 (loops_long 2.5)
+    assert not choice.calibrated and choice.strength == pytest.approx(2.0, abs=1e-3)
+    levels.update(loops_long=3.5)  # clean on long texts too: the strongest clean strength tried, checked once
+    choice = cs._calibrate(None, "horses", cs.ConceptSteerConfig(), lm=object())
+    assert [(r.strength, r.degenerate) for r in choice.candidates[0].rungs if r.verified] == [(2.828, False)]
     assert not choice.calibrated and choice.strength == pytest.approx(2.828, abs=1e-3)
 
 

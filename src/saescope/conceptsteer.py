@@ -43,8 +43,10 @@
    unsteered texts' cross-entropy (under the unsteered model). Of the candidates that pass, the one
    whose texts mention the concept most often wins; the others are reported as runners-up. When
    every strength of every candidate degenerated, the next `candidates` features of the probed pool
-   (by pull) are calibrated the same way (`_runners_up`). When none passes, the candidate that showed the concept most is steered at its strongest clean
-   strength (never below what was tried) and reported as uncalibrated.
+   (by pull) are calibrated the same way (`_runners_up`). When none passes, the candidate that showed
+   the concept most is steered at its strongest clean strength (never below what was tried), checked first
+   on fresh `verify_tokens`-token texts with a step below (`_check_fallback`: a strength clean on 24
+   tokens may loop by 40), and reported as uncalibrated.
 4. **Cache.** The choice is stored per concept in run/steer_calibration.json (atomic write),
    keyed by the concept index (re-analysis invalidates it), the calibration settings and the dtype
    the model generates in (`models.generation_dtype`: bf16 on a CPU with fast bf16), so a repeated
@@ -72,7 +74,7 @@ from .runs import Run
 from .splice import Intervention, generate_ids, steering_rows, until_eos
 
 CALIBRATION_FILE = "steer_calibration.json"
-RULES = 2  # the calibration's rules, in the cache key (2: a strength whose texts cost over max_cost is degenerate)
+RULES = 3  # the calibration's rules, in the cache key (2: word salad is degenerate; 3: the fallback is checked on long texts)
 CALIBRATION_PROMPTS = ("Here is what I wrote about it:", "Let me tell you something.", "It all started when",
                        "This is the next part of the text.", "I have been thinking about this for a while, and",
                        "The next morning,", "You may not believe it, but", "As I said before,")
@@ -307,7 +309,36 @@ def _calibrate(run: Run, concept: str, cfg: ConceptSteerConfig, lm) -> ConceptCh
             more = _runners_up(pool, cands, cfg)
             _search(lm, saes, typical, more, measure, cfg)
             cands += more
+        if all(c.strength is None for c in cands) and any(_safe(c) for c in cands):
+            _check_fallback(lm, saes, typical, cands, measure, cfg)
     return _decide(concept, cands, words, cfg)
+
+
+def _check_fallback(lm, saes, typical, cands: list[Candidate], measure: _Measure, cfg: ConceptSteerConfig) -> None:
+    """No candidate passed: steer the fallback's strength and a step below on fresh `verify_tokens`-token texts (one
+    batched generate) and add them as rungs, so that `_fallback` takes neither when it loops or turns to word salad
+    on the longer texts a request writes (a strength clean on 24 tokens may loop by 40)."""
+    best, strength = _fallback(cands)
+    steps = _confirm_steps(strength, cfg)
+    prompts = list(CALIBRATION_PROMPTS)
+    groups = [[]] + [concept_interventions(best.features, s) for s in steps]
+    texts, ids = _generate_groups(lm, saes, typical, groups, prompts, cfg.verify_tokens, cfg.seed + 1)
+    base, base_ce = measure.texts(texts[0], ids[0]), continuation_ce(lm, prompts, ids[0])
+    for g, s in enumerate(steps, 1):
+        best.rungs.append(rung := _judge(lm, prompts, s, base, base_ce, texts[g], ids[g], measure, cfg, True))
+        if not rung.degenerate:
+            break  # the stronger step is clean on the longer texts: keep it
+
+
+def _judge(lm, prompts: list[str], strength: float, base: _Texts, base_ce: float, texts: list[str],
+           ids: list[torch.Tensor], measure: _Measure, cfg: ConceptSteerConfig, verified: bool = False) -> Rung:
+    """A strength's rung from its texts; texts that do not loop are costed too (one forward pass): still language?"""
+    steered = measure.texts(texts, ids)
+    rung = _rung(strength, base, steered, cfg, texts[0], verified)
+    if rung.degenerate:
+        return rung
+    cost = continuation_ce(lm, prompts, ids) - base_ce  # NaN (a side wrote nothing): not measured
+    return _rung(strength, base, steered, cfg, texts[0], verified, None if math.isnan(cost) else round(cost, 4))
 
 
 def _runners_up(pool: list[Candidate], taken: list[Candidate], cfg: ConceptSteerConfig) -> list[Candidate]:
@@ -335,12 +366,7 @@ def _search(lm, saes, typical, cands: list[Candidate], measure: _Measure, cfg: C
             base, base_ce = measure.texts(texts[0], ids[0]), continuation_ce(lm, prompts, ids[0])
             texts, ids = texts[1:], ids[1:]
         for (i, s), t, d in zip(todo, texts, ids):
-            steered = measure.texts(t, d)
-            rung = _rung(s, base, steered, cfg, t[0])
-            if not rung.degenerate:  # it does not loop: is it still language? (one forward pass)
-                cost = continuation_ce(lm, prompts, d) - base_ce  # NaN (a side wrote nothing): not measured
-                rung = _rung(s, base, steered, cfg, t[0], cost=None if math.isnan(cost) else round(cost, 4))
-            cands[i].rungs.append(rung)
+            cands[i].rungs.append(_judge(lm, prompts, s, base, base_ce, t, d, measure, cfg))
             plan[i] = _next_strength(cands[i], cfg)
     proposals = [(i, r) for i, c in enumerate(cands) if (r := _proposal(c)) is not None]
     _confirm(lm, saes, typical, cands, proposals, measure, cfg)
