@@ -48,10 +48,10 @@ def ensure_venv(venv: Path) -> Path:
 
 def serve(python: Path, gguf: Path, port: int, log: Path) -> subprocess.Popen:
     """Start the server and wait until it lists its model (at most 3 minutes)."""
-    out = open(log, "w")  # noqa: SIM115  (closed with the process by the caller's finally)
-    proc = subprocess.Popen([python, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "gemma",
-                             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "8192"],
-                            stdout=out, stderr=subprocess.STDOUT)
+    with open(log, "w") as out:  # the server keeps its own copy of the descriptor
+        proc = subprocess.Popen([python, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "gemma",
+                                 "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "8192"],
+                                stdout=out, stderr=subprocess.STDOUT)
     deadline = time.time() + 180
     while time.time() < deadline:
         if proc.poll() is not None:

@@ -334,6 +334,27 @@ def test_word_salad_that_does_not_loop_is_degenerate_by_its_cost(fake_texts, mon
     assert not tried[1.414].degenerate and tried[1.414].cost == pytest.approx(0.0)
     assert not choice.calibrated and choice.strength == pytest.approx(1.414, abs=1e-3)  # not ×2 or ×2.83
 
+def test_a_confirmed_strength_over_the_cost_cap_is_degenerate_and_not_the_fallback(fake_texts, monkeypatch):
+    """×1.41 shows the concept on short texts and on fresh 40-token ones, but the fresh ones cost far over the cap:
+    that rung is degenerate, so neither the confirmation nor the uncalibrated fallback can take ×1.41."""
+    def generate(lm, saes, typical, groups, prompts, tokens, seed):
+        values = [min([iv.value for iv in g], default=0.0) for g in groups]
+        texts = [["the farmer led the horses out to the field at dawn" if 1.2 <= v < 1.9 else
+                  "horses horses horses horses horses horses horses horses" if v >= 1.9 else
+                  "we talked about the weather and went home early"] * len(prompts) for v in values]
+        return texts, [[torch.tensor([round(v * 1000), tokens])] * len(prompts) for v in values]
+
+    monkeypatch.setattr(cs, "_generate_groups", generate)
+    monkeypatch.setattr(cs, "continuation_ce",
+                        lambda lm, prompts, ids: 9.0 if int(ids[0][0]) >= 1400 and int(ids[0][1]) > 32 else 3.0)
+    choice = cs._calibrate(None, "horses", cs.ConceptSteerConfig(), lm=object())
+    single = choice.candidates[0]
+    confirmed = next(r for r in single.rungs if r.verified)  # the confirmation's rung, before any fallback check
+    assert confirmed.strength == pytest.approx(1.414, abs=1e-3) and confirmed.shows
+    assert confirmed.degenerate and confirmed.cost == pytest.approx(6.0)
+    assert single.strength is None
+    assert all(r.strength < 1.4 for r in cs._safe(single))  # the fallback cannot take it either
+
 def test_a_pair_is_steered_at_the_strength_it_was_calibrated_at(fake_texts):
     calls, _ = fake_texts
     choice = cs._calibrate(None, "horses", cs.ConceptSteerConfig(), lm=object())

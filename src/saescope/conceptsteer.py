@@ -56,12 +56,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -320,12 +322,8 @@ def _check_fallback(lm, saes, typical, cands: list[Candidate], measure: _Measure
     on the longer texts a request writes (a strength clean on 24 tokens may loop by 40)."""
     best, strength = _fallback(cands)
     steps = _confirm_steps(strength, cfg)
-    prompts = list(CALIBRATION_PROMPTS)
-    groups = [[]] + [concept_interventions(best.features, s) for s in steps]
-    texts, ids = _generate_groups(lm, saes, typical, groups, prompts, cfg.verify_tokens, cfg.seed + 1)
-    base, base_ce = measure.texts(texts[0], ids[0]), continuation_ce(lm, prompts, ids[0])
-    for g, s in enumerate(steps, 1):
-        best.rungs.append(rung := _judge(lm, prompts, s, base, base_ce, texts[g], ids[g], measure, cfg, True))
+    for judge in _fresh(lm, saes, typical, [(best.features, s) for s in steps], measure, cfg):
+        best.rungs.append(rung := judge())
         if not rung.degenerate:
             break  # the stronger step is clean on the longer texts: keep it
 
@@ -383,26 +381,32 @@ def _confirm(lm, saes, typical, cands: list[Candidate], proposals: list[tuple[in
     plan = [(i, s) for i, r in ranked[:cfg.verify] for s in _confirm_steps(r.strength, cfg)]
     if not plan:
         return
-    prompts = list(CALIBRATION_PROMPTS)
-    groups = [[]] + [concept_interventions(cands[i].features, s) for i, s in plan]
-    texts, ids = _generate_groups(lm, saes, typical, groups, prompts, cfg.verify_tokens, cfg.seed + 1)
-    base = measure.texts(texts[0], ids[0])
-    base_ce = None
-    for g, (i, s) in enumerate(plan, 1):
+    for (i, s), judge in zip(plan, _fresh(lm, saes, typical, [(cands[i].features, s) for i, s in plan], measure, cfg)):
         c = cands[i]
         if c.strength is not None:
             continue  # the stronger step passed
-        r = _rung(s, base, measure.texts(texts[g], ids[g]), cfg, texts[g][0], verified=True)
-        c.rungs.append(r)
-        if r.degenerate or not r.shows:
-            c.why = f"{'loops' if r.degenerate else 'the concept did not show'} at ×{s:g} on fresh texts"
-            continue
-        base_ce = continuation_ce(lm, prompts, ids[0]) if base_ce is None else base_ce
-        r.cost = continuation_ce(lm, prompts, ids[g]) - base_ce
-        if r.cost > cfg.max_cost:
-            c.why = f"costs {r.cost:.2f} nats/token at ×{s:g}, over the cap {cfg.max_cost:g}"
-            continue
-        c.strength, c.why = s, f"concept shows at ×{s:g} on fresh {cfg.verify_tokens}-token texts"
+        c.rungs.append(r := judge())
+        if r.degenerate:
+            costly = r.cost is not None and r.cost > cfg.max_cost
+            c.why = (f"costs {r.cost:.2f} nats/token at ×{s:g}, over the cap {cfg.max_cost:g}" if costly
+                     else f"loops at ×{s:g} on fresh texts")
+        elif not r.shows:
+            c.why = f"the concept did not show at ×{s:g} on fresh texts"
+        else:
+            c.strength, c.why = s, f"concept shows at ×{s:g} on fresh {cfg.verify_tokens}-token texts"
+
+
+def _fresh(lm, saes, typical, rows: list[tuple[list, float]], measure: _Measure,
+           cfg: ConceptSteerConfig) -> list[Callable[[], Rung]]:
+    """Each (features, strength) steered on fresh texts (other sampling noise, `verify_tokens` new tokens) beside
+    the unsteered ones, in one batched generate; for each row, a call that judges it (`_judge`: costed only
+    when called, so a caller that stops at the first passing row costs no more)."""
+    prompts = list(CALIBRATION_PROMPTS)
+    groups = [[]] + [concept_interventions(features, s) for features, s in rows]
+    texts, ids = _generate_groups(lm, saes, typical, groups, prompts, cfg.verify_tokens, cfg.seed + 1)
+    base, base_ce = measure.texts(texts[0], ids[0]), continuation_ce(lm, prompts, ids[0])
+    return [functools.partial(_judge, lm, prompts, s, base, base_ce, texts[g], ids[g], measure, cfg, True)
+            for g, (_, s) in enumerate(rows, 1)]
 
 
 def _confirm_steps(strength: float, cfg: ConceptSteerConfig) -> list[float]:

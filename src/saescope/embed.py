@@ -116,6 +116,3 @@ def _load_embedding_model():
         if progress:
             hf_logging.enable_progress_bar()
     return tokenizer, model
-
-
-_embedding_model.cache_clear = _load_embedding_model.cache_clear  # type: ignore[attr-defined]  # tests reset it
