@@ -458,9 +458,10 @@ def build_world(base: Path, model_dir: Path, gpt2_dir: Path) -> dict[str, str]:
     return out
 
 
-TRANSIENT = ("-wal", "-shm", "-journal", "label_embeddings.npz", "concept_index.npz")  # side files and search caches
-"""Not counted as written: SQLite's own side files (made and removed by any connection) and the cache of
-label embeddings that any search may build; a folder's mtime changes with them, so folders count only by name."""
+TRANSIENT = ("-wal", "-shm", "-journal", "label_embeddings.npz", "concept_index.npz", ".lock")  # side files, caches
+"""Not counted as written: SQLite's own side files (made and removed by any connection), the cache of label
+embeddings that any search may build, and the run's lock file (`Run.exclusive`: made by any verb that would write,
+empty of data); a folder's mtime changes with them, so folders count only by name."""
 
 
 def snapshot(*folders: Path) -> dict[str, tuple[int, int]]:

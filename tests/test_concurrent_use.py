@@ -311,3 +311,73 @@ def test_killed_label_auto_leaves_no_orphan_and_resumes_to_the_same_labels(atlas
     resumed = _cli("label", "auto", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr
     assert _offline_labels(run_dir) == uninterrupted
+
+
+def _db_rows(run_dir: Path) -> tuple:
+    conn = sqlite3.connect(run_dir / "features.sqlite")
+    try:
+        return tuple(conn.execute(f"SELECT count(*), total(rowid) FROM {t}").fetchone()
+                     for t in ("features", "examples", "labels", "scores"))
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("verb", [["analyze", "RUN", "--force"], ["label", "auto", "RUN"], ["eval", "RUN", "--tokens", "64"]])
+def test_a_second_process_writing_a_busy_run_is_refused_in_one_line(run_dir, verb):
+    """While one process holds the run (here: this one, as a stage would), another that would write it stops
+    before touching anything and names the holder; once free, the same command works."""
+    from saescope.runs import Run
+
+    args = [str(run_dir) if a == "RUN" else a for a in verb]
+    before, manifest = _db_rows(run_dir), (run_dir / "manifest.json").read_bytes()
+    eval_before = (run_dir / "eval.json").read_bytes() if (run_dir / "eval.json").exists() else None
+    with Run.open(run_dir).exclusive("analyze"):
+        res = _cli(*args)
+    assert res.returncode != 0
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    assert "is busy: saescope analyze (pid" in lines[0] and "wait for it to finish" in lines[0], lines[0]
+    assert _db_rows(run_dir) == before
+    assert (run_dir / "manifest.json").read_bytes() == manifest
+    assert ((run_dir / "eval.json").read_bytes() if (run_dir / "eval.json").exists() else None) == eval_before
+    again = _cli(*args)
+    assert again.returncode == 0, again.stderr
+
+
+def test_a_killed_holder_leaves_the_run_free(run_dir):
+    """The lock is the OS's (flock): kill -9 of the process holding the run frees it, no stale lock file."""
+    from saescope.errors import SaescopeError
+    from saescope.runs import Run
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom saescope.runs import Run\n"
+        f"with Run.open({str(run_dir)!r}).exclusive('label'):\n    print('held', flush=True)\n    time.sleep(600)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SaescopeError, match=r"is busy: saescope label \(pid"), Run.open(run_dir).exclusive("x"):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    run = Run.open(run_dir)
+    with run.exclusive("analyze"), run.exclusive("analyze again"):  # free now, and re-entrant in one process
+        with run.stage("label"):
+            pass
+    assert run.is_done("label")
+
+
+def test_holding_a_run_reads_the_manifest_another_process_wrote(run_dir):
+    """A process that opened the run earlier sees, once it holds it, the stage records another one saved
+    meanwhile, and keeps them when it saves its own (they were lost when each saved its stale copy)."""
+    from saescope.runs import Run
+
+    early, other = Run.open(run_dir), Run.open(run_dir)
+    with other.stage("eval"):
+        pass
+    with early.stage("label"):
+        pass
+    again = Run.open(run_dir)
+    assert again.manifest["stages"]["eval"]["status"] == "done"
+    assert again.manifest["stages"]["label"]["status"] == "done"
+    assert again.manifest["stages"]["eval"]["started"] == other.manifest["stages"]["eval"]["started"]

@@ -52,7 +52,8 @@ def gs2_folder(path, lm, changes=None, drop=()):
 
 
 def _snapshot(root) -> dict:
-    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))
+            if p.name != ".lock"}  # (the run's lock file, `Run.exclusive`: no data)
 
 
 def _refused(src, run, lm, expected: tuple[str, ...]) -> str:

@@ -76,7 +76,7 @@ from .devices import one_cpu_thread
 from .errors import SaescopeError
 from .featuredb import Example, FeatureDB, FeatureStats, stored_acts
 from .models import LoadedModel, Site
-from .runs import Run, as_run
+from .runs import Run, as_run, holds_run
 from .sae import SAE
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,7 @@ class AnalyzeReport:
 # --------------------------------------------------------------------------- the pass
 
 
+@holds_run("analyze")
 def analyze(run: Run | str | os.PathLike, n_tokens: int = 16_384, *, top_k: int = 20, n_quantiles: int = 5, per_quantile: int = 2,
             n_random: int = 4, window: tuple[int, int] = (16, 4), n_logits: int = 10, batch_size: int = 8,
             saes: list[str] | None = None, force: bool = False, seed: int | None = None, progress: bool = True,

@@ -28,7 +28,7 @@ from .errors import SaescopeError
 from .fsio import atomic_path, read_json, write_json
 from .harvest import capture, capture_layer_inputs, keep_mask, replace_site, run_captured, run_from
 from .models import LoadedModel, Site
-from .runs import Run, as_run
+from .runs import Run, as_run, holds_run
 from .sae import SAE
 
 DENSE_FRACTION = 0.1
@@ -232,6 +232,7 @@ def other_corpus(run, other: str):
     return Corpus(other)
 
 
+@holds_run("eval")
 def evaluate(run: Run | str | os.PathLike, eval_tokens: int = 8192, ce_tokens: int = CE_TOKENS, other: str | None = OTHER,
              other_ce_tokens: int | None = None, progress: bool = True) -> dict:
     """Evaluate every SAE of `run` on held-out tokens of its corpus and, unless `other` is None, on a

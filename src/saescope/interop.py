@@ -44,29 +44,30 @@ def import_sae(path: str | Path, run_dir: str | Path, *, model=None, name: str |
     """
     path = Path(path)
     run = Run.open(run_dir)
-    fmt = detect_format(path) if path.is_dir() else None
-    sae = read_sae_folder(path)
-    cfg = sae.cfg
-    if cfg.site not in ("resid_post", "attn_out", "mlp_out", "mlp_in") or cfg.layer < 0:
-        hook = cfg.hf_hook_point_in or cfg.extra.get("hook_name") or "(none recorded)"
-        raise SaescopeError(f"{path}: cannot tell which saescope site this SAE reads (hook {hook}); saescope "
-                            "imports SAEs on resid_post, attn_out, mlp_out or mlp_in of one layer")
-    lm = model if model is not None else run.model
-    site = lm.site(cfg.site, cfg.layer)
-    notes = _check_fits(path, cfg, site, run.manifest["model"])
-    theirs = cfg.model_name
+    with run.exclusive("import"):  # (its SAE folder, and the analysis and eval it clears)
+        fmt = detect_format(path) if path.is_dir() else None
+        sae = read_sae_folder(path)
+        cfg = sae.cfg
+        if cfg.site not in ("resid_post", "attn_out", "mlp_out", "mlp_in") or cfg.layer < 0:
+            hook = cfg.hf_hook_point_in or cfg.extra.get("hook_name") or "(none recorded)"
+            raise SaescopeError(f"{path}: cannot tell which saescope site this SAE reads (hook {hook}); saescope "
+                                "imports SAEs on resid_post, attn_out, mlp_out or mlp_in of one layer")
+        lm = model if model is not None else run.model
+        site = lm.site(cfg.site, cfg.layer)
+        notes = _check_fits(path, cfg, site, run.manifest["model"])
+        theirs = cfg.model_name
 
-    imported = {"path": str(path.resolve()), "format": fmt, "hook_name": cfg.extra.get("hook_name") or
-                cfg.hf_hook_point_in, "model_name": theirs, "time": time.time()}
-    new = SAEConfig.from_json({**cfg.to_json(), "hf_hook_point_in": site.hook_name,
-                               "model_name": run.manifest["model"], "imported_from": imported})
-    sae.cfg = new
-    sae_id, folder, replaced = _target_folder(run, cfg.site, new.folder_name if name is None else name, overwrite)
-    notes += replaced
-    sae.save(folder)
-    for n in notes:
-        log.warning("%s", n)
-    return ImportResult(sae_id, folder, notes)
+        imported = {"path": str(path.resolve()), "format": fmt, "hook_name": cfg.extra.get("hook_name") or
+                    cfg.hf_hook_point_in, "model_name": theirs, "time": time.time()}
+        new = SAEConfig.from_json({**cfg.to_json(), "hf_hook_point_in": site.hook_name,
+                                   "model_name": run.manifest["model"], "imported_from": imported})
+        sae.cfg = new
+        sae_id, folder, replaced = _target_folder(run, cfg.site, new.folder_name if name is None else name, overwrite)
+        notes += replaced
+        sae.save(folder)
+        for n in notes:
+            log.warning("%s", n)
+        return ImportResult(sae_id, folder, notes)
 
 
 def _check_fits(path: Path, cfg: SAEConfig, site, run_model: str) -> list[str]:

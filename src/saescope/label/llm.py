@@ -44,7 +44,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..errors import SaescopeError
-from ..runs import Run
+from ..runs import Run, holds_run
 from .evidence import (
     Context,
     Evidence,
@@ -451,6 +451,7 @@ def _fresh_windows(run: Run, work: list, table: TokenTable):
     return fresh
 
 
+@holds_run("label")
 def label_llm(run: Run | str | Path, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY",
               sae_ids=None, concurrency: int = 4, timeout: float = 30, max_retries: int = 4,
               limit: int | None = None, progress: bool = True, score: bool = True, cache: bool = True,

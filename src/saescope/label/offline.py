@@ -28,7 +28,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..runs import Run
+from ..runs import Run, holds_run
 from .detection import DetectionConfig, detection_set
 from .evidence import (
     Evidence,
@@ -60,6 +60,7 @@ _SUMMED = ("features", "labelled", "skipped", "failed", "scored", "unscored", "u
            "output_scored", "output_sum")
 
 
+@holds_run("label")
 def label_offline(run: Run | str | Path, sae_ids=None, progress: bool = True,
                   limit: int | None = None, workers: int | None = None,
                   concepts: bool | Sequence[tuple[str, bool]] = True,
