@@ -318,7 +318,11 @@ def run(args) -> None:
     train_ctx = contexts(train_tok, args.train_tokens * 11 // 10)
     for i, run_name in enumerate(args.archs.split(",")):  # e.g. jump_relu, jump_relu+bf16, batchtopk+bf16
         arch, *opts = run_name.split("+")
-        settings = {"bf16_matmuls": "bf16" in opts, "cuda_graphs": "eager" not in opts}
+        settings: dict = {"bf16_matmuls": "bf16" in opts, "cuda_graphs": "eager" not in opts}
+        for opt in opts:  # NAME=VALUE: a TrainConfig field (e.g. lambda_rate=0.4, floor_tokens=0)
+            if "=" in opt:
+                name, value = opt.split("=", 1)
+                settings[name] = type(getattr(TrainConfig, name))(float(value))
         batch = args.batch * (2 if "2x" in opts else 1)
         steps.append((f"train_{run_name}", lambda arch=arch, settings=settings, batch=batch: train_live(
             lm, train_ctx, sites, arch, args.train_tokens, args.width, args.l0, batch, args.harvest_batch, held,
@@ -423,7 +427,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=16_384)
     ap.add_argument("--l0", type=float, default=32)
     ap.add_argument("--archs", default="jump_relu,jump_relu+bf16,batchtopk+bf16",
-                    help="Live runs, each ARCH[+bf16][+eager][+2x] (bf16 matrix products; no CUDA graphs; twice "
+                    help="Live runs, each ARCH[+bf16][+eager][+2x][+FIELD=VALUE] (bf16 matrix products; no CUDA graphs; twice "
                          "--batch); sparsify right after the first.")
     ap.add_argument("--compact", action="store_true", help="The model from gpu_prepare.py --compact's pieces.")
     ap.add_argument("--batch", type=int, default=4096, help="Training tokens per step.")
