@@ -232,6 +232,9 @@ def train_live(lm, ctxs, sites, arch: str, tokens: int, width: int, l0: float, b
            "graph_off": sorted({t.graph_off for t in trainer.trainers if t.graph_off})}
     saes = {t.cfg.layer: t.export() for t in trainer.trainers if not t.failed}
     out["heldout"] = held_out(saes, held, lm.device)
+    # the training batches' L0 (EMA of the last ~10 steps) and the controller's λ, per layer: against held-out L0
+    out["train_l0"] = {t.cfg.layer: round(t.ema["l0"], 2) for t in trainer.trainers if not t.failed}
+    out["log_lambda"] = {t.cfg.layer: round(t.log_lambda, 3) for t in trainer.trainers if not t.failed}
     del trainer
     return out
 
@@ -410,6 +413,8 @@ def summary(r: dict) -> str:
         parts = [f"{k} {v.get('tok_s')} tok/s" for k, v in r.items() if isinstance(v, dict) and "tok_s" in v]
     if "heldout" in r:
         parts.append(f"held-out FVU {r['heldout']['mean_fvu']} L0 {r['heldout']['mean_l0']}")
+    if r.get("train_l0"):
+        parts.append(f"train-batch L0 mean {np.mean(list(r['train_l0'].values())):.1f}")
     if "timing" in r:
         parts.append(f"sparsify {r['timing']}")
     return ", ".join(parts)
