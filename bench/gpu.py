@@ -322,14 +322,16 @@ def run(args) -> None:
     for i, run_name in enumerate(args.archs.split(",")):  # e.g. jump_relu, jump_relu+bf16, batchtopk+bf16
         arch, *opts = run_name.split("+")
         settings: dict = {"bf16_matmuls": "bf16" in opts, "cuda_graphs": "eager" not in opts}
-        for opt in opts:  # NAME=VALUE: a TrainConfig field (e.g. lambda_rate=0.4, floor_tokens=0)
-            if "=" in opt:
+        hbatch = args.harvest_batch
+        for opt in opts:  # NAME=VALUE: a TrainConfig field (e.g. lambda_rate=0.4, floor_tokens=0); hb=N contexts
+            if opt.startswith("hb="):  # per forward pass (each pass's rows are shuffled into its steps)
+                hbatch = int(opt[3:])
+            elif "=" in opt:
                 name, value = opt.split("=", 1)
                 settings[name] = type(getattr(TrainConfig, name))(float(value))
         batch = args.batch * (2 if "2x" in opts else 1)
-        steps.append((f"train_{run_name}", lambda arch=arch, settings=settings, batch=batch: train_live(
-            lm, train_ctx, sites, arch, args.train_tokens, args.width, args.l0, batch, args.harvest_batch, held,
-            **settings)))
+        steps.append((f"train_{run_name}", lambda arch=arch, settings=settings, batch=batch, hbatch=hbatch: train_live(
+            lm, train_ctx, sites, arch, args.train_tokens, args.width, args.l0, batch, hbatch, held, **settings)))
         if i == 0 and args.sparsify_python:  # right after ours, before the other runs
             steps.append(("sparsify", lambda: sparsify(args, lm_folder(args.model),
                                                        write_train_file(args, train_tok), layers, args.train_tokens,

@@ -18,6 +18,8 @@ A case's argv may name these placeholders, filled from the world:
     {badsae}    an SAE folder with broken files           {loop}     a symlink to itself
     {dirjsonl}  a folder named like a .jsonl file         {notext}   a .jsonl file without any text record
     {long}      a text longer than tiny GPT-2's context
+    {busy}      a copy of {run} that another process is writing (it holds the run's lock all along)
+    {busycache} a copy of {cache} that another process is writing
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -326,6 +330,15 @@ CLI_CASES = [
     _c("steer-clamp-nan", r"finite number", *STEER, "--feature", "1:0@clamp=nan"),
     _c("steer-strength-empty", r"has no strength|cannot read feature", *STEER, "--feature", "1:0="),
     _c("steer-feature-empty", r"cannot read feature ''", *STEER, "--feature", ""),
+    # -------------------------------------------------------------------- another process is writing it
+    _c("busy-run-analyze", r"run .*busy is busy: saescope label \(pid \d+, since .*\) is writing it; wait for it",
+       "analyze", "{busy}", "--force"),
+    _c("busy-run-label-auto", r"run .*busy is busy: saescope label \(pid", "label", "auto", "{busy}"),
+    _c("busy-run-eval", r"run .*busy is busy: saescope label \(pid", "eval", "{busy}", "--tokens", "64"),
+    _c("busy-run-import", r"run .*busy is busy: saescope label \(pid", "import", "{sae}", "--run", "{busy}",
+       "--name", "copy"),
+    _c("busy-cache-harvest", r"cache .*busycache is busy: saescope harvest \(pid", "harvest", "--model", "{model}",
+       "--corpus", "{corpus}", "--layers", "0", "--tokens", "200", "--ctx-len", "32", "--out", "{busycache}"),
 ]
 
 
@@ -339,6 +352,7 @@ def numeric_cases() -> list[Case]:
     cases += _numeric(TRAIN, "train", "--lr", {**FLOATS, "huge-negative": ("-1e308", r"not in the range")})
     cases += _numeric(TRAIN, "train", "--seed", NON_NEG)
     cases += _numeric(TRAIN, "train", "--batch-size", NON_NEG)
+    cases += _numeric(TRAIN, "train", "--harvest-batch", {k: WHOLE[k] for k in ("zero", "negative", "nan")})
     cases += _numeric(("eval", "{run}"), "eval", "--tokens", WHOLE)
     cases += _numeric(("eval", "{run}"), "eval", "--ce-tokens", NON_NEG)
     cases += _numeric(("analyze", "{run}"), "analyze", "--tokens", WHOLE)
@@ -453,6 +467,10 @@ def build_world(base: Path, model_dir: Path, gpt2_dir: Path) -> dict[str, str]:
               progress=False)
     harvest_to_cache(w["cache"], model=str(model_dir), corpus=str(corpus), layers="0", tokens=200, ctx_len=32,
                      progress=False)
+    w["busy"], w["busycache"] = base / "busy", base / "busycache"
+    shutil.copytree(run, w["busy"])
+    shutil.copytree(w["cache"], w["busycache"])
+    _hold(w["busy"], "label", w["busycache"], "harvest")
     out = {k: str(v) for k, v in w.items()}
     out["long"] = " ".join(["the king of france"] * 55)
     return out
@@ -462,6 +480,22 @@ TRANSIENT = ("-wal", "-shm", "-journal", "label_embeddings.npz", "concept_index.
 """Not counted as written: SQLite's own side files (made and removed by any connection), the cache of label
 embeddings that any search may build, and the run's lock file (`Run.exclusive`: made by any verb that would write,
 empty of data); a folder's mtime changes with them, so folders count only by name."""
+
+
+def _hold(*folders_and_verbs) -> None:
+    """Another process holding each folder (a run, a cache) for writing as `saescope VERB` would, until this
+    process ends (it waits on its stdin, which closes then)."""
+    pairs = list(zip(folders_and_verbs[::2], folders_and_verbs[1::2]))
+    code = ("import sys, contextlib\nfrom saescope.fsio import exclusive\nwith contextlib.ExitStack() as s:\n"
+            + "".join(f"    s.enter_context(exclusive({str(f)!r}, {v!r}))\n" for f, v in pairs)
+            + "    print('held', flush=True)\n    sys.stdin.read()\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    if holder.stdout.readline().strip() != "held":
+        raise RuntimeError("the process that should hold the busy run did not start")
+    _HOLDERS.append(holder)  # (kept referenced: its stdin must stay open)
+
+
+_HOLDERS: list = []
 
 
 def snapshot(*folders: Path) -> dict[str, tuple[int, int]]:

@@ -381,3 +381,31 @@ def test_holding_a_run_reads_the_manifest_another_process_wrote(run_dir):
     assert again.manifest["stages"]["eval"]["status"] == "done"
     assert again.manifest["stages"]["label"]["status"] == "done"
     assert again.manifest["stages"]["eval"]["started"] == other.manifest["stages"]["eval"]["started"]
+
+
+def test_a_second_harvest_into_a_busy_cache_is_refused_and_a_new_one_leaves_no_folder(tiny_gemma_dir, tmp_path):
+    """An activation cache is held the same way (`fsio.exclusive`): a second harvest into it is refused in one
+    line with the cache untouched; a refused harvest into a new folder leaves no folder behind."""
+    from atlas_run import write_corpus
+
+    from saescope.errors import SaescopeError
+    from saescope.fsio import exclusive
+
+    corpus = write_corpus(tmp_path / "corpus")
+    cache = tmp_path / "cache"
+    args = ["harvest", "--model", str(tiny_gemma_dir), "--corpus", str(corpus), "--layers", "0", "--tokens", "100",
+            "--ctx-len", "32", "--out", str(cache)]
+    first = _cli(*args)
+    assert first.returncode == 0, first.stderr
+    files = {p: p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file() and p.name != ".lock"}
+    with exclusive(cache, "harvest", kind="cache"):
+        res = _cli(*args)
+    assert res.returncode != 0
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "cache" in lines[0] and "is busy: saescope harvest (pid" in lines[0], res.stderr
+    assert {p: p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file() and p.name != ".lock"} == files
+    new = tmp_path / "new-cache"
+    with pytest.raises(SaescopeError, match="not a cache folder|is a file"), exclusive(new, "harvest"):
+        raise SaescopeError(f"{new} is a file, not a cache folder")  # any refusal inside the held block
+    assert not new.exists()
+    assert _cli(*args).returncode == 0

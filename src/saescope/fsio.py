@@ -1,4 +1,5 @@
-"""Atomic file writes: a file is either the old version or the complete new one.
+"""Atomic file writes: a file is either the old version or the complete new one; and one
+writing process per folder (`exclusive`).
 
 Every single-file writer in saescope goes through here, so a killed process or a full
 disk never leaves a half-written file under a real name. Folders written as a whole (an
@@ -13,10 +14,58 @@ import errno
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import SaescopeError
+
+LOCK = ".lock"
+_HELD: set[str] = set()  # the folders this process holds (`exclusive` is re-entrant within a process)
+
+
+@contextlib.contextmanager
+def exclusive(folder: str | os.PathLike, what: str, kind: str = "folder") -> Iterator[None]:
+    """Hold `folder` (a run, an activation cache) for writing while the block runs; `what` (the verb) is shown to
+    a process that is refused, `kind` names the folder in that message. One process at a time: two analyses of
+    one run deleted and inserted each other's rows, two harvests into one cache would number their shards alike.
+    An OS lock (flock) on FOLDER/.lock: a killed holder releases it with its last file descriptor, so no stale
+    lock is ever left behind. Re-entrant within a process. Where no lock can be taken (a read-only folder; no
+    fcntl, as on Windows) the block runs unguarded, and the write that follows says why it fails, if it does."""
+    folder = Path(folder)
+    key = str((folder / LOCK).resolve())
+    if key in _HELD:
+        yield
+        return
+    created = not folder.exists()
+    try:
+        import fcntl
+
+        folder.mkdir(exist_ok=True)  # (not its parents: a refused command must leave no new folder)
+        fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 300, 0).decode("utf-8", "replace").strip() or "another saescope process"
+            raise SaescopeError(f"{kind} {folder} is busy: {holder} is writing it; wait for it to finish (or stop "
+                                "it), then try again") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"saescope {what} (pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})".encode(), 0)
+        _HELD.add(key)
+        try:
+            yield
+        finally:
+            _HELD.discard(key)
+    finally:
+        os.close(fd)  # (releases the lock)
+        if created and [p.name for p in folder.iterdir()] == [LOCK]:  # a refused command leaves no new folder
+            with contextlib.suppress(OSError):
+                (folder / LOCK).unlink()
+                folder.rmdir()
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ from .corpus import Corpus
 from .distributed import World, exchanged, launched, one_process, owner_of, shard, synced
 from .endtoend import end_to_end
 from .errors import SaescopeError
+from .fsio import exclusive
 from .harvest import harvest
 from .models import DEFAULT_MODEL, SITE_KINDS, LoadedModel, load_model, local_ref
 from .runs import Run
@@ -70,7 +71,7 @@ def harvest_to_cache(out: str | Path, *, model: str = DEFAULT_MODEL, corpus: str
                      dtype: str = "float32", part: str = "train", lm: LoadedModel | None = None,
                      progress: bool = True) -> dict:
     """Cache activations at every requested site; resumes an interrupted cache in `out`."""
-    from .store import ActivationCache, CacheWriter
+    from .store import ActivationCache
 
     one_process("harvest")
     if tokens < 1:
@@ -84,6 +85,15 @@ def harvest_to_cache(out: str | Path, *, model: str = DEFAULT_MODEL, corpus: str
     corp.check(part)
     identity = {"model": model, "corpus": corp.describe()["source"], "part": part, "ctx_len": ctx_len,
                 "batch_size": batch_size, "tokens": tokens}
+    with exclusive(out, "harvest", kind="cache"):  # (two harvests into one folder would number shards alike)
+        _fill_cache(out, lm, corp, site_objs, identity, tokens, part, ctx_len, batch_size, dtype, progress)
+    cache = ActivationCache.open(out)
+    return {"folder": str(out), "tokens": cache.n_tokens, "sites": cache.sites, "dtype": cache.dtype}
+
+
+def _fill_cache(out, lm, corp, site_objs, identity, tokens, part, ctx_len, batch_size, dtype, progress) -> None:
+    from .store import CacheWriter
+
     writer = CacheWriter(out, {s.key: s.width for s in site_objs}, dtype=dtype, meta={"identity": identity})
     if writer.complete:
         log.info("cache %s is already complete", out)
@@ -102,8 +112,6 @@ def harvest_to_cache(out: str | Path, *, model: str = DEFAULT_MODEL, corpus: str
                         f"the corpus has only {writer.tokens_done + n:,} {part} tokens (asked for {tokens:,}): "
                         "use --tokens with a smaller number or a larger corpus"
                     )
-    cache = ActivationCache.open(out)
-    return {"folder": str(out), "tokens": cache.n_tokens, "sites": cache.sites, "dtype": cache.dtype}
 
 
 def sae_configs(lm: LoadedModel, model: str, sites: list[str], layers: list[int], widths: list[int],

@@ -7,8 +7,8 @@
 Stages are marked running → done (or failed) in the manifest, written atomically,
 so a stage that did not finish never looks finished and `saescope run` can skip
 what is done. A stage holds the run for writing (`Run.exclusive`, an OS file lock on
-RUN/.lock): a second process that would write the same run is refused in one line
-instead of interleaving its rows with the first one's.
+RUN/.lock, `fsio.exclusive`): a second process that would write the same run is refused
+in one line instead of interleaving its rows with the first one's.
 """
 
 from __future__ import annotations
@@ -22,12 +22,10 @@ from functools import cached_property
 from pathlib import Path
 
 from .errors import SaescopeError
-from .fsio import read_json, write_json
+from .fsio import exclusive, read_json, write_json
 
 MANIFEST = "manifest.json"
-LOCK = ".lock"
 STAGES = ("train", "eval", "analyze", "label")
-_HELD: set[str] = set()  # the runs this process holds (`Run.exclusive` is re-entrant within a process)
 
 
 def _versions() -> dict:
@@ -122,43 +120,14 @@ class Run:
 
     @contextlib.contextmanager
     def exclusive(self, what: str):
-        """Hold the run for writing (`what`: the stage or verb, shown to a process that is refused). One process
-        at a time: two analyses of one run deleted and inserted each other's rows (a raw UNIQUE-constraint
+        """Hold the run for writing (`fsio.exclusive`; `what`: the stage or verb, shown to a process that is
+        refused): two analyses of one run deleted and inserted each other's rows (a raw UNIQUE-constraint
         traceback, or examples of both mixed in one atlas), and two processes saving the manifest lost each
-        other's stage records. An OS lock (flock) on RUN/.lock: a killed holder releases it with its last file
-        descriptor, so no stale lock is ever left behind. Re-entrant within a process; the manifest is re-read
-        once held (another process may have changed it since this one opened the run). Where no lock can be
-        taken (a read-only folder; no fcntl, as on Windows) the work goes on unguarded, and a write says why."""
-        path = self.root / LOCK
-        key = str(path.resolve())
-        if key in _HELD:
+        other's stage records. Once held, the manifest is re-read: another process may have changed it since
+        this one opened the run."""
+        with exclusive(self.root, what, kind="run"):
+            self.manifest = read_json(self.root / MANIFEST, what="run manifest")
             yield
-            return
-        try:
-            import fcntl
-
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except (ImportError, OSError):
-            yield
-            return
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 300, 0).decode("utf-8", "replace").strip() or "another saescope process"
-                raise SaescopeError(f"run {self.root} is busy: {holder} is writing it; wait for it to finish (or "
-                                    "stop it), then try again") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"saescope {what} (pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})"
-                      .encode(), 0)
-            _HELD.add(key)
-            try:
-                self.manifest = read_json(self.root / MANIFEST, what="run manifest")
-                yield
-            finally:
-                _HELD.discard(key)
-        finally:
-            os.close(fd)  # (releases the lock)
 
     def reopen_stage(self, name: str, reason: str) -> bool:
         """Mark stage `name` pending again because its inputs changed; False when it already was."""

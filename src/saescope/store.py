@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 from .errors import SaescopeError
-from .fsio import read_json, write_json
+from .fsio import LOCK, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class CacheWriter:
         else:
             if self.folder.exists() and not self.folder.is_dir():
                 raise SaescopeError(f"{self.folder} is a file, not a cache folder: choose another --out")
-            if self.folder.exists() and any(self.folder.iterdir()):
+            if self.folder.exists() and any(p.name != LOCK for p in self.folder.iterdir()):  # (.lock: its holder)
                 raise SaescopeError(
                     f"{self.folder} holds another run (files, but no activation cache {MANIFEST}): "
                     "choose a new --out or delete it"
