@@ -176,6 +176,9 @@ def profile_steps(mt, sites, x, dev, steps: int = 2) -> list[str]:
     return table.splitlines()
 
 
+EXTRA_HELD: dict[str, dict[str, torch.Tensor]] = {}  # --heldout-extra samples, by name
+
+
 def heldout_acts(lm, ctxs, sites) -> dict[str, torch.Tensor]:
     acts: dict[str, list] = {s.key: [] for s in sites}
     for b in harvest(lm, iter(ctxs), sites, batch_size=8, progress=False):
@@ -232,6 +235,8 @@ def train_live(lm, ctxs, sites, arch: str, tokens: int, width: int, l0: float, b
            "graph_off": sorted({t.graph_off for t in trainer.trainers if t.graph_off})}
     saes = {t.cfg.layer: t.export() for t in trainer.trainers if not t.failed}
     out["heldout"] = held_out(saes, held, lm.device)
+    for name, acts in EXTRA_HELD.items():  # --heldout-extra: other held-out samples, the same SAEs
+        out[f"heldout_{name}"] = held_out(saes, acts, lm.device)
     # the training batches' L0 (EMA of the last ~10 steps) and the controller's λ, per layer: against held-out L0
     out["train_l0"] = {t.cfg.layer: round(t.ema["l0"], 2) for t in trainer.trainers if not t.failed}
     out["log_lambda"] = {t.cfg.layer: round(t.log_lambda, 3) for t in trainer.trainers if not t.failed}
@@ -318,6 +323,10 @@ def run(args) -> None:
              ("train_step_only", lambda: step_rates(lm, sites, args.width, args.l0, args.batch))]
     held = heldout_acts(lm, held_tok.astype(np.int64).tolist(), sites)
     RESULTS["heldout_tokens"] = int(next(iter(held.values())).shape[0])
+    for path in filter(None, (args.heldout_extra or "").split(",")):
+        name = Path(path).stem.removeprefix("tokens-heldout-")
+        EXTRA_HELD[name] = heldout_acts(lm, np.load(path)["tokens"].astype(np.int64).tolist(), sites)
+        RESULTS[f"heldout_{name}_tokens"] = int(next(iter(EXTRA_HELD[name].values())).shape[0])
     train_ctx = contexts(train_tok, args.train_tokens * 11 // 10)
     for i, run_name in enumerate(args.archs.split(",")):  # e.g. jump_relu, jump_relu+bf16, batchtopk+bf16
         arch, *opts = run_name.split("+")
@@ -413,8 +422,8 @@ def summary(r: dict) -> str:
     parts = [f"{k} {r[k]}" for k in keys if k in r]
     if "decoder" in r or "jump_relu_fused" in r:
         parts = [f"{k} {v.get('tok_s')} tok/s" for k, v in r.items() if isinstance(v, dict) and "tok_s" in v]
-    if "heldout" in r:
-        parts.append(f"held-out FVU {r['heldout']['mean_fvu']} L0 {r['heldout']['mean_l0']}")
+    for key in [k for k in r if k.startswith("heldout") and isinstance(r[k], dict)]:
+        parts.append(f"{key} FVU {r[key]['mean_fvu']} L0 {r[key]['mean_l0']}")
     if r.get("train_l0"):
         parts.append(f"train-batch L0 mean {np.mean(list(r['train_l0'].values())):.1f}")
     if "timing" in r:
@@ -448,6 +457,9 @@ def main() -> None:
     ap.add_argument("--sparsify-batch", type=int, default=32, help="sparsify's batch, in contexts (its default).")
     ap.add_argument("--deadline-s", type=float, default=1e9, help="Start no phase after this many seconds.")
     ap.add_argument("--only", default=None, help="Comma-separated phases to run.")
+    ap.add_argument("--heldout-extra", default=None,
+                    help="Comma-separated token files (.npz, as gpu_prepare.py writes) of further held-out samples: "
+                         "each live run's SAEs are measured on them too (heldout_NAME).")
     args = ap.parse_args()
     if not torch.cuda.is_available() and not args.allow_cpu:
         print("bench/gpu.py: skipped: torch sees no CUDA GPU on this machine (run it on one; --allow-cpu checks "
