@@ -176,9 +176,6 @@ def profile_steps(mt, sites, x, dev, steps: int = 2) -> list[str]:
     return table.splitlines()
 
 
-EXTRA_HELD: dict[str, dict[str, torch.Tensor]] = {}  # --heldout-extra samples, by name
-
-
 def heldout_acts(lm, ctxs, sites) -> dict[str, torch.Tensor]:
     acts: dict[str, list] = {s.key: [] for s in sites}
     for b in harvest(lm, iter(ctxs), sites, batch_size=8, progress=False):
@@ -219,7 +216,7 @@ class Clock:
 
 
 def train_live(lm, ctxs, sites, arch: str, tokens: int, width: int, l0: float, batch: int, hbatch: int,
-               held, **settings) -> dict:
+               held_sets: dict[str, dict[str, torch.Tensor]], **settings) -> dict:
     cfgs = sae_configs(lm, "gemma-3-270m", ["resid_post"], [s.layer for s in sites], [width], [l0], arch)
     reset_peak(lm.device)
     t0 = time.perf_counter()
@@ -234,9 +231,8 @@ def train_live(lm, ctxs, sites, arch: str, tokens: int, width: int, l0: float, b
            "graphs": sum(len(t._graphs) for t in trainer.trainers),
            "graph_off": sorted({t.graph_off for t in trainer.trainers if t.graph_off})}
     saes = {t.cfg.layer: t.export() for t in trainer.trainers if not t.failed}
-    out["heldout"] = held_out(saes, held, lm.device)
-    for name, acts in EXTRA_HELD.items():  # --heldout-extra: other held-out samples, the same SAEs
-        out[f"heldout_{name}"] = held_out(saes, acts, lm.device)
+    for name, acts in held_sets.items():  # "heldout", then each --heldout-extra sample ("heldout_NAME")
+        out[name] = held_out(saes, acts, lm.device)
     # the training batches' L0 (EMA of the last ~10 steps) and the controller's λ, per layer: against held-out L0
     out["train_l0"] = {t.cfg.layer: round(t.ema["l0"], 2) for t in trainer.trainers if not t.failed}
     out["log_lambda"] = {t.cfg.layer: round(t.log_lambda, 3) for t in trainer.trainers if not t.failed}
@@ -321,12 +317,12 @@ def run(args) -> None:
     steps = [("forward", lambda: bare_forward(lm, fwd_ctx, args.harvest_batch)),
              ("harvest", lambda: harvest_rate(lm, fwd_ctx, sites, args.harvest_batch)),
              ("train_step_only", lambda: step_rates(lm, sites, args.width, args.l0, args.batch))]
-    held = heldout_acts(lm, held_tok.astype(np.int64).tolist(), sites)
-    RESULTS["heldout_tokens"] = int(next(iter(held.values())).shape[0])
-    for path in filter(None, (args.heldout_extra or "").split(",")):
-        name = Path(path).stem.removeprefix("tokens-heldout-")
-        EXTRA_HELD[name] = heldout_acts(lm, np.load(path)["tokens"].astype(np.int64).tolist(), sites)
-        RESULTS[f"heldout_{name}_tokens"] = int(next(iter(EXTRA_HELD[name].values())).shape[0])
+    samples = {"heldout": held_tok} | {f"heldout_{Path(p).stem.removeprefix('tokens-heldout-')}": np.load(p)["tokens"]
+                                         for p in filter(None, (args.heldout_extra or "").split(","))}
+    held_all = {name: heldout_acts(lm, tok.astype(np.int64).tolist(), sites) for name, tok in samples.items()}
+    for name, acts in held_all.items():
+        RESULTS[f"{name}_tokens"] = int(next(iter(acts.values())).shape[0])
+    held = held_all["heldout"]
     train_ctx = contexts(train_tok, args.train_tokens * 11 // 10)
     for i, run_name in enumerate(args.archs.split(",")):  # e.g. jump_relu, jump_relu+bf16, batchtopk+bf16
         arch, *opts = run_name.split("+")
@@ -340,7 +336,7 @@ def run(args) -> None:
                 settings[name] = type(getattr(TrainConfig, name))(float(value))
         batch = args.batch * (2 if "2x" in opts else 1)
         steps.append((f"train_{run_name}", lambda arch=arch, settings=settings, batch=batch, hbatch=hbatch: train_live(
-            lm, train_ctx, sites, arch, args.train_tokens, args.width, args.l0, batch, hbatch, held, **settings)))
+            lm, train_ctx, sites, arch, args.train_tokens, args.width, args.l0, batch, hbatch, held_all, **settings)))
         if i == 0 and args.sparsify_python:  # right after ours, before the other runs
             steps.append(("sparsify", lambda: sparsify(args, lm_folder(args.model),
                                                        write_train_file(args, train_tok), layers, args.train_tokens,

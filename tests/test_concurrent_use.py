@@ -409,3 +409,32 @@ def test_a_second_harvest_into_a_busy_cache_is_refused_and_a_new_one_leaves_no_f
         raise SaescopeError(f"{new} is a file, not a cache folder")  # any refusal inside the held block
     assert not new.exists()
     assert _cli(*args).returncode == 0
+
+
+def test_the_server_writes_while_label_auto_holds_the_run(atlas_dir, run_dir, tmp_path):
+    """The run's lock is for writers of whole stages: the web app, which keeps features.sqlite open and saves hand
+    labels, never takes it, so its saves land while `label auto` (which holds the run) relabels the atlas, and
+    label auto's own labels come out as an uninterrupted run's."""
+    uninterrupted = _offline_labels(atlas_dir)
+    conn = sqlite3.connect(run_dir / "features.sqlite", isolation_level=None)
+    conn.execute("DELETE FROM scores")
+    conn.execute("DELETE FROM labels WHERE source = 'offline'")
+    conn.close()
+    sae = "resid_post/layer_0_width_32_l0_4"
+    server = Server(run_dir, tmp_path / "serve.log")
+    try:
+        auto = subprocess.Popen([sys.executable, "-m", "saescope.cli", "label", "auto", str(run_dir)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        saved = 0
+        while saved < 5 or auto.poll() is None:
+            status, _ = server.post(f"/api/feature/{sae}/{saved % 8}/label", {"text": f"web label {saved}"})
+            assert status == 200, (tmp_path / "serve.log").read_text()[-2000:]
+            saved += 1
+        assert auto.returncode == 0, auto.stderr.read()
+        for i in range(saved - 8, saved):  # the last label saved on each feature is its current one
+            if i >= 0:
+                labels = server.get(f"/api/feature/{sae}/{i % 8}")[1]["labels"]
+                assert f"web label {i}" in [lab["text"] for lab in labels if lab["source"] == "human"]
+    finally:
+        server.stop()
+    assert _offline_labels(run_dir) == uninterrupted

@@ -71,7 +71,7 @@ def harvest_to_cache(out: str | Path, *, model: str = DEFAULT_MODEL, corpus: str
                      dtype: str = "float32", part: str = "train", lm: LoadedModel | None = None,
                      progress: bool = True) -> dict:
     """Cache activations at every requested site; resumes an interrupted cache in `out`."""
-    from .store import ActivationCache
+    from .store import ActivationCache, CacheWriter
 
     one_process("harvest")
     if tokens < 1:
@@ -86,32 +86,26 @@ def harvest_to_cache(out: str | Path, *, model: str = DEFAULT_MODEL, corpus: str
     identity = {"model": model, "corpus": corp.describe()["source"], "part": part, "ctx_len": ctx_len,
                 "batch_size": batch_size, "tokens": tokens}
     with exclusive(out, "harvest", kind="cache"):  # (two harvests into one folder would number shards alike)
-        _fill_cache(out, lm, corp, site_objs, identity, tokens, part, ctx_len, batch_size, dtype, progress)
+        writer = CacheWriter(out, {s.key: s.width for s in site_objs}, dtype=dtype, meta={"identity": identity})
+        if writer.complete:
+            log.info("cache %s is already complete", out)
+        else:
+            with writer:
+                remaining = tokens - writer.tokens_done
+                if remaining > 0:
+                    stream = corp.contexts(lm.tokenizer, part=part, ctx_len=ctx_len)
+                    n = 0
+                    for batch in harvest(lm, stream, site_objs, batch_size=batch_size, max_tokens=remaining,
+                                         skip_contexts=writer.contexts_done, progress=progress):
+                        writer.add(batch)
+                        n += len(batch.token_ids)
+                    if n < remaining:
+                        raise SaescopeError(
+                            f"the corpus has only {writer.tokens_done + n:,} {part} tokens (asked for {tokens:,}): "
+                            "use --tokens with a smaller number or a larger corpus"
+                        )
     cache = ActivationCache.open(out)
     return {"folder": str(out), "tokens": cache.n_tokens, "sites": cache.sites, "dtype": cache.dtype}
-
-
-def _fill_cache(out, lm, corp, site_objs, identity, tokens, part, ctx_len, batch_size, dtype, progress) -> None:
-    from .store import CacheWriter
-
-    writer = CacheWriter(out, {s.key: s.width for s in site_objs}, dtype=dtype, meta={"identity": identity})
-    if writer.complete:
-        log.info("cache %s is already complete", out)
-    else:
-        with writer:
-            remaining = tokens - writer.tokens_done
-            if remaining > 0:
-                stream = corp.contexts(lm.tokenizer, part=part, ctx_len=ctx_len)
-                n = 0
-                for batch in harvest(lm, stream, site_objs, batch_size=batch_size, max_tokens=remaining,
-                                     skip_contexts=writer.contexts_done, progress=progress):
-                    writer.add(batch)
-                    n += len(batch.token_ids)
-                if n < remaining:
-                    raise SaescopeError(
-                        f"the corpus has only {writer.tokens_done + n:,} {part} tokens (asked for {tokens:,}): "
-                        "use --tokens with a smaller number or a larger corpus"
-                    )
 
 
 def sae_configs(lm: LoadedModel, model: str, sites: list[str], layers: list[int], widths: list[int],
