@@ -46,7 +46,7 @@ def _write_corpus(folder, n_docs=80, seed=0):
 def _build_run(root, model_dir, lm, sae_sites=SAE_SITES) -> Run:
     corpus = _write_corpus(root / "corpus")
     run = Run.create(root / "run", model=str(model_dir),
-                     corpus={"source": str(corpus), "heldout_fraction": 0.5, "seed": 0},
+                     corpus={"source": str(corpus), "heldout_fraction": 0.5, "seed": 0, "order": "shuffled"},
                      config={"ctx_len": CTX_LEN})
     # thresholds from training-part activations: feature i fires on a fraction from ~0.5 to ~0.002
     ctxs = list(Corpus(str(corpus), 0.5, 0).contexts(lm.tokenizer, part="train", ctx_len=CTX_LEN))[:16]
@@ -94,9 +94,9 @@ def test_analyze_takes_a_run_or_its_folder(analysed, tmp_path):
 def _brute(run, lm, report):
     """Codes of every analysed held-out token, recomputed directly: sae_id -> (codes (n, w), ctx, pos),
     and the analysed contexts."""
-    c = run.manifest["corpus"]
+    c = run.manifest["corpus"]  # the held-out passages, one of every document first
     ctxs = list(Corpus(c["source"], c["heldout_fraction"], c["seed"]).contexts(lm.tokenizer, part="heldout",
-                                                                               ctx_len=CTX_LEN))
+                                                                               ctx_len=CTX_LEN, spread=True))
     ctxs = ctxs[: report.n_contexts]
     ids = torch.tensor(ctxs)
     keep = keep_mask(lm, ids)

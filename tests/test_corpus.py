@@ -13,7 +13,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from saescope import corpus as corpus_mod
-from saescope.corpus import Corpus, Document, detokenize_brown, is_heldout
+from saescope.corpus import (
+    Corpus,
+    Document,
+    detokenize_brown,
+    is_heldout,
+    passages,
+    shuffled_passages,
+    spread_passages,
+)
 from saescope.errors import SaescopeError
 
 SENTENCES = [
@@ -335,10 +343,68 @@ def _stream(tokenizer, docs):
     return out
 
 
+def test_shuffled_contexts_pack_every_passage_once_in_a_seeded_order(tmp_path, tokenizer):
+    texts = [f"Document {i}. " + " ".join(SENTENCES[i % 6 :] + SENTENCES[: i % 6]) * (1 + 3 * (i % 4)) for i in range(40)]
+    c = Corpus(str(_write_jsonl(tmp_path / "d.jsonl", texts)), heldout_fraction=0.2, seed=3)
+    assert c.order == "shuffled" and c.describe()["order"] == "shuffled"
+    pieces = list(shuffled_passages(c.documents("train"), "3:train"))
+    in_order = [p for d in c.documents("train") for p in passages(d)]
+    # every passage exactly once, not in the stored order, and the same order again
+    assert sorted(p.id for p in pieces) == sorted(p.id for p in in_order) and len(pieces) > len(list(c.documents("train")))
+    assert [p.id for p in pieces] != [p.id for p in in_order]
+    assert pieces == list(shuffled_passages(c.documents("train"), "3:train"))
+    assert [p.id for p in pieces] != [p.id for p in shuffled_passages(c.documents("train"), "4:train")]
+    # the contexts are exactly that stream packed; the held-out part mixes only held-out passages
+    ctxs = list(c.contexts(tokenizer, part="train", ctx_len=16))
+    bodies = [t for x in ctxs for t in x[1:]]
+    stream = _stream(tokenizer, pieces)
+    assert bodies[: len(stream)] == stream
+    held_ids = {p.id.split("#")[0] for p in shuffled_passages(c.documents("heldout"), "3:heldout")}
+    assert held_ids == {d.id for d in c.documents("heldout")}
+    # a window smaller than the source still yields every passage once, in another order
+    windowed = list(shuffled_passages(c.documents("train"), "3:train", buffer=5))
+    assert sorted(p.id for p in windowed) == sorted(p.id for p in in_order) and windowed != pieces
+
+
+def test_spread_contexts_read_one_passage_of_every_document_first(tmp_path, tokenizer):
+    texts = [f"Document {i}. " + " ".join(SENTENCES) * (1 + 4 * (i % 3)) for i in range(30)]
+    c = Corpus(str(_write_jsonl(tmp_path / "d.jsonl", texts)), heldout_fraction=0.0, seed=1)
+    pieces = list(spread_passages(c.documents("train"), "1:train"))
+    ranks = [int(p.id.split("#")[1]) if "#" in p.id else 0 for p in pieces]
+    assert ranks == sorted(ranks) and max(ranks) > 0  # every first passage before any second one
+    firsts = [p.id for p, k in zip(pieces, ranks) if k == 0]
+    assert len(firsts) == 30 and firsts != [d.id for d in c.documents("train")]  # in a seeded random order
+    in_order = [p for d in c.documents("train") for p in passages(d)]
+    assert sorted(p.id for p in pieces) == sorted(p.id for p in in_order)
+    assert pieces == list(spread_passages(c.documents("train"), "1:train"))
+    ctxs = list(c.contexts(tokenizer, part="train", ctx_len=16, spread=True))
+    assert [t for x in ctxs for t in x[1:]][: len(stream := _stream(tokenizer, pieces))] == stream
+    # a source-order corpus ignores it (runs made before the shuffle analyse what they analysed)
+    src = Corpus(c.source, heldout_fraction=0.0, seed=1, order="source")
+    assert list(src.contexts(tokenizer, part="train", ctx_len=16, spread=True)) == list(
+        src.contexts(tokenizer, part="train", ctx_len=16))
+
+
+@pytest.mark.parametrize("text", ["", "one short line", "x" * 2500, "a b " * 700, "Line one.\n" * 300,
+                                  "Sentence here. " * 200, "ünï ".join(["word"] * 600)])
+def test_passages_join_back_and_respect_the_limit(text):
+    pieces = list(passages(Document("d", text), max_chars=100))
+    assert all(len(p.text) <= 100 for p in pieces)
+    assert "".join(p.text for p in pieces) == text
+    assert [p.id for p in pieces] == [f"d#{k}" if k else "d" for k in range(len(pieces))]
+    if len(text) > 100 and " " in text:
+        assert all(p.text.endswith((" ", "\n")) for p in pieces[:-1])  # cut at a boundary, never in a word
+
+
+def test_unknown_order_is_one_line():
+    with pytest.raises(SaescopeError, match="unknown corpus order 'random'"):
+        Corpus("default", order="random")
+
+
 @pytest.mark.parametrize("ctx_len", [2, 7, 16, 64])
 def test_contexts_reproduce_the_token_stream(tmp_path, tokenizer, ctx_len):
     texts = [" ".join(SENTENCES[i % 6 :] + SENTENCES[: i % 6])[: 20 + 37 * i] for i in range(12)]
-    c = Corpus(str(_write_jsonl(tmp_path / "d.jsonl", texts)), heldout_fraction=0.25, seed=3)
+    c = Corpus(str(_write_jsonl(tmp_path / "d.jsonl", texts)), heldout_fraction=0.25, seed=3, order="source")
     stream = _stream(tokenizer, list(c.documents("train")))
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     assert len({bos, eos, pad}) == 3
@@ -384,9 +450,13 @@ def test_contexts_stream_documents_lazily(tmp_path, tokenizer, monkeypatch):
             yield doc
 
     monkeypatch.setattr(Corpus, "_documents", counting)
-    first = next(c.contexts(tokenizer, ctx_len=8, batch_docs=4))
+    first = next(Corpus(c.source, heldout_fraction=0, order="source").contexts(tokenizer, ctx_len=8, batch_docs=4))
     assert len(first) == 8
     assert len(pulled) == 4  # one batch of documents, not the whole corpus
+    pulled.clear()
+    monkeypatch.setattr(corpus_mod, "SHUFFLE_PASSAGES", 20)  # shuffled: the window, then one batch
+    assert len(next(c.contexts(tokenizer, ctx_len=8, batch_docs=4))) == 8
+    assert len(pulled) == 20 + 4
 
 
 def test_contexts_reject_short_ctx_len(tmp_path, tokenizer):
@@ -410,3 +480,16 @@ def test_detokenize_brown_sample():
         "Was it 'fair'?\n\n"
         "It cost $5 -- 1/2 of it; then Jr."
     )
+
+
+def test_a_run_keeps_the_order_it_was_made_with(tmp_path):
+    from saescope.runs import Run
+
+    assert Run.corpus_order(tmp_path / "new") == "shuffled"  # no run yet: the shuffle
+    old = Run.create(tmp_path / "old", model="m", corpus={"source": "default", "seed": 0}, config={})
+    assert Run.corpus_order(old.root) == "source" and old.corpus().order == "source"  # made before the shuffle
+    Run.create(old.root, model="m", corpus={"source": "default", "seed": 0, "order": "source"}, config={})
+    with pytest.raises(SaescopeError, match="holds another run \\(its corpus differs\\)"):
+        Run.create(old.root, model="m", corpus={"source": "default", "seed": 0, "order": "shuffled"}, config={})
+    new = Run.create(tmp_path / "new", model="m", corpus={"source": "default", "order": "shuffled"}, config={})
+    assert Run.corpus_order(new.root) == "shuffled" and new.corpus().order == "shuffled"

@@ -36,7 +36,8 @@ def test_fresh_windows_hold_exact_activations_of_unread_text(run):
     assert fresh.ids.shape[1] == width and fresh.max_acts[sae_id].shape == (len(fresh.ids), 32)
     # Reference: the first fresh context is the held-out context right after the analysed ones.
     lm = run.model
-    stream = run.corpus().contexts(lm.tokenizer, part="heldout", ctx_len=meta["ctx_len"])
+    assert meta["spread"] is True  # a run made now: its held-out passages, one of every document first
+    stream = run.corpus().contexts(lm.tokenizer, part="heldout", ctx_len=meta["ctx_len"], spread=True)
     contexts = [c for _, c in zip(range(meta["n_contexts"] + 1), stream)]
     first = torch.tensor([contexts[meta["n_contexts"]]])
     analysed = {tuple(c) for c in contexts[: meta["n_contexts"]]}

@@ -47,7 +47,9 @@ kept until the end (a few bytes per token).
 Example fields (featuredb.Example): `max_act` is the activation at the
 example's centre token (the context maximum for top, the sampled token for
 quantile, 0 for random), `pos` that token's position inside the window, `ctx`
-the index of the context in the held-out stream (`Corpus.contexts(part="heldout")`).
+the index of the context in the held-out stream (`Corpus.contexts(part="heldout", spread=True)`: one passage
+of as many documents as possible, so that a few thousand tokens show the source's range of topics; label
+detection reads the contexts after the analysed ones from the same stream).
 
 Resumable: SAEs whose status is 'done' in features.sqlite are skipped (unless
 `force`); the others are restarted cleanly (`FeatureDB.begin_sae` clears them).
@@ -157,7 +159,7 @@ def analyze(run: Run | str | os.PathLike, n_tokens: int = 16_384, *, top_k: int 
                  for i, s in models.items()}
         contexts = _ContextStore()
         t0 = time.perf_counter()
-        stream = corpus.contexts(lm.tokenizer, part="heldout", ctx_len=ctx_len)
+        stream = corpus.contexts(lm.tokenizer, part="heldout", ctx_len=ctx_len, spread=True)  # most documents
         _pass(lm, stream, models, site_objs, atlas, contexts, report, n_tokens=n_tokens, batch_size=batch_size,
               before=before, window=width_w, seed=seed, progress=progress)
         report.seconds_pass = time.perf_counter() - t0
@@ -172,7 +174,7 @@ def analyze(run: Run | str | os.PathLike, n_tokens: int = 16_384, *, top_k: int 
         db.set_meta("analysis", {"n_tokens": report.n_tokens, "n_contexts": report.n_contexts, "ctx_len": ctx_len,
                                  "top_k": top_k, "n_quantiles": n_quantiles, "per_quantile": per_quantile,
                                  "n_random": n_random, "window": [before, after], "n_logits": n_logits,
-                                 "part": "heldout", "seed": seed})
+                                 "part": "heldout", "spread": corpus.order == "shuffled", "seed": seed})
         report.seconds_write = time.perf_counter() - t1
     return report
 

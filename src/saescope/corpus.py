@@ -24,7 +24,15 @@ side when others are added. Documents come in a deterministic order.
 
 `Corpus.contexts` packs the tokenised documents of one part into contexts of
 exactly ``ctx_len`` tokens, streaming: ``[BOS] + ctx_len-1`` tokens of the
-stream ``doc₁ EOS doc₂ EOS … docₙ``; the last context is padded.
+stream ``doc₁ EOS doc₂ EOS … docₙ``; the last context is padded. With
+``order="shuffled"`` (the default) the stream is made of *passages* (documents
+cut at paragraph or sentence ends into pieces of at most `PASSAGE_CHARS`
+characters) in a seeded random order, so that any prefix of the stream mixes
+the whole source: a source read in its stored order would train the default
+run's 100k tokens on Wikipedia articles "0" to "Bathtub" alone. The shuffle
+holds up to `SHUFFLE_PASSAGES` passages (the whole default corpus; a larger
+source is shuffled within a window of that many). ``order="source"`` keeps the
+stored order (runs made before the shuffle record no order and keep it).
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import itertools
 import json
 import logging
 import os
+import random
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -46,6 +55,9 @@ from .errors import SaescopeError
 log = logging.getLogger(__name__)
 
 PARTS = ("all", "train", "heldout")
+ORDERS = ("shuffled", "source")
+PASSAGE_CHARS = 1024  # longest passage of the shuffled order (~230 Gemma tokens of English prose)
+SHUFFLE_PASSAGES = 100_000  # passages the shuffle holds (≤ ~100 MB of text): a larger source shuffles in a window
 TEXT_SUFFIXES = (".txt", ".md")
 RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
 SUFFIXES = TEXT_SUFFIXES + RECORD_SUFFIXES
@@ -78,11 +90,15 @@ def is_heldout(doc_id: str, fraction: float, seed: int = 0) -> bool:
 class Corpus:
     """Documents from one source, split into train and held-out parts by id."""
 
-    def __init__(self, source: str = "default", heldout_fraction: float = 0.05, seed: int = 0):
+    def __init__(self, source: str = "default", heldout_fraction: float = 0.05, seed: int = 0,
+                 order: str = "shuffled"):
         if not 0.0 <= heldout_fraction < 1.0:
             raise SaescopeError(
                 f"heldout_fraction must be in [0, 1), not {heldout_fraction}: e.g. 0.05 holds out 5% of documents"
             )
+        if order not in ORDERS:
+            raise SaescopeError(f"unknown corpus order '{order}': use one of {', '.join(ORDERS)}")
+        self.order = order
         self.source = str(source)
         self.heldout_fraction = float(heldout_fraction)
         self.seed = int(seed)
@@ -272,7 +288,7 @@ class Corpus:
     # ---- contexts --------------------------------------------------------
 
     def contexts(
-        self, tokenizer, part: str = "train", ctx_len: int = 256, batch_docs: int = 64
+        self, tokenizer, part: str = "train", ctx_len: int = 256, batch_docs: int = 64, spread: bool = False
     ) -> Iterator[list[int]]:
         """Token contexts of exactly `ctx_len`: ``[BOS] + ctx_len-1`` tokens of the document stream.
 
@@ -293,6 +309,8 @@ class Corpus:
                 "the tokenizer has neither an EOS nor a BOS token: set tokenizer.eos_token before packing contexts"
             )
         docs = self.documents(part)  # validates `part` now, not at the first next()
+        if self.order == "shuffled":
+            docs = (spread_passages if spread else shuffled_passages)(docs, f"{self.seed}:{part}")
         return _pack(_token_stream(tokenizer, docs, eos, batch_docs), bos, pad, ctx_len)
 
     # ---- manifest --------------------------------------------------------
@@ -304,6 +322,7 @@ class Corpus:
             "heldout_fraction": self.heldout_fraction,
             "seed": self.seed,
             "split": "sha1(f'{seed}:{doc_id}') < heldout_fraction",
+            "order": self.order,
         }
         if self._path is not None:
             out["path"] = str(self._path)
@@ -322,7 +341,70 @@ class Corpus:
         return out
 
     def __repr__(self) -> str:
-        return f"Corpus({self.source!r}, heldout_fraction={self.heldout_fraction}, seed={self.seed})"
+        return (f"Corpus({self.source!r}, heldout_fraction={self.heldout_fraction}, seed={self.seed}, "
+                f"order={self.order!r})")
+
+
+# ---- order ---------------------------------------------------------------
+
+
+def passages(doc: Document, max_chars: int = PASSAGE_CHARS) -> Iterator[Document]:
+    """`doc` cut into pieces of at most `max_chars` characters that join back into its text: each cut falls
+    after the last line break in the piece's second half, else after the last sentence end (". ", "? ", "! "),
+    else after the last space, else at `max_chars`. Ids: the document's, then ``#1``, ``#2``… for later pieces."""
+    text, k = doc.text, 0
+    while text:
+        if len(text) <= max_chars:
+            cut = len(text)
+        else:
+            head, lo = text[:max_chars], max_chars // 2
+            line = head.rfind("\n")
+            sentence = max(head.rfind(mark) for mark in (". ", "? ", "! "))
+            space = head.rfind(" ")
+            cut = (line + 1 if line >= lo else sentence + 2 if sentence >= lo else space + 1 if space >= lo
+                   else max_chars)
+        piece, text = text[:cut], text[cut:]
+        if piece.strip():
+            yield Document(doc.id if k == 0 else f"{doc.id}#{k}", piece)
+            k += 1
+
+
+def shuffled_passages(docs: Iterable[Document], seed: str, max_chars: int = PASSAGE_CHARS,
+                      buffer: int | None = None) -> Iterator[Document]:
+    """The passages of `docs` (`passages`) in a random order drawn from `seed` (deterministic): a uniform
+    shuffle of all of them when there are at most `buffer` (default `SHUFFLE_PASSAGES`), else a windowed one
+    (each passage read replaces a random one of the `buffer` held, which comes out), as streaming datasets
+    shuffle. Memory: the passages held."""
+    buffer = SHUFFLE_PASSAGES if buffer is None else buffer
+    rng = random.Random(f"order:{seed}")
+    held: list[Document] = []
+    for doc in docs:
+        for piece in passages(doc, max_chars):
+            if len(held) < buffer:
+                held.append(piece)
+                continue
+            i = rng.randrange(buffer)
+            yield held[i]
+            held[i] = piece
+    rng.shuffle(held)
+    yield from held
+
+
+def spread_passages(docs: Iterable[Document], seed: str, max_chars: int = PASSAGE_CHARS,
+                    buffer: int | None = None) -> Iterator[Document]:
+    """The passages of `docs` with every document's first passage before any document's second (and so on), each
+    rank in a random order drawn from `seed`: a prefix of the stream reads as many documents as it can, where a
+    uniform shuffle gives the longest documents most of it. Windowed like `shuffled_passages` (at most `buffer`
+    passages, default `SHUFFLE_PASSAGES`, are held and ordered at a time)."""
+    buffer = SHUFFLE_PASSAGES if buffer is None else buffer
+    rng = random.Random(f"spread:{seed}")
+    held: list[tuple[int, float, Document]] = []
+    for doc in docs:
+        held += [(k, rng.random(), piece) for k, piece in enumerate(passages(doc, max_chars))]
+        if len(held) >= buffer:
+            yield from (piece for _, _, piece in sorted(held, key=lambda t: t[:2]))
+            held = []
+    yield from (piece for _, _, piece in sorted(held, key=lambda t: t[:2]))
 
 
 # ---- packing -------------------------------------------------------------

@@ -83,8 +83,8 @@ def harvest_to_cache(out: str | Path, *, model: str = DEFAULT_MODEL, corpus: str
     site_objs = lm.sites(kinds=parse_sites(sites), layers=parse_layers(layers, lm.n_layers))
     corp = Corpus(corpus)
     corp.check(part)
-    identity = {"model": model, "corpus": corp.describe()["source"], "part": part, "ctx_len": ctx_len,
-                "batch_size": batch_size, "tokens": tokens}
+    identity = {"model": model, "corpus": corp.describe()["source"], "order": corp.order, "part": part,
+                "ctx_len": ctx_len, "batch_size": batch_size, "tokens": tokens}
     with exclusive(out, "harvest", kind="cache"):  # (two harvests into one folder would number shards alike)
         writer = CacheWriter(out, {s.key: s.width for s in site_objs}, dtype=dtype, meta={"identity": identity})
         if writer.complete:
@@ -142,7 +142,7 @@ def train_run(out: str | Path, *, model: str = DEFAULT_MODEL, corpus: str = "def
         cfgs = sae_configs(lm, model, kinds, layer_list, list(widths), list(l0s), architecture)
         if not cfgs:
             raise SaescopeError("no SAEs to train: give at least one layer, site, width and L0")
-        corp = Corpus(corpus, heldout_fraction=heldout_fraction, seed=train.seed)
+        corp = Corpus(corpus, heldout_fraction=heldout_fraction, seed=train.seed, order=Run.corpus_order(out))
         if cache:
             _check_cache(cache, cfgs)
         else:
@@ -152,7 +152,8 @@ def train_run(out: str | Path, *, model: str = DEFAULT_MODEL, corpus: str = "def
                   "train": asdict(train), "cache": local_ref(cache) if cache else None}
         if not world.trivial:
             config["parallel"] = world.describe
-        corpus_desc = {"source": local_ref(corp.source), "heldout_fraction": heldout_fraction, "seed": train.seed}
+        corpus_desc = {"source": local_ref(corp.source), "heldout_fraction": heldout_fraction, "seed": train.seed,
+                       "order": corp.order}
         run = _create_run(out, world, model=model, corpus=corpus_desc, config=config)
         run.use_model(lm)
         if run.is_done("train"):

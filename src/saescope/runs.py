@@ -55,7 +55,8 @@ class Run:
             theirs = {k: run.manifest.get(k) for k in mine}
             theirs["model"] = run.model_spec  # older runs stored local paths relative to where they were made
             if isinstance(theirs["corpus"], dict) and "source" in theirs["corpus"]:
-                theirs["corpus"] = {**theirs["corpus"], "source": run._local(theirs["corpus"]["source"])}
+                theirs["corpus"] = {"order": "source", **theirs["corpus"],  # runs made before the shuffle
+                                    "source": run._local(theirs["corpus"]["source"])}
             if _jsonable(mine) != _jsonable(theirs):
                 diff = [k for k in mine if _jsonable(mine[k]) != _jsonable(theirs[k])]
                 verb = "differs" if len(diff) == 1 else "differ"
@@ -71,6 +72,15 @@ class Run:
         root.mkdir(parents=True, exist_ok=True)
         write_json(root / MANIFEST, manifest)
         return cls(root, manifest)
+
+    @classmethod
+    def corpus_order(cls, root: str | os.PathLike) -> str:
+        """The corpus order a run at `root` keeps: the one it was made with ("source" when it was made before
+        the shuffle), "shuffled" where there is no run yet."""
+        if not (Path(root) / MANIFEST).is_file():
+            return "shuffled"
+        desc = cls.open(root).manifest.get("corpus")
+        return desc.get("order", "source") if isinstance(desc, dict) else "shuffled"
 
     @classmethod
     def open(cls, root: str | os.PathLike) -> Run:
@@ -223,7 +233,7 @@ class Run:
 
         desc = self.manifest.get("corpus") or {}
         return Corpus(self._local(desc.get("source", "default")), desc.get("heldout_fraction", 0.05),
-                      desc.get("seed", 0))
+                      desc.get("seed", 0), order=desc.get("order", "source"))  # no order: made before the shuffle
 
     @cached_property
     def model(self):

@@ -125,7 +125,8 @@ def _detection_set(run, sae_ids: list[str], config: DetectionConfig) -> Detectio
     lm = run.model
     models = {i: run.load_sae(i).to(lm.device) for i in sae_ids}
     sites = _sites(lm, models)
-    stream = run.corpus().contexts(lm.tokenizer, part="heldout", ctx_len=int(meta.get("ctx_len", 256)))
+    stream = run.corpus().contexts(lm.tokenizer, part="heldout", ctx_len=int(meta.get("ctx_len", 256)),
+                                   spread=bool(meta.get("spread")))  # the stream the analysis read
     skip = int(meta.get("n_contexts", 0))  # the contexts after the analysed ones
     contexts = [list(ctx) for ctx in itertools.islice(stream, skip, skip + config.n_contexts)]
     if not contexts:
