@@ -20,12 +20,14 @@ A case's argv may name these placeholders, filled from the world:
     {long}      a text longer than tiny GPT-2's context
     {busy}      a copy of {run} that another process is writing (it holds the run's lock all along)
     {busycache} a copy of {cache} that another process is writing
+    {badorder}  a copy of {bare} whose manifest names an unknown corpus order ("sideways")
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import re
@@ -184,6 +186,10 @@ CLI_CASES = [
     _c("eval-run-is-file", r"run not found", "eval", "{file}"),
     _c("eval-not-a-run", r"is not a saescope run", "eval", "{notrun}"),
     _c("eval-damaged-manifest", r"run manifest|JSON|damaged", "eval", "{damaged}"),
+    _c("eval-unknown-corpus-order", r"names an unknown corpus order 'sideways': set it to", "eval", "{badorder}"),
+    _c("analyze-unknown-corpus-order", r"names an unknown corpus order 'sideways'", "analyze", "{badorder}"),
+    _c("run-unknown-corpus-order", r"names an unknown corpus order 'sideways'", "run", "--out", "{badorder}",
+       "--model", "{model}", "--no-serve"),
     _c("eval-run-without-saes", r"has no SAEs yet", "eval", "{emptyrun}"),
     # -------------------------------------------------------------------- analyze
     _c("analyze-run-missing", r"run not found", "analyze", "{missing}"),
@@ -467,6 +473,11 @@ def build_world(base: Path, model_dir: Path, gpt2_dir: Path) -> dict[str, str]:
               progress=False)
     harvest_to_cache(w["cache"], model=str(model_dir), corpus=str(corpus), layers="0", tokens=200, ctx_len=32,
                      progress=False)
+    w["badorder"] = base / "badorder"
+    shutil.copytree(w["bare"], w["badorder"])
+    manifest = json.loads((w["badorder"] / "manifest.json").read_text())
+    manifest["corpus"]["order"] = "sideways"
+    (w["badorder"] / "manifest.json").write_text(json.dumps(manifest))
     w["busy"], w["busycache"] = base / "busy", base / "busycache"
     shutil.copytree(run, w["busy"])
     shutil.copytree(w["cache"], w["busycache"])

@@ -79,8 +79,18 @@ class Run:
         the shuffle), "shuffled" where there is no run yet."""
         if not (Path(root) / MANIFEST).is_file():
             return "shuffled"
-        desc = cls.open(root).manifest.get("corpus")
-        return desc.get("order", "source") if isinstance(desc, dict) else "shuffled"
+        return cls.open(root)._order()
+
+    def _order(self) -> str:
+        """The manifest's corpus order; "source" when it names none (made before the shuffle)."""
+        from .corpus import ORDERS
+
+        desc = self.manifest.get("corpus")
+        order = desc.get("order", "source") if isinstance(desc, dict) else "source"
+        if order not in ORDERS:
+            raise SaescopeError(f"{self.root / MANIFEST} names an unknown corpus order {order!r}: set it to "
+                                "\"shuffled\" or \"source\" (a run without one reads its corpus in stored order)")
+        return order
 
     @classmethod
     def open(cls, root: str | os.PathLike) -> Run:
@@ -117,6 +127,7 @@ class Run:
         from . import devices
 
         with self.exclusive(name):
+            self._order()  # a corpus order no stage can read fails before anything is recorded
             info.setdefault("device", devices.describe())
             t0 = time.time()
             self._set_stage(name, status="running", started=t0, **info)
@@ -233,7 +244,7 @@ class Run:
 
         desc = self.manifest.get("corpus") or {}
         return Corpus(self._local(desc.get("source", "default")), desc.get("heldout_fraction", 0.05),
-                      desc.get("seed", 0), order=desc.get("order", "source"))  # no order: made before the shuffle
+                      desc.get("seed", 0), order=self._order())
 
     @cached_property
     def model(self):
