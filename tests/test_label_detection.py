@@ -88,3 +88,22 @@ def test_no_fresh_windows_when_the_weights_cannot_be_read(run, monkeypatch, capl
     monkeypatch.setattr(run, "load_sae", broken)
     assert detection_set(run, run.sae_ids()[:1]) is None
     assert "stored held-out windows only" in caplog.text and "corrupt" in caplog.text
+
+
+def test_re_analysis_drops_offline_scores_and_the_next_labelling_scores_every_label(tmp_path_factory, tiny_gemma_dir):
+    run = Run.open(build_run(tmp_path_factory.mktemp("rescored"), tiny_gemma_dir))
+    sae_id, other = run.sae_ids()[0], run.sae_ids()[1]
+
+    def scored(db, sid):
+        return [lab["id"] for lab in db.current_labels(source="offline") if lab["sae_id"] == sid and db.scores(lab["id"])]
+
+    with run.db() as db:
+        before, kept = scored(db, sae_id), scored(db, other)
+    assert before and kept  # the built run's labels were scored on its first analysis
+    analyze(run, n_tokens=300, force=True, saes=[sae_id], progress=False)  # other text: those scores are stale
+    with run.db() as db:
+        assert scored(db, sae_id) == [] and scored(db, other) == kept  # only the re-analysed SAE's
+    report = label_offline(run, sae_ids=[sae_id], progress=False)
+    assert report.labelled > 0 and report.scored + report.unscored == report.labelled  # none skipped as scored
+    with run.db() as db:
+        assert len(scored(db, sae_id)) == report.scored

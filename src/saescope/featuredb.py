@@ -380,9 +380,13 @@ class FeatureDB:
                  time.time()))
 
     def begin_sae(self, sae_id: str) -> None:
-        """Start (or restart) analysing an SAE: status 'running', its old features/examples deleted."""
+        """Start (or restart) analysing an SAE: status 'running', its old features/examples deleted, and the
+        scores of its offline labels (measured on the old examples' text: the next `label auto` scores them
+        again; human and LLM labels keep theirs)."""
         with self._write() as conn:
             self._require_sae(conn, sae_id)
+            conn.execute("DELETE FROM scores WHERE label_id IN (SELECT id FROM labels WHERE sae_id = ? AND "
+                         "source = 'offline')", (sae_id,))
             conn.execute("DELETE FROM examples WHERE sae_id = ?", (sae_id,))
             conn.execute("DELETE FROM features WHERE sae_id = ?", (sae_id,))
             conn.execute("UPDATE saes SET status = 'running', n_tokens = NULL, updated = ? WHERE id = ?",
