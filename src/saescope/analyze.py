@@ -47,9 +47,9 @@ kept until the end (a few bytes per token).
 Example fields (featuredb.Example): `max_act` is the activation at the
 example's centre token (the context maximum for top, the sampled token for
 quantile, 0 for random), `pos` that token's position inside the window, `ctx`
-the index of the context in the held-out stream (`Corpus.contexts(part="heldout", spread=True)`: one passage
-of as many documents as possible, so that a few thousand tokens show the source's range of topics; label
-detection reads the contexts after the analysed ones from the same stream).
+the index of the context in the held-out stream (`heldout_stream`: one passage of as many documents as
+possible, so that a few thousand tokens show the source's range of topics; label detection reads the
+contexts after the analysed ones from the same stream).
 
 Resumable: SAEs whose status is 'done' in features.sqlite are skipped (unless
 `force`); the others are restarted cleanly (`FeatureDB.begin_sae` clears them).
@@ -159,7 +159,7 @@ def analyze(run: Run | str | os.PathLike, n_tokens: int = 16_384, *, top_k: int 
                  for i, s in models.items()}
         contexts = _ContextStore()
         t0 = time.perf_counter()
-        stream = corpus.contexts(lm.tokenizer, part="heldout", ctx_len=ctx_len, spread=True)  # most documents
+        stream = heldout_stream(corpus, lm.tokenizer, ctx_len)
         _pass(lm, stream, models, site_objs, atlas, contexts, report, n_tokens=n_tokens, batch_size=batch_size,
               before=before, window=width_w, seed=seed, progress=progress)
         report.seconds_pass = time.perf_counter() - t0
@@ -247,6 +247,12 @@ def batch_stream(seed: int, sae_id: str, batch_no: int, device) -> torch.Generat
     same whichever other SAEs are analysed in the same pass (a resumed analysis redoes fewer)."""
     digest = hashlib.blake2b(f"{seed}/{sae_id}/{batch_no}".encode(), digest_size=8).digest()
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+def heldout_stream(corpus, tokenizer, ctx_len: int):
+    """The held-out contexts the atlas reads, spread (one passage of every document before a second of any: the
+    most topics per token); label detection reads on past the analysed ones in the same stream."""
+    return corpus.contexts(tokenizer, part="heldout", ctx_len=ctx_len, spread=True)
 
 
 def _check_args(n_tokens, top_k, n_quantiles, per_quantile, n_random, window, n_logits, batch_size) -> None:

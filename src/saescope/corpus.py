@@ -398,13 +398,18 @@ def spread_passages(docs: Iterable[Document], seed: str, max_chars: int = PASSAG
     passages, default `SHUFFLE_PASSAGES`, are held and ordered at a time)."""
     buffer = SHUFFLE_PASSAGES if buffer is None else buffer
     rng = random.Random(f"spread:{seed}")
-    held: list[tuple[int, float, Document]] = []
+    window: list[tuple[int, float, Document]] = []  # (rank in its document, random key, passage)
     for doc in docs:
-        held += [(k, rng.random(), piece) for k, piece in enumerate(passages(doc, max_chars))]
-        if len(held) >= buffer:
-            yield from (piece for _, _, piece in sorted(held, key=lambda t: t[:2]))
-            held = []
-    yield from (piece for _, _, piece in sorted(held, key=lambda t: t[:2]))
+        window += [(k, rng.random(), piece) for k, piece in enumerate(passages(doc, max_chars))]
+        if len(window) >= buffer:
+            yield from _ranked(window)
+            window = []
+    yield from _ranked(window)
+
+
+def _ranked(window: list[tuple[int, float, Document]]) -> Iterator[Document]:
+    """A window's passages by rank in their document, then by their random key."""
+    return (piece for _, _, piece in sorted(window, key=lambda t: t[:2]))
 
 
 # ---- packing -------------------------------------------------------------

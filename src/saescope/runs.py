@@ -55,7 +55,7 @@ class Run:
             theirs = {k: run.manifest.get(k) for k in mine}
             theirs["model"] = run.model_spec  # older runs stored local paths relative to where they were made
             if isinstance(theirs["corpus"], dict) and "source" in theirs["corpus"]:
-                theirs["corpus"] = {"order": "source", **theirs["corpus"],  # runs made before the shuffle
+                theirs["corpus"] = {**theirs["corpus"], "order": run._order(),  # none: made before the shuffle
                                     "source": run._local(theirs["corpus"]["source"])}
             if _jsonable(mine) != _jsonable(theirs):
                 diff = [k for k in mine if _jsonable(mine[k]) != _jsonable(theirs[k])]
@@ -103,7 +103,9 @@ class Run:
         for key in ("model", "stages"):
             if key not in manifest:
                 raise SaescopeError(f"run manifest {root / MANIFEST} has no '{key}': the file is damaged")
-        return cls(root, manifest)
+        run = cls(root, manifest)
+        run._order()  # an order no stage could read: refused here, before any verb records anything
+        return run
 
     # ------------------------------------------------------------------ stages
 
@@ -127,7 +129,6 @@ class Run:
         from . import devices
 
         with self.exclusive(name):
-            self._order()  # a corpus order no stage can read fails before anything is recorded
             info.setdefault("device", devices.describe())
             t0 = time.time()
             self._set_stage(name, status="running", started=t0, **info)

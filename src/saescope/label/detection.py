@@ -114,7 +114,7 @@ def detection_set(run, sae_ids: list[str], config: DetectionConfig | None = None
 def _detection_set(run, sae_ids: list[str], config: DetectionConfig) -> DetectionSet | None:
     import torch
 
-    from ..analyze import _sites
+    from ..analyze import _sites, heldout_stream
     from ..harvest import activations, keep_mask
 
     with run.db(readonly=True) as db:
@@ -125,8 +125,7 @@ def _detection_set(run, sae_ids: list[str], config: DetectionConfig) -> Detectio
     lm = run.model
     models = {i: run.load_sae(i).to(lm.device) for i in sae_ids}
     sites = _sites(lm, models)
-    stream = run.corpus().contexts(lm.tokenizer, part="heldout", ctx_len=int(meta.get("ctx_len", 256)),
-                                   spread=bool(meta.get("spread")))  # the stream the analysis read
+    stream = heldout_stream(run.corpus(), lm.tokenizer, int(meta.get("ctx_len", 256)))  # the one analysed
     skip = int(meta.get("n_contexts", 0))  # the contexts after the analysed ones
     contexts = [list(ctx) for ctx in itertools.islice(stream, skip, skip + config.n_contexts)]
     if not contexts:
