@@ -438,3 +438,35 @@ def test_the_server_writes_while_label_auto_holds_the_run(atlas_dir, run_dir, tm
     finally:
         server.stop()
     assert _offline_labels(run_dir) == uninterrupted
+
+
+def test_the_server_answers_while_analyze_rewrites_an_sae_and_drops_its_offline_scores(run_dir, tmp_path):
+    """`analyze --force` deletes an SAE's features, examples and offline label scores (measured on the old text) in
+    one transaction and writes the new atlas, while the web app, features.sqlite open all along, serves that SAE's
+    cards: no answer fails; once analysed the cards show the offline labels unscored, and after `label auto` scored
+    on the new text."""
+    sae = "resid_post/layer_0_width_32_l0_4"
+
+    def offline_scores(card: dict) -> list:
+        return [s for lab in card["labels"] if lab["source"] == "offline" for s in lab["scores"]]
+
+    server = Server(run_dir, tmp_path / "serve.log")
+    try:
+        assert any(offline_scores(server.get(f"/api/feature/{sae}/{i}")[1]) for i in range(8))
+        analysis = subprocess.Popen([sys.executable, "-m", "saescope.cli", "analyze", str(run_dir), "--sae", "0",
+                                     "--force"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        asked = 0
+        while asked < 5 or analysis.poll() is None:
+            server.get(f"/api/feature/{sae}/{asked % 8}")
+            asked += 1
+        assert analysis.returncode == 0, analysis.stderr.read()
+        errors = [(what, status) for what, status in server.statuses if status >= 500]
+        assert not errors, f"5xx answers: {errors}\n{(tmp_path / 'serve.log').read_text()[-3000:]}"
+        cards = [server.get(f"/api/feature/{sae}/{i}") for i in range(8)]
+        assert all(status == 200 for status, _ in cards)
+        assert not any(offline_scores(card) for _, card in cards)  # stale scores are gone
+        relabel = _cli("label", "auto", str(run_dir), "--sae", "0")
+        assert relabel.returncode == 0, relabel.stderr
+        assert any(offline_scores(server.get(f"/api/feature/{sae}/{i}")[1]) for i in range(8))
+    finally:
+        server.stop()
