@@ -1,13 +1,15 @@
 """The concept loop in one process: search a concept, steer by it, count its words (single vs several features).
 
-    .venv/bin/python bench/concept_steer.py RUN [--tsv FILE] [--combine 1,2] [--seeds 3] [--tokens 40] [--results]
+    .venv/bin/python bench/concept_steer.py RUN [--tsv FILE] [--combine 1,2] [--variant refine=0 ...] [--seeds 3]
+                                            [--tokens 40] [--results]
 
 For each row of a concepts TSV (concept, prompt, concept_words), as ../shared/tools/concept_check.py
 measures it but without a process per call: (a) does one of `search`'s top 3 features have a concept
 word in at least half of its top 10 contexts; (b) `steer(run, prompt, concept=...)` sampled over
 seeds × tokens: concept words in steered vs unsteered text; (c) mean distinct-bigram ratio >= 0.5.
 `--combine 1,2` runs (b, c) once per setting (features steered together: `ConceptSteerConfig.combine`);
-each setting calibrates anew (its cache key differs). `--results` appends the tables to bench/RESULTS.md.
+each setting calibrates anew (its cache key differs). `--variant k=v,k=v` (repeatable) runs once per variant of
+the other `ConceptSteerConfig` settings (recipes side by side in one session). `--results` appends the tables to bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def one(run: Run, row: dict, cfg: ConceptSteerConfig, seeds: int, tokens: int) -
             "choice": choice, "t_search": t_search, "t_steer": t_steer}
 
 
-def table(results: list[dict], combine: int) -> str:
+def table(results: list[dict], combine: str) -> str:
     lines = [f"| concept | search top hit | about-shares | features (strength) | words unsteered → steered | "
              f"distinct2 | pass | steered texts (seeds 0-{len(results[0]['texts']) - 1}) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -82,7 +84,7 @@ def table(results: list[dict], combine: int) -> str:
                      f"{r['steered']} | {r['d2']:.2f} | {'PASS' if r['pass'] else 'fail'} | "
                      + " // ".join(t[:160] for t in r["texts"]) + " |")
     n = len(results)
-    lines.append(f"\ncombine={combine}: search finds it {sum(r['about'] for r in results)}/{n}; steering raises its "
+    lines.append(f"\n{combine}: search finds it {sum(r['about'] for r in results)}/{n}; steering raises its "
                  f"words as language {sum(r['rise'] for r in results)}/{n}; whole loop "
                  f"{sum(r['pass'] for r in results)}/{n}")
     return "\n".join(lines)
@@ -93,6 +95,8 @@ def main():
     ap.add_argument("run")
     ap.add_argument("--tsv", default=str(Path(__file__).resolve().parents[2] / "shared" / "concepts-dev.tsv"))
     ap.add_argument("--combine", default="1")
+    ap.add_argument("--variant", action="append", default=None,
+                    help="k=v,k=v: ConceptSteerConfig settings of one variant (repeatable; default: the defaults)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=40)
     ap.add_argument("--results", action="store_true")
@@ -100,8 +104,11 @@ def main():
     run = Run.open(a.run)
     rows = list(csv.DictReader(open(a.tsv), delimiter="\t"))
     out = []
-    for combine in [int(x) for x in a.combine.split(",")]:
-        cfg = ConceptSteerConfig(combine=combine)
+    for combine, variant in [(int(x), v) for x in a.combine.split(",") for v in (a.variant or [""])]:
+        settings = {k: type(getattr(ConceptSteerConfig, k))(v) for k, v in
+                    (kv.split("=") for kv in variant.split(",") if kv)}
+        cfg = ConceptSteerConfig(combine=combine, **settings)
+        name = ",".join([f"combine={combine}"] + [f"{k}={v}" for k, v in settings.items()])
         results = []
         for row in rows:
             r = one(run, row, cfg, a.seeds, a.tokens)
@@ -114,13 +121,14 @@ def main():
             for t in r["texts"]:
                 print("     steered:", t[:150])
             results.append(r)
-        out.append(table(results, combine))
+        out.append(table(results, name))
         print(out[-1], flush=True)
     if a.results:
         head = (f"\n## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} — concept loop in process "
                 f"({Path(a.tsv).name}, {a.seeds} seeds × {a.tokens} tokens, sampled)\n\n"
                 f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}; command: "
-                f"`python bench/concept_steer.py {a.run} --tsv {a.tsv} --combine {a.combine}`\n\n")
+                f"`python bench/concept_steer.py {a.run} --tsv {a.tsv} --combine {a.combine}"
+                f"{''.join(' --variant ' + v for v in a.variant or [])}`\n\n")
         with open(RESULTS, "a") as f:
             f.write(head + "\n\n".join(out) + "\n")
 
