@@ -109,6 +109,9 @@ def test_no_feature_writes_the_concept(atlas):
 # ---------------------------------------------------------------------------- the strength rule
 
 
+PAIRS = cs.ConceptSteerConfig(combine=2)  # the calibration tests also try the top two features together
+
+
 def _candidate(*rungs) -> cs.Candidate:
     return cs.Candidate([(SAE, 0)], [5], "x", 0.6, 0.5, rungs=list(rungs))
 
@@ -273,7 +276,7 @@ def fake_texts(monkeypatch):
 
 def test_the_search_steps_down_from_a_loop_to_a_strength_that_shows(fake_texts):
     calls, _ = fake_texts
-    choice = cs._calibrate(None, "horses", cs.ConceptSteerConfig(), lm=object())
+    choice = cs._calibrate(None, "horses", PAIRS, lm=object())
     single = choice.candidates[0]
     tried = {r.strength: r for r in single.rungs if not r.verified}
     assert sorted(tried) == [1.414, 2.0] and tried[2.0].degenerate and tried[1.414].shows
@@ -286,21 +289,21 @@ def test_the_search_steps_down_from_a_loop_to_a_strength_that_shows(fake_texts):
 def test_the_search_climbs_to_a_strength_with_margin_and_confirms_it(fake_texts):
     calls, levels = fake_texts
     levels.update(loops=3.5, loops_long=3.5)  # shows from ×1.2, loops from ×3.5: ×2 and ×2.83 both show
-    choice = cs._calibrate(None, "horses", cs.ConceptSteerConfig(), lm=object())
+    choice = cs._calibrate(None, "horses", PAIRS, lm=object())
     assert choice.calibrated and choice.strength == pytest.approx(2.828, abs=1e-3)  # not ×2, the first to show
     taken = cs._taken(choice.candidates[0])
     assert taken.verified and taken.shows and "strongest strength" in choice.reason
     levels.update(loops_long=2.5)  # the longer, fresh texts loop at ×2.83: the confirmation takes a step below
-    choice = cs._calibrate(None, "horses", cs.ConceptSteerConfig(), lm=object())
+    choice = cs._calibrate(None, "horses", PAIRS, lm=object())
     assert choice.calibrated and choice.strength == pytest.approx(2.0, abs=1e-3)
     assert [r.strength for r in choice.candidates[0].rungs if r.verified] == [2.828, 2.0]
     levels.update(shows=99.0)  # nothing ever shows: uncalibrated, at the strongest strength clean on long texts too
-    choice = cs._calibrate(None, "horses", cs.ConceptSteerConfig(), lm=object())
+    choice = cs._calibrate(None, "horses", PAIRS, lm=object())
     checked = [(r.strength, r.degenerate) for r in choice.candidates[0].rungs if r.verified]
     assert checked == [(2.828, True), (2.0, False)]  # ×2.83, clean on 24 tokens, loops on 40 (loops_long 2.5)
     assert not choice.calibrated and choice.strength == pytest.approx(2.0, abs=1e-3)
     levels.update(loops_long=3.5)  # clean on long texts too: the strongest clean strength tried, checked once
-    choice = cs._calibrate(None, "horses", cs.ConceptSteerConfig(), lm=object())
+    choice = cs._calibrate(None, "horses", PAIRS, lm=object())
     assert [(r.strength, r.degenerate) for r in choice.candidates[0].rungs if r.verified] == [(2.828, False)]
     assert not choice.calibrated and choice.strength == pytest.approx(2.828, abs=1e-3)
 
@@ -308,7 +311,7 @@ def test_the_search_climbs_to_a_strength_with_margin_and_confirms_it(fake_texts)
 def test_a_candidate_that_loops_at_every_strength_tried_steps_on_down(fake_texts):
     calls, levels = fake_texts
     levels.update(shows=0.6, loops=1.0, loops_long=1.0)  # loops from ×1: ×2 and ×1.41 loop, ×0.71 shows
-    choice = cs._calibrate(None, "horses", cs.ConceptSteerConfig(), lm=object())
+    choice = cs._calibrate(None, "horses", PAIRS, lm=object())
     single = choice.candidates[0]
     assert [r.strength for r in single.rungs if not r.verified] == [2.0, 1.414, 1.0, 0.707]
     assert choice.calibrated and choice.strength == pytest.approx(0.707, abs=1e-3)  # not ×1.41, which loops
@@ -328,7 +331,7 @@ def test_word_salad_that_does_not_loop_is_degenerate_by_its_cost(fake_texts, mon
 
     monkeypatch.setattr(cs, "_generate_groups", generate)
     monkeypatch.setattr(cs, "continuation_ce", lambda lm, prompts, ids: 9.0 if int(ids[0][0]) >= 1900 else 3.0)
-    choice = cs._calibrate(None, "horses", cs.ConceptSteerConfig(), lm=object())
+    choice = cs._calibrate(None, "horses", PAIRS, lm=object())
     tried = {r.strength: r for r in choice.candidates[0].rungs}
     assert tried[2.0].degenerate and tried[2.0].cost == pytest.approx(6.0) and tried[2.0].distinct2 == 1.0
     assert not tried[1.414].degenerate and tried[1.414].cost == pytest.approx(0.0)
@@ -347,7 +350,7 @@ def test_a_confirmed_strength_over_the_cost_cap_is_degenerate_and_not_the_fallba
     monkeypatch.setattr(cs, "_generate_groups", generate)
     monkeypatch.setattr(cs, "continuation_ce",
                         lambda lm, prompts, ids: 9.0 if int(ids[0][0]) >= 1400 and int(ids[0][1]) > 32 else 3.0)
-    choice = cs._calibrate(None, "horses", cs.ConceptSteerConfig(), lm=object())
+    choice = cs._calibrate(None, "horses", PAIRS, lm=object())
     single = choice.candidates[0]
     confirmed = next(r for r in single.rungs if r.verified)  # the confirmation's rung, before any fallback check
     assert confirmed.strength == pytest.approx(1.414, abs=1e-3) and confirmed.shows
@@ -355,9 +358,16 @@ def test_a_confirmed_strength_over_the_cost_cap_is_degenerate_and_not_the_fallba
     assert single.strength is None
     assert all(r.strength < 1.4 for r in cs._safe(single))  # the fallback cannot take it either
 
-def test_a_pair_is_steered_at_the_strength_it_was_calibrated_at(fake_texts):
+def test_by_default_single_features_are_calibrated(fake_texts):
     calls, _ = fake_texts
     choice = cs._calibrate(None, "horses", cs.ConceptSteerConfig(), lm=object())
+    assert all(len(c.features) == 1 for c in choice.candidates) and len(choice.candidates) == 2
+    assert all(len(g) == 1 for groups in calls for g in groups if g)  # no row steers two features
+
+
+def test_a_pair_is_steered_at_the_strength_it_was_calibrated_at(fake_texts):
+    calls, _ = fake_texts
+    choice = cs._calibrate(None, "horses", PAIRS, lm=object())
     pair = choice.candidates[2]
     assert pair.features == [(SAE, 0), (SAE, 1)]
     # in all: ×2 (×1 each) showed nothing, ×2.83 shows; not confirmed: the single features showed it as often

@@ -105,8 +105,11 @@ class ConceptSteerConfig:
     """A feature of the pool is calibrated only when it pulls at least this share of the best one's pull."""
     probe: float = 2.0
     """The strength at which the pool's pull is measured."""
-    combine: int = 2
-    """Also try this many top candidates (different layers) together, sharing the strength (1: never)."""
+    combine: int = 1
+    """Also try this many top candidates (different layers) together, sharing the strength (1: never, the
+    default: where a pair won the calibration, each of its features at half strength, the request's text held
+    fewer of the concept's words than with the best single feature; bench/RESULTS.md "Concept steering,
+    session 16")."""
     min_output: float = 0.35
     """Below this output-side similarity no feature matches the concept."""
     tokens: int = 24
