@@ -1,6 +1,6 @@
 """The concept loop in one process: search a concept, steer by it, count its words (single vs several features).
 
-    .venv/bin/python bench/concept_steer.py RUN [--tsv FILE] [--combine 1,2] [--variant refine=0 ...] [--seeds 3]
+    .venv/bin/python bench/concept_steer.py RUN [--tsv FILE] [--combine 1,2] [--variant min_strength=0.25 ...] [--seeds 3]
                                             [--tokens 40] [--results]
 
 For each row of a concepts TSV (concept, prompt, concept_words), as ../shared/tools/concept_check.py
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import platform
 import re
 import sys
@@ -105,8 +106,12 @@ def main():
     rows = list(csv.DictReader(open(a.tsv), delimiter="\t"))
     out = []
     for combine, variant in [(int(x), v) for x in a.combine.split(",") for v in (a.variant or [""])]:
-        settings = {k: type(getattr(ConceptSteerConfig, k))(v) for k, v in
-                    (kv.split("=") for kv in variant.split(",") if kv)}
+        fields = {f.name: f.type for f in dataclasses.fields(ConceptSteerConfig)}
+        settings = {}
+        for k, v in (kv.split("=", 1) for kv in variant.split(",") if kv):
+            if k not in fields:
+                sys.exit(f"--variant: {k!r} is not a ConceptSteerConfig setting (one of {', '.join(fields)})")
+            settings[k] = type(getattr(ConceptSteerConfig, k))(v)
         cfg = ConceptSteerConfig(combine=combine, **settings)
         name = ",".join([f"combine={combine}"] + [f"{k}={v}" for k, v in settings.items()])
         results = []
