@@ -333,7 +333,8 @@ def run(args) -> None:
                 hbatch = int(opt[3:])
             elif "=" in opt:
                 name, value = opt.split("=", 1)
-                settings[name] = type(getattr(TrainConfig, name))(float(value))
+                default = getattr(TrainConfig, name)  # (optimizer=adam: a string)
+                settings[name] = value if isinstance(default, str) else type(default)(float(value))
         batch = args.batch * (2 if "2x" in opts else 1)
         steps.append((f"train_{run_name}", lambda arch=arch, settings=settings, batch=batch, hbatch=hbatch: train_live(
             lm, train_ctx, sites, arch, args.train_tokens, args.width, args.l0, batch, hbatch, held_all, **settings)))
