@@ -268,6 +268,38 @@ def test_reinitialising_dead_features_keeps_the_optimizer_state_consistent(optim
     assert 0 < (sae.threshold.detach()[feats] - theta).abs().max() < 20 * t.lr_now()
 
 
+def test_reviving_a_feature_whose_encoder_sank_below_the_data():
+    """A dead feature whose pre-activations are all below 0 (its b_enc pushed under the data: at a high lr on
+    Gemma 3 270M most dead features ended so) fires at no θ > 0; the revival moves its b_enc up so that its m
+    largest pre-activations come out at the live features' median θ, and it fires on about m rows again. A dead
+    feature that can fire keeps its b_enc and gets θ at its quantile, as before."""
+    x, _ = _synthetic(2_560)
+    tc = TrainConfig(tokens=100_000, batch_size=256, revive_dead=False, floor_tokens=0)
+    t = SAETrainer(_cfg("jump_relu", width=64, l0=4.0), tc)
+    for i in range(8):
+        t.step_on(x[i * 256:(i + 1) * 256])
+    sae = t.sae
+    xn = x[2048:2304] / t.scale
+    sunk, fine = torch.tensor([5, 9]), torch.tensor([20])
+    with torch.no_grad():
+        z = (xn - sae.b_dec) @ sae.w_enc + sae.b_enc
+        sae.b_enc[sunk] -= z[:, sunk].max(0).values + 1.0  # every pre-activation of 5 and 9 now ≤ −1
+    feats = torch.cat([sunk, fine])
+    t.since_fired[feats] = tc.dead_after
+    live = torch.ones(64, dtype=torch.bool).index_fill_(0, feats, False)
+    ref = sae.threshold.detach()[live].median()
+    b_enc_fine = sae.b_enc.detach()[fine].clone()
+    assert t.revive_dead(xn, 256) == 3
+    z = (xn - sae.b_dec) @ sae.w_enc + sae.b_enc
+    fires = (z[:, feats] > sae.threshold[feats]).sum(0)
+    assert ((fires - 16).abs() <= 1).all(), fires  # 256·4/64 rows each
+    torch.testing.assert_close(sae.threshold.detach()[sunk], ref.expand(2))
+    assert torch.equal(sae.b_enc.detach()[fine], b_enc_fine)
+    exp_avg_sq = t.opt.state[sae.b_enc]["exp_avg_sq"]  # the moved biases' Adam history forgotten
+    others = torch.ones(64, dtype=torch.bool).index_fill_(0, sunk, False)
+    torch.testing.assert_close(exp_avg_sq[sunk], exp_avg_sq[others].mean().expand(2))
+
+
 def test_reviving_dead_features_leaves_fewer_dead_on_outlier_heavy_tokens():
     """Planted: 1,000 token vectors of Zipf frequency, 2% of them (among them the most frequent) ten times longer
     along one shared direction, as in Gemma's early residual streams (there one principal component holds 96% of

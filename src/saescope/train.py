@@ -225,6 +225,7 @@ AUX_ROWS = 64  # tokens per step that feed the auxiliary loss (64 vs 256: same F
 AUX_K = 128  # dead features per token asked to explain the error
 REVIVE_EVERY = 16  # steps between revivals of dead features
 REVIVE_AFTER = 1.0  # revive features silent for this share of the dead window (`dead_after`)
+THETA_MIN = 1e-4  # the smallest JumpReLU threshold a revival sets (normalised units)
 REVIVE_SHARE = 0.5  # at most this many dead features per revival, as a share of the (global) batch's rows
 POLL_EVERY = 16  # on a GPU, steps between host reads of a trainer's state (each read waits for the GPU's queue)
 GRAPHS_MAX = 32  # CUDA graphs per SAE (one per batch size × aux on/off; the default corpus's chunks give ~10 sizes)
@@ -404,6 +405,7 @@ class SAETrainer:
     _graphs: dict = field(default_factory=dict, init=False)
     _graph_seen: set = field(default_factory=set, init=False)
     graph_off: str = ""  # why graphs are off for this SAE (a capture failed), "" while they may be used
+    recentred: int = field(default=0, init=False)  # revived features whose b_enc was moved up (`revive_dead`)
 
     def __post_init__(self):
         _keep_freed_memory()
@@ -640,7 +642,8 @@ class SAETrainer:
         and most features' θ end up far above anything they see (median max z/θ 0.24 on layer 0's dead features,
         bench/RESULTS.md), while their encoder norms and decoder rows look like live ones'. Each gets θ at the
         batch's (m+1)-th largest pre-activation, m = n_rows·L0*/width, as at the start, and a fresh optimiser state
-        for θ. At most REVIVE_SHARE·n_rows per call, the longest silent first."""
+        for θ; one whose pre-activations are nearly all ≤ 0 also gets its b_enc moved up (below). At most
+        REVIVE_SHARE·n_rows per call, the longest silent first."""
         sae = self.sae
         n_quiet = int((self.since_fired >= REVIVE_AFTER * self.train.dead_after).sum())
         feats = self.since_fired.topk(min(n_quiet, max(1, int(REVIVE_SHARE * n_rows)))).indices  # longest silent first
@@ -649,7 +652,24 @@ class SAETrainer:
         x = self.world.all_rows(xn, n_rows)  # (n_rows, d_in): the global batch, the same on every rank
         z = (x - sae.b_dec) @ self._w_enc_t[feats].T + sae.b_enc[feats]  # (n_rows, n)
         m = round(n_rows * self.cfg.l0 / self.cfg.width)
-        sae.threshold[feats] = z.topk(min(m + 1, n_rows), dim=0).values[-1].clamp_min(1e-4)
+        q = z.topk(min(m + 1, n_rows), dim=0).values[-1]  # (n,) the (m+1)-th largest pre-activation
+        # A feature whose pre-activations are (nearly) all ≤ 0 fires at no θ > 0: the rate floor lowered its θ to
+        # ~0, each forced firing pushed z down, and at a high lr (Adam with β2 = 0.999 can step a rarely firing
+        # feature by up to 1/√(1−β2) ≈ 32× lr) its b_enc sank below the data: at lr 4e-3, batch 4,096, width
+        # 16,384, 13,551 of the 14,586 dead features of layer 7 had max z ≤ 0 on held-out text (bench/RESULTS.md,
+        # "GPU, session 17"). Such a feature's b_enc moves up so that its m largest pre-activations come out
+        # above the live features' median θ.
+        low = q < THETA_MIN
+        if bool(low.any()):
+            live = self.since_fired < self.train.dead_after
+            ref = sae.threshold[live].median() if bool(live.any()) else sae.threshold.median()
+            ref = ref.clamp_min(THETA_MIN)
+            sunk = feats[low]
+            sae.b_enc[sunk] += ref - q[low]
+            self.recentred += len(sunk)
+            q = torch.where(low, ref, q)
+            self._reset_optimizer_rows(sunk, [sae.b_enc])
+        sae.threshold[feats] = q.clamp_min(THETA_MIN)
         self._reset_optimizer_rows(feats, [sae.threshold])
         self.since_fired[feats] = 0
         self._n_dead = int((self.since_fired >= self.train.dead_after).sum())
