@@ -653,12 +653,11 @@ class SAETrainer:
         z = (x - sae.b_dec) @ self._w_enc_t[feats].T + sae.b_enc[feats]  # (n_rows, n)
         m = round(n_rows * self.cfg.l0 / self.cfg.width)
         q = z.topk(min(m + 1, n_rows), dim=0).values[-1]  # (n,) the (m+1)-th largest pre-activation
-        # A feature whose pre-activations are (nearly) all ≤ 0 fires at no θ > 0: the rate floor lowered its θ to
-        # ~0, each forced firing pushed z down, and at a high lr (Adam with β2 = 0.999 can step a rarely firing
-        # feature by up to 1/√(1−β2) ≈ 32× lr) its b_enc sank below the data: at lr 4e-3, batch 4,096, width
-        # 16,384, 13,551 of the 14,586 dead features of layer 7 had max z ≤ 0 on held-out text (bench/RESULTS.md,
-        # "GPU, session 17"). Such a feature's b_enc moves up so that its m largest pre-activations come out
-        # above the live features' median θ.
+        # A feature whose pre-activations are (nearly) all ≤ 0 fires at no θ > 0. At a high lr (Adam with
+        # β2 = 0.999 can step a rarely firing feature by up to 1/√(1−β2) ≈ 32× lr) features sink there, with or
+        # without the rate floor: at lr 4e-3, batch 4,096, width 16,384, 13,551 of the 14,586 dead features of
+        # layer 7 had max z ≤ 0 on held-out text (bench/RESULTS.md, "GPU, session 17"). Such a feature's b_enc
+        # moves up so that its m largest pre-activations come out above the live features' median θ.
         low = q < THETA_MIN
         if bool(low.any()):
             live = self.since_fired < self.train.dead_after
