@@ -96,11 +96,8 @@ def concept_vocab(concepts: Sequence[tuple[str, bool]] | None = None) -> Concept
 
 @functools.lru_cache(maxsize=4)
 def _concept_vocab(concepts: tuple[tuple[str, bool], ...]) -> ConceptVocab:
-    from ..embed import EMBEDDING_MODEL
-
     names = tuple(n for n, _ in concepts)
-    digest = hashlib.sha256(json.dumps([EMBEDDING_MODEL, names] + (["bf16"] if _bf16() else [])).encode()).hexdigest()[:16]
-    path = cache_folder() / f"names-{digest}.npz"
+    path = _names_path(names)
     vectors = _load_array(path, len(names))
     if vectors is None:
         vectors = _stored(_encode(list(names)))  # the cached precision, so a cold and a warm run agree
@@ -117,11 +114,8 @@ def cached_concept_vectors() -> dict[str, np.ndarray]:
         concepts = tuple(wiki_concepts())
     except SaescopeError:
         return {}
-    from ..embed import EMBEDDING_MODEL
-
     names = tuple(n for n, _ in concepts)
-    digest = hashlib.sha256(json.dumps([EMBEDDING_MODEL, names] + (["bf16"] if _bf16() else [])).encode()).hexdigest()[:16]
-    vectors = _load_array(cache_folder() / f"names-{digest}.npz", len(names))
+    vectors = _load_array(_names_path(names), len(names))
     return {} if vectors is None else dict(zip(names, vectors.astype(np.float32)))
 
 
@@ -144,6 +138,14 @@ def _encode(texts: list[str], fixed_length: int | None = None) -> np.ndarray:
     from ..embed import encode
 
     return encode(texts, batch_size=256, fixed_length=fixed_length, bf16=_bf16())
+
+
+def _names_path(names: tuple[str, ...]) -> Path:
+    """The cache file of these concept names' vectors (per embedding model, list of names and precision)."""
+    from ..embed import EMBEDDING_MODEL
+
+    key = [EMBEDDING_MODEL, names] + (["bf16"] if _bf16() else [])
+    return cache_folder() / f"names-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.npz"
 
 
 @functools.lru_cache(maxsize=1)
