@@ -159,10 +159,11 @@ def _build(db: FeatureDB, key: str, old_words: dict[str, np.ndarray]) -> Concept
     shown = {t: display_token(text, t) for t, text in zip(ids.tolist(), db.vocab(ids.tolist()))}
     pieces = any(text[:1].isspace() for text in shown.values())  # the vocabulary marks where words start
     feats, ctx_rows, out_rows = [], [], []
+    cache: tuple[dict, dict, dict] = ({}, {}, {})  # readings of tokens, words and windows (`_words_of`)
     for si, (stats, contexts) in enumerate(read):
         for idx, logits_pos in stats:
             feats.append((si, idx))
-            ctx_rows.append([context_words(r.tolist(), shown, words, pieces) for r in contexts.get(idx, [])])
+            ctx_rows.append([_words_of(r, shown, words, pieces, cache) for r in contexts.get(idx, [])])
             out = [as_word(display_token(str(tok[0]))) for tok in (logits_pos or []) if tok]
             out_rows.append([words.setdefault(w, len(words)) if w is not None and w in known else -1 for w in out])
     return ConceptIndex(key=key, sae_ids=[s["id"] for s in saes],
@@ -172,37 +173,62 @@ def _build(db: FeatureDB, key: str, old_words: dict[str, np.ndarray]) -> Concept
                         ctx_words=_pad3(ctx_rows), out_words=_pad2(out_rows))
 
 
-def context_words(ids: list[int], text: dict[int, str], words: dict[str, int], pieces: bool = True) -> list[int]:
+def context_words(ids: list[int], text: dict[int, str], words: dict[str, int], pieces: bool = True,
+                  cache: tuple[dict, dict] | None = None) -> list[int]:
     """A context's word ids, each at its word's first token (-1 elsewhere), new words added to `words`; `text`
     maps token ids to their display text (tokens.token_text: "▁fil" → " fil"). With `pieces` (a vocabulary whose
     tokens carry the space before a word), sub-word pieces are joined into the word they spell (" fil"+"med" →
     'filmed': the piece 'med' alone would match medicine) and a piece the window cut from the start of its word
     is no word; a word starts at a token with a leading space or after one that is not letters (punctuation,
-    digits, bytes). Without `pieces` (a word-level vocabulary) every token is its own word."""
+    digits, bytes). Without `pieces` (a word-level vocabulary) every token is its own word. `cache`: two dicts
+    that calls with the same `text` share (each token's reading, each spelled word's `as_word`): building a
+    run's index reads ~7M tokens, and this loop was most of its time."""
     if not pieces:
         return [-1 if (w := as_word(text.get(t, ""))) is None else words.setdefault(w, len(words)) for t in ids]
+    tokens, spelled = cache if cache is not None else ({}, {})
     out = [-1] * len(ids)
     start, word = None, ""  # first token of the word being read (-1: cut by the window); None: between words
-
-    def flush() -> None:
-        w = as_word(word) if start is not None and start >= 0 else None
-        if w is not None:
-            out[start] = words.setdefault(w, len(words))
-
     for i, t in enumerate(ids):
-        shown = text.get(t, "")
-        spaced = shown[:1].isspace()
-        piece = shown.lstrip() if spaced else shown
-        if piece.isalpha() and not spaced and start is not None:
+        read = tokens.get(t)
+        if read is None:
+            shown = text.get(t, "")
+            spaced = shown[:1].isspace()
+            piece = shown.lstrip() if spaced else shown
+            read = tokens[t] = (spaced, piece, piece.isalpha())
+        spaced, piece, alpha = read
+        if alpha and not spaced and start is not None:
             word += piece
             continue
-        flush()
-        if piece.isalpha():
+        if start is not None and start >= 0:
+            _put(out, start, word, words, spelled)
+        if alpha:
             start, word = (-1 if i == 0 and not spaced else i), piece
         else:
             start, word = None, ""
-    flush()
+    if start is not None and start >= 0:
+        _put(out, start, word, words, spelled)
     return out
+
+
+def _words_of(window: np.ndarray, text: dict[int, str], words: dict[str, int], pieces: bool,
+              cache: tuple[dict, dict, dict]) -> list[int]:
+    """`context_words` of one stored window, remembered by its tokens: features of one layer share many windows
+    (the same passage around the same token), whose words then get the same ids anyway."""
+    key = window.tobytes()
+    got = cache[2].get(key)
+    if got is None:
+        got = cache[2][key] = context_words(window.tolist(), text, words, pieces, cache[:2])
+    return got
+
+
+def _put(out: list[int], at: int, word: str, words: dict[str, int], spelled: dict[str, str | None]) -> None:
+    """out[at] = the id of `word` read as an index word (`as_word`, remembered in `spelled`), if it is one."""
+    if word in spelled:
+        w = spelled[word]
+    else:
+        w = spelled[word] = as_word(word)
+    if w is not None:
+        out[at] = words.setdefault(w, len(words))
 
 
 def _word_vectors(words: list[str], old: dict[str, np.ndarray]) -> np.ndarray:
