@@ -105,8 +105,8 @@ def main():
     run = Run.open(a.run)
     rows = list(csv.DictReader(open(a.tsv), delimiter="\t"))
     out = []
+    fields = [f.name for f in dataclasses.fields(ConceptSteerConfig)]
     for combine, variant in [(int(x), v) for x in a.combine.split(",") for v in (a.variant or [""])]:
-        fields = {f.name: f.type for f in dataclasses.fields(ConceptSteerConfig)}
         settings = {}
         for k, v in (kv.split("=", 1) for kv in variant.split(",") if kv):
             if k not in fields:

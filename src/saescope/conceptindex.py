@@ -159,11 +159,11 @@ def _build(db: FeatureDB, key: str, old_words: dict[str, np.ndarray]) -> Concept
     shown = {t: display_token(text, t) for t, text in zip(ids.tolist(), db.vocab(ids.tolist()))}
     pieces = any(text[:1].isspace() for text in shown.values())  # the vocabulary marks where words start
     feats, ctx_rows, out_rows = [], [], []
-    cache: tuple[dict, dict, dict] = ({}, {}, {})  # readings of tokens, words and windows (`_words_of`)
+    reader = _WindowReader(shown, words, pieces)
     for si, (stats, contexts) in enumerate(read):
         for idx, logits_pos in stats:
             feats.append((si, idx))
-            ctx_rows.append([_words_of(r, shown, words, pieces, cache) for r in contexts.get(idx, [])])
+            ctx_rows.append([reader.read_window(r) for r in contexts.get(idx, [])])
             out = [as_word(display_token(str(tok[0]))) for tok in (logits_pos or []) if tok]
             out_rows.append([words.setdefault(w, len(words)) if w is not None and w in known else -1 for w in out])
     return ConceptIndex(key=key, sae_ids=[s["id"] for s in saes],
@@ -173,62 +173,69 @@ def _build(db: FeatureDB, key: str, old_words: dict[str, np.ndarray]) -> Concept
                         ctx_words=_pad3(ctx_rows), out_words=_pad2(out_rows))
 
 
-def context_words(ids: list[int], text: dict[int, str], words: dict[str, int], pieces: bool = True,
-                  cache: tuple[dict, dict] | None = None) -> list[int]:
+def context_words(ids: list[int], text: dict[int, str], words: dict[str, int], pieces: bool = True) -> list[int]:
     """A context's word ids, each at its word's first token (-1 elsewhere), new words added to `words`; `text`
     maps token ids to their display text (tokens.token_text: "▁fil" → " fil"). With `pieces` (a vocabulary whose
     tokens carry the space before a word), sub-word pieces are joined into the word they spell (" fil"+"med" →
     'filmed': the piece 'med' alone would match medicine) and a piece the window cut from the start of its word
     is no word; a word starts at a token with a leading space or after one that is not letters (punctuation,
-    digits, bytes). Without `pieces` (a word-level vocabulary) every token is its own word. `cache`: two dicts
-    that calls with the same `text` share (each token's reading, each spelled word's `as_word`): building a
-    run's index reads ~7M tokens, and this loop was most of its time."""
-    if not pieces:
-        return [-1 if (w := as_word(text.get(t, ""))) is None else words.setdefault(w, len(words)) for t in ids]
-    tokens, spelled = cache if cache is not None else ({}, {})
-    out = [-1] * len(ids)
-    start, word = None, ""  # first token of the word being read (-1: cut by the window); None: between words
-    for i, t in enumerate(ids):
-        read = tokens.get(t)
-        if read is None:
-            shown = text.get(t, "")
-            spaced = shown[:1].isspace()
-            piece = shown.lstrip() if spaced else shown
-            read = tokens[t] = (spaced, piece, piece.isalpha())
-        spaced, piece, alpha = read
-        if alpha and not spaced and start is not None:
-            word += piece
-            continue
-        if start is not None and start >= 0:
-            _put(out, start, word, words, spelled)
-        if alpha:
-            start, word = (-1 if i == 0 and not spaced else i), piece
-        else:
-            start, word = None, ""
-    if start is not None and start >= 0:
-        _put(out, start, word, words, spelled)
-    return out
+    digits, bytes). Without `pieces` (a word-level vocabulary) every token is its own word."""
+    return _WindowReader(text, words, pieces).read(ids)
 
 
-def _words_of(window: np.ndarray, text: dict[int, str], words: dict[str, int], pieces: bool,
-              cache: tuple[dict, dict, dict]) -> list[int]:
-    """`context_words` of one stored window, remembered by its tokens: features of one layer share many windows
-    (the same passage around the same token), whose words then get the same ids anyway."""
-    key = window.tobytes()
-    got = cache[2].get(key)
-    if got is None:
-        got = cache[2][key] = context_words(window.tolist(), text, words, pieces, cache[:2])
-    return got
+class _WindowReader:
+    """`context_words` for many windows over one vocabulary: each token id, spelled word and distinct window is
+    read once (building the default run's index reads ~7M tokens in 329,550 windows, many of them shared by
+    features of one layer; 13.9 s → 7.6 s, bench/RESULTS.md "Label stage on an empty cache")."""
 
+    def __init__(self, text: dict[int, str], words: dict[str, int], pieces: bool):
+        self.text, self.words, self.pieces = text, words, pieces
+        self.tokens: dict[int, tuple[bool, str, bool]] = {}  # id → (spaced, piece, piece is letters)
+        self.spelled: dict[str, str | None] = {}  # joined pieces → `as_word`
+        self.windows: dict[bytes, list[int]] = {}
 
-def _put(out: list[int], at: int, word: str, words: dict[str, int], spelled: dict[str, str | None]) -> None:
-    """out[at] = the id of `word` read as an index word (`as_word`, remembered in `spelled`), if it is one."""
-    if word in spelled:
-        w = spelled[word]
-    else:
-        w = spelled[word] = as_word(word)
-    if w is not None:
-        out[at] = words.setdefault(w, len(words))
+    def read_window(self, window: np.ndarray) -> list[int]:
+        """`read` of a stored window, remembered by its tokens (a window's words get the same ids every time)."""
+        key = window.tobytes()
+        got = self.windows.get(key)
+        if got is None:
+            got = self.windows[key] = self.read(window.tolist())
+        return got
+
+    def read(self, ids: list[int]) -> list[int]:
+        words = self.words
+        if not self.pieces:
+            return [-1 if (w := as_word(self.text.get(t, ""))) is None else words.setdefault(w, len(words))
+                    for t in ids]
+        out = [-1] * len(ids)
+        start, word = None, ""  # first token of the word being read (-1: cut by the window); None: between words
+
+        def flush() -> None:
+            if start is None or start < 0:
+                return
+            w = self.spelled[word] if word in self.spelled else self.spelled.setdefault(word, as_word(word))
+            if w is not None:
+                out[start] = words.setdefault(w, len(words))
+
+        for i, t in enumerate(ids):
+            spaced, piece, alpha = self.tokens.get(t) or self._token(t)
+            if alpha and not spaced and start is not None:
+                word += piece
+                continue
+            flush()
+            if alpha:
+                start, word = (-1 if i == 0 and not spaced else i), piece
+            else:
+                start, word = None, ""
+        flush()
+        return out
+
+    def _token(self, t: int) -> tuple[bool, str, bool]:
+        shown = self.text.get(t, "")
+        spaced = shown[:1].isspace()
+        piece = shown.lstrip() if spaced else shown
+        got = self.tokens[t] = (spaced, piece, piece.isalpha())
+        return got
 
 
 def _word_vectors(words: list[str], old: dict[str, np.ndarray]) -> np.ndarray:

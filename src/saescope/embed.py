@@ -4,6 +4,7 @@ labellers (label/) and by search (search.py, conceptindex.py, conceptsteer.py)."
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from pathlib import Path
@@ -45,8 +46,6 @@ def encode(texts: list[str], batch_size: int = 64, fixed_length: int | None = No
     `bf16`: the model's matrix products in bf16 (fp32 accumulation and pooling): 2.4× faster on a CPU with
     native bf16, vectors within cosine 0.99993 of fp32's (4,096 words, bench/RESULTS.md).
     """
-    import contextlib
-
     import torch
 
     tokenizer, model = _embedding_model()

@@ -405,7 +405,6 @@ class SAETrainer:
     _graphs: dict = field(default_factory=dict, init=False)
     _graph_seen: set = field(default_factory=set, init=False)
     graph_off: str = ""  # why graphs are off for this SAE (a capture failed), "" while they may be used
-    recentred: int = field(default=0, init=False)  # revived features whose b_enc was moved up (`revive_dead`)
 
     def __post_init__(self):
         _keep_freed_memory()
@@ -661,14 +660,12 @@ class SAETrainer:
         low = q < THETA_MIN
         if bool(low.any()):
             live = self.since_fired < self.train.dead_after
-            ref = sae.threshold[live].median() if bool(live.any()) else sae.threshold.median()
-            ref = ref.clamp_min(THETA_MIN)
+            ref = (sae.threshold[live] if bool(live.any()) else sae.threshold).median().clamp_min(THETA_MIN)
             sunk = feats[low]
             sae.b_enc[sunk] += ref - q[low]
-            self.recentred += len(sunk)
-            q = torch.where(low, ref, q)
+            q = torch.where(low, ref, q)  # (every q ≥ THETA_MIN now)
             self._reset_optimizer_rows(sunk, [sae.b_enc])
-        sae.threshold[feats] = q.clamp_min(THETA_MIN)
+        sae.threshold[feats] = q
         self._reset_optimizer_rows(feats, [sae.threshold])
         self.since_fired[feats] = 0
         self._n_dead = int((self.since_fired >= self.train.dead_after).sum())

@@ -163,10 +163,9 @@ def _encode_words(words: list[str]) -> np.ndarray:
     from ..embed import _embedding_model
 
     short, long_ = WORD_TOKENS
-    n_tokens = [len(ids) for ids in _embedding_model()[0](words)["input_ids"]]
+    fits = np.array([len(ids) <= short for ids in _embedding_model()[0](words)["input_ids"]], bool)
     out = np.zeros((len(words), 384), np.float32)
-    for keep, length in ((np.array(n_tokens) <= short, short), (np.array(n_tokens) > short, long_)):
-        idx = np.flatnonzero(keep)
+    for idx, length in ((np.flatnonzero(fits), short), (np.flatnonzero(~fits), long_)):
         if len(idx):
             out[idx] = _encode([words[i] for i in idx], fixed_length=length)
     return out
