@@ -230,10 +230,14 @@ def build_space(db: FeatureDB, config: ConceptConfig | None = None, concepts=Non
     id2word[ids] = words.rows(keys)
     used = np.unique(np.concatenate([id2word[id2word >= 0], words.rows(sorted(k for k in promoted if k))]))
     used = used[used >= 0]
+    index_names = sorted(words.index, key=words.index.__getitem__)
+    # the space's rows in word order, not in the shared cache's (which depends on what embedded words before:
+    # other runs, tests): the seeded samples over rows (`_set_background`) then pick the same words on every
+    # machine and cache, and so do the labels (4.5% of the default run's differed between a fresh and a used cache)
+    used = used[np.argsort(np.array([index_names[i] for i in used], dtype=object), kind="stable")]
     remap = np.full(len(words.matrix), -1, np.int64)
     remap[used] = np.arange(len(used))
     id2row = np.where(id2word >= 0, remap[np.maximum(id2word, 0)], -1)
-    index_names = sorted(words.index, key=words.index.__getitem__)
     names = [index_names[i] for i in used]
     idf = _idf(id2row, random_windows, len(used))
     id2stem, stems = _stem_table(ids, db.vocab(ids), vocab_size)
