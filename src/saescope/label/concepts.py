@@ -43,6 +43,7 @@ Two scores per label, both in [0, 1] with 0.5 = chance (scoring.py stores them):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -113,6 +114,17 @@ class Space:
             found = self._stems_cache[ctx.ids] = np.unique(st[st >= 0])
         return found
 
+    @functools.cached_property
+    def id2stem_list(self) -> list[int]:
+        return self.id2stem.tolist()
+
+    def window_stem_set(self, ctx: Context) -> frozenset[int]:
+        """The same stems as a set (cached): "does this window hold any of these stems" without numpy per window."""
+        found = self._stem_set_cache.get(ctx.ids)
+        if found is None:
+            found = self._stem_set_cache[ctx.ids] = frozenset(self.window_stems(ctx).tolist())
+        return found
+
     def keep_mask(self, ev: Evidence) -> np.ndarray:
         """Background windows usable for this feature: all but its own held-out windows."""
         keep = np.ones(len(self.background), bool)
@@ -127,13 +139,19 @@ class Space:
 
     def word_row(self, token: str) -> int:
         """Row of a raw vocabulary string ("▁Venus"), -1 if it is no known word."""
-        key = _whole_word(token)
-        return self._by_name.get(key, -1) if key else -1
+        row = self._word_rows.get(token)
+        if row is None:
+            key = _whole_word(token)
+            row = self._word_rows[token] = self._by_name.get(key, -1) if key else -1
+        return row
 
     def __post_init__(self):
         self._by_name = {w: i for i, w in enumerate(self.names)}
         self._bg_attrs: dict[str, list[frozenset[str]]] = {}
         self._stems_cache: dict[tuple[int, ...], np.ndarray] = {}
+        self._stem_set_cache: dict[tuple[int, ...], frozenset[int]] = {}
+        self._rows_cache: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._word_rows: dict[str, int] = {}
         self._vec_cache: dict[tuple[int, ...], np.ndarray] = {}
 
     @property
@@ -166,16 +184,23 @@ class Space:
     def _window_vectors(self, contexts: Sequence[Context], context_weight: float | None) -> np.ndarray:
         out = np.zeros((len(contexts), self.words.shape[1]), np.float32)
         for i, ctx in enumerate(contexts):
-            rows = self.id2row[np.clip(np.asarray(ctx.ids, np.int64), 0, len(self.id2row) - 1)]
-            keep = rows >= 0
-            if not keep.any():
+            keep, rows, w = self._window_rows(ctx.ids)
+            if not len(rows):
                 continue
-            w = self.idf[rows[keep]]
             if context_weight is not None:
                 acts = np.maximum(np.asarray(ctx.acts, np.float32)[keep], 0)
                 w = w * (context_weight + acts / max(max(ctx.acts), 1e-9))
-            out[i] = (w @ self.words[rows[keep]]) / w.sum() - self.mu
+            out[i] = (w @ self.words[rows]) / w.sum() - self.mu
         return _unit(out)
+
+    def _window_rows(self, ids: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(positions that are words, their word rows, their idf weights) of a window (cached: windows recur)."""
+        found = self._rows_cache.get(ids)
+        if found is None:
+            rows = self.id2row[np.clip(np.asarray(ids, np.int64), 0, len(self.id2row) - 1)]
+            keep = rows >= 0
+            found = self._rows_cache[ids] = (keep, rows[keep], self.idf[rows[keep]])
+        return found
 
     def input_vector(self, evidence: Evidence) -> np.ndarray | None:
         firing = [c for c in evidence.labelling if c.fires]
@@ -601,7 +626,7 @@ def _context_hits(space: Space, firing: list[Context], keep: np.ndarray, context
     if context is None:
         return np.zeros(len(firing), bool), np.zeros(int(keep.sum()), bool)
     stems = np.array(sorted(context.stems), np.int64)
-    pos = np.array([np.isin(space.window_stems(c), stems).any() for c in firing], bool)
+    pos = np.array([not context.stems.isdisjoint(space.window_stem_set(c)) for c in firing], bool)
     return pos, space.bg_stems[:, stems][keep].any(1)
 
 
@@ -648,9 +673,12 @@ def _surface(space: Space, firing: list[Context], stem_index: int) -> str:
     from .rules import normalise
 
     counts: dict[str, int] = {}
+    id2stem = space.id2stem_list
     for c in firing:
+        if stem_index not in space.window_stem_set(c):
+            continue
         for tid, tok in zip(c.ids, c.tokens):
-            if 0 <= tid < len(space.id2stem) and space.id2stem[tid] == stem_index:
+            if 0 <= tid < len(id2stem) and id2stem[tid] == stem_index:
                 key = normalise(tok)
                 counts[key] = counts.get(key, 0) + 1
     return max(counts, key=lambda k: counts[k]) if counts else space.stems[stem_index]
@@ -689,8 +717,8 @@ def predict(space: Space, expl: Explanation, contexts: Sequence[Context]) -> lis
         elif part == "concept" and expl.concept is not None:
             out |= space.window_vectors(contexts) @ expl.concept.vector >= expl.concept.threshold
         elif part == "context" and expl.context is not None:
-            stems = np.array(sorted(expl.context.stems), np.int64)
-            out |= np.array([np.isin(space.window_stems(c), stems).any() for c in contexts], bool)
+            stems = expl.context.stems
+            out |= np.array([not stems.isdisjoint(space.window_stem_set(c)) for c in contexts], bool)
     return out.tolist()
 
 

@@ -26,6 +26,7 @@ the scores fall back to the stored windows alone, saying so in their details.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import logging
@@ -59,33 +60,39 @@ class DetectionSet:
     max_acts: dict[str, np.ndarray]  # sae_id → (n_windows, width) float32 max activation per window
     config: DetectionConfig
     tokens: list[tuple[str, ...]] | None = None  # display text per window (set by `attach_tokens`)
+    id_tuples: list[tuple[int, ...]] | None = None  # the same windows' ids as tuples (set by `attach_tokens`)
 
     def attach_tokens(self, table: TokenTable) -> None:
         if self.tokens is None:
             self.tokens = [tuple(table.display(row.tolist())) for row in self.ids]
+            self.id_tuples = [tuple(row.tolist()) for row in self.ids]  # built once, not once per feature
 
     def windows(self, sae_id: str, idx: int) -> list[Context]:
         """Fresh windows for one feature: up to max_positive firing, up to max_negative silent."""
         acts = self.max_acts.get(sae_id)
-        if acts is None or idx >= acts.shape[1] or self.tokens is None:
+        if acts is None or idx >= acts.shape[1] or self.tokens is None or self.id_tuples is None:
             return []
         col = acts[:, idx]
         rng = np.random.default_rng(_seed(sae_id, idx))
         fire, silent = np.flatnonzero(col > 0), np.flatnonzero(col <= 0)
         pick = np.concatenate([rng.permutation(fire)[: self.config.max_positive],
                                rng.permutation(silent)[: self.config.max_negative]])
-        return [_context(self.ids[j], self.tokens[j], float(col[j]), k) for k, j in enumerate(np.sort(pick))]
+        return [_context(self.id_tuples[j], self.tokens[j], float(col[j]), k) for k, j in enumerate(np.sort(pick))]
 
 
 def _seed(sae_id: str, idx: int) -> int:
     return int.from_bytes(hashlib.sha256(f"detect:{sae_id}:{idx}".encode()).digest()[:8], "little")
 
 
-def _context(ids: np.ndarray, tokens: tuple[str, ...], max_act: float, rank: int) -> Context:
+def _context(ids: tuple[int, ...], tokens: tuple[str, ...], max_act: float, rank: int) -> Context:
     # Per-token activations are not kept (only the window's max): scoring reads `fires` alone.
-    n = len(ids)
-    return Context(kind="fresh", rank=rank, quantile=None, max_act=max_act, ids=tuple(int(i) for i in ids),
-                   tokens=tokens, acts=(max_act,) + (0.0,) * (n - 1))
+    return Context(kind="fresh", rank=rank, quantile=None, max_act=max_act, ids=ids, tokens=tokens,
+                   acts=(max_act,) + _zeros(len(ids) - 1))
+
+
+@functools.lru_cache(maxsize=8)
+def _zeros(n: int) -> tuple[float, ...]:
+    return (0.0,) * n
 
 
 def held_out_windows(evidence: Evidence, fresh: DetectionSet | None) -> tuple[list[Context], str]:

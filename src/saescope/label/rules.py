@@ -114,6 +114,13 @@ def window_values(tokens: tuple[str, ...], kind: str) -> frozenset[str]:
     return frozenset(v for at in context_attributes(tokens, (kind,))[kind] for v in at)
 
 
+@functools.lru_cache(maxsize=32_768)
+def _all_attributes(tokens: tuple[str, ...]) -> dict[str, list[tuple[str, ...]]]:
+    """Every kind's attributes of a window (cached: a feature's labelling windows recur across features, ~4×
+    on the default run; read only)."""
+    return context_attributes(tokens)
+
+
 @functools.lru_cache(maxsize=64)
 def _positions(n: int) -> list[tuple[str, ...]]:
     return [tuple(str(k) for k in POSITIONS if pos < k) for pos in range(n)]
@@ -179,7 +186,7 @@ def explain(evidence: Evidence) -> Rule:
     for ctx in evidence.labelling:
         toks, acts = ctx.tokens, ctx.acts
         total_mass += sum(a for a in acts if a > 0)
-        for kind, per_position in context_attributes(toks).items():
+        for kind, per_position in _all_attributes(tuple(toks)).items():
             table = stats[kind]
             keep_forms = kind in ("tokens", "stems", "class")
             for pos, values in enumerate(per_position):
