@@ -450,3 +450,15 @@ def test_context_words_join_sub_word_pieces_and_drop_a_piece_cut_by_the_window()
     assert named == [None, "filmed", None, None, "paris", None, "ville", "anatomist", None, None]
     assert "med" not in words  # the window's first token continues a word it cut: no word of its own
     assert context_words([0, 6], {0: "horses", 6: "gallop"}, {}, pieces=False) == [0, 1]  # a word-level vocabulary
+
+
+@needs_embeddings
+def test_a_candidates_own_words_count_as_the_concept_only_when_close_to_it(atlas):
+    """The concept's words (counted in the calibration's texts, pulled in its probe) pass one similarity bar
+    whatever their source: the words a candidate promotes that are far from the concept ("percent", "budget" for
+    "farm animals") do not count as the concept because that candidate ranks among the pool."""
+    cands, words, _ = cs._candidates(atlas, "farm animals", cs.ConceptSteerConfig(), 3)
+    assert len(cands) == 3  # the finance feature is in the pool
+    assert {"horses", "cattle"} <= set(words) and not {"percent", "budget", "price", "shares"} & set(words)
+    _, loose, _ = cs._candidates(atlas, "farm animals", cs.ConceptSteerConfig(word_similarity=-1.0), 3)
+    assert {"percent", "budget"} <= set(loose)

@@ -20,7 +20,7 @@
    `generate` per round (`splice.generate_ids`: the rows share the sampling noise, so a steered text
    differs from the unsteered one by the steering, not by luck). Each text is judged on its own:
    - it *mentions the concept* when it holds at least one concept word (the query's own words,
-     the index's words closest to it, the candidate's promoted words close to it); a word
+     and the index's and the candidates' promoted words at least `word_similarity` close to it); a word
      repeated counts once, so a loop of "animals animals …" is one mention, not forty;
    - it *loops* when its distinct-bigram ratio is below `min_distinct2`, one word repeats
      `max_run` times in a row, or one token 2 × `max_run` times.
@@ -110,6 +110,13 @@ class ConceptSteerConfig:
     default: where a pair won the calibration, each of its features at half strength, the request's text held
     fewer of the concept's words than with the best single feature; bench/RESULTS.md "Concept steering,
     session 16")."""
+    word_similarity: float = 0.5
+    """The concept's words (counted in the texts, pulled in the probe): the query's own words and the words of
+    the index (contexts and promoted tokens) and of the candidates' promoted words at least this similar to the
+    query. One bar for all: a candidate's own words do not count as the concept unless they are as close to it as
+    any other word (at 0.4 a "corporations" feature passed for "computers and technology" on its own words)."""
+    max_words: int = 60
+    """At most this many of the index's words (the closest)."""
     min_output: float = 0.35
     """Below this output-side similarity no feature matches the concept."""
     tokens: int = 24
@@ -254,13 +261,13 @@ def _candidates(run: Run, concept: str, cfg: ConceptSteerConfig, n: int) -> tupl
     picked = alive[:n]
     qvec = encode([concept])[0]
     words = {w for w in (as_word(t) for t in re.findall(r"[A-Za-z]+", concept)) if w}
-    words |= set(index.related_words(qvec, 0.5))
+    words |= set(index.related_words(qvec, cfg.word_similarity, cfg.max_words))
+    sims = index.word_similarity(qvec)
     cands = []
     for m in picked:
         row = index.position(m.sae_id, m.idx)
-        sims = index.word_similarity(qvec)
         out_ids = [i for i in index.out_words[row].tolist() if i >= 0] if row is not None else []
-        words |= {index.words[i] for i in out_ids if sims[i] >= 0.4}
+        words |= {index.words[i] for i in out_ids if sims[i] >= cfg.word_similarity}
         label = m.label_row["text"] if m.label_row else "(no label)"
         cands.append(Candidate([(m.sae_id, m.idx)], [layers.get(m.sae_id)], label, m.output, m.contexts))
     return cands, sorted(words), qvec
