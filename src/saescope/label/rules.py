@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import unicodedata
-from collections import defaultdict
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -121,6 +121,12 @@ def _all_attributes(tokens: tuple[str, ...]) -> dict[str, list[tuple[str, ...]]]
     return context_attributes(tokens)
 
 
+@functools.lru_cache(maxsize=32_768)
+def _flat_attributes(tokens: tuple[str, ...]) -> dict[str, list[str]]:
+    """Per kind, every value at every position of a window, in order (cached, read only)."""
+    return {kind: [v for at in per_position for v in at] for kind, per_position in _all_attributes(tokens).items()}
+
+
 @functools.lru_cache(maxsize=64)
 def _positions(n: int) -> list[tuple[str, ...]]:
     return [tuple(str(k) for k in POSITIONS if pos < k) for pos in range(n)]
@@ -181,28 +187,44 @@ class _Stat:
 
 def explain(evidence: Evidence) -> Rule:
     """The rule that best explains where the feature fires in the labelling contexts."""
-    stats: dict[str, dict[str, _Stat]] = {k: defaultdict(_Stat) for k in KIND_PENALTY}
+    # Every value's matches are counted per window in C (`Counter.update`: the windows' values are the same for every
+    # feature); only firing positions are walked one by one. A Counter keeps each value's first occurrence in order,
+    # and the tables below keep that order, so ties break as a single walk over every position would break them.
+    matches: dict[str, Counter[str]] = {k: Counter() for k in KIND_PENALTY}
+    fired: dict[str, dict[str, _Stat]] = {k: {} for k in KIND_PENALTY}
     total_mass = 0.0
     for ctx in evidence.labelling:
         toks, acts = ctx.tokens, ctx.acts
+        key = tuple(toks)
+        for kind, flat in _flat_attributes(key).items():
+            matches[kind].update(flat)
         total_mass += sum(a for a in acts if a > 0)
-        for kind, per_position in _all_attributes(tuple(toks)).items():
-            table = stats[kind]
+        firing = [pos for pos, a in enumerate(acts[: len(toks)]) if a > 0]
+        if not firing:
+            continue
+        for kind, per_position in _all_attributes(key).items():
+            table = fired[kind]
             keep_forms = kind in ("tokens", "stems", "class")
-            for pos, values in enumerate(per_position):
+            for pos in firing:
                 act = acts[pos]
-                for value in values:
-                    s = table[value]
-                    s.n_match += 1
-                    if act > 0:
-                        s.n_fire += 1
-                        s.mass += act
-                        if keep_forms:
-                            form = toks[pos].strip() or f"[{describe(toks[pos])}]"
-                            s.forms = s.forms or {}
-                            s.forms[form] = s.forms.get(form, 0.0) + act
+                for value in per_position[pos]:
+                    s = table.get(value)
+                    if s is None:
+                        s = table[value] = _Stat()
+                    s.n_fire += 1
+                    s.mass += act
+                    if keep_forms:
+                        form = toks[pos].strip() or f"[{describe(toks[pos])}]"
+                        s.forms = s.forms or {}
+                        s.forms[form] = s.forms.get(form, 0.0) + act
     if total_mass <= 0:
         return Rule("tokens", (), "unclear (no activating contexts to label from)", 0.0, certain=False)
+    stats: dict[str, dict[str, _Stat]] = {}
+    for kind, counts in matches.items():  # the values that fire, in order of first occurrence, with their matches
+        table = fired[kind]
+        stats[kind] = {v: table[v] for v in counts if v in table}
+        for v, st in stats[kind].items():
+            st.n_match = counts[v]
 
     candidates: list[tuple[float, Rule]] = []
     for kind, table in stats.items():
@@ -220,7 +242,8 @@ def explain(evidence: Evidence) -> Rule:
     _, best = max(candidates, key=lambda c: c[0])
     if best.fit >= MIN_FIT:
         return best
-    top = sorted(stats["tokens"].items(), key=lambda kv: -kv[1].mass)[:3]
+    every = {v: stats["tokens"].get(v) or _Stat(n) for v, n in matches["tokens"].items()}  # silent tokens too
+    top = sorted(every.items(), key=lambda kv: -kv[1].mass)[:3]
     words = [_plain(_top_form(s)) for _, s in top]
     label = "unclear (top tokens: " + ", ".join(words) + ")" if words else "unclear"
     return Rule("tokens", tuple(k for k, _ in top), label, round(best.fit, 4), certain=False)
