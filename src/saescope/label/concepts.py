@@ -647,16 +647,19 @@ def context_words(space: Space, firing: list[Context], keep: np.ndarray) -> Cont
     pos = np.zeros((len(firing), len(cand)), bool)
     for i, st in enumerate(per_window):
         pos[i, np.searchsorted(cand, st)] = True
+    supported = pos.mean(0) >= max(space.config.min_context_support, 2 / len(firing))
+    cand, pos = cand[supported], pos[:, supported]  # only words in enough firing windows can be chosen
     neg = space.bg_stems[:, cand][keep]
     common = neg.mean(0) > space.config.max_context_background  # function words ("and", "the") say nothing
-    support = (pos.mean(0) >= max(space.config.min_context_support, 2 / len(firing))) & ~common
+    cand, pos, neg = cand[~common], pos[:, ~common], neg[:, ~common]
+    if not len(cand):
+        return None
     cov_p, cov_n = np.zeros(len(firing), bool), np.zeros(len(neg), bool)
     chosen: list[int] = []
     best = 0.5
     for _ in range(space.config.max_context_words):
         ba = 0.5 * ((pos | cov_p[:, None]).mean(0) + 1 - (neg | cov_n[:, None]).mean(0))
         ba[chosen] = -1
-        ba[~support] = -1
         j = int(np.argmax(ba))
         if ba[j] < best + 0.02:
             break
