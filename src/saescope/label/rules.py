@@ -185,11 +185,13 @@ class _Stat:
     forms: dict | None = None  # display forms → activation mass (tokens, stems, punctuation)
 
 
-def explain(evidence: Evidence) -> Rule:
-    """The rule that best explains where the feature fires in the labelling contexts."""
-    # Every value's matches are counted per window in C (`Counter.update`: the windows' values are the same for every
-    # feature); only firing positions are walked one by one. A Counter keeps each value's first occurrence in order,
-    # and the tables below keep that order, so ties break as a single walk over every position would break them.
+def _tally(evidence: Evidence) -> tuple[dict[str, Counter[str]], dict[str, dict[str, _Stat]], float]:
+    """Per kind, every value's matches over the labelling contexts; per kind, the values at firing positions with their
+    firing count, activation mass and display forms; and the total activation mass.
+
+    The matches are counted per window in C (`Counter.update`: a window's values are the same for every feature);
+    only firing positions are walked one by one. A Counter keeps each value's first occurrence in order, and
+    `explain`'s tables keep that order, so ties break as a single walk over every position would break them."""
     matches: dict[str, Counter[str]] = {k: Counter() for k in KIND_PENALTY}
     fired: dict[str, dict[str, _Stat]] = {k: {} for k in KIND_PENALTY}
     total_mass = 0.0
@@ -217,6 +219,12 @@ def explain(evidence: Evidence) -> Rule:
                         form = toks[pos].strip() or f"[{describe(toks[pos])}]"
                         s.forms = s.forms or {}
                         s.forms[form] = s.forms.get(form, 0.0) + act
+    return matches, fired, total_mass
+
+
+def explain(evidence: Evidence) -> Rule:
+    """The rule that best explains where the feature fires in the labelling contexts."""
+    matches, fired, total_mass = _tally(evidence)
     if total_mass <= 0:
         return Rule("tokens", (), "unclear (no activating contexts to label from)", 0.0, certain=False)
     stats: dict[str, dict[str, _Stat]] = {}
