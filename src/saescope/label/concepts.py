@@ -83,6 +83,17 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.maximum(norm, 1e-9)
 
 
+@dataclass(frozen=True)
+class _Window:
+    """One window's tokens as the explainer reads them."""
+
+    keep: np.ndarray  # positions that are words
+    rows: np.ndarray  # their word rows
+    idf: np.ndarray  # their idf weights
+    stems: np.ndarray  # sorted stem indices in the window
+    stem_set: frozenset[int]  # the same, as a set
+
+
 @dataclass
 class Space:
     """The vectors shared by every feature of a run (built once by `build_space`)."""
@@ -107,23 +118,29 @@ class Space:
     base_out: tuple[np.ndarray, np.ndarray] = (np.zeros(1), np.ones(1))  # per concept: over vocabulary words
 
     def window_stems(self, ctx: Context) -> np.ndarray:
-        """Sorted stem indices in a window (cached: windows recur across features)."""
-        found = self._stems_cache.get(ctx.ids)
+        """Sorted stem indices in a window."""
+        return self._window(ctx.ids).stems
+
+    def window_stem_set(self, ctx: Context) -> frozenset[int]:
+        """The same stems as a set: "does this window hold any of these stems" without numpy per window."""
+        return self._window(ctx.ids).stem_set
+
+    def _window(self, ids: tuple[int, ...]) -> _Window:
+        """What the explainer reads of a window's tokens, worked out once per window (windows recur across features)."""
+        found = self._windows.get(ids)
         if found is None:
-            st = self.id2stem[np.clip(np.asarray(ctx.ids, np.int64), 0, len(self.id2stem) - 1)]
-            found = self._stems_cache[ctx.ids] = np.unique(st[st >= 0])
+            arr = np.asarray(ids, np.int64)
+            rows = self.id2row[np.clip(arr, 0, len(self.id2row) - 1)]
+            keep = rows >= 0
+            st = self.id2stem[np.clip(arr, 0, len(self.id2stem) - 1)] if len(self.id2stem) else arr[:0]
+            stems = np.unique(st[st >= 0])
+            found = self._windows[ids] = _Window(keep, rows[keep], self.idf[rows[keep]], stems,
+                                                 frozenset(stems.tolist()))
         return found
 
     @functools.cached_property
     def id2stem_list(self) -> list[int]:
         return self.id2stem.tolist()
-
-    def window_stem_set(self, ctx: Context) -> frozenset[int]:
-        """The same stems as a set (cached): "does this window hold any of these stems" without numpy per window."""
-        found = self._stem_set_cache.get(ctx.ids)
-        if found is None:
-            found = self._stem_set_cache[ctx.ids] = frozenset(self.window_stems(ctx).tolist())
-        return found
 
     def keep_mask(self, ev: Evidence) -> np.ndarray:
         """Background windows usable for this feature: all but its own held-out windows."""
@@ -148,9 +165,7 @@ class Space:
     def __post_init__(self):
         self._by_name = {w: i for i, w in enumerate(self.names)}
         self._bg_attrs: dict[str, list[frozenset[str]]] = {}
-        self._stems_cache: dict[tuple[int, ...], np.ndarray] = {}
-        self._stem_set_cache: dict[tuple[int, ...], frozenset[int]] = {}
-        self._rows_cache: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._windows: dict[tuple[int, ...], _Window] = {}
         self._word_rows: dict[str, int] = {}
         self._vec_cache: dict[tuple[int, ...], np.ndarray] = {}
 
@@ -184,7 +199,8 @@ class Space:
     def _window_vectors(self, contexts: Sequence[Context], context_weight: float | None) -> np.ndarray:
         out = np.zeros((len(contexts), self.words.shape[1]), np.float32)
         for i, ctx in enumerate(contexts):
-            keep, rows, w = self._window_rows(ctx.ids)
+            win = self._window(ctx.ids)
+            keep, rows, w = win.keep, win.rows, win.idf
             if not len(rows):
                 continue
             if context_weight is not None:
@@ -192,15 +208,6 @@ class Space:
                 w = w * (context_weight + acts / max(max(ctx.acts), 1e-9))
             out[i] = (w @ self.words[rows]) / w.sum() - self.mu
         return _unit(out)
-
-    def _window_rows(self, ids: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(positions that are words, their word rows, their idf weights) of a window (cached: windows recur)."""
-        found = self._rows_cache.get(ids)
-        if found is None:
-            rows = self.id2row[np.clip(np.asarray(ids, np.int64), 0, len(self.id2row) - 1)]
-            keep = rows >= 0
-            found = self._rows_cache[ids] = (keep, rows[keep], self.idf[rows[keep]])
-        return found
 
     def input_vector(self, evidence: Evidence) -> np.ndarray | None:
         firing = [c for c in evidence.labelling if c.fires]

@@ -111,7 +111,7 @@ def context_attributes(tokens: Sequence[str], kinds: Sequence[str] = tuple(KIND_
 def window_values(tokens: tuple[str, ...], kind: str) -> frozenset[str]:
     """Every value of one attribute anywhere in a window (cached: scoring windows, such as the
     fresh held-out ones, are the same for every feature of a run)."""
-    return frozenset(v for at in context_attributes(tokens, (kind,))[kind] for v in at)
+    return frozenset(_flat_attributes(tokens)[kind])
 
 
 @functools.lru_cache(maxsize=32_768)
