@@ -26,7 +26,6 @@ the scores fall back to the stored windows alone, saying so in their details.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import itertools
 import logging
@@ -87,12 +86,7 @@ def _seed(sae_id: str, idx: int) -> int:
 def _context(ids: tuple[int, ...], tokens: tuple[str, ...], max_act: float, rank: int) -> Context:
     # Per-token activations are not kept (only the window's max): scoring reads `fires` alone.
     return Context(kind="fresh", rank=rank, quantile=None, max_act=max_act, ids=ids, tokens=tokens,
-                   acts=(max_act,) + _zeros(len(ids) - 1))
-
-
-@functools.lru_cache(maxsize=8)
-def _zeros(n: int) -> tuple[float, ...]:
-    return (0.0,) * n
+                   acts=(max_act,) + (0.0,) * (len(ids) - 1))
 
 
 def held_out_windows(evidence: Evidence, fresh: DetectionSet | None) -> tuple[list[Context], str]:
